@@ -1,0 +1,68 @@
+"""The contract between the agent runtime (thread, server, recorder) and its instruments (hooks).
+
+An ``Instrument`` installs hooks on the user's hot path that only take timestamps into
+preallocated accumulators. Once per tick the agent thread calls ``poll()``, which swaps those
+accumulators by reference and turns them into protocol events. Instruments never do I/O and
+never encode; the runtime does both, on its own thread.
+
+Fail open: an instrument whose hook raises must catch the error itself, disable that hook and
+call ``ctx.warn(...)``. The runtime also guards ``install``/``poll``/``uninstall`` and disables an
+instrument that raises from any of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llmtop.protocol.events import Event
+
+
+@dataclass
+class Options:
+    """Agent settings, read from ``LLMTOP_*`` environment variables by the runtime."""
+
+    tick_s: float = 0.5  # how often the agent thread polls instruments and samples the host
+    budget_pct: float = 2.0  # overhead budget; above it per-layer timing is sampled every Nth step
+    layer_every: int = 0  # 0: automatic (budget-driven); N: force per-layer timing every Nth step
+    ops_every: int = 50  # profile aten ops one step in N (0 disables)
+    flops: bool = True  # compute FLOPs once per input-shape signature
+    history: int = 600  # recent steps/samples kept for late joiners' snapshot
+    client_buffer: int = 4 * 1024 * 1024  # bytes queued per viewer before frames are dropped
+    record: str | None = None  # path of a recording written by the agent itself
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Context(Protocol):
+    """What the runtime offers instruments. All methods are safe from any thread and never block."""
+
+    options: Options
+
+    def emit(self, event: Event) -> None:
+        """Queue an event for every viewer and the recording (encoded later, on the agent thread)."""
+
+    def warn(self, source: str, message: str) -> None:
+        """Report a contained failure as an ``AgentWarning`` event."""
+
+
+class Instrument(Protocol):
+    name: str
+
+    def install(self, ctx: Context) -> None:
+        """Register hooks. Called once, on the thread that starts the agent."""
+
+    def poll(self, now: float) -> list[Event]:
+        """Agent thread, every tick: swap accumulators and return events ready to send."""
+
+    def uninstall(self) -> None:
+        """Remove hooks (agent stopping, or this instrument disabled after an error)."""
+
+
+def wall() -> float:
+    return time.time()
+
+
+# The running agent in this process, if any. Set by the runtime; read by the public API in
+# ``llmtop.agent`` so that span()/step()/metric() cost next to nothing when no agent runs.
+ACTIVE: Any = None

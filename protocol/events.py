@@ -1,0 +1,359 @@
+"""The event schema, written down in one place (see SCHEMA.md for the prose).
+
+Events are aggregates per tick or per step, never raw calls. Per-module data travels as parallel
+arrays indexed by module id; a model tree is sent once and later events refer to its ids.
+
+Forward compatibility: a newer peer may add fields (ignored here) and kinds (skipped and counted
+by ``EventDecoder``). Never rename or repurpose a field within a major version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .frames import PROTOCOL_MAJOR, PROTOCOL_VERSION, ProtocolError, pack_map
+
+REGISTRY: dict[str, type[Event]] = {}
+
+
+@dataclass
+class Event:
+    KIND: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.KIND:
+            REGISTRY[cls.KIND] = cls
+
+    def to_map(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"v": PROTOCOL_MAJOR, "k": self.KIND}
+        for f in dataclasses.fields(self):
+            body[f.name] = getattr(self, f.name)
+        return body
+
+    @classmethod
+    def from_map(cls, body: dict[str, Any]) -> Event:
+        names = _field_names(cls)
+        try:
+            return cls(**{k: v for k, v in body.items() if k in names})
+        except TypeError as exc:
+            raise ProtocolError(f"malformed {cls.KIND!r} event: {exc}") from None
+
+
+_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+def encode(event: Event) -> bytes:
+    """One event as one frame, length prefix included."""
+    return pack_map(event.to_map())
+
+
+class EventDecoder:
+    """Turns frame maps into events; unknown kinds are skipped and counted, not errors."""
+
+    def __init__(self) -> None:
+        self.unknown: dict[str, int] = {}
+
+    def decode(self, body: dict[str, Any]) -> Event | None:
+        cls = REGISTRY.get(body["k"])
+        if cls is None:
+            self.unknown[body["k"]] = self.unknown.get(body["k"], 0) + 1
+            return None
+        return cls.from_map(body)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.unknown.values())
+
+
+# --- handshake -------------------------------------------------------------------------------
+
+
+@dataclass
+class Hello(Event):
+    """First frame each way. ``role`` is agent, viewer or recorder."""
+
+    KIND: ClassVar[str] = "hello"
+    role: str
+    version: str = PROTOCOL_VERSION
+    pid: int = 0
+    software: str = "llmtop"
+
+
+def check_hello(event: Event | None) -> Hello:
+    """Validate the peer's first event; a wrong major version was already refused by the frame layer."""
+    if not isinstance(event, Hello):
+        raise ProtocolError("handshake failed: the peer did not start with hello")
+    major = str(event.version).split(".", 1)[0]
+    if major != str(PROTOCOL_MAJOR):
+        raise ProtocolError(
+            f"protocol version {event.version} is not supported (this llmtop speaks {PROTOCOL_VERSION})"
+        )
+    return event
+
+
+# --- session and structure ---------------------------------------------------------------------
+
+
+@dataclass
+class Session(Event):
+    """Who is being measured. Sent first after hello, and in every snapshot."""
+
+    KIND: ClassVar[str] = "session"
+    pid: int
+    argv: list[str]
+    cwd: str = ""
+    started: float = 0.0  # wall-clock seconds (time.time())
+    hostname: str = ""
+    python: str = ""
+    torch: str = ""
+    transformers: str = ""
+    devices: list[str] = field(default_factory=list)  # device names, e.g. "cpu", "NVIDIA H100 80GB HBM3"
+    options: dict[str, Any] = field(default_factory=dict)  # agent settings in force
+
+
+@dataclass
+class ModelTree(Event):
+    """One model's module tree. Module ids are unique across all models of a session.
+
+    ``parents[i]`` is the id of ``ids[i]``'s parent, -1 for the root.
+    """
+
+    KIND: ClassVar[str] = "model"
+    model: int
+    name: str  # class name of the root module
+    ids: list[int]
+    paths: list[str]  # "" for the root, then "transformer.h.0.attn" …
+    classes: list[str]
+    params: list[int]  # parameters owned directly by the module (not by its children)
+    parents: list[int]
+    trainable: list[bool] = field(default_factory=list)
+    dtypes: list[str] = field(default_factory=list)  # dominant parameter dtype per module, "" if none
+    compiled: list[bool] = field(default_factory=list)  # torch.compile'd node (shown as one row)
+
+
+# --- per-step and per-tick measurements ------------------------------------------------------------
+
+PHASES = ("data", "h2d", "forward", "backward", "optimizer", "other")
+
+
+@dataclass
+class Step(Event):
+    """One step (an optimizer step in training, a root forward or generate call in inference).
+
+    Times are milliseconds. ``phases`` maps each name of PHASES to ms; they sum to ``dur_ms``.
+    Optional measurements are None when not measured (absent, not zero).
+    """
+
+    KIND: ClassVar[str] = "step"
+    step: int
+    t: float  # wall-clock end time
+    dur_ms: float
+    mode: str = "train"  # train | infer
+    phases: dict[str, float] = field(default_factory=dict)
+    loss: float | None = None
+    grad_norm: float | None = None
+    lr: float | None = None
+    samples: int | None = None
+    tokens: int | None = None
+    overhead_us: float = 0.0  # the agent's own cost in this step
+    layer_every: int = 1  # per-layer timing is taken every Nth step
+    cuda_allocated: int | None = None  # bytes
+    cuda_reserved: int | None = None
+    cuda_peak: int | None = None
+    gpu_ms: float | None = None  # device time from CUDA events, resolved later
+
+
+@dataclass
+class LayerStats(Event):
+    """Per-module times for one step, as parallel arrays indexed like ``ids``.
+
+    ``*_self_ms`` excludes time spent in child modules. Backward arrays are empty when the step
+    had no backward. ``act_bytes`` is memory each module added in forward (empty off CUDA).
+    """
+
+    KIND: ClassVar[str] = "layers"
+    step: int
+    ids: list[int]
+    fwd_ms: list[float]
+    fwd_self_ms: list[float]
+    calls: list[int]
+    bwd_ms: list[float] = field(default_factory=list)
+    bwd_self_ms: list[float] = field(default_factory=list)
+    act_bytes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class HostSample(Event):
+    """Process and system sample taken by the agent thread every tick."""
+
+    KIND: ClassVar[str] = "host"
+    t: float
+    cpu_pct: float  # of one core, like top (can exceed 100)
+    rss: int  # bytes
+    sys_used: int
+    sys_total: int
+    threads: int = 0
+
+
+@dataclass
+class DeviceSample(Event):
+    """One GPU's NVML sample. A field the driver cannot give is None ("n/a"), never zero."""
+
+    KIND: ClassVar[str] = "device"
+    t: float
+    index: int
+    name: str
+    util_pct: float | None = None
+    mem_used: int | None = None
+    mem_total: int | None = None
+    power_w: float | None = None
+    temp_c: float | None = None
+    sm_clock_mhz: float | None = None
+    mem_clock_mhz: float | None = None
+
+
+@dataclass
+class Span(Event):
+    """A user or integration span (``llmtop.agent.span``), sent when it closes."""
+
+    KIND: ClassVar[str] = "span"
+    name: str
+    category: str
+    start: float  # wall-clock seconds
+    dur_ms: float
+    depth: int = 0
+    step: int | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Metric(Event):
+    """A custom series point from ``llmtop.agent.metric(name, value)``."""
+
+    KIND: ClassVar[str] = "metric"
+    name: str
+    value: float
+    t: float
+    step: int | None = None
+
+
+@dataclass
+class LogLine(Event):
+    """A line the script wrote. ``stream`` is stdout or stderr; ``replace`` marks a \\r update."""
+
+    KIND: ClassVar[str] = "log"
+    t: float
+    text: str
+    stream: str = "stdout"
+    replace: bool = False
+
+
+@dataclass
+class Anomaly(Event):
+    """Something a person should look at (non-finite loss, spike, memory creep, slow step)."""
+
+    KIND: ClassVar[str] = "anomaly"
+    t: float
+    what: str  # nan_loss | loss_spike | grad_spike | memory_creep | slow_step | oom
+    message: str
+    step: int | None = None
+    severity: str = "warning"  # info | warning | error
+
+
+@dataclass
+class AgentWarning(Event):
+    """An instrument failed and was disabled; the script was not affected."""
+
+    KIND: ClassVar[str] = "warning"
+    t: float
+    source: str
+    message: str
+
+
+@dataclass
+class Ops(Event):
+    """Hot aten ops from a profiler window of one step, parallel arrays."""
+
+    KIND: ClassVar[str] = "ops"
+    step: int
+    names: list[str]
+    self_ms: list[float]
+    calls: list[int]
+    flops: list[float] = field(default_factory=list)
+    shapes: list[str] = field(default_factory=list)
+    coverage: float | None = None  # share of op time that has a FLOP formula
+
+
+@dataclass
+class LayerFlops(Event):
+    """FLOPs and bytes per module for one input-shape signature (computed once per signature)."""
+
+    KIND: ClassVar[str] = "flops"
+    signature: str
+    ids: list[int]
+    flops: list[float]  # forward FLOPs per call
+    bytes: list[float]  # bytes moved per call (weights + activations read and written)
+    peak_flops: float | None = None  # device dense peak FLOP/s for the dtype in use
+    peak_bw: float | None = None  # device memory bandwidth, bytes/s
+    device: str = ""
+
+
+@dataclass
+class Generation(Event):
+    """One ``generate`` call (transformers) or a decode loop the agent recognised."""
+
+    KIND: ClassVar[str] = "generation"
+    t: float
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    ttft_ms: float
+    decode_ms: list[float] = field(default_factory=list)  # per-token latency after the first
+    kv_bytes: int | None = None
+    total_ms: float = 0.0
+
+
+@dataclass
+class Stats(Event):
+    """Transport health for one viewer: frames dropped because it was slow, agent cost."""
+
+    KIND: ClassVar[str] = "stats"
+    t: float
+    dropped: int = 0
+    clients: int = 0
+    agent_cpu_pct: float | None = None
+
+
+@dataclass
+class SnapshotDone(Event):
+    """Marks the end of the snapshot a late joiner receives; live events follow."""
+
+    KIND: ClassVar[str] = "snapshot_done"
+    events: int = 0
+
+
+@dataclass
+class End(Event):
+    """The script ended. Fields unknown to the sender are None."""
+
+    KIND: ClassVar[str] = "end"
+    t: float
+    exit_code: int | None = None
+    signal: int | None = None
+    traceback: str | None = None
+    reason: str = ""  # exit | exception | signal | detached
+
+
+def decode_one(body: dict[str, Any]) -> Event | None:
+    """Decode with a throwaway decoder (tests, one-off tools)."""
+    return EventDecoder().decode(body)
