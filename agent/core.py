@@ -45,6 +45,13 @@ class Context(Protocol):
     def warn(self, source: str, message: str) -> None:
         """Report a contained failure as an ``AgentWarning`` event."""
 
+    # The step tracker instrument owns step numbering: it writes ``current_step`` and registers the
+    # callable behind the public ``llmtop.agent.step()`` with ``set_manual_step``.
+    current_step: int
+
+    def set_manual_step(self, fn: Any) -> None:
+        """Route ``llmtop.agent.step()`` to ``fn()``."""
+
 
 class Instrument(Protocol):
     name: str
@@ -57,6 +64,25 @@ class Instrument(Protocol):
 
     def uninstall(self) -> None:
         """Remove hooks (agent stopping, or this instrument disabled after an error)."""
+
+
+class HotBus:
+    """Synchronous callbacks between instruments on the hot path (no allocation, no I/O).
+
+    The layers instrument owns the global module hooks and announces root-module forward calls;
+    the step tracker announces step ends. Listeners must be cheap and must not raise (guard them).
+    """
+
+    def __init__(self) -> None:
+        # fn(module, t_start_ns, t_end_ns, args, kwargs): a root module's forward returned.
+        self.root_forward: list[Any] = []
+        # fn(module, t_start_ns, args, kwargs): a root module's forward is about to run.
+        self.root_forward_start: list[Any] = []
+        # fn(step, t_end_ns): step ``step`` just ended (called on the thread that ended it).
+        self.step_end: list[Any] = []
+
+
+BUS = HotBus()
 
 
 def wall() -> float:
