@@ -1,0 +1,92 @@
+"""The import contract: the agent never loads Textual, the viewer never loads torch.
+
+Checked twice: by importing each package in a fresh interpreter (what users feel), and by a
+static scan of every module (catches imports hidden in functions that a bare import skips).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# package → (folder, modules it must never import)
+CONTRACT = {
+    "llmtop.agent": ("agent", {"textual", "rich"}),
+    "llmtop.protocol": ("protocol", {"textual", "rich", "torch", "transformers", "llmtop.agent", "llmtop.tui"}),
+    "llmtop.tui": ("tui", {"torch", "transformers", "llmtop.agent"}),
+}
+
+
+@pytest.mark.parametrize("package", sorted(CONTRACT))
+def test_importing_a_package_loads_no_forbidden_module(package: str) -> None:
+    banned = sorted(CONTRACT[package][1] | ({"torch"} if package == "llmtop.agent" else set()))
+    code = (
+        "import sys, importlib, pkgutil\n"
+        f"pkg = importlib.import_module({package!r})\n"
+        # llmtop.agent must be cheap to import: torch loads only when the agent starts.
+        f"print(sorted(m for m in {banned!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"importing {package} loaded {out.stdout.strip()}"
+
+
+def _imported_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+            "import_module",
+            "__import__",
+        ):
+            if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                names.add(node.args[0].value)
+    return names
+
+
+def _violations(folder: str, banned: set[str]) -> list[str]:
+    found = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for name in _imported_names(path):
+            if any(name == b or name.startswith(b + ".") for b in banned):
+                found.append(f"{path.relative_to(ROOT)} imports {name}")
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(CONTRACT))
+def test_no_module_imports_a_forbidden_package_anywhere(package: str) -> None:
+    folder, banned = CONTRACT[package]
+    assert _violations(folder, banned) == []
+
+
+def test_the_static_scan_can_fail(tmp_path: Path) -> None:
+    """Guard against a scan that silently finds nothing."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    import torch.nn\n    from textual.app import App\n")
+    assert _imported_names(bad) == {"torch.nn", "textual.app"}
+
+
+def test_viewer_commands_do_not_load_torch() -> None:
+    code = (
+        "import sys\n"
+        "from llmtop import cli\n"
+        "import importlib\n"
+        "for name in ('watch', 'ls', 'replay', 'export', 'report', 'diff', 'record'):\n"
+        "    try:\n"
+        "        importlib.import_module(cli.COMMANDS[name])\n"
+        "    except ModuleNotFoundError as exc:\n"
+        "        if not exc.name.startswith('llmtop'):\n"
+        "            raise\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,164 @@
+"""Frames and events: round trips, every protocol error, forward compatibility, fuzzing."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+import struct
+
+import msgpack
+import pytest
+
+from llmtop.protocol import events as ev
+from llmtop.protocol.frames import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_MAJOR,
+    FrameDecoder,
+    ProtocolError,
+    pack_map,
+    read_frame,
+    unpack_map,
+)
+
+
+def sample_events() -> list[ev.Event]:
+    """One real instance of every event kind, with non-default values where it matters."""
+    return [
+        ev.Hello(role="agent", pid=42),
+        ev.Session(pid=42, argv=["train.py", "--lr", "3e-4"], cwd="/w", started=1.5, devices=["cpu"],
+                   options={"tick_s": 0.5}),
+        ev.ModelTree(model=0, name="GPT2LMHeadModel", ids=[0, 1, 2], paths=["", "transformer", "lm_head"],
+                     classes=["GPT2LMHeadModel", "GPT2Model", "Linear"], params=[0, 10, 20],
+                     parents=[-1, 0, 0], trainable=[True, True, True], dtypes=["", "float32", "float32"],
+                     compiled=[False, False, False]),
+        ev.Step(step=3, t=2.0, dur_ms=120.5, phases={"data": 1.0, "forward": 40.0, "backward": 70.0,
+                                                     "optimizer": 9.0, "h2d": 0.0, "other": 0.5},
+                loss=2.5, grad_norm=1.25, lr=3e-4, samples=8, tokens=1024, overhead_us=55.0),
+        ev.LayerStats(step=3, ids=[0, 1], fwd_ms=[40.0, 30.0], fwd_self_ms=[10.0, 30.0], calls=[1, 2],
+                      bwd_ms=[70.0, 50.0], bwd_self_ms=[20.0, 50.0]),
+        ev.HostSample(t=2.0, cpu_pct=180.0, rss=1 << 30, sys_used=5 << 30, sys_total=24 << 30, threads=7),
+        ev.DeviceSample(t=2.0, index=0, name="NVIDIA H100", util_pct=None, mem_used=1 << 30),
+        ev.Span(name="tokenize", category="text_preprocessing", start=1.0, dur_ms=3.5, depth=1,
+                attrs={"tokens": 100}),
+        ev.Metric(name="reward", value=0.7, t=2.0, step=3),
+        ev.LogLine(t=2.0, text="\x1b[31mred\x1b[0m 50%", stream="stderr", replace=True),
+        ev.Anomaly(t=2.0, what="nan_loss", message="loss is NaN since step 3", step=3),
+        ev.AgentWarning(t=2.0, source="layers", message="hook failed: boom"),
+        ev.Ops(step=3, names=["aten::mm"], self_ms=[5.0], calls=[12], flops=[1e9], shapes=["[8, 64]"]),
+        ev.LayerFlops(signature="(8,128)", ids=[0], flops=[1e9], bytes=[1e6], peak_flops=1e12),
+        ev.Generation(t=2.0, batch=2, prompt_tokens=16, new_tokens=8, ttft_ms=12.0, decode_ms=[3.0] * 7),
+        ev.Stats(t=2.0, dropped=5, clients=2),
+        ev.SnapshotDone(events=12),
+        ev.End(t=3.0, exit_code=1, traceback="Traceback ...", reason="exception"),
+    ]
+
+
+def test_every_kind_is_covered_by_the_samples() -> None:
+    assert {type(e).KIND for e in sample_events()} == set(ev.REGISTRY)
+
+
+@pytest.mark.parametrize("event", sample_events(), ids=lambda e: e.KIND)
+def test_event_round_trip_through_a_frame(event: ev.Event) -> None:
+    frame = ev.encode(event)
+    (length,) = struct.unpack(">I", frame[:4])
+    assert length == len(frame) - 4
+    body = unpack_map(frame[4:])
+    assert body["v"] == PROTOCOL_MAJOR and body["k"] == event.KIND
+    assert ev.EventDecoder().decode(body) == event
+
+
+def test_decoder_handles_byte_at_a_time_and_many_frames_per_chunk() -> None:
+    stream = b"".join(ev.encode(e) for e in sample_events())
+    dec = FrameDecoder()
+    one_by_one = [m for i in range(len(stream)) for m in dec.feed(stream[i : i + 1])]
+    assert dec.pending == 0
+    all_at_once = list(FrameDecoder().feed(stream))
+    assert one_by_one == all_at_once
+    assert len(all_at_once) == len(sample_events())
+
+
+def test_oversized_frame_is_refused_from_the_prefix_alone() -> None:
+    dec = FrameDecoder(max_frame=1024)
+    with pytest.raises(ProtocolError, match="exceeds the 1024-byte limit"):
+        list(dec.feed(struct.pack(">I", 1025)))  # no body sent: refused before allocation
+    with pytest.raises(ProtocolError, match="exceeds"):
+        read_frame(io.BytesIO(struct.pack(">I", DEFAULT_MAX_FRAME + 1)))
+
+
+def test_wrong_major_version_gets_a_clear_message() -> None:
+    frame = pack_map({"v": PROTOCOL_MAJOR + 1, "k": "hello", "role": "agent"})
+    with pytest.raises(ProtocolError, match=r"protocol version 2 is not supported.*speaks 1"):
+        list(FrameDecoder().feed(frame))
+
+
+def test_hello_with_other_major_version_string_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="not supported"):
+        ev.check_hello(ev.Hello(role="agent", version="7.3"))
+    with pytest.raises(ProtocolError, match="did not start with hello"):
+        ev.check_hello(ev.Stats(t=0.0))
+    assert ev.check_hello(ev.Hello(role="viewer", version="1.9")).role == "viewer"
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"\xc1", "malformed frame"),  # 0xc1 is never valid msgpack
+        (msgpack.packb([1, 2, 3]), "expected a map"),
+        (msgpack.packb({"k": "step"}), "no protocol version"),
+        (msgpack.packb({"v": 1}), "no event kind"),
+        (msgpack.packb({"v": 1, "k": "step"}) + b"junk", "malformed frame"),
+    ],
+)
+def test_malformed_frames(payload: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        list(FrameDecoder().feed(struct.pack(">I", len(payload)) + payload))
+
+
+def test_truncated_frames_from_a_file() -> None:
+    frame = ev.encode(ev.Stats(t=1.0))
+    assert read_frame(io.BytesIO(b"")) is None
+    with pytest.raises(ProtocolError, match="truncated frame header"):
+        read_frame(io.BytesIO(frame[:2]))
+    with pytest.raises(ProtocolError, match="truncated frame: expected"):
+        read_frame(io.BytesIO(frame[:-1]))
+
+
+def test_unknown_kinds_are_skipped_and_counted() -> None:
+    dec = ev.EventDecoder()
+    assert dec.decode({"v": 1, "k": "from_the_future", "x": 1}) is None
+    assert dec.decode({"v": 1, "k": "from_the_future"}) is None
+    assert dec.unknown == {"from_the_future": 2} and dec.skipped == 2
+
+
+def test_unknown_fields_from_a_newer_peer_are_ignored() -> None:
+    body = ev.Stats(t=1.0, dropped=3).to_map() | {"new_field": [1, 2]}
+    assert ev.EventDecoder().decode(body) == ev.Stats(t=1.0, dropped=3)
+
+
+def test_missing_required_field_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="malformed 'step' event"):
+        ev.EventDecoder().decode({"v": 1, "k": "step", "step": 1})
+
+
+def test_fuzzed_streams_raise_only_protocol_errors() -> None:
+    """Random corruption of a valid stream never escapes as anything but ProtocolError."""
+    rng = random.Random(1234)
+    valid = b"".join(ev.encode(e) for e in sample_events())
+    for _ in range(400):
+        data = bytearray(valid)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        dec, events = FrameDecoder(max_frame=64 * 1024), ev.EventDecoder()
+        try:
+            for body in dec.feed(bytes(data)):
+                events.decode(body)
+        except ProtocolError as exc:
+            assert "\n" not in str(exc)
+
+
+def test_events_are_plain_dataclasses_with_wire_safe_defaults() -> None:
+    for cls in ev.REGISTRY.values():
+        assert dataclasses.is_dataclass(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name not in ("v", "k"), f"{cls.__name__}.{f.name} clashes with the frame keys"
