@@ -1,0 +1,479 @@
+"""FLOPs, MACs and bytes moved per module and per aten op, for one model and one input-shape signature.
+
+Counting runs a forward pass under a ``TorchDispatchMode`` (every aten op, with its module stack)
+plus a ``TorchFunctionMode`` that sees ``scaled_dot_product_attention`` before it is lowered, so the
+attention formula knows ``is_causal`` and grouped-query heads. On meta tensors nothing is computed or
+allocated, so a 7B model is counted in seconds within a few hundred MB.
+
+Conventions (docs/FLOPS.md is the long form):
+
+- FLOPs are the matmul-class work: mm/addmm/bmm/baddbmm, convolutions, attention. One multiply-add
+  is 2 FLOPs, so MACs = FLOPs / 2. Elementwise, normalisation and softmax ops are not counted (they
+  are memory-bound and a fraction of a percent of a transformer's FLOPs), but their bytes are.
+- Attention is counted as the kernel computes it: an eager or masked attention multiplies the full
+  L x S square; ``scaled_dot_product_attention(is_causal=True)`` (flash/efficient/cuDNN on GPU, the
+  flash kernel on CPU) skips the masked blocks, so only the L(L+1)/2 (query, key) pairs below the
+  diagonal are counted. Grouped-query attention does the work of all query heads.
+- Bytes per op = distinct tensor inputs read (weights included) + outputs written, as if nothing
+  were fused; view ops move 0 bytes; an embedding lookup reads its indices and the rows it gathers
+  (not the whole table) and has 0 FLOPs. A module's bytes are the sum over the ops it runs.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# --- formulas on shapes (pure; shared with the live ops profile, which only has shapes) -----------
+
+Shape = Sequence[int]
+
+
+def _prod(xs: Shape) -> int:
+    return math.prod(int(x) for x in xs)
+
+
+def mm_flops(a: Shape, b: Shape) -> float:
+    return 2.0 * a[0] * a[1] * b[1]
+
+
+def bmm_flops(a: Shape, b: Shape) -> float:
+    return 2.0 * a[0] * a[1] * a[2] * b[2]
+
+
+def causal_pairs(q_len: int, kv_len: int) -> int:
+    """(query, key) pairs a causal kernel computes, with PyTorch's top-left aligned mask."""
+    if q_len <= kv_len:
+        return q_len * (q_len + 1) // 2
+    return kv_len * (kv_len + 1) // 2 + (q_len - kv_len) * kv_len
+
+
+def attention_flops(q: Shape, k: Shape, v: Shape, causal: bool = False) -> float:
+    """QK^T and PV for q (…, Hq, L, E), k (…, Hkv, S, E), v (…, Hkv, S, Ev); GQA does Hq heads' work."""
+    *lead, _hq, q_len, e = q
+    kv_len, ev = k[-2], v[-1]
+    pairs = causal_pairs(q_len, kv_len) if causal else q_len * kv_len
+    heads = _prod(lead) * q[-3]
+    return 2.0 * heads * pairs * (e + ev)
+
+
+def conv_flops(x: Shape, w: Shape, out: Shape | None, transposed: bool = False) -> float:
+    """2 x batch x spatial positions x weight elements (spatial: output, or input when transposed)."""
+    spatial = x[2:] if transposed or out is None else out[2:]
+    return 2.0 * x[0] * _prod(spatial) * _prod(w)
+
+
+def _arg(values: Sequence[Any], i: int, default: Any = None) -> Any:
+    return values[i] if i < len(values) and values[i] not in (None, "") else default
+
+
+def _truthy(v: Any) -> bool:
+    return v is True or str(v).lower() in ("true", "1")
+
+
+# name -> formula(shapes, values, out_shapes): shapes[i] is a list for a tensor argument, else None;
+# values[i] the plain value of a non-tensor argument (or "" when the profiler did not record it).
+Formula = Callable[[list, list, list], float]
+
+
+def _f_mm(s: list, v: list, o: list) -> float:
+    return mm_flops(s[0], s[1])
+
+
+def _f_addmm(s: list, v: list, o: list) -> float:
+    return mm_flops(s[1], s[2])
+
+
+def _f_bmm(s: list, v: list, o: list) -> float:
+    return bmm_flops(s[0], s[1])
+
+
+def _f_baddbmm(s: list, v: list, o: list) -> float:
+    return bmm_flops(s[1], s[2])
+
+
+def _causal_at(i: int) -> Formula:
+    def f(s: list, v: list, o: list) -> float:
+        return attention_flops(s[0], s[1], s[2], causal=_truthy(_arg(v, i, False)))
+
+    return f
+
+
+def _f_convolution(s: list, v: list, o: list) -> float:
+    return conv_flops(s[0], s[1], o[0] if o else None, _truthy(_arg(v, 6, False)))
+
+
+def _f_conv_backend(s: list, v: list, o: list) -> float:
+    # mkldnn/cudnn/slow backends: the output shape is known in dispatch; from a profiler row it is
+    # not, so the stride-1 'same' approximation (input spatial size) is used there.
+    return conv_flops(s[0], s[1], o[0] if o else s[0], False)
+
+
+FORMULAS: dict[str, Formula] = {
+    "aten::mm": _f_mm,
+    "aten::_scaled_mm": _f_mm,
+    "aten::addmm": _f_addmm,
+    "aten::bmm": _f_bmm,
+    "aten::baddbmm": _f_baddbmm,
+    "aten::convolution": _f_convolution,
+    "aten::_convolution": _f_convolution,
+    "aten::mkldnn_convolution": _f_conv_backend,
+    "aten::cudnn_convolution": _f_conv_backend,
+    "aten::_slow_conv2d_forward": _f_conv_backend,
+    "aten::scaled_dot_product_attention": _causal_at(5),
+    "aten::_scaled_dot_product_flash_attention_for_cpu": _causal_at(4),
+    "aten::_scaled_dot_product_flash_attention": _causal_at(4),
+    "aten::_scaled_dot_product_efficient_attention": _causal_at(6),
+    "aten::_scaled_dot_product_cudnn_attention": _causal_at(6),
+    "aten::_scaled_dot_product_attention_math": _causal_at(5),
+}
+
+# Composite ops whose work a child op carries (in a profiler trace both rows appear).
+PARENT_OPS = frozenset({
+    "aten::linear", "aten::matmul", "aten::einsum", "aten::conv1d", "aten::conv2d", "aten::conv3d",
+    "aten::convolution", "aten::_convolution", "aten::scaled_dot_product_attention",
+})
+
+# Ops with 0 FLOPs by definition: views, copies, gathers, creation, concatenation.
+ZERO_FLOP_OPS = frozenset({
+    "aten::embedding", "aten::index_select", "aten::gather", "aten::index", "aten::cat", "aten::stack",
+    "aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::to", "aten::empty",
+    "aten::empty_like", "aten::empty_strided", "aten::zeros", "aten::zeros_like", "aten::ones",
+    "aten::ones_like", "aten::full", "aten::fill_", "aten::zero_", "aten::arange", "aten::view",
+    "aten::reshape", "aten::_unsafe_view", "aten::expand", "aten::permute", "aten::transpose",
+    "aten::t", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::split",
+    "aten::split_with_sizes", "aten::chunk", "aten::narrow", "aten::detach", "aten::alias",
+    "aten::as_strided", "aten::resize_", "aten::lift_fresh", "aten::flatten", "aten::unflatten",
+    "aten::repeat", "aten::new_empty", "aten::new_zeros", "aten::scalar_tensor", "aten::masked_fill",
+    "aten::where", "aten::tril", "aten::triu", "aten::dropout", "aten::native_dropout",
+})
+
+
+def op_flops(name: str, shapes: list, values: list, out_shapes: list | None = None) -> float | None:
+    """FLOPs of one call of aten op ``name`` (``aten::mm``), or None when there is no formula."""
+    f = FORMULAS.get(name)
+    if f is None:
+        return 0.0 if name in ZERO_FLOP_OPS else None
+    try:
+        return float(f(shapes, values, out_shapes or []))
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def has_formula(name: str) -> bool:
+    return name in FORMULAS or name in ZERO_FLOP_OPS
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpCost:
+    """One aten op aggregated over a forward pass."""
+
+    name: str
+    calls: int = 0
+    flops: float = 0.0
+    bytes: float = 0.0
+    counted: bool = True  # False: no FLOP formula (elementwise, norms, unknown)
+    shapes: str = ""  # input shapes of the first call
+
+    @property
+    def intensity(self) -> float:
+        return self.flops / self.bytes if self.bytes else 0.0
+
+
+@dataclass
+class ModuleCost:
+    """One module, inclusive of its children; totals over all its calls in the pass."""
+
+    path: str
+    cls: str
+    depth: int
+    params: int  # parameters in the module and its children
+    calls: int = 0
+    flops: float = 0.0
+    bytes: float = 0.0
+    self_flops: float = 0.0
+    self_bytes: float = 0.0
+    out_bytes: float = 0.0  # activations the module returned (all calls)
+
+    @property
+    def intensity(self) -> float:
+        return self.flops / self.bytes if self.bytes else 0.0
+
+
+@dataclass
+class Profile:
+    modules: list[ModuleCost]
+    ops: list[OpCost]
+    params: int
+    weight_bytes: int
+    input_bytes: int
+    act_peak_bytes: int  # most forward intermediates alive at once (beyond weights and inputs)
+    act_written_bytes: int  # every intermediate written (the unfused activation traffic)
+    module_of: dict[int, ModuleCost] = field(default_factory=dict)  # id(module) -> cost
+
+    @property
+    def flops(self) -> float:
+        return sum(o.flops for o in self.ops)
+
+    @property
+    def macs(self) -> float:
+        return self.flops / 2  # every counted FLOP is half of a multiply-add
+
+    @property
+    def bytes(self) -> float:
+        return sum(o.bytes for o in self.ops)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.weight_bytes + self.input_bytes + self.act_peak_bytes
+
+    def coverage(self, peak_flops: float, peak_bw: float) -> float:
+        """Share of the estimated (roofline) op time spent in ops that have a FLOP formula."""
+        total = covered = 0.0
+        for o in self.ops:
+            t = roofline_time(o.flops, o.bytes, peak_flops, peak_bw)
+            total += t
+            if o.counted:
+                covered += t
+        return covered / total if total else 1.0
+
+
+def roofline_time(flops: float, nbytes: float, peak_flops: float, peak_bw: float) -> float:
+    return max(flops / peak_flops if peak_flops else 0.0, nbytes / peak_bw if peak_bw else 0.0)
+
+
+# --- counting ------------------------------------------------------------------------------------
+
+
+def _tensor_bytes(t: Any) -> int:
+    """Bytes a kernel touches for ``t``: broadcast (stride-0) dimensions are read once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def _shape_str(shapes: list) -> str:
+    return ", ".join("x".join(map(str, s)) if s is not None else "-" for s in shapes if s is not None)
+
+
+class _Counter:
+    """Holds the state of one counting pass; the modes call into it."""
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.stack: list[ModuleCost] = []
+        self.ops: dict[str, OpCost] = {}
+        self.modules: dict[int, ModuleCost] = {}
+        self.in_sdpa = 0
+        self.live: dict[int, list[int]] = {}  # storage id -> [bytes, refs]
+        self.cur = self.peak = self.written = 0
+        for path, mod in model.named_modules():
+            self.modules[id(mod)] = ModuleCost(
+                path=path, cls=type(mod).__name__, depth=path.count(".") + 1 if path else 0,
+                params=sum(p.numel() for p in mod.parameters()),
+            )
+
+    # module stack ------------------------------------------------------------------------------
+    def pre(self, mod: Any, args: Any) -> None:
+        cost = self.modules.get(id(mod))
+        if cost is not None:
+            cost.calls += 1
+            self.stack.append(cost)
+
+    def post(self, mod: Any, args: Any, out: Any) -> None:
+        cost = self.modules.get(id(mod))
+        if cost is not None and self.stack and self.stack[-1] is cost:
+            self.stack.pop()
+            cost.out_bytes += sum(_tensor_bytes(t) for t in _tensors(out))
+
+    # ops ---------------------------------------------------------------------------------------
+    def record(self, name: str, flops: float | None, nbytes: float, shapes: list) -> None:
+        op = self.ops.get(name)
+        if op is None:
+            op = self.ops[name] = OpCost(name, counted=flops is not None, shapes=_shape_str(shapes))
+        op.calls += 1
+        op.flops += flops or 0.0
+        op.bytes += nbytes
+        if self.stack:
+            top = self.stack[-1]
+            top.self_flops += flops or 0.0
+            top.self_bytes += nbytes
+            seen: set[int] = set()
+            for m in self.stack:  # a shared module may be on the stack twice: count it once
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    m.flops += flops or 0.0
+                    m.bytes += nbytes
+
+    def track(self, out: Any) -> None:
+        """Follow the lifetime of each output storage to find the activation peak."""
+        for t in _tensors(out):
+            try:
+                key = t.untyped_storage()._cdata
+            except Exception:
+                continue
+            entry = self.live.get(key)
+            if entry is None:
+                n = _tensor_bytes(t)
+                entry = self.live[key] = [n, 0]
+                self.cur += n
+                self.written += n
+                self.peak = max(self.peak, self.cur)
+            entry[1] += 1
+            weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                self.cur -= entry[0]
+                del self.live[key]
+
+
+def _tensors(obj: Any) -> list:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in _tensors(x)]
+    if isinstance(obj, dict):
+        return [t for x in obj.values() for t in _tensors(x)]
+    if hasattr(obj, "to_tuple"):  # transformers ModelOutput
+        try:
+            return _tensors(obj.to_tuple())
+        except Exception:
+            return []
+    return []
+
+
+def _flatten_args(func: Any, args: tuple, kwargs: dict) -> list:
+    """Positional view of every schema argument (keyword-only ones included), defaults filled."""
+    out = list(args)
+    try:
+        for a in func._schema.arguments[len(args):]:
+            if a.name in kwargs:
+                out.append(kwargs[a.name])
+            else:
+                out.append(a.default_value if a.has_default_value() else None)
+    except Exception:
+        out.extend(kwargs.values())
+    return out
+
+
+def _is_view(func: Any) -> bool:
+    try:
+        return any(r.alias_info is not None for r in func._schema.returns) or func.is_view
+    except Exception:
+        return False
+
+
+_NO_BYTES = frozenset({"aten::_unsafe_view", "aten::detach", "aten::lift_fresh", "aten::empty",
+                       "aten::empty_strided", "aten::empty_like", "aten::new_empty"})
+
+
+def count(model: Any, args: tuple = (), kwargs: dict | None = None) -> Profile:
+    """Run ``model(*args, **kwargs)`` once under the counters; use meta tensors to compute nothing."""
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    kwargs = kwargs or {}
+    c = _Counter(model)
+    is_tensor = torch.Tensor
+
+    class Dispatch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: N805
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if c.in_sdpa:
+                c.track(out)
+                return out
+            name = "aten::" + func.__name__.split(".")[0]
+            flat = _flatten_args(func, args, kwargs)
+            shapes = [list(a.shape) if isinstance(a, is_tensor) else None for a in flat]
+            if _is_view(func) or name in _NO_BYTES:
+                c.record(name, 0.0, 0.0, shapes)
+                return out
+            outs = _tensors(out)
+            if name == "aten::embedding":
+                nbytes = _tensor_bytes(flat[1]) + 2 * sum(_tensor_bytes(t) for t in outs)
+            else:
+                seen: set[int] = set()
+                nbytes = 0
+                for a in flat:
+                    for t in _tensors(a):
+                        if id(t) not in seen:
+                            seen.add(id(t))
+                            nbytes += _tensor_bytes(t)
+                nbytes += sum(_tensor_bytes(t) for t in outs)
+            values = [None if isinstance(a, is_tensor) else a for a in flat]
+            flops = op_flops(name, shapes, values, [list(t.shape) for t in outs])
+            c.record(name, flops, nbytes, shapes)
+            c.track(out)
+            return out
+
+    class Functions(TorchFunctionMode):
+        """Sees sdpa before it is lowered: causal flag and GQA heads are known here."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: N805
+            kwargs = kwargs or {}
+            if func is not F.scaled_dot_product_attention or c.in_sdpa:
+                return func(*args, **kwargs)
+            q, k, v = args[:3] if len(args) >= 3 else (kwargs["query"], kwargs["key"], kwargs["value"])
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            causal = bool(args[5] if len(args) > 5 else kwargs.get("is_causal", False))
+            flops = attention_flops(q.shape, k.shape, v.shape, causal=causal and mask is None)
+            out_shape = (*q.shape[:-1], v.shape[-1])
+            nbytes = sum(_tensor_bytes(t) for t in (q, k, v)) + _prod(out_shape) * q.element_size()
+            if mask is not None:
+                nbytes += _tensor_bytes(mask)
+            c.record("aten::scaled_dot_product_attention", flops, nbytes,
+                     [list(q.shape), list(k.shape), list(v.shape)])
+            if q.device.type == "meta":  # the math lowering would only make meta scores: skip it
+                out = q.new_empty(out_shape)
+                c.track(out)
+                return out
+            c.in_sdpa += 1
+            try:
+                return func(*args, **kwargs)
+            finally:
+                c.in_sdpa -= 1
+
+    handles = []
+    for mod in model.modules():
+        handles.append(mod.register_forward_pre_hook(c.pre))
+        handles.append(mod.register_forward_hook(c.post))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    inputs = sum(_tensor_bytes(t) for t in _tensors(list(args)) + _tensors(kwargs))
+    try:
+        with torch.no_grad(), Functions(), Dispatch():
+            out = model(*args, **kwargs)
+        del out
+    finally:
+        for h in handles:
+            h.remove()
+    costs = list(c.modules.values())
+    return Profile(
+        modules=costs,
+        ops=sorted(c.ops.values(), key=lambda o: -o.flops),
+        params=sum(p.numel() for p in model.parameters()),
+        weight_bytes=weights,
+        input_bytes=inputs,
+        act_peak_bytes=c.peak,
+        act_written_bytes=c.written,
+        module_of=dict(c.modules),
+    )
