@@ -43,6 +43,8 @@ def build_tokenizer(out_dir: str | os.PathLike[str] | None = None, vocab_size: i
 
     Saved with ``save_pretrained(out_dir)`` so ``AutoTokenizer.from_pretrained(out_dir)`` loads it.
     A tokenizer already in ``out_dir`` for the same text and vocabulary size is loaded, not retrained.
+    ``vocab_size`` is an upper bound: BPE stops once every word is one token, which for the shipped
+    text happens at about 1 260 entries. Size models with ``len(tokenizer)``.
     """
     from transformers import PreTrainedTokenizerFast
 
