@@ -1,0 +1,180 @@
+"""Recording benchmark: bytes per step, and the time to open a one-hour recording and jump to its end.
+
+    .venv/bin/python bench/recording.py [--hour-steps-per-s 10] [--quick]
+
+Recordings are synthesized from the real event dataclasses written through ``RecordingWriter``
+(real files, real compression), with per-layer times shaped like the agent's: leaf times in whole
+nanoseconds, parents = children + own time, ±5 % noise step to step. Blocks are cut once per
+simulated second, as the writer does in a live run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+
+from llmtop.protocol.events import (
+    PHASES,
+    DeviceSample,
+    HostSample,
+    LayerStats,
+    ModelTree,
+    Session,
+    Span,
+    Step,
+    encode,
+)
+from llmtop.protocol.recording import KeyframeBuilder, RecordingReader, RecordingWriter
+
+GPT2_BLOCK = ["ln_1", "attn", "attn.c_attn", "attn.c_proj", "attn.attn_dropout", "attn.resid_dropout",
+              "ln_2", "mlp", "mlp.c_fc", "mlp.c_proj", "mlp.act", "mlp.dropout"]
+
+
+def gpt2_tree(n_layer: int) -> ModelTree:
+    """The module tree of ``GPT2LMHeadModel`` with ``n_layer`` blocks (164 modules for 12)."""
+    paths = ["", "transformer", "transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h"]
+    for i in range(n_layer):
+        paths += [f"transformer.h.{i}"] + [f"transformer.h.{i}.{x}" for x in GPT2_BLOCK]
+    paths += ["transformer.ln_f", "lm_head"]
+    index = {p: i for i, p in enumerate(paths)}
+    parents = [-1] + [index[p.rsplit(".", 1)[0]] if "." in p else 0 for p in paths[1:]]
+    classes = [p.rsplit(".", 1)[-1] or "GPT2LMHeadModel" for p in paths]
+    return ModelTree(model=0, name="GPT2LMHeadModel", ids=list(range(len(paths))), paths=paths,
+                     classes=classes, params=[1000] * len(paths), parents=parents,
+                     trainable=[True] * len(paths), dtypes=["float32"] * len(paths),
+                     compiled=[False] * len(paths))
+
+
+@dataclass
+class Run:
+    """A synthetic training run: one step's events at a time, in the agent's order."""
+
+    tree: ModelTree
+    steps_per_s: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        n = len(self.tree.ids)
+        self.children: list[list[int]] = [[] for _ in range(n)]
+        for i, p in enumerate(self.tree.parents):
+            if p >= 0:
+                self.children[p].append(i)
+        self.base_ns = [self.rng.randint(5_000, 400_000) for _ in range(n)]
+        self.t = 1_700_000_000.0
+
+    def _layer_times(self) -> tuple[list[float], list[float]]:
+        n = len(self.tree.ids)
+        total = [0] * n
+        self_ns = [0] * n
+        for i in reversed(range(n)):  # children come after parents in the tree order
+            own = int(self.base_ns[i] * self.rng.uniform(0.95, 1.05)) if not self.children[i] else \
+                self.rng.randint(1_000, 9_000)
+            self_ns[i] = own
+            total[i] = own + sum(total[c] for c in self.children[i])
+        return [x / 1e6 for x in total], [x / 1e6 for x in self_ns]
+
+    def step(self, step: int) -> list:
+        dt = 1.0 / self.steps_per_s
+        self.t += dt
+        fwd, fwd_self = self._layer_times()
+        bwd, bwd_self = self._layer_times()
+        phases = {p: self.rng.uniform(0.5, 1.5) * dt * 1000 / len(PHASES) for p in PHASES}
+        events: list = [
+            Step(step=step, t=self.t, dur_ms=sum(phases.values()), phases=phases,
+                 loss=3.0 / (1 + step / 1000) + self.rng.uniform(-0.05, 0.05), grad_norm=self.rng.uniform(0.5, 2),
+                 lr=3e-4, samples=8, tokens=8 * 1024, overhead_us=self.rng.uniform(50, 300),
+                 cuda_allocated=self.rng.randint(5 << 30, 6 << 30), cuda_reserved=8 << 30,
+                 cuda_peak=7 << 30, gpu_ms=dt * 900),
+            LayerStats(step=step, ids=self.tree.ids, fwd_ms=fwd, fwd_self_ms=fwd_self,
+                       calls=[1] * len(fwd), bwd_ms=bwd, bwd_self_ms=bwd_self),
+        ]
+        # Host and device samples come every agent tick (0.5 s), not every step.
+        if int(self.t * 2) != int((self.t - dt) * 2):
+            events.append(HostSample(t=self.t, cpu_pct=self.rng.uniform(95, 105), rss=3 << 30,
+                                     sys_used=self.rng.randint(40 << 30, 41 << 30), sys_total=64 << 30,
+                                     threads=24))
+            events.append(DeviceSample(t=self.t, index=0, name="NVIDIA H100 80GB HBM3",
+                                       util_pct=self.rng.uniform(90, 100), mem_used=self.rng.randint(60 << 30, 61 << 30),
+                                       mem_total=80 << 30, power_w=self.rng.uniform(500, 700), temp_c=65.0,
+                                       sm_clock_mhz=1980.0, mem_clock_mhz=2619.0))
+        if step % 100 == 0:
+            events.append(Span(name="eval", category="training_loop", start=self.t - 0.01, dur_ms=10.0,
+                               step=step))
+        return events
+
+
+def write_run(path: str, n_layer: int, steps: int, steps_per_s: float) -> RecordingWriter:
+    """Write a synthetic run the way a live writer would: a block per second, keyframes as due."""
+    tree = gpt2_tree(n_layer)
+    session = Session(pid=1234, argv=["train.py"], started=1_700_000_000.0, hostname="bench",
+                      devices=["NVIDIA H100 80GB HBM3"])
+    writer = RecordingWriter(path, session, flush_s=1e9)
+    builder = KeyframeBuilder(history=600)
+    run = Run(tree, steps_per_s)
+    for e in (session, tree):
+        frame = encode(e)
+        writer.append(frame, e)
+        builder.add(frame, e)
+    per_block = max(1, round(steps_per_s))
+    for s in range(steps):
+        for e in run.step(s):
+            frame = encode(e)
+            writer.append(frame, e)
+            builder.add(frame, e)
+        if (s + 1) % per_block == 0:
+            writer.flush()
+            sim_now = (s + 1) / steps_per_s
+            writer._last_keyframe -= 0  # keep the writer's own clock; the simulated one decides below
+            if sim_now - getattr(writer, "_sim_last_kf", 0.0) >= writer.keyframe_s and \
+                    writer.wants_keyframe(float("inf")):
+                writer.keyframe(builder.frames())
+                writer._sim_last_kf = sim_now  # type: ignore[attr-defined]
+    writer.close()
+    return writer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps-per-s", type=float, default=10.0)
+    parser.add_argument("--quick", action="store_true", help="10 minutes instead of one hour")
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(prefix="llmtop-bench-")
+    print("| model | modules | steps/s | bytes/step |")
+    print("|---|---:|---:|---:|")
+    for label, n_layer in (("demo (GPT-2, 2 layers)", 2), ("GPT-2 124M (12 layers)", 12)):
+        for rate in (2.0, args.steps_per_s):
+            path = os.path.join(tmp, f"size-{n_layer}-{rate}.lrec")
+            w = write_run(path, n_layer, steps=int(rate * 300), steps_per_s=rate)
+            size = os.path.getsize(path)
+            print(f"| {label} | {len(gpt2_tree(n_layer).ids)} | {rate:g} | {size / w.steps_written:.0f} |")
+    seconds = 600 if args.quick else 3600
+    path = os.path.join(tmp, "hour.lrec")
+    t0 = time.perf_counter()
+    w = write_run(path, 12, steps=int(seconds * args.steps_per_s), steps_per_s=args.steps_per_s)
+    t_write = time.perf_counter() - t0
+    size = os.path.getsize(path)
+    print(f"\n{seconds} s recording, GPT-2 12 layers at {args.steps_per_s:g} steps/s: "
+          f"{w.steps_written} steps, {size / 1e6:.1f} MB, {len(w.blocks)} blocks "
+          f"(synthesized in {t_write:.0f} s)")
+    for trailer in (True, False):
+        if not trailer:  # drop the index trailer: a recording whose writer was killed
+            with open(path, "rb+") as f:
+                f.truncate(w.blocks[-1].offset + 64 + w.blocks[-1].comp_len)
+        t0 = time.perf_counter()
+        r = RecordingReader(path)
+        t_open = time.perf_counter() - t0
+        events = r.seek_end()
+        t_end = time.perf_counter() - t0
+        how = "with index trailer" if trailer else "no trailer (forward scan)"
+        print(f"open {how}: {t_open * 1000:.1f} ms; open + seek to end: {t_end * 1000:.0f} ms "
+              f"({len(events)} events to apply)")
+        r.close()
+
+
+if __name__ == "__main__":
+    main()
