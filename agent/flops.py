@@ -393,11 +393,25 @@ def count(model: Any, args: tuple = (), kwargs: dict | None = None) -> Profile:
     kwargs = kwargs or {}
     c = _Counter(model)
     is_tensor = torch.Tensor
+    aten = torch.ops.aten
+    local_scalar = aten._local_scalar_dense.default
+    truth_ops = {aten.all.default: True, aten.any.default: False, aten.is_nonzero.default: False,
+                 aten.eq.Scalar: True, aten.eq.Tensor: True, aten.ne.Scalar: False, aten.ne.Tensor: False}
+    scalar_only = {aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ne.Tensor}  # `mask.sum() == n`
 
     class Dispatch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: N805
             kwargs = kwargs or {}
+            if func is local_scalar and args[0].device.type == "meta":
+                # Data-dependent checks on meta ids (`pad in input_ids`, "one packed sequence?"):
+                # answer as for ordinary unpadded input. Other reads of values stay errors.
+                truth = getattr(args[0], "_llmtop_truth", None)
+                if truth is not None:
+                    return truth
             out = func(*args, **kwargs)
+            if func in truth_ops and isinstance(out, is_tensor) and out.device.type == "meta" and (
+                    func not in scalar_only or out.dim() == 0):
+                out._llmtop_truth = truth_ops[func]
             if c.in_sdpa:
                 c.track(out)
                 return out
