@@ -1,0 +1,761 @@
+"""Step tracker: step boundaries, phases that sum to the step time, training signals, anomalies.
+
+Boundaries (see docs/ARCHITECTURE.md, "Steps and phases"):
+
+- training: the outermost optimizer ``step()`` (global optimizer step post hook) ends a step;
+  gradient accumulation therefore gives one step per optimizer step;
+- inference (no backward or optimizer step seen yet): each root forward ends a step; a forward
+  with grad enabled ends its step only once the next root forward starts without a backward;
+- manual: after the first ``llmtop.agent.step()`` only manual calls end steps.
+
+Phases are exclusive times on the step loop's thread, innermost wins (an h2d copy inside a data
+fetch is h2d): data (``DataLoader`` iterator ``__next__``), h2d (``Tensor.to``/``.cuda`` moving a CPU
+tensor to another device), forward (root forwards announced on ``core.BUS``), backward
+(``Tensor.backward`` / ``torch.autograd.backward``), optimizer (between the optimizer pre and post
+hooks); ``other`` is the remainder, so the phases sum to the step time.
+
+Hot path: timestamps and integer adds into preallocated lists; the finished step goes into a
+deque as a raw tuple; ``poll`` (agent thread) resolves loss / grad norm / GPU time without a sync,
+emits ``Step`` and ``Anomaly`` events.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from llmtop.protocol.events import Event, Step
+
+from . import core
+from .anomalies import AnomalyDetector
+from .gpu_timing import GpuStepClock, ScalarReader, cuda_ready
+from .memory import NONE3, host_rss, read_step_memory
+
+DATA, H2D, FWD, BWD, OPT = range(5)
+PHASE_NAMES = ("data", "h2d", "forward", "backward", "optimizer")
+NPH = 5
+
+_perf = time.perf_counter_ns
+_ident = threading.get_ident
+
+
+class _Frame:
+    __slots__ = ("phase", "t0", "child")
+
+    def __init__(self, phase: int, t0: int) -> None:
+        self.phase = phase
+        self.t0 = t0
+        self.child = 0
+
+
+class _Raw:
+    """A finished step as captured on the hot path; completed into a ``Step`` by ``poll``."""
+
+    __slots__ = ("step", "t_end", "dur", "phases", "mode", "losses", "grad", "lr", "samples", "tokens",
+                 "overhead_ns", "layer_every", "mem", "gpu_ms", "loss_value", "grad_value", "born")
+
+    def __init__(self) -> None:
+        self.gpu_ms: float | None = None
+        self.loss_value: float | None = None
+        self.grad_value: float | None = None
+
+
+def _input_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
+    """(samples, tokens) from a root forward's inputs: ``input_ids`` or the first tensor argument."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None, None
+    x = kwargs.get("input_ids") if kwargs else None
+    if not isinstance(x, torch.Tensor):
+        x = None
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                x = a
+                break
+        else:
+            if kwargs:
+                for a in kwargs.values():
+                    if isinstance(a, torch.Tensor):
+                        x = a
+                        break
+    if x is None or x.dim() == 0:
+        return None, None
+    samples = int(x.shape[0])
+    tokens = None
+    if x.dim() == 2 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool:
+        tokens = int(x.numel())
+    return samples, tokens
+
+
+class StepInstrument:
+    """Implements ``core.Instrument``. One per process; hooks are global."""
+
+    name = "steps"
+
+    def __init__(self, options: core.Options | None = None) -> None:
+        self.options = options or core.Options()
+        self.ctx: Any = None
+        self._handles: list[Any] = []
+        self._patches: list[tuple[Any, str, Any]] = []
+        self._installed = False
+        self.disabled = False
+        self._pid = os.getpid()
+        self._reset_state()
+        self._done: deque[_Raw] = deque(maxlen=max(64, int(self.options.history)))
+        self.detector = AnomalyDetector()
+        self.scalars = ScalarReader()
+        self.gpu = GpuStepClock()
+        self.layers: Any = None  # the layers instrument, for its overhead and sampling rate
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        self.step = 0
+        self.owner: int | None = None  # thread id of the step loop
+        self.stack: list[_Frame] = []
+        self.acc = [0] * NPH
+        self.win_start: int | None = None  # None: no step in progress (idle until the first activity)
+        self.training = False  # a backward or an optimizer step was seen
+        self.manual = False
+        self.eval_pending = False  # a no-grad root forward ran since the last training activity
+        self.losses: list[Any] = []
+        self.grad: Any = None
+        self.samples = 0
+        self.tokens = 0
+        self.have_samples = False
+        self.have_tokens = False
+        self.sample_module: int | None = None
+        self.overhead = 0
+        self.opt_depth = 0
+        self.boundary_opt: int | None = None
+        self.opts_seen: set[int] = set()
+        self.tentative: tuple | None = None  # an inference step waiting to learn it was not training
+        self.bwd_depth = 0
+        self.scaled: tuple[int, Any] | None = None  # (id of GradScaler output, unscaled tensor)
+        self.opt_steps = 0
+
+    # --- install / uninstall ------------------------------------------------------------------
+
+    def install(self, ctx: core.Context) -> None:
+        import torch
+        import torch.utils.data.dataloader as dl
+
+        self.ctx = ctx
+        self._pc0 = _perf()
+        self._wall0 = time.time()
+        self._find_layers()
+        opt = torch.optim.optimizer
+        self._handles.append(opt.register_optimizer_step_pre_hook(self._opt_pre))
+        self._handles.append(opt.register_optimizer_step_post_hook(self._opt_post))
+        self._patch(dl._BaseDataLoaderIter, "__next__", self._wrap_next)
+        self._patch(torch.Tensor, "to", self._wrap_to)
+        self._patch(torch.Tensor, "cuda", self._wrap_to)
+        self._patch(torch.Tensor, "backward", self._wrap_backward)
+        self._patch(torch.autograd, "backward", self._wrap_backward)
+        import torch.nn.utils as nnu
+        import torch.nn.utils.clip_grad as cg
+
+        self._patch_same(nnu, cg, "clip_grad_norm_", self._wrap_clip)
+        try:
+            from torch.amp.grad_scaler import GradScaler
+
+            self._patch(GradScaler, "scale", self._wrap_scale)
+            self._patch(GradScaler, "step", self._wrap_scaler_step)
+        except Exception:
+            pass
+        core.BUS.root_forward_start.append(self._on_root_start)
+        core.BUS.root_forward.append(self._on_root_end)
+        try:
+            ctx.set_manual_step(self.manual_step)
+        except Exception:
+            pass
+        try:
+            os.register_at_fork(after_in_child=self._after_fork)
+        except Exception:
+            pass
+        self._installed = True
+
+    def _patch(self, owner: Any, attr: str, wrapper_factory: Any) -> None:
+        orig = owner.__dict__[attr] if attr in owner.__dict__ else getattr(owner, attr)
+        new = wrapper_factory(orig)
+        new.__llmtop_orig__ = orig
+        setattr(owner, attr, new)
+        self._patches.append((owner, attr, orig))
+
+    def _patch_same(self, mod_a: Any, mod_b: Any, attr: str, wrapper_factory: Any) -> None:
+        """Patch a function exported by two modules (``torch.nn.utils`` and its submodule) once."""
+        orig = getattr(mod_b, attr)
+        new = wrapper_factory(orig)
+        for mod in (mod_a, mod_b):
+            if getattr(mod, attr, None) is orig:
+                setattr(mod, attr, new)
+                self._patches.append((mod, attr, orig))
+
+    def uninstall(self) -> None:
+        if self.tentative is not None and not self.disabled:
+            try:  # the script ended after a grad-enabled forward with no backward: an inference step
+                self._commit_tentative()
+            except Exception:
+                pass
+        for h in self._handles:
+            try:
+                h.remove()
+            except Exception:
+                pass
+        self._handles.clear()
+        for owner, attr, orig in reversed(self._patches):
+            try:
+                setattr(owner, attr, orig)
+            except Exception:
+                pass
+        self._patches.clear()
+        for lst, fn in ((core.BUS.root_forward_start, self._on_root_start),
+                        (core.BUS.root_forward, self._on_root_end)):
+            try:
+                lst.remove(fn)
+            except ValueError:
+                pass
+        self._installed = False
+
+    def _after_fork(self) -> None:
+        # a forked child (DataLoader worker) measures nothing: its hooks go straight to the originals
+        self.disabled = True
+
+    def _fail(self, where: str, exc: BaseException) -> None:
+        """Fail open: turn the tracker off, tell the user through a warning event."""
+        if self.disabled:
+            return
+        self.disabled = True
+        try:
+            self.ctx.warn(self.name, f"step tracking disabled after an error in {where}: {exc!r}")
+        except Exception:
+            pass
+
+    def _find_layers(self) -> None:
+        for inst in getattr(self.ctx, "instruments", None) or ():
+            if inst is not self and getattr(inst, "name", "") == "layers":
+                self.layers = inst
+
+    # --- the exclusive-time stack (step loop thread only) ----------------------------------------
+
+    def _own(self, claim: bool) -> bool:
+        """Is the current thread the step loop's? ``claim``: training activity moves ownership here."""
+        tid = _ident()
+        if tid == self.owner:
+            return True
+        if self.owner is None or (claim and not self.stack):
+            self.owner = tid
+            self.stack = []
+            return True
+        return False
+
+    def _push(self, phase: int, t0: int) -> _Frame:
+        if self.win_start is None:
+            self.win_start = t0
+            self.gpu.restart()
+        f = _Frame(phase, t0)
+        self.stack.append(f)
+        return f
+
+    def _pop(self, f: _Frame, t1: int) -> int:
+        """Close frame ``f`` at ``t1``; returns its inclusive duration."""
+        st = self.stack
+        if st and st[-1] is f:
+            st.pop()
+        elif f in st:  # inner frames never closed (an exception skipped their hooks): drop them
+            del st[st.index(f):]
+        else:
+            return 0
+        dur = t1 - f.t0
+        if st:
+            st[-1].child += dur
+        self.acc[f.phase] += dur - f.child
+        return dur
+
+    # --- training activity and the evaluation rule -----------------------------------------------
+
+    def _training_activity(self, t0: int) -> None:
+        """A grad-enabled forward, a backward or an optimizer step begins at ``t0``."""
+        # a no-grad forward followed directly by training (a frozen teacher) stays in the step;
+        # only a batch fetched in between marks it as evaluation (see the data loader hook)
+        self.eval_pending = False
+
+    def _restart_window(self, t0: int) -> None:
+        self.acc = [0] * NPH
+        self.win_start = t0
+        self.losses = []
+        self.grad = None
+        self.samples = self.tokens = 0
+        self.have_samples = self.have_tokens = False
+        self.sample_module = None
+        self.overhead = 0
+        self.gpu.restart()
+
+    # --- hooks: data loader ---------------------------------------------------------------------
+
+    def _wrap_next(self, orig: Any) -> Any:
+        tr = self
+
+        def __next__(it: Any) -> Any:  # noqa: N807
+            if tr.disabled or not tr._own(False):
+                return orig(it)
+            t0 = _perf()
+            f = tr._push(DATA, t0)
+            ok = False
+            try:
+                out = orig(it)
+                ok = True
+                return out
+            finally:
+                t1 = _perf()
+                try:
+                    dur = tr._pop(f, t1)
+                    if ok and tr.eval_pending and tr.training and not tr.manual:
+                        # a batch fetched after evaluation starts the next training step
+                        tr._restart_window(t0)
+                        tr.acc[DATA] = dur
+                    tr.overhead += _perf() - t1
+                except Exception as exc:
+                    tr._fail("data loader hook", exc)
+
+        return __next__
+
+    # --- hooks: host-to-device copies ------------------------------------------------------------
+
+    def _wrap_to(self, orig: Any) -> Any:
+        tr = self
+        compiling = _compiling_check()
+
+        def to(t: Any, *args: Any, **kwargs: Any) -> Any:
+            if (tr.disabled or tr.win_start is None or compiling() or t.device.type != "cpu"
+                    or not tr._own(False)):
+                # no step in progress (model set-up), already on a device, or traced by dynamo
+                return orig(t, *args, **kwargs)
+            t0 = _perf()
+            f = tr._push(H2D, t0)
+            out = None
+            try:
+                out = orig(t, *args, **kwargs)
+                return out
+            finally:
+                t1 = _perf()
+                try:
+                    if out is not None and getattr(out, "device", None) is not None and out.device.type != "cpu":
+                        tr._pop(f, t1)
+                    else:  # not a host-to-device move: forget the frame, charge nothing
+                        st = tr.stack
+                        if st and st[-1] is f:
+                            st.pop()
+                    tr.overhead += _perf() - t1
+                except Exception as exc:
+                    tr._fail("tensor copy hook", exc)
+
+        return to
+
+    # --- hooks: backward, loss, gradient norm ---------------------------------------------------
+
+    def _wrap_backward(self, orig: Any) -> Any:
+        tr = self
+
+        def backward(*args: Any, **kwargs: Any) -> Any:
+            if tr.disabled or not tr._own(True):
+                return orig(*args, **kwargs)
+            t0 = _perf()
+            f = None
+            try:
+                if tr.bwd_depth == 0:
+                    tr._on_backward_start(t0, args[0] if args else kwargs.get("tensors"))
+                f = tr._push(BWD, t0)
+            except Exception as exc:
+                tr._fail("backward hook", exc)
+            tr.bwd_depth += 1
+            t1 = _perf()
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                t2 = _perf()
+                tr.bwd_depth -= 1
+                if f is not None and not tr.disabled:
+                    try:
+                        tr._pop(f, t2)
+                        tr.overhead += (t1 - t0) + (_perf() - t2)
+                    except Exception as exc:
+                        tr._fail("backward hook", exc)
+
+        return backward
+
+    def _on_backward_start(self, t0: int, tensor: Any) -> None:
+        if not self.training:
+            self.training = True
+            self.tentative = None  # the forward before this backward was training, not inference
+        self._training_activity(t0)
+        if self.win_start is None:
+            self.win_start = t0
+        torch = sys.modules["torch"]
+        if isinstance(tensor, (tuple, list)) and len(tensor) == 1:
+            tensor = tensor[0]
+        if isinstance(tensor, torch.Tensor) and tensor.numel() == 1 and len(self.losses) < 256:
+            sc = self.scaled
+            if sc is not None and sc[0] == id(tensor):
+                tensor = sc[1]  # GradScaler: report the unscaled loss
+            self.scaled = None
+            h = self.scalars.capture(tensor)
+            if h is not None:
+                self.losses.append(h)
+
+    def _wrap_clip(self, orig: Any) -> Any:
+        tr = self
+
+        def clip_grad_norm_(*args: Any, **kwargs: Any) -> Any:
+            out = orig(*args, **kwargs)
+            if not tr.disabled:
+                t0 = _perf()
+                try:
+                    torch = sys.modules["torch"]
+                    if isinstance(out, torch.Tensor) and _ident() == tr.owner:
+                        tr.grad = tr.scalars.capture(out)
+                    tr.overhead += _perf() - t0
+                except Exception as exc:
+                    tr._fail("clip_grad_norm_ hook", exc)
+            return out
+
+        return clip_grad_norm_
+
+    def _wrap_scale(self, orig: Any) -> Any:
+        tr = self
+
+        def scale(scaler: Any, outputs: Any) -> Any:
+            out = orig(scaler, outputs)
+            if not tr.disabled and out is not outputs:
+                torch = sys.modules["torch"]
+                if isinstance(outputs, torch.Tensor) and isinstance(out, torch.Tensor):
+                    tr.scaled = (id(out), outputs.detach())
+            return out
+
+        return scale
+
+    def _wrap_scaler_step(self, orig: Any) -> Any:
+        tr = self
+
+        def step(scaler: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            before = tr.opt_steps
+            out = orig(scaler, optimizer, *args, **kwargs)
+            if not tr.disabled and tr.opt_steps == before and not tr.manual and _ident() == tr.owner:
+                # GradScaler skipped the optimizer (inf/NaN gradients): the iteration still ends a step
+                try:
+                    tr._end_step(_perf(), "train", optimizer)
+                except Exception as exc:
+                    tr._fail("GradScaler hook", exc)
+            return out
+
+        return step
+
+    # --- hooks: optimizer ----------------------------------------------------------------------
+
+    def _opt_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.disabled or not self._own(True):
+            return
+        t0 = _perf()
+        try:
+            if self.opt_depth == 0:
+                self.training = True
+                self.tentative = None
+                self._training_activity(t0)
+            self.opt_depth += 1
+            self._push(OPT, t0)
+            self.overhead += _perf() - t0
+        except Exception as exc:
+            self._fail("optimizer pre hook", exc)
+
+    def _opt_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.disabled or _ident() != self.owner:
+            return
+        t1 = _perf()
+        try:
+            st = self.stack
+            f = next((x for x in reversed(st) if x.phase == OPT), None)
+            if f is not None:
+                self._pop(f, t1)
+            self.opt_depth = max(0, self.opt_depth - 1)
+            if self.opt_depth:
+                return  # a wrapper optimizer (accelerate, ZeRO) is still inside its step
+            self.opt_steps += 1
+            if self.manual:
+                self.overhead += _perf() - t1
+                return
+            oid = id(optimizer)
+            if self.boundary_opt is None:
+                self.boundary_opt = oid
+            elif oid != self.boundary_opt:
+                if oid not in self.opts_seen:
+                    # another optimizer in the same iteration (GAN): its time is optimizer time
+                    self.opts_seen.add(oid)
+                    self.overhead += _perf() - t1
+                    return
+                self.boundary_opt = oid  # stepped twice without the old one: it replaced it
+            self.overhead += _perf() - t1
+            self._end_step(t1, "train", optimizer)
+        except Exception as exc:
+            self._fail("optimizer post hook", exc)
+
+    # --- hooks: root forwards (from the layers instrument) -----------------------------------------
+
+    def _on_root_start(self, module: Any, t0: int, args: Any, kwargs: Any) -> None:
+        if self.disabled:
+            return
+        torch = sys.modules["torch"]
+        grad = torch.is_grad_enabled()
+        if not self._own(True):
+            return
+        t_in = _perf()
+        try:
+            st = self.stack
+            while st and st[-1].phase == FWD:
+                st.pop()  # a previous root forward raised: its end never came
+            if self.tentative is not None and not self.manual:
+                self._commit_tentative()
+            if grad and self.training:
+                self._training_activity(t0)
+            self._push(FWD, t0)
+            self.overhead += _perf() - t_in
+        except Exception as exc:
+            self._fail("root forward hook", exc)
+
+    def _on_root_end(self, module: Any, t0: int, t1: int, args: Any, kwargs: Any) -> None:
+        if self.disabled or _ident() != self.owner:
+            return
+        t_in = _perf()
+        try:
+            torch = sys.modules["torch"]
+            grad = torch.is_grad_enabled()
+            st = self.stack
+            f = st[-1] if st and st[-1].phase == FWD and st[-1].t0 == t0 else None
+            if f is None:  # no start announced: account the forward as a leaf
+                if self.win_start is None:
+                    self.win_start = t0
+                    self.gpu.restart()
+                f = _Frame(FWD, t0)
+                st.append(f)
+            self._pop(f, t1)
+            counts = grad or not self.training
+            if counts and self.sample_module in (None, id(module)):
+                self.sample_module = id(module)
+                samples, tokens = _input_shape(args, kwargs)
+                if samples is not None:
+                    self.samples += samples
+                    self.have_samples = True
+                if tokens is not None:
+                    self.tokens += tokens
+                    self.have_tokens = True
+            if self.manual:
+                pass
+            elif self.training:
+                if not grad:
+                    self.eval_pending = True  # evaluation (or a no-grad teacher) forward
+            elif not grad:
+                self.overhead += _perf() - t_in
+                self._end_step(t1, "infer", None)
+                return
+            else:
+                # grad enabled but no backward yet: inference unless a backward follows
+                self.tentative = (t1, list(self.acc), self.samples, self.tokens,
+                                  self.have_samples, self.have_tokens)
+            self.overhead += _perf() - t_in
+        except Exception as exc:
+            self._fail("root forward hook", exc)
+
+    def _commit_tentative(self) -> None:
+        t1, acc, samples, tokens, hs, ht = self.tentative  # type: ignore[misc]
+        self.tentative = None
+        after = [a - b for a, b in zip(self.acc, acc, strict=True)]
+        s2, t2 = self.samples - samples, self.tokens - tokens
+        self.acc = acc
+        self.samples, self.tokens, self.have_samples, self.have_tokens = samples, tokens, hs, ht
+        self._end_step(t1, "infer", None)
+        self.acc = after
+        self.samples, self.tokens = s2, t2
+        self.have_samples, self.have_tokens = s2 > 0, t2 > 0
+
+    # --- manual steps ------------------------------------------------------------------------
+
+    def manual_step(self) -> None:
+        """``llmtop.agent.step()``: from now on only manual calls end steps."""
+        if self.disabled:
+            return
+        t1 = _perf()
+        try:
+            self.manual = True
+            self.tentative = None
+            if self.owner is None:
+                self.owner = _ident()
+            if self.win_start is None:
+                # the first manual call with no activity seen: it opens the first step
+                self.win_start = t1
+                self.gpu.restart()
+                return
+            self._end_step(t1, "train" if self.training_in_step() else "infer", None)
+        except Exception as exc:
+            self._fail("manual step", exc)
+
+    def training_in_step(self) -> bool:
+        return self.acc[BWD] > 0 or self.acc[OPT] > 0 or bool(self.losses)
+
+    # --- step end (hot path) ---------------------------------------------------------------------
+
+    def _end_step(self, t_end: int, mode: str, optimizer: Any) -> None:
+        t_in = _perf()
+        r = _Raw()
+        r.step = self.step
+        r.t_end = t_end
+        start = self.win_start if self.win_start is not None else t_end
+        r.dur = max(0, t_end - start)
+        r.phases = self.acc
+        r.mode = mode
+        r.losses = self.losses
+        r.grad = self.grad
+        r.samples = self.samples if self.have_samples else None
+        r.tokens = self.tokens if self.have_tokens else None
+        r.lr = None
+        if optimizer is not None:
+            try:
+                lr = optimizer.param_groups[0]["lr"]
+                if isinstance(lr, (int, float)):
+                    r.lr = float(lr)
+                elif getattr(lr, "device", None) is not None and lr.device.type == "cpu":
+                    r.lr = float(lr)  # a CPU tensor (capturable schedules): a host read
+            except Exception:
+                pass
+        r.mem = read_step_memory() if cuda_ready() else NONE3
+        r.born = time.monotonic()
+        if r.losses and all(self.scalars.is_host(h) for h in r.losses):
+            # CPU losses: a host read now frees the tensors early (no device involved)
+            r.loss_value = self._mean_losses(r.losses)
+            r.losses = []
+        self.gpu.end_step(r.step)
+        # the next step starts now; the stack keeps frames still open (a wrapper optimizer)
+        self.acc = [0] * NPH
+        self.win_start = t_end
+        self.losses = []
+        self.grad = None
+        self.samples = self.tokens = 0
+        self.have_samples = self.have_tokens = False
+        self.sample_module = None
+        self.opts_seen = set()
+        self.step += 1
+        try:
+            self.ctx.current_step = self.step
+        except Exception:
+            pass
+        own = self.overhead + (_perf() - t_in)
+        self.overhead = 0
+        for fn in core.BUS.step_end:
+            try:
+                fn(r.step, t_end)
+            except Exception:
+                pass
+        layers = self.layers
+        r.layer_every = 1
+        if layers is not None:
+            try:
+                own += int(layers.overhead_ns_last_step())
+            except Exception:
+                pass
+            try:
+                r.layer_every = int(getattr(layers, "current_every", 1) or 1)
+            except Exception:
+                pass
+        r.overhead_ns = own
+        self._done.append(r)
+
+    def _mean_losses(self, handles: list[Any]) -> float | None:
+        vals = []
+        for h in handles:
+            ready, v = self.scalars.read(h)
+            if v is not None:
+                vals.append(v)
+        return sum(vals) / len(vals) if vals else None
+
+    # --- agent thread ----------------------------------------------------------------------------
+
+    def poll(self, now: float) -> list[Event]:
+        events: list[Event] = []
+        if self.layers is None:
+            self._find_layers()
+        gpu = self.gpu.resolve() if self.gpu.pending else {}
+        done = self._done
+        while done:
+            r = done[0]
+            if not self._complete(r, gpu):
+                break
+            done.popleft()
+            s = self._to_event(r)
+            events.append(s)
+            events.extend(self.detector.feed_step(s))
+        rss = host_rss()
+        if rss is not None and self.step > 0:
+            events.extend(self.detector.feed_memory("host RSS", self.step, now, rss))
+        return events
+
+    def _complete(self, r: _Raw, gpu: dict[int, float]) -> bool:
+        """Resolve what the GPU still owes this step; False while something is not ready yet."""
+        if r.step in gpu:
+            r.gpu_ms = gpu[r.step]
+        stale = time.monotonic() - r.born > 10.0  # give up on values that never become ready
+        ready = True
+        if r.losses:
+            vals = []
+            for h in r.losses:
+                ok, v = self.scalars.read(h)
+                if not ok:
+                    ready = False
+                    break
+                if v is not None:
+                    vals.append(v)
+            if ready:
+                r.loss_value = sum(vals) / len(vals) if vals else None
+                r.losses = []
+        if r.grad is not None:
+            ok, v = self.scalars.read(r.grad)
+            if ok:
+                r.grad_value = v
+                r.grad = None
+            else:
+                ready = False
+        if not ready and stale:
+            r.losses = []
+            r.grad = None
+            return True
+        return ready
+
+    def _to_event(self, r: _Raw) -> Step:
+        dur_ms = r.dur / 1e6
+        phases = [p / 1e6 for p in r.phases]
+        measured = sum(phases)
+        if measured > dur_ms > 0:
+            # a frame opened before the window began (rare): scale so the parts still add up
+            k = dur_ms / measured
+            phases = [p * k for p in phases]
+            measured = dur_ms
+        ph = dict(zip(PHASE_NAMES, phases, strict=True))
+        ph["other"] = max(0.0, dur_ms - measured)
+        wall = self._wall0 + (r.t_end - self._pc0) / 1e9
+        alloc, reserved, peak = r.mem
+        return Step(step=r.step, t=wall, dur_ms=dur_ms, mode=r.mode, phases=ph, loss=r.loss_value,
+                    grad_norm=r.grad_value, lr=r.lr, samples=r.samples, tokens=r.tokens,
+                    overhead_us=r.overhead_ns / 1e3, layer_every=r.layer_every,
+                    cuda_allocated=alloc, cuda_reserved=reserved, cuda_peak=peak, gpu_ms=r.gpu_ms)
+
+
+def _compiling_check() -> Any:
+    """A cheap ``is_compiling()`` so that dynamo traces straight through our wrappers."""
+    try:
+        import torch
+
+        fn = torch.compiler.is_compiling
+        return fn
+    except Exception:
+        return lambda: False
