@@ -1,0 +1,48 @@
+"""Start the agent at interpreter start-up when the environment asks for it.
+
+Called from ``agent/bootstrap/sitecustomize.py`` (put on ``PYTHONPATH`` by ``llmtop attach``) and
+from the ``llmtop-autostart.pth`` start-up hook (``LLMTOP=1 python train.py``). It never raises
+and never prints unless the user's own settings are wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TRUTHY = ("1", "true", "yes", "on")
+
+# Helper processes that must not carry an agent: multiprocessing's spawn/forkserver children
+# (DataLoader workers with the spawn start method) and its resource tracker, and llmtop itself.
+_SKIP_MARKERS = ("--multiprocessing-fork", "multiprocessing.resource_tracker", "multiprocessing.forkserver",
+                 "from multiprocessing.", "llmtop.cli")
+
+
+def wanted(env: dict[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    flag = env.get("LLMTOP", "").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    return flag in TRUTHY or bool(env.get("LLMTOP_SOCKET")) or bool(env.get("LLMTOP_RECORD"))
+
+
+def skipped_process(argv: list[str] | None = None) -> bool:
+    argv = list(getattr(sys, "orig_argv", sys.argv) if argv is None else argv)
+    cmdline = " ".join(argv)
+    if any(marker in cmdline for marker in _SKIP_MARKERS):
+        return True
+    return len(argv) > 1 and os.path.basename(argv[1]) == "llmtop"
+
+
+def autostart() -> None:
+    if not wanted() or skipped_process():
+        return
+    try:
+        from .runtime import start_agent
+
+        start_agent()
+    except Exception as exc:  # fail open: the script runs without an agent
+        try:
+            print(f"llmtop: agent not started: {type(exc).__name__}: {exc}", file=sys.stderr)
+        except Exception:
+            pass
