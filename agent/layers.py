@@ -1,0 +1,784 @@
+"""Per-layer forward/backward time and memory, from the global module hooks (no user code change).
+
+Hot path (every module call on a sampled step): the global pre/post forward hooks take a
+``perf_counter_ns`` timestamp, push/pop a per-thread stack of small frames and add into
+preallocated per-module lists indexed by global module id. Nothing is locked, encoded or sent.
+
+Backward: when grad is enabled, the forward pre-hook puts an autograd node pre-hook on the
+``grad_fn`` of every input that needs grad (the module's backward *ends* when that node is about
+to run, i.e. the input's gradient is complete), and the forward post-hook puts one on the
+``grad_fn`` of every output that needs grad (its backward *starts* when the first of those runs).
+Hooking the nodes captured before the forward ran keeps this right with in-place ops
+(``ReLU(inplace=True)`` rewrites its input's ``grad_fn``; the node captured earlier is still in
+the graph), and needs no ``BackwardHookFunction`` wrapper (full backward hooks break on in-place
+ops and register state even under ``no_grad``). Modules whose inputs need no grad end when
+their own parameters' gradients arrive (one persistent hook per parameter) or their last child
+ends. One record per module call lives only in those hooks' closures, so it dies with the graph;
+at the end of each backward (``queue_callback``) the records of that graph task are turned into
+inclusive and self times. See docs/ARCHITECTURE.md, "Layer hooks".
+
+Sampling: per-layer timing is taken on every Nth step. On the other steps the global hooks are
+removed entirely (torch's hook slow path alone costs more than our hooks); small per-module hooks
+on known model roots keep announcing root forward calls for the step tracker.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Any
+
+from llmtop.protocol.events import Anomaly, Event, LayerStats, Metric, ModelTree
+
+from . import core
+
+_now = time.perf_counter_ns
+_MAX_EVERY = 1000
+_SLOT = "llmtop.layers"  # our key in autograd nodes' metadata
+_ROOT_CALL_NS = 2000  # the two per-root hooks that stay on between sampled steps (estimate)
+
+
+class _Acc:
+    """One step's per-module accumulators, indexed by global module id."""
+
+    __slots__ = ("fwd", "fwd_self", "calls", "bwd", "bwd_self", "act", "bwd_seen")
+
+    def __init__(self, n: int) -> None:
+        self.fwd = [0] * n
+        self.fwd_self = [0] * n
+        self.calls = [0] * n
+        self.bwd = [0] * n
+        self.bwd_self = [0] * n
+        self.act = [0] * n
+        self.bwd_seen = False
+
+    def grow(self, n: int) -> None:
+        extra = n - len(self.fwd)
+        if extra > 0:
+            for arr in (self.fwd, self.fwd_self, self.calls, self.bwd, self.bwd_self, self.act):
+                arr.extend([0] * extra)
+
+
+class _ThreadState:
+    __slots__ = ("stack", "mute", "rdepth", "rt0", "gen")
+
+    def __init__(self, gen: int) -> None:
+        self.stack: list[list[Any]] = []  # frames: [gid, t0, child_ns, mem0, rec, module]
+        self.mute = 0  # >0 inside a forward re-run by autograd (activation checkpointing)
+        self.rdepth = 0  # nesting of known model roots (root announcements)
+        self.rt0 = 0
+        self.gen = gen
+
+
+class _Rec:
+    """One module call's backward bookkeeping; referenced only by its autograd hooks."""
+
+    __slots__ = ("gid", "parent", "seq", "start", "end", "kid_start", "kid_end", "kids", "task", "params")
+
+    def __init__(self, gid: int, parent: _Rec | None, seq: int) -> None:
+        self.gid = gid
+        self.parent = parent
+        self.seq = seq
+        self.start = 0
+        self.end = 0
+        self.kid_start = 0
+        self.kid_end = 0
+        self.kids = 0
+        self.task = -2
+        self.params = False  # end also waits for this module's own parameter gradients
+
+
+class _NullContext:
+    """Context for the private calibration instance: drops everything."""
+
+    def __init__(self, options: core.Options) -> None:
+        self.options = options
+        self.current_step = 0
+
+    def emit(self, event: Event) -> None:
+        pass
+
+    def warn(self, source: str, message: str) -> None:
+        pass
+
+    def set_manual_step(self, fn: Any) -> None:
+        pass
+
+
+def _grad_nodes(obj: Any, out: list[Any], depth: int = 0) -> None:
+    """Collect distinct ``grad_fn`` nodes of tensors that need grad in args/outputs.
+
+    Looks through tuples, lists and dicts (HF ``ModelOutput`` is a dict) a few levels deep.
+    """
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        if obj.requires_grad:
+            fn = obj.grad_fn
+            if fn is not None and fn not in out:
+                out.append(fn)
+    elif depth < 3:
+        if isinstance(obj, (tuple, list)):
+            for item in obj:
+                _grad_nodes(item, out, depth + 1)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                _grad_nodes(item, out, depth + 1)
+
+
+class LayersInstrument:
+    """Global module hooks: model trees, per-layer forward/backward time, activation memory."""
+
+    name = "layers"
+
+    def __init__(self, options: core.Options | None = None, *, _private: bool = False) -> None:
+        self.options = options or core.Options()
+        self._private = _private  # calibration instance: no bus, no events
+        self.ctx: Any = None
+        self._dead = False
+        self._installed = False
+        # module registry (ids unique across every model of the session)
+        self._by_addr: dict[int, int] = {}  # id(module) -> gid, entries dropped when it dies
+        self._mods: list[Any] = []  # gid -> weakref to the module
+        self._paths: list[str] = []  # gid -> path inside its model ("" for a root)
+        self._classes: list[str] = []
+        self._root_of: list[int] = []  # gid -> gid of the root it was first seen under
+        self._n = 0
+        self._roots: dict[int, int] = {}  # gid of a root -> model id
+        self._root_handles: dict[int, list[Any]] = {}
+        self._dirty: set[int] = set()  # root gids whose tree changed
+        self._extra: dict[int, list[int]] = {}  # root gid -> modules called but not in named_modules
+        self._extra_parent: dict[int, int] = {}
+        self._next_model = 0
+        self._param_hooked: set[int] = set()
+        self._param_handles: list[Any] = []
+        self._param_end: list[int] = []
+        self._compiled_seen = False
+        self._compile_last: tuple[float, float] = (-1.0, -1.0)
+        # hooks and steps
+        self._tls = threading.local()
+        self._gen = 0
+        self._global_handles: list[Any] = []
+        self._acc = _Acc(0)
+        self._ready: deque[tuple[int, _Acc, bool]] = deque()
+        self._tasks: dict[int, list[_Rec]] = {}
+        self._seq = 0
+        self._sampled = True
+        self._steps_seen = 0
+        self._last_end_ns = 0
+        self._cuda = False
+        self._oom_seen: int | None = None
+        # cost accounting (ns); the per-call cost is calibrated at install
+        self.call_cost_ns = float(self.options.extra.get("layer_call_ns", 0) or 0)
+        self._root_calls = 0
+        self._extra_ns = 0
+        self._overhead_last = 0
+        fixed = int(self.options.layer_every or 0)
+        self._auto = fixed <= 0
+        self.current_every = 1 if self._auto else fixed
+
+    # ----------------------------------------------------------------- public, for other helpers
+
+    def module_ids(self) -> weakref.WeakKeyDictionary:
+        """``nn.Module -> global id`` for every module seen so far (live modules only)."""
+        out: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        for gid, ref in enumerate(list(self._mods)):
+            mod = ref()
+            if mod is not None:
+                out[mod] = gid
+        return out
+
+    def module_paths(self) -> dict[int, str]:
+        """``global id -> module path`` (path inside its model, "" for a root)."""
+        return dict(enumerate(list(self._paths)))
+
+    def overhead_ns_last_step(self) -> int:
+        """The hooks' estimated cost in the step that ended last (valid after ``BUS.step_end``)."""
+        return self._overhead_last
+
+    # ----------------------------------------------------------------- Instrument contract
+
+    def install(self, ctx: core.Context) -> None:
+        import torch
+
+        self._torch = torch
+        self._tc = torch.compiler
+        self._grad_enabled = torch.is_grad_enabled
+        self._task_id = torch._C._current_graph_task_id
+        self._engine = torch.autograd.Variable._execution_engine
+        self._oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(
+            torch.cuda, "OutOfMemoryError", RuntimeError
+        )
+        self.ctx = ctx
+        if not self._private and not self.call_cost_ns:
+            self.call_cost_ns = self._calibrate()
+        self._cuda = self._cuda_ready()
+        if not self._private:
+            core.BUS.step_end.append(self._on_step_end)
+        self._installed = True
+        self._add_global()
+
+    def uninstall(self) -> None:
+        self._installed = False
+        self._remove_global()
+        for handles in self._root_handles.values():
+            for h in handles:
+                h.remove()
+        self._root_handles.clear()
+        for h in self._param_handles:
+            h.remove()
+        self._param_handles.clear()
+        try:
+            core.BUS.step_end.remove(self._on_step_end)
+        except ValueError:
+            pass
+
+    def poll(self, now: float) -> list[Event]:
+        events: list[Event] = []
+        if self._steps_seen == 0 and not self._dead and any(self._acc.calls):
+            # No step boundary ever came (no optimizer, no step tracker): flush per tick.
+            acc, self._acc = self._acc, _Acc(self._n)
+            self._ready.append((self._ctx_step(), acc, self._cuda))
+        while self._ready:
+            step, acc, cuda = self._ready.popleft()
+            ev = self._table(step, acc, cuda)
+            if ev is not None:
+                events.append(ev)
+        if self._compiled_seen:
+            events.extend(self._compile_metrics(now))
+        return events
+
+    # ----------------------------------------------------------------- global hooks
+
+    def _add_global(self) -> None:
+        if self._global_handles or self._dead or not self._installed:
+            return
+        from torch.nn.modules import module as m
+
+        self._gen += 1
+        self._global_handles = [
+            m.register_module_forward_pre_hook(self._pre),
+            m.register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
+        ]
+
+    def _remove_global(self) -> None:
+        handles, self._global_handles = self._global_handles, []
+        for h in handles:
+            h.remove()
+
+    def _state(self) -> _ThreadState:
+        st = _ThreadState(self._gen)
+        self._tls.st = st
+        return st
+
+    def _pre(self, module: Any, args: tuple) -> None:
+        if self._tc._is_compiling_flag:  # dynamo is tracing this hook: leave the graph alone
+            return
+        try:
+            try:
+                st = self._tls.st
+            except AttributeError:
+                st = self._state()
+            if st.gen != self._gen:  # hooks were re-added: frames of the old period are stale
+                st.stack.clear()
+                st.mute = 0
+                st.gen = self._gen
+            if st.mute:
+                st.mute += 1
+                return
+            stack = st.stack
+            gid = self._by_addr.get(id(module))
+            if not stack:
+                if self._task_id() != -1:
+                    # A forward re-run inside backward (activation checkpointing): its cost
+                    # belongs to the enclosing module's backward, not to a new model.
+                    st.mute = 1
+                    return
+                if gid is None or gid not in self._roots:
+                    gid = self._new_root(module, args, st)
+                parent = None
+            else:
+                top = stack[-1]
+                if gid is None:
+                    gid = self._new_module(module, top[0], stack[0][0])
+                parent = top[4]
+            rec = None
+            if self._grad_enabled():
+                self._seq += 1
+                rec = _Rec(gid, parent, self._seq)
+                nodes: list[Any] = []
+                for a in args:
+                    _grad_nodes(a, nodes)
+                if nodes:
+                    self._hook_nodes(nodes, rec, False)
+                else:
+                    self._need_params(module, gid, rec)
+            mem0 = self._torch.cuda.memory_allocated() if self._cuda else -1
+            stack.append([gid, _now(), 0, mem0, rec, module])
+        except Exception as exc:  # fail open
+            self._fail("forward pre-hook", exc)
+
+    def _post(self, module: Any, args: tuple, *rest: Any) -> None:
+        t1 = _now()
+        if self._tc._is_compiling_flag:
+            return
+        try:
+            try:
+                st = self._tls.st
+            except AttributeError:
+                return
+            if st.gen != self._gen:
+                return
+            if st.mute:
+                st.mute -= 1
+                return
+            stack = st.stack
+            if not stack:
+                return
+            if stack[-1][5] is not module and not self._resync(stack, module):
+                return
+            gid, t0, kids, mem0, rec, _ = stack.pop()
+            dt = t1 - t0
+            acc = self._acc
+            acc.fwd[gid] += dt
+            acc.fwd_self[gid] += dt - kids
+            acc.calls[gid] += 1
+            if stack:
+                stack[-1][2] += dt
+            if mem0 >= 0:
+                acc.act[gid] += self._torch.cuda.memory_allocated() - mem0
+            if len(rest) == 1:  # always_call path: forward raised
+                self._on_forward_error(module, gid)
+                return
+            if rec is not None:
+                nodes: list[Any] = []
+                _grad_nodes(rest[1], nodes)
+                if nodes:
+                    self._hook_nodes(nodes, rec, True)
+                    if rec.params and rest[0]:
+                        # inputs passed by keyword are only visible here (global pre-hooks get
+                        # no kwargs); hook them late rather than not at all
+                        knodes: list[Any] = []
+                        _grad_nodes(rest[0], knodes)
+                        knodes = [n for n in knodes if n not in nodes]
+                        if knodes:
+                            rec.params = False
+                            self._hook_nodes(knodes, rec, False)
+        except Exception as exc:
+            self._fail("forward hook", exc)
+
+    def _resync(self, stack: list[list[Any]], module: Any) -> bool:
+        """The top frame is not this module's (a hook was skipped): drop frames above its own."""
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i][5] is module:
+                del stack[i + 1 :]
+                return True
+        return False
+
+    # ----------------------------------------------------------------- backward
+
+    def _hook_nodes(self, nodes: list[Any], rec: _Rec, is_start: bool) -> None:
+        """Attach ``rec`` to autograd nodes; one pre-hook per node, whatever many modules use it.
+
+        Every module whose boundary is at a node sees the same timestamp (the end of one module
+        and the start of the next are the same instant), so sibling windows never overlap.
+        The per-node slot lives in the node's own ``metadata`` and dies with the graph.
+        """
+        for node in nodes:
+            md = node.metadata
+            slot = md.get(_SLOT)
+            if slot is None:
+                slot = md[_SLOT] = ([], [])
+                node.register_prehook(self._node_hook(slot))
+            slot[0 if is_start else 1].append(rec)
+
+    def _node_hook(self, slot: tuple[list[_Rec], list[_Rec]]) -> Any:
+        def hook(grad_outputs: Any) -> None:
+            t = _now()
+            try:
+                if self._dead:
+                    return
+                starts, ends = slot
+                for r in ends:
+                    r.end = t
+                if starts:
+                    tid = self._task_id()
+                    for r in starts:
+                        if r.task == tid:
+                            continue
+                        r.task = tid
+                        r.start = t
+                        r.end = r.kid_start = r.kid_end = r.kids = 0
+                        lst = self._tasks.get(tid)
+                        if lst is None:
+                            lst = self._tasks[tid] = []
+                            self._engine.queue_callback(lambda: self._finish_task(tid))
+                        lst.append(r)
+            except Exception as exc:
+                self._fail("backward hook", exc)
+
+        return hook
+
+    def _need_params(self, module: Any, gid: int, rec: _Rec) -> None:
+        """No input needs grad: this call's backward ends with its own parameters' gradients."""
+        if gid not in self._param_hooked:
+            self._param_hooked.add(gid)
+            for p in module.parameters(recurse=False):
+                if p.requires_grad and p.grad_fn is None:
+                    self._param_handles.append(p.register_hook(self._param_hook(gid)))
+        rec.params = True
+
+    def _param_hook(self, gid: int) -> Any:
+        param_end = self._param_end
+
+        def hook(grad: Any) -> None:
+            param_end[gid] = _now()
+
+        return hook
+
+    def _finish_task(self, tid: int) -> None:
+        """End of one backward: turn its module-call records into inclusive and self times."""
+        t0 = _now()
+        try:
+            recs = self._tasks.pop(tid, None)
+            if not recs or self._dead:
+                return
+            acc = self._acc
+            acc.grow(self._n)
+            acc.bwd_seen = True
+            param_end = self._param_end
+            recs.sort(key=lambda r: r.seq, reverse=True)  # children before their parents
+            for r in recs:
+                # A parent's window covers its children's: a child's output is often the very
+                # tensor the parent returns, and its hook on that node ran first.
+                start = min(r.start, r.kid_start) if r.kid_start else r.start
+                end = max(r.end, r.kid_end)
+                if r.params:
+                    pe = param_end[r.gid]
+                    if pe > r.start:
+                        end = max(end, pe)
+                if end < start:
+                    end = start
+                incl = end - start
+                acc.bwd[r.gid] += incl
+                acc.bwd_self[r.gid] += incl - r.kids
+                p = r.parent
+                if p is not None and p.task == tid:
+                    p.kids += incl
+                    if end > p.kid_end:
+                        p.kid_end = end
+                    if not p.kid_start or start < p.kid_start:
+                        p.kid_start = start
+        except Exception as exc:
+            self._fail("backward", exc)
+        finally:
+            self._extra_ns += _now() - t0
+
+    # ----------------------------------------------------------------- model discovery
+
+    def _assign(self, module: Any, path: str, root_gid: int) -> int:
+        gid = self._n
+        self._n += 1
+        addr = id(module)
+        by_addr = self._by_addr
+
+        def gone(_ref: Any, addr: int = addr, gid: int = gid) -> None:
+            if by_addr.get(addr) == gid:
+                del by_addr[addr]
+
+        self._mods.append(weakref.ref(module, gone))
+        self._paths.append(path)
+        self._classes.append(type(module).__name__)
+        self._root_of.append(root_gid if root_gid >= 0 else gid)
+        self._param_end.append(0)
+        by_addr[addr] = gid
+        self._acc.grow(self._n)
+        return gid
+
+    def _new_module(self, module: Any, parent_gid: int, root_gid: int) -> int:
+        """A module called inside a model but not in its tree (created late or held elsewhere)."""
+        name = f"{self._paths[parent_gid]}.({type(module).__name__})".lstrip(".")
+        gid = self._assign(module, name, root_gid)
+        self._extra.setdefault(root_gid, []).append(gid)
+        self._extra_parent[gid] = parent_gid
+        self._dirty.add(root_gid)
+        return gid
+
+    def _new_root(self, module: Any, args: tuple, st: _ThreadState) -> int:
+        gid = self._by_addr.get(id(module))
+        known = gid is not None  # part of a model already sent: no second tree for it
+        if gid is None:
+            gid = self._assign(module, "", -1)
+        self._roots[gid] = self._next_model
+        self._next_model += 1
+        if not self._private:
+            if not known:
+                self._emit_tree(gid, module)
+            self._root_handles[gid] = [
+                module.register_forward_pre_hook(self._root_pre, with_kwargs=True),
+                module.register_forward_hook(self._root_post, with_kwargs=True, always_call=True),
+            ]
+            # this call's module hooks were already collected: announce it from here
+            self._root_pre(module, args, {})
+        return gid
+
+    def _emit_tree(self, root_gid: int, root: Any) -> None:
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        ids: list[int] = []
+        paths: list[str] = []
+        classes: list[str] = []
+        params: list[int] = []
+        parents: list[int] = []
+        trainable: list[bool] = []
+        dtypes: list[str] = []
+        compiled: list[bool] = []
+        by_path: dict[str, int] = {}
+        for path, mod in root.named_modules():
+            gid = self._by_addr.get(id(mod))
+            if gid is None:
+                gid = self._assign(mod, path, root_gid)
+            by_path[path] = gid
+            parent = -1 if path == "" else by_path.get(path.rpartition(".")[0], root_gid)
+            own = list(mod.parameters(recurse=False))
+            sizes: dict[str, int] = {}
+            for p in own:
+                key = str(p.dtype).removeprefix("torch.")
+                sizes[key] = sizes.get(key, 0) + p.numel()
+            is_compiled = isinstance(mod, OptimizedModule)
+            self._compiled_seen = self._compiled_seen or is_compiled
+            ids.append(gid)
+            paths.append(path)
+            classes.append(type(mod).__name__)
+            params.append(sum(p.numel() for p in own))
+            parents.append(parent)
+            trainable.append(any(p.requires_grad for p in own))
+            dtypes.append(max(sizes, key=sizes.__getitem__) if sizes else "")
+            compiled.append(is_compiled)
+        for gid in self._extra.get(root_gid, []):
+            if gid in ids:
+                continue
+            ids.append(gid)
+            paths.append(self._paths[gid])
+            classes.append(self._classes[gid])
+            params.append(0)
+            parents.append(self._extra_parent.get(gid, root_gid))
+            trainable.append(False)
+            dtypes.append("")
+            compiled.append(False)
+        self.ctx.emit(
+            ModelTree(
+                model=self._roots[root_gid],
+                name=type(root).__name__,
+                ids=ids,
+                paths=paths,
+                classes=classes,
+                params=params,
+                parents=parents,
+                trainable=trainable,
+                dtypes=dtypes,
+                compiled=compiled,
+            )
+        )
+
+    # ----------------------------------------------------------------- root announcements
+
+    def _root_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self._tc._is_compiling_flag:
+            return
+        try:
+            if self._task_id() != -1:
+                return
+            try:
+                st = self._tls.st
+            except AttributeError:
+                st = self._state()
+            st.rdepth += 1
+            if st.rdepth > 1:
+                return
+            self._root_calls += 1
+            t = st.rt0 = _now()
+            for fn in core.BUS.root_forward_start:
+                fn(module, t, args, kwargs)
+        except Exception as exc:
+            self._fail("root forward pre-hook", exc)
+
+    def _root_post(self, module: Any, args: tuple, *rest: Any) -> None:
+        t1 = _now()
+        if self._tc._is_compiling_flag:
+            return
+        try:
+            if self._task_id() != -1:
+                return
+            try:
+                st = self._tls.st
+            except AttributeError:
+                return
+            if st.rdepth <= 0:
+                return
+            st.rdepth -= 1
+            if st.rdepth:
+                return
+            if len(rest) == 1:  # forward raised
+                if not self._global_handles:
+                    gid = self._by_addr.get(id(module))
+                    if gid is not None:
+                        self._on_forward_error(module, gid)
+                return
+            if self._dirty:
+                gid = self._by_addr.get(id(module))
+                if gid in self._dirty:
+                    self._dirty.discard(gid)
+                    self._emit_tree(gid, module)
+            kwargs = rest[0]
+            for fn in core.BUS.root_forward:
+                fn(module, st.rt0, t1, args, kwargs)
+        except Exception as exc:
+            self._fail("root forward hook", exc)
+
+    # ----------------------------------------------------------------- errors
+
+    def _on_forward_error(self, module: Any, gid: int) -> None:
+        exc = sys.exc_info()[1]
+        if exc is None or not isinstance(exc, self._oom_type) or self._private:
+            return
+        if self._oom_seen == id(exc):  # the innermost module already named it
+            return
+        self._oom_seen = id(exc)
+        root = self._root_of[gid]
+        path = self._paths[gid] or type(module).__name__
+        model = type(self._mods[root]() or module).__name__ if root != gid else ""
+        where = f"{model}.{path}" if model else path
+        self.ctx.emit(
+            Anomaly(
+                t=time.time(),
+                what="oom",
+                message=f"out of memory in {where} ({type(module).__name__}): {str(exc).splitlines()[0][:200]}",
+                step=self._ctx_step(),
+                severity="error",
+            )
+        )
+
+    def _fail(self, where: str, exc: BaseException) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        try:
+            self.uninstall()
+        except Exception:
+            pass
+        try:
+            if self.ctx is not None:
+                self.ctx.warn("layers", f"per-layer hooks disabled after an error in the {where}: {exc!r}")
+        except Exception:
+            pass
+
+    # ----------------------------------------------------------------- steps and sampling
+
+    def _on_step_end(self, step: int, t_end_ns: int) -> None:
+        try:
+            if self._dead:
+                return
+            self._steps_seen += 1
+            step_ns = t_end_ns - self._last_end_ns if self._last_end_ns else 0
+            self._last_end_ns = t_end_ns
+            overhead = self._root_calls * _ROOT_CALL_NS + self._extra_ns
+            self._root_calls = 0
+            self._extra_ns = 0
+            if self._sampled:
+                acc, self._acc = self._acc, _Acc(self._n)
+                calls = sum(acc.calls)
+                overhead += int(calls * self.call_cost_ns)
+                if calls or acc.bwd_seen:
+                    self._ready.append((step, acc, self._cuda))
+            self._overhead_last = int(overhead)
+            if self._auto and self._sampled and step_ns > overhead > 0:
+                budget = max(self.options.budget_pct, 0.01) / 100.0
+                ratio = overhead / (step_ns - overhead)
+                self.current_every = min(_MAX_EVERY, max(1, math.ceil(ratio / budget)))
+            self._cuda = self._cuda or self._cuda_ready()
+            sampled = (step + 1) % self.current_every == 0
+            if sampled != self._sampled:
+                self._sampled = sampled
+                if sampled:
+                    self._acc = _Acc(self._n)
+                    self._add_global()
+                else:
+                    self._remove_global()
+        except Exception as exc:
+            self._fail("step end", exc)
+
+    def _cuda_ready(self) -> bool:
+        try:
+            return bool(self._torch.cuda.is_initialized())
+        except Exception:
+            return False
+
+    def _ctx_step(self) -> int:
+        return int(getattr(self.ctx, "current_step", 0) or 0)
+
+    # ----------------------------------------------------------------- agent-thread work
+
+    def _table(self, step: int, acc: _Acc, cuda: bool) -> LayerStats | None:
+        n = min(len(acc.calls), self._n)
+        ids = [g for g in range(n) if acc.calls[g] or acc.bwd[g]]
+        if not ids:
+            return None
+        bwd = acc.bwd_seen
+        return LayerStats(
+            step=step,
+            ids=ids,
+            fwd_ms=[acc.fwd[g] / 1e6 for g in ids],
+            fwd_self_ms=[acc.fwd_self[g] / 1e6 for g in ids],
+            calls=[acc.calls[g] for g in ids],
+            bwd_ms=[acc.bwd[g] / 1e6 for g in ids] if bwd else [],
+            bwd_self_ms=[acc.bwd_self[g] / 1e6 for g in ids] if bwd else [],
+            act_bytes=[acc.act[g] for g in ids] if cuda else [],
+        )
+
+    def _compile_metrics(self, now: float) -> list[Event]:
+        try:
+            from torch._dynamo.utils import compilation_time_metrics, counters
+        except Exception:
+            return []
+        compile_s = float(sum(sum(v) for v in compilation_time_metrics.values()))
+        recompiles = float(sum(counters.get("recompiles", {}).values()))
+        if (compile_s, recompiles) == self._compile_last:
+            return []
+        self._compile_last = (compile_s, recompiles)
+        step = self._ctx_step()
+        return [
+            Metric(name="compile_time_s", value=compile_s, t=now, step=step),
+            Metric(name="recompilations", value=recompiles, t=now, step=step),
+        ]
+
+    def _calibrate(self) -> float:
+        """Per-module-call cost of these hooks (forward and backward) on a tiny model, in ns."""
+        import torch
+
+        probe = LayersInstrument(self.options, _private=True)
+        model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(16)])
+        x = torch.randn(2, 4, requires_grad=True)
+
+        def run(reps: int) -> int:
+            t = _now()
+            for _ in range(reps):
+                model(x).sum().backward()
+            return _now() - t
+
+        try:
+            run(3)
+            base = [run(10) for _ in range(3)]
+            probe.install(_NullContext(self.options))
+            run(3)
+            hooked = [run(10) for _ in range(3)]
+        except Exception:
+            return 3000.0
+        finally:
+            probe.uninstall()
+        per_call = (min(hooked) - min(base)) / (10 * 17)
+        return max(per_call, 500.0)
