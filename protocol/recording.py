@@ -138,6 +138,7 @@ def _unshuffle(data: bytes) -> list[int]:
 def compact_layers(event: LayerStats) -> bytes | None:
     """The file form of a layer table, or None to store the agent's frame as it is."""
     body = event.to_map()
+    exact: dict[str, dict[int, float]] = {}
     try:
         fwd, bwd = [round(v * 1e6) for v in event.fwd_ms], [round(v * 1e6) for v in event.bwd_ms]
         fwd_self = [a - round(v * 1e6) for a, v in zip(fwd, event.fwd_self_ms, strict=True)]
@@ -147,19 +148,40 @@ def compact_layers(event: LayerStats) -> bytes | None:
             return None
     except (TypeError, ValueError, OverflowError):
         return None  # not finite numbers, or ragged arrays
-    for name, values in zip(("fwd_ms", "bwd_ms", "fwd_self_ms", "bwd_self_ms"), arrays, strict=True):
+    decoded = _decode_ns(fwd, bwd, fwd_self, bwd_self)
+    for name, values in zip(_LAYER_ARRAYS, arrays, strict=True):
         body[name] = _shuffle(values)
+        # Values that are not whole nanoseconds (sums of floats, GPU event times) are kept as they
+        # came, so the file form is lossless whatever the agent measured.
+        wrong = {i: v for i, (v, d) in enumerate(zip(getattr(event, name), decoded[name], strict=True))
+                 if v != d}
+        if wrong:
+            exact[name] = wrong
     body["enc"] = _LAYER_ENC
+    if exact:
+        body["exact"] = exact
     return pack_map(body)
 
 
+_LAYER_ARRAYS = ("fwd_ms", "bwd_ms", "fwd_self_ms", "bwd_self_ms")
+
+
+def _decode_ns(fwd: list[int], bwd: list[int], fwd_self: list[int], bwd_self: list[int]) -> dict[str, list[float]]:
+    return {
+        "fwd_ms": [a / 1e6 for a in fwd],
+        "bwd_ms": [a / 1e6 for a in bwd],
+        "fwd_self_ms": [(a - d) / 1e6 for a, d in zip(fwd, fwd_self, strict=False)],
+        "bwd_self_ms": [(a - d) / 1e6 for a, d in zip(bwd, bwd_self, strict=False)],
+    }
+
+
 def expand_layers(body: dict[str, Any]) -> dict[str, Any]:
-    fwd, bwd = _unshuffle(body["fwd_ms"]), _unshuffle(body["bwd_ms"])
-    fwd_self, bwd_self = _unshuffle(body["fwd_self_ms"]), _unshuffle(body["bwd_self_ms"])
-    body["fwd_ms"] = [a / 1e6 for a in fwd]
-    body["bwd_ms"] = [a / 1e6 for a in bwd]
-    body["fwd_self_ms"] = [(a - d) / 1e6 for a, d in zip(fwd, fwd_self, strict=False)]
-    body["bwd_self_ms"] = [(a - d) / 1e6 for a, d in zip(bwd, bwd_self, strict=False)]
+    decoded = _decode_ns(*(_unshuffle(body[name]) for name in _LAYER_ARRAYS))
+    for name, patch in (body.pop("exact", None) or {}).items():
+        values = decoded[name]
+        for i, v in patch.items():
+            values[int(i)] = v
+    body.update(decoded)
     return body
 
 
