@@ -1,0 +1,299 @@
+"""Layers: the module tree as a table: expand/collapse, sort by any column, filter by name, heat."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import DataTable, Input, Static
+
+from . import fmt
+from .model import Layer, SessionModel
+from .widgets import KeyedTable, heat_bar, heat_style
+
+COLUMNS = (
+    ("name", "module"),
+    ("class", "class"),
+    ("params", "params"),
+    ("fwd", "fwd ms"),
+    ("bwd", "bwd ms"),
+    ("share", "% step"),
+    ("calls", "calls"),
+    ("act", "act mem"),
+    ("flops", "FLOPs"),
+    ("achieved", "FLOP/s"),
+    ("bound", "bound"),
+)
+SORTS = ("tree",) + tuple(key for key, _ in COLUMNS)
+CONTAINERS = {"ModuleList", "Sequential", "ModuleDict"}  # expanded by default: they only hold blocks
+
+SortKey = Callable[[Layer, SessionModel], Any]
+SORT_KEYS: dict[str, SortKey] = {
+    "name": lambda la, m: la.path,
+    "class": lambda la, m: la.cls,
+    "params": lambda la, m: la.total_params,
+    "fwd": lambda la, m: la.fwd_ema or 0.0,
+    "bwd": lambda la, m: la.bwd_ema or 0.0,
+    "share": lambda la, m: la.time_ms or 0.0,
+    "calls": lambda la, m: la.calls or 0,
+    "act": lambda la, m: la.act_ema or 0.0,
+    "flops": lambda la, m: (la.flops or 0.0) * (la.calls or 1),
+    "achieved": lambda la, m: la.achieved_flops or 0.0,
+    "bound": lambda la, m: la.bound or "",
+}
+DESCENDING = {"params", "fwd", "bwd", "share", "calls", "act", "flops", "achieved"}
+
+
+def display_name(layer: Layer, layers: dict[int, Layer]) -> str:
+    """Short name; numbered children of a list show as ``h.0`` rather than a bare ``0``."""
+    if not layer.path:
+        return layer.cls
+    name = layer.name
+    if name.isdigit():
+        parent = layers.get(layer.parent)
+        if parent is not None and parent.path:
+            return f"{parent.name}.{name}"
+    return name
+
+
+class LayersView(Vertical):
+    BINDINGS = [
+        Binding("space", "toggle", "Expand", id="layers.toggle"),
+        Binding("x", "expand_hottest", "Expand hottest", id="layers.expand_hottest"),
+        Binding("s", "cycle_sort", "Sort", id="layers.sort", tooltip="Sort by the next column"),
+        Binding("r", "reverse_sort", "Reverse", id="layers.reverse", show=False),
+        Binding("c", "collapse_all", "Collapse all", id="layers.collapse", show=False),
+    ]
+    DEFAULT_CSS = """
+    LayersView #layers-filter { display: none; height: 3; }
+    LayersView.filtering #layers-filter { display: block; }
+    LayersView #layers-info { height: 1; color: $text-muted; padding: 0 1; }
+    LayersView DataTable { height: 1fr; }
+    """
+
+    class Open(Message):
+        """A layer was chosen for the detail screen."""
+
+        def __init__(self, layer_id: int) -> None:
+            super().__init__()
+            self.layer_id = layer_id
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.expanded: set[int] = set()
+        self.sort = "tree"
+        self.reverse = False
+        self.filter = ""
+        self._tree_version = -1
+        self._keyed: KeyedTable | None = None
+        self._model: SessionModel | None = None
+        self.dirty = True  # a structural change (expand, sort, filter) waiting for the next frame
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="filter modules by name (esc closes)", id="layers-filter")
+        yield Static(id="layers-info")
+        table: DataTable = DataTable(id="layers-table", cursor_type="row", zebra_stripes=False)
+        table.fixed_columns = 1
+        yield table
+
+    def on_mount(self) -> None:
+        self._keyed = KeyedTable(self.query_one(DataTable), COLUMNS)
+
+    # --- actions -------------------------------------------------------------------------------
+
+    def _cursor_id(self) -> int | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        try:
+            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        except Exception:
+            return None
+        return int(key) if key is not None else None
+
+    def _changed(self) -> None:
+        self.dirty = True
+        if self._model is not None:
+            with self._model.lock:
+                self.refresh_view(self._model, 0.0)
+
+    def action_toggle(self) -> None:
+        mid = self._cursor_id()
+        if mid is None:
+            return
+        if mid in self.expanded:
+            self.expanded.discard(mid)
+        else:
+            self.expanded.add(mid)
+        self._changed()
+
+    def action_expand_hottest(self) -> None:
+        model = self._model
+        if model is None:
+            return
+        with model.lock:
+            for layer in model.hottest_layers(5):
+                parent = model.layers.get(layer.parent)
+                while parent is not None:
+                    self.expanded.add(parent.id)
+                    parent = model.layers.get(parent.parent)
+            hottest = model.hottest_layers(1)
+        self._changed()
+        if hottest:
+            self.move_to(hottest[0].id)
+
+    def action_collapse_all(self) -> None:
+        self.expanded.clear()
+        self._changed()
+
+    def action_cycle_sort(self) -> None:
+        self.set_sort(SORTS[(SORTS.index(self.sort) + 1) % len(SORTS)])
+
+    def action_reverse_sort(self) -> None:
+        self.reverse = not self.reverse
+        self._changed()
+
+    def set_sort(self, key: str) -> None:
+        if key == self.sort:
+            self.reverse = not self.reverse
+        else:
+            self.sort, self.reverse = key, False
+        self._changed()
+
+    def move_to(self, layer_id: int) -> None:
+        table = self.query_one(DataTable)
+        try:
+            table.move_cursor(row=table.get_row_index(str(layer_id)))
+        except Exception:
+            pass
+
+    def open_filter(self) -> None:
+        self.add_class("filtering")
+        self.query_one("#layers-filter", Input).focus()
+
+    def close_filter(self) -> bool:
+        """esc: close the filter box (keeping its text); a second esc clears it. True if handled."""
+        box = self.query_one("#layers-filter", Input)
+        if box.has_focus:
+            self.query_one(DataTable).focus()
+            if not box.value:
+                self.remove_class("filtering")
+            return True
+        if self.filter:
+            box.value = ""
+            self.remove_class("filtering")
+            return True
+        return False
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "layers-filter":
+            self.filter = event.value.strip().lower()
+            self._changed()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.query_one(DataTable).focus()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        if event.row_key.value is not None:
+            self.post_message(self.Open(int(event.row_key.value)))
+
+    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
+        event.stop()
+        self.set_sort(str(event.column_key.value))
+
+    def selected(self) -> int | None:
+        return self._cursor_id()
+
+    # --- frame ---------------------------------------------------------------------------------
+
+    def refresh_view(self, model: SessionModel, window_s: float) -> None:
+        self._model = model
+        if self._keyed is None:
+            return
+        if model.tree_version != self._tree_version:
+            self._tree_version = model.tree_version
+            self._default_expansion(model)
+        rows = [(str(layer.id), self._cells(layer, depth, model)) for layer, depth in self.visible(model)]
+        self._keyed.sync(rows)
+        self.dirty = False
+        sort = "tree order" if self.sort == "tree" else f"sorted by {dict(COLUMNS)[self.sort]}"
+        if self.sort != "tree" and self.reverse:
+            sort += " (reversed)"
+        info = f"{len(model.layers)} modules · {sort}"
+        if self.filter:
+            info += f" · filter “{self.filter}”: {len(rows)} shown"
+        if model.flops_signature:
+            info += f" · FLOPs for {model.flops_signature}"
+        if model.last_step is not None and model.last_step.layer_every > 1:
+            info += f" · timed every {model.last_step.layer_every} steps"
+        self.query_one("#layers-info", Static).update(info if model.layers else "waiting for a model tree…")
+
+    def _default_expansion(self, model: SessionModel) -> None:
+        for layer in model.layers.values():
+            if layer.depth <= 1 or layer.cls in CONTAINERS:
+                self.expanded.add(layer.id)
+
+    def visible(self, model: SessionModel) -> list[tuple[Layer, int]]:
+        """Rows to show, in display order: the expanded tree (or filter matches with their
+        ancestors), siblings ordered by the sort column."""
+        layers = model.layers
+        keep: set[int] | None = None
+        if self.filter:
+            keep = set()
+            for layer in layers.values():
+                if self.filter in layer.path.lower() or self.filter in layer.cls.lower():
+                    mid: int | None = layer.id
+                    while mid is not None and mid in layers and mid not in keep:
+                        keep.add(mid)
+                        mid = layers[mid].parent
+        key = SORT_KEYS.get(self.sort)
+        descending = (self.sort in DESCENDING) != self.reverse
+
+        def ordered(ids: list[int]) -> list[int]:
+            if key is None:
+                return list(reversed(ids)) if self.reverse and self.sort != "tree" else ids
+            return sorted(ids, key=lambda i: key(layers[i], model), reverse=descending)
+
+        out: list[tuple[Layer, int]] = []
+        stack = [(mid, 0) for mid in reversed(ordered([r for r in model.roots if r in layers]))]
+        while stack:
+            mid, depth = stack.pop()
+            if keep is not None and mid not in keep:
+                continue
+            layer = layers[mid]
+            out.append((layer, depth))
+            if layer.children and (keep is not None or mid in self.expanded):
+                stack.extend((c, depth + 1) for c in reversed(ordered(layer.children)))
+        return out
+
+    def _cells(self, layer: Layer, depth: int, model: SessionModel) -> tuple[Any, ...]:
+        if layer.children:
+            open_ = self.filter or layer.id in self.expanded
+            marker = "▾ " if open_ else "▸ "
+        else:
+            marker = "  "
+        name = Text("  " * depth + marker + display_name(layer, model.layers), no_wrap=True)
+        if self.filter and self.filter in layer.path.lower():
+            name.stylize("bold")
+        share = model.layer_share(layer)
+        heat = heat_style(share)
+        flops_step = layer.flops * layer.calls if layer.flops is not None and layer.calls else layer.flops
+        return (
+            name,
+            Text(layer.cls, style="dim"),
+            fmt.count(layer.total_params) if layer.total_params else fmt.DASH,
+            Text(fmt.ms(layer.fwd_ema), style=heat, justify="right"),
+            Text(fmt.ms(layer.bwd_ema), justify="right"),
+            Text(f"{fmt.pct(share):>6} {heat_bar(share)}", style=heat),
+            fmt.DASH if layer.calls is None else str(layer.calls),
+            fmt.nbytes(layer.act_ema),
+            fmt.flops(flops_step),
+            fmt.flops(layer.achieved_flops),
+            layer.bound or fmt.DASH,
+        )
