@@ -172,7 +172,7 @@ def has_formula(name: str) -> bool:
 
 @dataclass
 class OpCost:
-    """One aten op aggregated over a forward pass."""
+    """One aten op with one set of input shapes, aggregated over a forward pass."""
 
     name: str
     calls: int = 0
@@ -261,7 +261,7 @@ def _tensor_bytes(t: Any) -> int:
 
 
 def _shape_str(shapes: list) -> str:
-    return ", ".join("x".join(map(str, s)) if s is not None else "-" for s in shapes if s is not None)
+    return ", ".join("x".join(map(str, s)) for s in shapes if s is not None)
 
 
 class _Counter:
@@ -272,7 +272,7 @@ class _Counter:
 
         self.torch = torch
         self.stack: list[ModuleCost] = []
-        self.ops: dict[str, OpCost] = {}
+        self.ops: dict[tuple[str, str], OpCost] = {}
         self.modules: dict[int, ModuleCost] = {}
         self.in_sdpa = 0
         self.live: dict[int, list[int]] = {}  # storage id -> [bytes, refs]
@@ -298,9 +298,10 @@ class _Counter:
 
     # ops ---------------------------------------------------------------------------------------
     def record(self, name: str, flops: float | None, nbytes: float, shapes: list) -> None:
-        op = self.ops.get(name)
+        key = (name, _shape_str(shapes))  # one row per op and input shapes: one intensity per row
+        op = self.ops.get(key)
         if op is None:
-            op = self.ops[name] = OpCost(name, counted=flops is not None, shapes=_shape_str(shapes))
+            op = self.ops[key] = OpCost(name, counted=flops is not None, shapes=key[1])
         op.calls += 1
         op.flops += flops or 0.0
         op.bytes += nbytes
