@@ -148,7 +148,7 @@ class StepInstrument:
         self._pc0 = _perf()
         self._wall0 = time.time()
         self._find_layers()
-        opt = torch.optim.optimizer
+        import torch.optim.optimizer as opt
         self._handles.append(opt.register_optimizer_step_pre_hook(self._opt_pre))
         self._handles.append(opt.register_optimizer_step_post_hook(self._opt_post))
         self._patch(dl._BaseDataLoaderIter, "__next__", self._wrap_next)
@@ -236,9 +236,12 @@ class StepInstrument:
             pass
 
     def _find_layers(self) -> None:
-        for inst in getattr(self.ctx, "instruments", None) or ():
-            if inst is not self and getattr(inst, "name", "") == "layers":
+        """The layers instrument listens to step ends on the bus; its listener leads to it."""
+        for fn in list(core.BUS.step_end):
+            inst = getattr(fn, "__self__", None)
+            if inst is not None and inst is not self and hasattr(inst, "overhead_ns_last_step"):
                 self.layers = inst
+                return
 
     # --- the exclusive-time stack (step loop thread only) ----------------------------------------
 
@@ -652,20 +655,21 @@ class StepInstrument:
             pass
         own = self.overhead + (_perf() - t_in)
         self.overhead = 0
+        layers = self.layers
+        r.layer_every = 1
+        if layers is not None:
+            try:  # the rate the ending step ran under (step-end listeners may change it)
+                r.layer_every = int(getattr(layers, "current_every", 1) or 1)
+            except Exception:
+                pass
         for fn in core.BUS.step_end:
             try:
                 fn(r.step, t_end)
             except Exception:
                 pass
-        layers = self.layers
-        r.layer_every = 1
         if layers is not None:
-            try:
+            try:  # valid once the layers instrument has seen this step end
                 own += int(layers.overhead_ns_last_step())
-            except Exception:
-                pass
-            try:
-                r.layer_every = int(getattr(layers, "current_every", 1) or 1)
             except Exception:
                 pass
         r.overhead_ns = own

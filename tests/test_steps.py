@@ -1,0 +1,498 @@
+"""The step tracker on small real CPU models, real optimizers and real DataLoaders.
+
+Most tests announce root forwards on ``core.BUS`` with a few global module hooks (what the layers
+instrument does); ``test_end_to_end_with_layers_instrument`` uses the real layers instrument.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+import llmtop.agent
+import pytest
+import torch
+from llmtop.agent import core
+from llmtop.agent.steps import StepInstrument, _input_shape
+from llmtop.protocol.events import PHASES, AgentWarning, Step
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+# --- harness ------------------------------------------------------------------------------------
+
+
+class Ctx:
+    """The instrument contract of ``agent/core.py``, collecting what is emitted."""
+
+    def __init__(self) -> None:
+        self.options = core.Options()
+        self.events: list[Any] = []
+        self.current_step = 0
+        self._manual: Any = None
+
+    def emit(self, event: Any) -> None:
+        self.events.append(event)
+
+    def warn(self, source: str, message: str) -> None:
+        self.events.append(AgentWarning(t=time.time(), source=source, message=message))
+
+    def set_manual_step(self, fn: Any) -> None:
+        self._manual = fn
+
+    def manual_step(self) -> None:
+        self._manual()
+
+
+class Roots:
+    """Announces root-module forwards on the bus, as the layers instrument does."""
+
+    def __enter__(self) -> Roots:
+        from torch.nn.modules import module as m
+
+        self.depth = 0
+        self.t0 = 0
+        self.handles = [m.register_module_forward_pre_hook(self._pre),
+                        m.register_module_forward_hook(self._post, always_call=True)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _pre(self, mod: nn.Module, args: tuple) -> None:
+        self.depth += 1
+        if self.depth == 1:
+            self.t0 = time.perf_counter_ns()
+            for fn in core.BUS.root_forward_start:
+                fn(mod, self.t0, args, {})
+
+    def _post(self, mod: nn.Module, args: tuple, out: Any) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            t1 = time.perf_counter_ns()
+            for fn in core.BUS.root_forward:
+                fn(mod, self.t0, t1, args, {})
+
+
+@pytest.fixture
+def tracked():
+    ctx = Ctx()
+    st = StepInstrument(ctx.options)
+    st.install(ctx)
+    core.ACTIVE = ctx
+    roots = Roots().__enter__()
+    try:
+        yield st, ctx
+    finally:
+        roots.__exit__()
+        core.ACTIVE = None
+        st.uninstall()
+
+
+def drain(st: StepInstrument, ctx: Ctx) -> list[Step]:
+    ctx.events.extend(st.poll(time.time()))
+    return [e for e in ctx.events if isinstance(e, Step)]
+
+
+def warnings_of(ctx: Ctx) -> list[AgentWarning]:
+    return [e for e in ctx.events if isinstance(e, AgentWarning)]
+
+
+class SleepySet(Dataset):
+    def __init__(self, n: int, sleep_s: float, dim: int = 8) -> None:
+        self.n, self.sleep_s, self.dim = n, sleep_s, dim
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        g = torch.Generator().manual_seed(i)
+        return torch.randn(self.dim, generator=g), torch.randn(1, generator=g)
+
+
+def mlp(dim: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, 1))
+
+
+def assert_phases_add_up(s: Step) -> None:
+    assert set(s.phases) == set(PHASES)
+    assert all(v >= 0 for v in s.phases.values())
+    assert math.isclose(sum(s.phases.values()), s.dur_ms, rel_tol=0.05)
+
+
+# --- phases -----------------------------------------------------------------------------------
+
+
+def test_phases_sum_to_step_time_and_data_wait_is_measured(tracked) -> None:
+    st, ctx = tracked
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sleep_s = 0.03
+    loader = DataLoader(SleepySet(5, sleep_s), batch_size=1)
+    befores, afters = [], []
+    for x, y in loader:
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        befores.append(time.perf_counter())
+        opt.step()  # the step ends inside this call
+        afters.append(time.perf_counter())
+    steps = drain(st, ctx)
+    assert [s.step for s in steps] == [0, 1, 2, 3, 4]
+    assert ctx.current_step == 5
+    for s in steps:
+        assert s.mode == "train"
+        assert_phases_add_up(s)
+        # one item per batch: the fetch slept sleep_s inside DataLoader.__next__
+        assert s.phases["data"] >= sleep_s * 1e3
+        assert s.phases["data"] <= s.dur_ms
+        assert s.phases["forward"] > 0 and s.phases["backward"] > 0 and s.phases["optimizer"] > 0
+        assert s.phases["h2d"] == 0  # CPU only: nothing moves to a device
+        assert s.cuda_allocated is None and s.cuda_reserved is None and s.cuda_peak is None
+        assert s.gpu_ms is None
+        assert s.samples == 1
+        assert s.overhead_us > 0
+    # steps are contiguous: step k+1 lasts from step k's end to its own
+    for k in range(1, 5):
+        assert (befores[k] - afters[k - 1]) * 1e3 <= steps[k].dur_ms <= (afters[k] - befores[k - 1]) * 1e3
+    assert not warnings_of(ctx)
+
+
+def test_validation_loader_is_not_charged_to_training(tracked) -> None:
+    st, ctx = tracked
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train = DataLoader(SleepySet(6, 0.0), batch_size=2)
+    val_sleep = 0.1
+    val = DataLoader(SleepySet(3, val_sleep), batch_size=1)
+
+    def train_epoch() -> None:
+        for x, y in train:
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    train_epoch()
+    t_eval = time.perf_counter()
+    with torch.no_grad():
+        for x, _y in val:
+            model(x)
+    eval_ms = (time.perf_counter() - t_eval) * 1e3
+    train_epoch()
+    steps = drain(st, ctx)
+    assert len(steps) == 6
+    assert all(s.mode == "train" for s in steps)
+    after_eval = steps[3]
+    assert_phases_add_up(after_eval)
+    # the step after evaluation starts at its own batch's fetch, not at the previous step's end
+    assert after_eval.phases["data"] < val_sleep * 1e3
+    assert after_eval.dur_ms < eval_ms
+    for s in steps:
+        assert s.phases["data"] < val_sleep * 1e3
+        assert s.samples == 2  # the no-grad validation forwards are not counted
+
+
+def test_frozen_teacher_forward_stays_in_the_step(tracked) -> None:
+    st, ctx = tracked
+    student, teacher = mlp(), mlp()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    for x, _ in DataLoader(SleepySet(6, 0.0), batch_size=2):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            target = teacher(x)
+            time.sleep(0.02)  # a slow teacher: this time belongs to the step
+        loss = nn.functional.mse_loss(student(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        inside_ms = (time.perf_counter() - t0) * 1e3
+    steps = drain(st, ctx)
+    # before the first backward nothing says this is training: the first no-grad forward is
+    # reported as an inference step (documented); every later iteration is one training step
+    assert [s.mode for s in steps] == ["infer", "train", "train", "train"]
+    assert steps[-1].dur_ms >= inside_ms
+    assert steps[-1].phases["other"] >= 20.0  # the sleep next to the teacher
+    assert steps[-1].samples == 2
+
+
+# --- training signals ---------------------------------------------------------------------------
+
+
+def test_loss_grad_norm_lr_equal_the_scripts(tracked) -> None:
+    st, ctx = tracked
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    losses, norms, lrs = [], [], []
+    for x, y in DataLoader(SleepySet(8, 0.0), batch_size=2):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        norms.append(norm.item())
+    steps = drain(st, ctx)
+    assert [s.loss for s in steps] == pytest.approx(losses, rel=1e-6)
+    assert [s.grad_norm for s in steps] == pytest.approx(norms, rel=1e-6)
+    assert [s.lr for s in steps] == pytest.approx(lrs, rel=1e-12)
+    assert len(set(lrs)) == 4  # the schedule really moved
+
+
+def test_gradient_accumulation_is_one_step_per_optimizer_step(tracked) -> None:
+    st, ctx = tracked
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(SleepySet(24, 0.0), batch_size=2)
+    micro_losses: list[float] = []
+    step_means = []
+    for i, (x, y) in enumerate(loader):
+        loss = nn.functional.mse_loss(model(x), y) / 4
+        loss.backward()
+        micro_losses.append(loss.item())
+        if (i + 1) % 4 == 0:
+            opt.step()
+            opt.zero_grad()
+            step_means.append(sum(micro_losses) / 4)
+            micro_losses = []
+    steps = drain(st, ctx)
+    assert len(steps) == 3
+    for s, mean in zip(steps, step_means, strict=True):
+        assert s.loss == pytest.approx(mean, rel=1e-6)  # the mean of the losses backward() saw
+        assert s.samples == 8  # 4 micro-batches of 2
+        assert_phases_add_up(s)
+
+
+def test_grad_scaler_reports_the_unscaled_loss(tracked) -> None:
+    st, ctx = tracked
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    losses = []
+    for x, y in DataLoader(SleepySet(4, 0.0), batch_size=2):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    steps = drain(st, ctx)
+    assert len(steps) == 2
+    assert [s.loss for s in steps] == pytest.approx(losses, rel=1e-6)
+
+
+def test_samples_and_tokens_from_input_shapes(tracked) -> None:
+    st, ctx = tracked
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 50))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        ids = torch.randint(0, 50, (4, 7))
+        logits = model(ids)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 50), ids.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    steps = drain(st, ctx)
+    assert [(s.samples, s.tokens) for s in steps] == [(4, 28), (4, 28)]
+    # the rule itself: input_ids kwarg first, then the first tensor argument
+    assert _input_shape((), {"input_ids": torch.zeros(3, 5, dtype=torch.long)}) == (3, 15)
+    assert _input_shape((torch.zeros(6, 8),), {}) == (6, None)  # float input: samples only
+    assert _input_shape(("text", torch.zeros(2, 3, dtype=torch.int32)), {}) == (2, 6)
+    assert _input_shape((), {}) == (None, None)
+
+
+# --- inference, manual steps ----------------------------------------------------------------------
+
+
+def test_inference_steps_from_root_forwards_under_no_grad(tracked) -> None:
+    st, ctx = tracked
+    model = mlp()
+    with torch.inference_mode():
+        for _ in range(5):
+            model(torch.randn(3, 8))
+    steps = drain(st, ctx)
+    assert len(steps) == 5
+    for s in steps:
+        assert s.mode == "infer"
+        assert s.samples == 3
+        assert s.loss is None and s.lr is None
+        assert s.phases["forward"] > 0
+        assert_phases_add_up(s)
+
+
+def test_grad_enabled_forwards_without_backward_are_inference(tracked) -> None:
+    st, ctx = tracked
+    model = mlp()
+    for _ in range(3):
+        model(torch.randn(2, 8))
+    steps = drain(st, ctx)
+    assert [s.mode for s in steps] == ["infer", "infer"]  # the third waits for the next forward
+    st.uninstall()  # the script ends: the last forward was inference too
+    steps = drain(st, ctx)
+    assert len(steps) == 3 and steps[2].mode == "infer" and steps[2].samples == 2
+
+
+def test_manual_step_takes_over(tracked) -> None:
+    st, ctx = tracked
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+    # one automatic step first
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    # then the user marks steps: two optimizer steps per manual step
+    llmtop.agent.step()
+    for _ in range(2):
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        llmtop.agent.step()
+    steps = drain(st, ctx)
+    assert [s.step for s in steps] == [0, 1, 2, 3]
+    assert steps[1].mode in ("train", "infer")  # the gap between the automatic step and the first call
+    for s in steps[2:]:
+        assert s.mode == "train"
+        assert s.samples == 8
+        assert s.phases["optimizer"] > 0
+        assert_phases_add_up(s)
+
+
+def test_step_api_is_a_no_op_without_an_agent() -> None:
+    assert core.ACTIVE is None
+    llmtop.agent.step()  # nothing to do, nothing raised
+
+
+# --- workers, threads, failures --------------------------------------------------------------------
+
+
+def test_dataloader_with_two_workers(tracked) -> None:
+    st, ctx = tracked
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(SleepySet(8, 0.01), batch_size=2, num_workers=2)
+    n = 0
+    for x, y in loader:
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        n += 1
+    steps = drain(st, ctx)
+    assert n == 4 and len(steps) == 4
+    assert all(s.phases["data"] > 0 for s in steps)
+    for s in steps:
+        assert_phases_add_up(s)
+    assert not warnings_of(ctx)
+
+
+def test_step_loop_on_a_non_main_thread(tracked) -> None:
+    st, ctx = tracked
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses: list[float] = []
+
+    def loop() -> None:
+        for x, y in DataLoader(SleepySet(6, 0.0), batch_size=2):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+
+    th = threading.Thread(target=loop)
+    th.start()
+    th.join()
+    steps = drain(st, ctx)
+    assert len(steps) == 3
+    assert [s.loss for s in steps] == pytest.approx(losses, rel=1e-6)
+    for s in steps:
+        assert s.phases["forward"] > 0 and s.phases["backward"] > 0
+        assert_phases_add_up(s)
+
+
+def run_training(seed: int) -> list[float]:
+    torch.manual_seed(seed)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = []
+    for x, y in DataLoader(SleepySet(8, 0.0), batch_size=2):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return out
+
+
+def test_a_failing_hook_disables_itself_and_the_script_is_unchanged(tracked, monkeypatch) -> None:
+    st, ctx = tracked
+    expected = run_training(1)  # measured normally
+
+    def broken(*a: Any, **k: Any) -> None:
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(st, "_end_step", broken)
+    assert run_training(1) == expected
+    warns = warnings_of(ctx)
+    assert len(warns) == 1 and "planted" in warns[0].message and warns[0].source == "steps"
+    assert st.disabled
+
+
+def test_uninstall_restores_torch() -> None:
+    originals = (torch.Tensor.to, torch.Tensor.backward, torch.autograd.backward,
+                 torch.nn.utils.clip_grad_norm_)
+    st = StepInstrument()
+    st.install(Ctx())
+    assert torch.Tensor.backward is not originals[1]
+    st.uninstall()
+    assert (torch.Tensor.to, torch.Tensor.backward, torch.autograd.backward,
+            torch.nn.utils.clip_grad_norm_) == originals
+    assert not core.BUS.root_forward and not core.BUS.root_forward_start
+
+
+# --- with the real layers instrument ----------------------------------------------------------------
+
+
+def test_end_to_end_with_layers_instrument() -> None:
+    layers_mod = pytest.importorskip("llmtop.agent.layers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ctx = Ctx()
+    layers = layers_mod.LayersInstrument(ctx.options)
+    st = StepInstrument(ctx.options)
+    layers.install(ctx)
+    st.install(ctx)
+    try:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses = []
+        for _ in range(3):
+            ids = torch.randint(0, 64, (2, 16))
+            out = model(input_ids=ids, labels=ids)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            losses.append(out.loss.item())
+        steps = drain(st, ctx)
+    finally:
+        st.uninstall()
+        layers.uninstall()
+    assert len(steps) == 3
+    assert [s.loss for s in steps] == pytest.approx(losses, rel=1e-6)
+    for s in steps:
+        assert (s.samples, s.tokens) == (2, 32)
+        assert s.phases["forward"] > 0 and s.phases["backward"] > 0
+        assert_phases_add_up(s)
+        assert s.layer_every >= 1
+    assert not warnings_of(ctx)
