@@ -168,8 +168,9 @@ class LlmtopApp(App[int]):
         exit_text = m.exit_text()
         if exit_text is None:
             text.append("  ● running", style="bold green")
-        elif (m.end and m.end.exit_code == 0 and not m.end.signal):
-            text.append(f"  ✔ finished ({exit_text})", style="bold")
+        elif m.exit_ok:
+            text.append(f"  ✔ finished ({exit_text})" if m.end and m.end.exit_code is not None else "  ✔ finished",
+                        style="bold")
         else:
             text.append(f"  ✖ ended ({exit_text})", style="bold red")
         conn = m.connection
@@ -303,9 +304,8 @@ def run_attached(child: Any, args: Any) -> None:
         app.run()
     finally:
         source.stop()
-    if app.exit_message:
-        print(app.exit_message)
-    elif child.poll() is None:
+    # a detached child's log path is printed by the launcher once the terminal is back
+    if app.exit_message is None and child.poll() is None:
         # the app died without a choice (an error): never leave the script orphaned on a dead pty
         try:
             child.stop(grace_s=STOP_GRACE_S)

@@ -128,7 +128,16 @@ def agent_reports(model: SessionModel, window_s: float) -> list[Diagnosis]:
     return out
 
 
-RULES = (nonfinite_loss, input_bound, memory_creep, slow_steps, dropped_frames, agent_reports, agent_overhead)
+def script_end(model: SessionModel, window_s: float) -> list[Diagnosis]:
+    end = model.end
+    if end is None or model.exit_ok:
+        return []
+    last_line = (end.traceback or "").strip().splitlines()[-1:] or [""]
+    detail = f": {last_line[0]}" if last_line[0] else ""
+    return [Diagnosis("error", f"the script ended ({model.exit_text()}){detail}", "script_end")]
+
+
+RULES = (script_end, nonfinite_loss, input_bound, memory_creep, slow_steps, dropped_frames, agent_reports, agent_overhead)
 
 
 def diagnose(model: SessionModel, window_s: float = 120.0) -> list[Diagnosis]:

@@ -574,14 +574,24 @@ class SessionModel:
         return max(0.0, end - self.session.started)
 
     def exit_text(self) -> str | None:
-        """"exit 0", "exit 1", "killed by signal 9", or None while running."""
+        """"exit 0", "exit 1", "killed by signal 9", "uncaught exception", or None while running."""
         if self.end is None:
             return None
         if self.end.signal:
             return f"killed by signal {self.end.signal}"
         if self.end.exit_code is not None:
             return f"exit {self.end.exit_code}"
+        if self.end.reason == "exception":
+            return "uncaught exception"
         return self.end.reason or "ended"
+
+    @property
+    def exit_ok(self) -> bool:
+        """Ended normally: exit code 0, or the agent saw a clean exit (its code is the launcher's)."""
+        e = self.end
+        if e is None or e.signal or e.reason == "exception":
+            return False
+        return e.exit_code == 0 or (e.exit_code is None and e.reason == "exit")
 
     def summary(self) -> dict[str, Any]:
         """Counts for tests and the bench: how much of each kind is held."""
