@@ -144,10 +144,11 @@ class SlowStep:
 
 class Creep:
     """Steady memory growth: over the last ``window`` samples a linear fit rises steadily (r² ≥
-    ``min_r2``) by at least ``min_growth`` bytes. Fires once, then re-arms after a window without it.
+    ``min_r2``) by at least ``min_growth`` bytes and is still rising in the window's last quarter.
+    Fires once, then re-arms once the condition has cleared.
     """
 
-    def __init__(self, label: str, window: int = 400, min_samples: int = 20,
+    def __init__(self, label: str, window: int = 400, min_samples: int = 50,
                  min_growth: float = 256 * 2**20, min_r2: float = 0.8) -> None:
         self.label = label
         self.xs: deque[float] = deque(maxlen=window)
@@ -172,7 +173,12 @@ class Creep:
         slope, r2 = linear_slope(xs, ys)
         span = xs[-1] - xs[0]
         growth = slope * span
-        creeping = slope > 0 and r2 >= self.min_r2 and growth >= self.min_growth
+        q = max(1, len(ys) // 4)
+        # still rising at the end of the window: a one-off jump (optimizer state, warm-up caches)
+        # fits a line too, but its last quarter is flat
+        late = sum(ys[-q:]) / q - sum(ys[-2 * q:-q]) / q
+        creeping = (slope > 0 and r2 >= self.min_r2 and growth >= self.min_growth
+                    and late >= growth / 16)
         out: list[Anomaly] = []
         if creeping and not self.active:
             steps = int(span)
