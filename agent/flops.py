@@ -260,6 +260,13 @@ def _tensor_bytes(t: Any) -> int:
     return n * t.element_size()
 
 
+def _list_shape(a: Any) -> list | None:
+    """A list of tensors (cat, stack) shows as its first tensor's shape times the count."""
+    if isinstance(a, (list, tuple)) and a and hasattr(a[0], "shape"):
+        return [f"{len(a)}*[{'x'.join(map(str, a[0].shape))}]"]
+    return None
+
+
 def _shape_str(shapes: list) -> str:
     return ", ".join("x".join(map(str, s)) for s in shapes if s is not None)
 
@@ -418,7 +425,7 @@ def count(model: Any, args: tuple = (), kwargs: dict | None = None) -> Profile:
                 return out
             name = "aten::" + func.__name__.split(".")[0]
             flat = _flatten_args(func, args, kwargs)
-            shapes = [list(a.shape) if isinstance(a, is_tensor) else None for a in flat]
+            shapes = [list(a.shape) if isinstance(a, is_tensor) else _list_shape(a) for a in flat]
             if _is_view(func) or name in _NO_BYTES:
                 c.record(name, 0.0, 0.0, shapes)
                 return out

@@ -373,10 +373,11 @@ def run(a: argparse.Namespace) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"llmtop graph: {a.model}: {type(exc).__name__}: {msg}"[:300], file=sys.stderr)
         return 1
-    if a.format == "json":
-        print(json.dumps(r, indent=1))
-    elif a.format == "csv":
-        sys.stdout.write(render_csv(r))
-    else:
-        sys.stdout.write(render_table(r, a.tree, a.top))
+    text = {"json": lambda: json.dumps(r, indent=1) + "\n", "csv": lambda: render_csv(r),
+            "table": lambda: render_table(r, a.tree, a.top)}[a.format]()
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `llmtop graph … | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
