@@ -30,6 +30,12 @@ def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def plain(tok_dir: Path) -> subprocess.CompletedProcess[str]:
+    """One plain-python run of the tiny demo, shared by the tests that compare against it."""
+    return run_demo([sys.executable], tok_dir, _clean_env())
+
+
 def _clean_env() -> dict[str, str]:
     env = child_env()
     for key in [k for k in env if k.startswith("LLMTOP")]:
@@ -71,8 +77,8 @@ def test_tokenizer_cache_is_reused(tok_dir: Path) -> None:
     assert again.get_vocab() == tinylib.build_tokenizer(tok_dir.parent / "fresh", 2048).get_vocab()
 
 
-def test_demo_runs_with_plain_python(tok_dir: Path) -> None:
-    proc = run_demo([sys.executable], tok_dir, _clean_env())
+def test_demo_runs_with_plain_python(plain: subprocess.CompletedProcess[str]) -> None:
+    proc = plain
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("tiny GPT:")
@@ -85,22 +91,34 @@ def test_demo_runs_with_plain_python(tok_dir: Path) -> None:
     assert "train:" in proc.stderr  # the tqdm bar goes to stderr
 
 
-def test_demo_is_deterministic(tok_dir: Path) -> None:
-    a = run_demo([sys.executable], tok_dir, _clean_env())
-    b = run_demo([sys.executable], tok_dir, _clean_env())
-    assert a.returncode == b.returncode == 0
-    assert comparable(a.stdout) == comparable(b.stdout)
+def test_demo_is_deterministic(tok_dir: Path, plain: subprocess.CompletedProcess[str]) -> None:
+    again = run_demo([sys.executable], tok_dir, _clean_env())
+    assert plain.returncode == again.returncode == 0
+    assert comparable(again.stdout) == comparable(plain.stdout)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llmtop.launch") is None
                     or importlib.util.find_spec("llmtop.agent.runtime") is None,
                     reason="llmtop attach (llmtop/launch.py, agent/runtime.py) not built yet")
-def test_demo_under_attach_prints_the_same(tok_dir: Path, sock_path: Path) -> None:
-    plain = run_demo([sys.executable], tok_dir, _clean_env())
+def test_demo_under_attach_prints_the_same(tok_dir: Path, sock_path: Path,
+                                           plain: subprocess.CompletedProcess[str]) -> None:
+    from llmtop.protocol.events import ModelTree, Step
+    from llmtop.protocol.recording import RecordingReader
+
     env = _clean_env()
     env["LLMTOP_SOCKET"] = str(sock_path)
+    env["LLMTOP_RECORD"] = str(sock_path.parent / "demo.llmtop")
     attached = run_demo([LLMTOP, "attach", "--headless"], tok_dir, env)
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert attached.returncode == 0, attached.stderr[-2000:]
     # Same lines, same losses to the last printed digit: the agent must not change results.
     assert comparable(attached.stdout) == comparable(plain.stdout)
+
+    # And the agent really watched the run: the model and every training step, with the losses
+    # the script printed.
+    with RecordingReader(env["LLMTOP_RECORD"]) as rec:
+        events = list(rec.events())
+    assert any(isinstance(e, ModelTree) and e.name == "GPT2LMHeadModel" for e in events)
+    steps = [e for e in events if isinstance(e, Step) and e.mode == "train"]
+    printed = [float(m.group(2)) for m in map(LOSS_LINE.match, plain.stdout.splitlines()) if m]
+    assert [round(e.loss, 4) if e.loss is not None else None for e in steps] == printed
