@@ -44,6 +44,11 @@ WATCHED: dict[str, str] = {
     "transformers.configuration_utils": "_patch_configs",
     "transformers.modeling_utils": "_patch_models",
     "transformers.tokenization_utils_base": "_patch_tokenizers",
+    # The Auto classes resolve the config before loading: one span covers it all (the concrete
+    # class's own from_pretrained inside is the same part, so it is not counted twice).
+    "transformers.models.auto.configuration_auto": "_patch_auto_config",
+    "transformers.models.auto.auto_factory": "_patch_auto_models",
+    "transformers.models.auto.tokenization_auto": "_patch_auto_tokenizer",
     "transformers.generation.utils": "_patch_generation",
     "transformers.pipelines.base": "_patch_pipelines",
     "transformers.trainer": "_patch_trainer",
@@ -315,6 +320,7 @@ class TransformersInstrument:
         self._off: set[str] = set()  # parts disabled after an error
         self._patched: list[tuple[Any, str, Any, Any]] = []  # (owner, attr, original, wrapper)
         self._done: set[str] = set()  # watched modules already patched
+        self._lock = threading.Lock()  # patching only (imports and poll), never the hot path
         self._finder: _PostImportFinder | None = None
         # model → hook handles (generation timing); weak so that a freed model's id is not mistaken
         self._hooked: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
@@ -390,21 +396,27 @@ class TransformersInstrument:
             return
         for name in WATCHED:
             module = sys.modules.get(name)
-            if name not in self._done and module is not None and hasattr(module, "__dict__"):
-                self._on_import(module)
+            if name in self._done or module is None or not hasattr(module, "__dict__"):
+                continue
+            # A module is in sys.modules while it still executes (on another thread, or higher up
+            # this thread's stack): patch it only once it is complete; the finder's callback will.
+            if getattr(getattr(module, "__spec__", None), "_initializing", False):
+                continue
+            self._on_import(module)
 
     def _on_import(self, module: Any) -> None:
         name = getattr(module, "__name__", "")
-        if name in self._done or name not in WATCHED or self._off_all:
-            return
-        self._done.add(name)
-        try:
-            getattr(self, WATCHED[name])(module)
-            if not self.active:
-                self.active = True
-                self._activate_common()
-        except Exception as exc:  # a transformers version we do not understand: fail open
-            self._warn(name, exc)
+        with self._lock:  # the import callback (user thread) and poll's scan (agent thread)
+            if name in self._done or name not in WATCHED or self._off_all:
+                return
+            self._done.add(name)
+            try:
+                getattr(self, WATCHED[name])(module)
+                if not self.active:
+                    self.active = True
+                    self._activate_common()
+            except Exception as exc:  # a transformers version we do not understand: fail open
+                self._warn(name.removeprefix("transformers."), exc)
         if len(self._done) == len(WATCHED) and self._finder is not None:
             try:
                 sys.meta_path.remove(self._finder)
@@ -412,8 +424,7 @@ class TransformersInstrument:
                 pass
 
     def _activate_common(self) -> None:
-        import torch
-
+        torch = sys.modules.get("torch")  # transformers' modeling code imported it already
         compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
         if compiling is not None:
             self._is_compiling = compiling
@@ -520,6 +531,15 @@ class TransformersInstrument:
     def _patch_models(self, module: Any) -> None:
         self._wrap_loading(module.PreTrainedModel, "model")
 
+    def _patch_auto_config(self, module: Any) -> None:
+        self._wrap_loading(module.AutoConfig, "config")
+
+    def _patch_auto_models(self, module: Any) -> None:
+        self._wrap_loading(module._BaseAutoModelClass, "model")
+
+    def _patch_auto_tokenizer(self, module: Any) -> None:
+        self._wrap_loading(module.AutoTokenizer, "tokenizer")
+
     def _wrap_loading(self, cls: Any, what: str) -> None:
         def before(args: tuple, kwargs: dict) -> Any:
             name = args[1] if len(args) > 1 else kwargs.get("pretrained_model_name_or_path")
@@ -528,32 +548,34 @@ class TransformersInstrument:
 
         def after(state: Any, result: Any, err: Any, wall0: float, dur: int, depth: int) -> None:
             klass, name, requested, rss0, cuda0 = state
-            attrs: dict[str, Any] = {"what": what, "class": getattr(klass, "__name__", str(klass)),
-                                     "name": str(name), "load_ms": dur / 1e6}
+            loaded = result[0] if isinstance(result, tuple) else result  # output_loading_info=True
+            called = getattr(klass, "__name__", str(klass))
+            attrs: dict[str, Any] = {"what": what, "name": str(name), "load_ms": dur / 1e6,
+                                     "class": type(loaded).__name__ if loaded is not None else called}
             if err is not None:
                 attrs["error"] = type(err).__name__
             if requested is not None:
                 attrs["requested_dtype"] = _dtype_name(requested)
-            if what == "model" and result is not None:
-                model = result[0] if isinstance(result, tuple) else result  # output_loading_info=True
+            if what == "model" and loaded is not None:
+                model = loaded
                 attrs["params"] = sum(p.numel() for p in model.parameters())
                 attrs["dtype"] = _dtype_name(getattr(model, "dtype", None))
                 attrs["config_dtype"] = _config_dtype(getattr(model, "config", None))
                 attrs["device_map"] = _device_map_summary(model)
-            elif what == "config" and result is not None:
-                config = result[0] if isinstance(result, tuple) else result
+            elif what == "config" and loaded is not None:
+                config = loaded
                 attrs["model_type"] = str(getattr(config, "model_type", ""))
                 attrs["config_dtype"] = _config_dtype(config)
-            elif what == "tokenizer" and result is not None:
-                attrs["vocab"] = len(result) if hasattr(result, "__len__") else None
-                attrs["fast"] = bool(getattr(result, "is_fast", False))
+            elif what == "tokenizer" and loaded is not None:
+                attrs["vocab"] = len(loaded) if hasattr(loaded, "__len__") else None
+                attrs["fast"] = bool(getattr(loaded, "is_fast", False))
             rss_added = _delta(_rss(), rss0)
             if rss_added is not None:
                 attrs["rss_added"] = rss_added
             cuda_added = _delta(_cuda_allocated(), cuda0)
             if cuda_added is not None:
                 attrs["cuda_added"] = cuda_added
-            label = f"{attrs['class']}.from_pretrained"
+            label = f"{called}.from_pretrained"
             self._emit(self._span(label, "model_loading", wall0, dur, depth, attrs))
 
         self._wrap_classmethod(cls, "from_pretrained", f"load_{what}", before, after)

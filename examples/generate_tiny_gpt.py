@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     # Tiny matrices: one thread is faster than several fighting over a shared CPU.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--bf16", action="store_true", help="generate under CPU autocast to bfloat16")
     return p.parse_args(argv)
 
 
@@ -64,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             for i, prompt in enumerate(PROMPTS):
                 enc = tokenizer(prompt, return_tensors="pt")
                 t0 = time.perf_counter()
-                out = model.generate(**enc, max_new_tokens=args.max_new_tokens,
-                                     min_new_tokens=args.max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                    out = model.generate(**enc, max_new_tokens=args.max_new_tokens,
+                                         min_new_tokens=args.max_new_tokens, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)
                 ms = (time.perf_counter() - t0) * 1e3
                 prompt_len = enc["input_ids"].shape[1]
                 text = tokenizer.decode(out[0, prompt_len:])

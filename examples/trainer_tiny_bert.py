@@ -12,6 +12,7 @@ learnable from the text alone: is a sentence short, medium or long (in words)? T
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--log-history", metavar="FILE", help="write Trainer's log history to FILE as JSON")
     return p.parse_args(argv)
 
 
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         final = trainer.evaluate()
         print(f"final eval_loss={final['eval_loss']:.4f} global_step={trainer.state.global_step}")
+        if args.log_history:
+            Path(args.log_history).write_text(json.dumps(trainer.state.log_history))
     return 0
 
 
