@@ -237,6 +237,11 @@ class RecordingWriter:
         self._write(head)
         self._offset = len(head)
 
+    @property
+    def steps(self) -> int:
+        """Step events appended so far (written or pending)."""
+        return self.steps_written + self._steps
+
     # -- data
 
     def append(self, frame: bytes, event: Event) -> None:
