@@ -1,0 +1,105 @@
+"""`llmtop graph`: numbers, names, config directories, factories, --all and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from llmtop.cli import main  # noqa: E402
+
+from .conftest import LLMTOP, child_env  # noqa: E402
+
+
+def graph_json(capsys, *argv: str) -> dict:
+    capsys.readouterr()
+    assert main(["graph", *argv, "--format", "json", "--device", "h100"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_gpt2_json_numbers_through_the_real_cli() -> None:
+    proc = subprocess.run([LLMTOP, "graph", "gpt2", "--format", "json", "--device", "h100", "--attn", "eager"],
+                          capture_output=True, text=True, env=child_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["class"] == "GPT2LMHeadModel"
+    assert r["params"] == 124_439_808
+    assert r["flops"] == pytest.approx(32.23e9, rel=0.01)
+    assert r["macs"] == pytest.approx(r["flops"] / 2)
+    assert r["memory"]["weights"] == pytest.approx(4 * 124_439_808, rel=0.01)
+    assert r["memory"]["peak"] >= r["memory"]["weights"] + r["memory"]["activations_peak"]
+    assert r["device"]["key"] == "h100-sxm"
+    head = next(x for x in r["layers"] if x["path"] == "lm_head")
+    assert head["flops"] == pytest.approx(9.88e9, rel=0.01)
+    assert {x["bound"] for x in r["ops"]} <= {"compute", "memory"}
+    assert r["summary"]["compute"]["time_share"] + r["summary"]["memory"]["time_share"] == pytest.approx(1)
+    assert 0 < r["coverage"] <= 1
+
+
+def test_short_and_hub_names_agree(capsys) -> None:
+    short = graph_json(capsys, "gpt-neo-125m")
+    hub = graph_json(capsys, "EleutherAI/gpt-neo-125m")
+    assert short["model"] == hub["model"] == "EleutherAI/gpt-neo-125m"
+    assert short["flops"] == hub["flops"] > 1e10
+    assert graph_json(capsys, "llama-2-7b", "--seq-len", "16")["params"] == 6_738_415_616
+
+
+def test_encoder_decoder_and_table_format(capsys) -> None:
+    r = graph_json(capsys, "facebook/bart-base", "--seq-len", "64", "--dec-len", "16")
+    assert "decoder 16" in r["inputs"]
+    assert any(x["path"].startswith("model.decoder") and x["flops"] > 0 for x in r["layers"])
+    assert main(["graph", "t5-small", "--device", "a100", "--tree"]) == 0
+    out = capsys.readouterr().out
+    assert "T5ForConditionalGeneration" in out and "bottleneck" in out and "lm_head" in out
+
+
+def test_local_directory_with_config_json(tmp_path: Path, capsys) -> None:
+    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2, "n_embd": 64,
+           "n_head": 4, "vocab_size": 1000, "n_positions": 256}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = graph_json(capsys, str(tmp_path), "--seq-len", "32", "--attn", "eager")
+    assert r["class"] == "GPT2LMHeadModel"
+    per_layer = 2 * 32 * (64 * 192 + 64 * 64 + 2 * 64 * 256) + 2 * 2 * 32 * 32 * 64
+    assert r["flops"] == pytest.approx(2 * per_layer + 2 * 32 * 64 * 1000, rel=0.01)
+
+
+def test_module_factory(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "lt_factory_mod.py").write_text(textwrap.dedent("""
+        import torch
+
+        def make():
+            return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = graph_json(capsys, "lt_factory_mod:make", "--batch", "2", "--seq-len", "4")
+    assert r["params"] == 32 * 64 + 64 + 64 * 8 + 8
+    assert r["flops"] == 2 * 8 * (32 * 64 + 64 * 8)
+
+
+def test_bad_name_is_a_one_line_error(capsys) -> None:
+    assert main(["graph", "no-such-model-xyz"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmtop graph: unknown model") and "\n" not in err
+    assert main(["graph", "gpt2", "--device", "voodoo"]) == 2
+    assert "unknown device" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_all_lists_every_family() -> None:
+    proc = subprocess.run([sys.executable, "-m", "llmtop.cli", "graph", "--all", "--device", "h100",
+                           "--seq-len", "32", "--format", "json"],
+                          capture_output=True, text=True, env=child_env(), timeout=300)
+    r = json.loads(proc.stdout)
+    names = {x["model"] for x in r["results"]}
+    assert {"bert-base-uncased", "t5-small", "meta-llama/Llama-2-7b-hf", "microsoft/resnet-50"} <= names
+    assert len(names) == 22
+    failed = [x for x in r["results"] if not x["ok"]]
+    assert failed == [] and proc.returncode == 0, failed
