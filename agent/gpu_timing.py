@@ -171,11 +171,25 @@ class ScalarReader:
     has completed, so reading is a host memory read.
     """
 
-    def __init__(self, slot_factory: Callable[[], tuple[Any, Any]] | None = None, size: int = 64) -> None:
+    def __init__(self, slot_factory: Callable[[], tuple[Any, Any]] | None = None, size: int = 128) -> None:
         self._factory = slot_factory or _pinned_slot
         self.size = size
         self.created = 0
         self._free: list[tuple[Any, Any]] = []
+
+    def prepare(self) -> None:
+        """Agent thread: allocate the pinned slots once CUDA is in use.
+
+        Pinned host allocation (``cudaHostAlloc``) can stall the device, so it never happens on
+        the hot path; until the slots exist, CUDA scalars are simply not captured.
+        """
+        while self.created < self.size:
+            self.created += 1
+            self._free.append(self._factory())
+
+    @property
+    def prepared(self) -> bool:
+        return self.created >= self.size
 
     def capture(self, tensor: Any) -> Any:
         """Hot path. Returns a handle for ``read`` or None (not a scalar, or the pool is spent)."""
@@ -184,14 +198,9 @@ class ScalarReader:
             return None
         if not t.is_cuda:
             return _CpuValue(t)
-        if self._free:
-            slot = self._free.pop()
-        elif self.created < self.size:
-            self.created += 1
-            slot = self._factory()
-        else:
-            return None
-        buf, ev = slot
+        if not self._free:
+            return None  # not prepared yet (see ``prepare``) or every slot is in flight
+        buf, ev = slot = self._free.pop()
         buf.copy_(t.reshape(()), non_blocking=True)
         ev.record()
         return slot

@@ -689,6 +689,8 @@ class StepInstrument:
         events: list[Event] = []
         if self.layers is None:
             self._find_layers()
+        if not self.scalars.prepared and cuda_ready():
+            self.scalars.prepare()
         gpu = self.gpu.resolve() if self.gpu.pending else {}
         done = self._done
         while done:
