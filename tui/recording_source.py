@@ -20,10 +20,11 @@ from collections.abc import Iterator
 from llmtop.protocol.events import Event, Step
 from llmtop.protocol.recording import Position, RecordingReader
 
-from .model import LIVE, SessionModel
+from .model import SessionModel
 
 SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 MIN_SPEED, MAX_SPEED = SPEEDS[0], SPEEDS[-1]
+REPLAY = "replay"  # the connection state a replayed model shows
 BATCH = 5000  # events applied per hold of the model lock while playing
 TICK_S = 0.05
 
@@ -188,7 +189,7 @@ class RecordingSource:
             events = r.rebuild(pos)
             with model.lock:
                 model.reset()
-                model.set_connection(LIVE)
+                model.set_connection(REPLAY)
                 step = None
                 for event in events:
                     model.apply(event)
