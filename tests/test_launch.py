@@ -1,0 +1,309 @@
+"""`llmtop attach` runs the script exactly as `python` would: each semantic compared with plain python."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from llmtop.launch import Child
+from llmtop.launch import child_env as launch_env
+from tests.conftest import LLMTOP, child_env
+
+PY = sys.executable
+
+SEMANTICS = textwrap.dedent("""
+    import json, os, sys
+    import helper                      # a sibling module, found through sys.path[0]
+    import llmtop.agent
+    data = {
+        "argv": sys.argv, "file": __file__, "name": __name__, "path0": sys.path[0],
+        "stdin": sys.stdin.read(), "helper": helper.VALUE, "cwd": os.getcwd(),
+        "bootstrap_on_path": any("bootstrap" in p for p in sys.path),
+    }
+    print(json.dumps(data))
+    print("AGENT", llmtop.agent.is_running(), file=sys.stderr)
+    if __name__ == "__main__":
+        sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 0)
+""")
+
+
+@pytest.fixture
+def project(short_tmp: Path) -> Path:
+    (short_tmp / "helper.py").write_text("VALUE = 42\n")
+    (short_tmp / "main.py").write_text(SEMANTICS)
+    pkg = short_tmp / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sib.py").write_text("WHO = 'sibling'\n")
+    (pkg / "mod.py").write_text(textwrap.dedent("""
+        import sys
+        from . import sib                  # a relative import inside a package run with -m
+        print(__name__, __package__, sib.WHO, sys.argv[1:], __file__.endswith("mod.py"))
+    """))
+    (short_tmp / "boom.py").write_text(textwrap.dedent("""
+        def inner():
+            return 1 / 0
+
+        def outer():
+            inner()
+
+        print("before", flush=True)
+        outer()
+    """))
+    return short_tmp
+
+
+def run_both(args: list[str], cwd: Path, sock: Path, stdin: str = "", headless: bool = True,
+             attach_args: list[str] | None = None) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    env = child_env(LLMTOP_SOCKET=str(sock))
+    env.pop("LLMTOP", None)
+    plain = subprocess.run([PY, *args], cwd=cwd, input=stdin, capture_output=True, text=True, env=env, timeout=60)
+    attach = [LLMTOP, "attach", *(["--headless"] if headless else []), *(attach_args or []), *args]
+    under = subprocess.run(attach, cwd=cwd, input=stdin, capture_output=True, text=True, env=env, timeout=60)
+    return plain, under
+
+
+def test_argv_file_main_path0_stdin_sibling_import_and_exit_code(project: Path) -> None:
+    plain, under = run_both(["main.py", "3", "--lr", "0.1", "-m", "x"], project, project / "a.sock", stdin="piped\ntext")
+    assert plain.returncode == under.returncode == 3
+    assert json.loads(under.stdout) == json.loads(plain.stdout)
+    data = json.loads(under.stdout)
+    assert data["argv"] == ["main.py", "3", "--lr", "0.1", "-m", "x"]
+    assert data["name"] == "__main__" and data["file"] == str(project / "main.py")
+    assert data["path0"] == str(project) and data["stdin"] == "piped\ntext" and data["helper"] == 42
+    assert data["bootstrap_on_path"] is False  # the bootstrap folder is removed from sys.path
+    assert "AGENT True" in under.stderr and "AGENT False" in plain.stderr
+
+
+def test_script_given_after_double_dash_and_by_absolute_path(project: Path) -> None:
+    plain, under = run_both([str(project / "main.py"), "0"], Path("/"), project / "a.sock",
+                            attach_args=["--"])
+    assert under.returncode == plain.returncode == 0
+    assert json.loads(under.stdout) == json.loads(plain.stdout)
+    assert "AGENT True" in under.stderr
+
+
+def test_uncaught_exception_traceback_and_code_are_pythons(project: Path) -> None:
+    plain, under = run_both(["boom.py"], project, project / "a.sock")
+    assert plain.returncode == under.returncode == 1
+    assert under.stdout == plain.stdout == "before\n"
+    assert under.stderr == plain.stderr  # identical text, frame by frame
+    assert under.stderr.startswith("Traceback (most recent call last):")
+    assert under.stderr.rstrip().endswith("ZeroDivisionError: division by zero")
+
+
+def test_missing_script_gets_pythons_error_and_code(project: Path) -> None:
+    plain, under = run_both(["nope.py"], project, project / "a.sock")
+    assert plain.returncode == under.returncode == 2
+    assert under.stderr == plain.stderr
+    assert "can't open file" in under.stderr
+
+
+def test_dash_m_runs_a_module_with_relative_imports(project: Path) -> None:
+    plain, under = run_both(["-m", "pkg.mod", "a", "--flag"], project, project / "a.sock")
+    assert plain.returncode == under.returncode == 0
+    assert under.stdout == plain.stdout == "__main__ pkg sibling ['a', '--flag'] True\n"
+    under_m = subprocess.run([LLMTOP, "attach", "--headless", "-m", "pkg.mod", "a", "--flag"], cwd=project,
+                             capture_output=True, text=True, env=child_env(LLMTOP_SOCKET=str(project / "a.sock")),
+                             timeout=60)
+    assert under_m.stdout == plain.stdout
+
+
+def test_any_command_after_double_dash(project: Path) -> None:
+    sock = project / "a.sock"
+    cmd = f"{PY} main.py 0 </dev/null; exit 5"
+    under = subprocess.run([LLMTOP, "attach", "--headless", "--", "sh", "-c", cmd], cwd=project,
+                           capture_output=True, text=True, env=child_env(LLMTOP_SOCKET=str(sock)), timeout=60)
+    assert under.returncode == 5
+    assert "AGENT True" in under.stderr  # the Python grandchild got the agent through the bootstrap
+    assert json.loads(under.stdout)["argv"] == ["main.py", "0"]
+
+
+def test_nothing_to_run_is_a_one_line_error() -> None:
+    res = subprocess.run([LLMTOP, "attach", "--headless"], capture_output=True, text=True, env=child_env(),
+                         timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("llmtop attach: nothing to run") and res.stderr.count("\n") == 1
+
+
+def test_killed_by_a_signal_llmtop_dies_of_the_same_signal(project: Path) -> None:
+    (project / "kill.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n")
+    plain, under = run_both(["kill.py"], project, project / "a.sock")
+    assert plain.returncode == under.returncode == -signal.SIGTERM
+
+
+def test_sigint_to_llmtop_is_forwarded_and_exit_matches_python(project: Path) -> None:
+    (project / "wait.py").write_text(textwrap.dedent("""
+        import sys, time
+        print("ready", flush=True)
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            sys.exit(130)
+    """))
+    env = child_env(LLMTOP_SOCKET=str(project / "a.sock"))
+    proc = subprocess.Popen([LLMTOP, "attach", "--headless", "wait.py"], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)  # only llmtop gets it (no terminal): it must pass it on
+    out, _ = proc.communicate(timeout=30)
+    assert out == "interrupted\n" and proc.returncode == 130
+
+
+def test_sitecustomize_already_on_the_path_still_runs(project: Path) -> None:
+    other = project / "other"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import os\nos.environ['OTHER_SITECUSTOMIZE'] = 'ran'\n")
+    (project / "check.py").write_text(
+        "import os, sys, llmtop.agent\nprint(os.environ.get('OTHER_SITECUSTOMIZE'), llmtop.agent.is_running(),"
+        " sys.modules['sitecustomize'].__file__)\n")
+    env = child_env(LLMTOP_SOCKET=str(project / "a.sock"), PYTHONPATH=str(other))
+    res = subprocess.run([LLMTOP, "attach", "--headless", "check.py"], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["ran", "True", str(other / "sitecustomize.py")]
+
+
+def test_llmtop_env_alone_starts_the_agent(project: Path) -> None:
+    (project / "plain.py").write_text("import llmtop.agent\nprint(llmtop.agent.is_running())\n")
+    env = child_env(LLMTOP="1", LLMTOP_SOCKET=str(project / "x.sock"))
+    res = subprocess.run([PY, "plain.py"], cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stdout) == (0, "True\n"), res.stderr
+    env["LLMTOP"] = "0"
+    res = subprocess.run([PY, "plain.py"], cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert res.stdout == "False\n"
+
+
+def test_python_children_of_the_script_do_not_collide_on_the_socket(project: Path) -> None:
+    (project / "parent.py").write_text(textwrap.dedent(f"""
+        import os, subprocess, sys, llmtop.agent
+        from llmtop.agent import core
+        code = "import os, llmtop.agent; from llmtop.agent import core; print(core.ACTIVE.socket_path)"
+        child = subprocess.run([{PY!r}, "-c", code], capture_output=True, text=True)
+        print(core.ACTIVE.socket_path)
+        print(child.stdout.strip())
+    """))
+    sock = project / "a.sock"
+    res = subprocess.run([LLMTOP, "attach", "--headless", "parent.py"], cwd=project,
+                         env=child_env(LLMTOP_SOCKET=str(sock)), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    mine, childs = res.stdout.split()
+    assert mine == str(sock)
+    assert childs != mine and Path(childs).parent == project and Path(childs).name.endswith(".sock")
+
+
+# --- the Child the dashboard drives (pty output, detach) ------------------------------------------
+
+
+def spawn_pty(project: Path, code: str) -> Child:
+    (project / "out.py").write_text(textwrap.dedent(code))
+    sock = project / "a.sock"
+    env = launch_env(sock, True, None, base=child_env())
+    return Child.spawn([PY, str(project / "out.py")], env, sock, headless=False)
+
+
+def collect(child: Child, until, timeout: float = 30.0) -> list:
+    lines: list = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines += child.drain_output()
+        if until(lines):
+            break
+        time.sleep(0.02)
+    return lines
+
+
+def test_pty_output_becomes_log_lines_with_progress_updates(project: Path) -> None:
+    child = spawn_pty(project, """
+        import sys, time
+        print("isatty", sys.stdout.isatty(), sys.stderr.isatty())
+        print("\\x1b[31mred\\x1b[0m")
+        for i in range(3):
+            sys.stderr.write(f"\\rbar {i}/3")
+            sys.stderr.flush()
+        sys.stderr.write("\\rbar 3/3\\n")
+        print("done")
+    """)
+    assert child.socket_path.exists() or child.poll() is not None
+    assert child.wait(30) == 0
+    lines = collect(child, lambda ls: any(x.text == "done" for x in ls))
+    out = [(x.stream, x.text, x.replace) for x in lines]
+    assert ("stdout", "isatty True True", False) in out
+    assert ("stdout", "\x1b[31mred\x1b[0m", False) in out  # ANSI codes are kept
+    bars = [x for x in out if x[0] == "stderr"]
+    assert bars[-1] == ("stderr", "bar 3/3", False)
+    assert all(replace for _, _, replace in bars[:-1]) and len(bars) >= 2
+    end = child.end_event()
+    assert (end.exit_code, end.signal, end.reason) == (0, None, "exit")
+
+
+def test_unterminated_line_is_shown_as_provisional(project: Path) -> None:
+    child = spawn_pty(project, """
+        import sys, time
+        sys.stdout.write("downloading 50%")
+        sys.stdout.flush()
+        time.sleep(1.0)
+        print(" done")
+    """)
+    lines = collect(child, lambda ls: any(x.text.endswith("done") for x in ls))
+    child.wait(30)
+    assert [(x.text, x.replace) for x in lines] == [("downloading 50%", True), ("downloading 50% done", False)]
+
+
+def test_interrupt_and_stop(project: Path) -> None:
+    child = spawn_pty(project, """
+        import time
+        print("ready", flush=True)
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            print("got SIGINT", flush=True)
+            time.sleep(60)   # ignores the first request: stop() must escalate to SIGTERM
+    """)
+    collect(child, lambda ls: any(x.text == "ready" for x in ls))
+    child.stop(grace_s=0.5)
+    assert child.wait(30) == -signal.SIGTERM
+    assert child.signal == signal.SIGTERM and child.exit_code == 128 + signal.SIGTERM
+    end = child.end_event()
+    assert (end.signal, end.exit_code, end.reason) == (signal.SIGTERM, None, "signal")
+
+
+def test_detached_child_outlives_llmtop_and_logs_to_a_file(project: Path) -> None:
+    (project / "long.py").write_text(textwrap.dedent("""
+        import sys, time
+        for i in range(30):
+            print(f"line {i}", flush=True)
+            sys.stderr.write(f"err {i}\\n"); sys.stderr.flush()
+            time.sleep(0.05)
+        open("finished", "w").write("ok")
+    """))
+    driver = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from llmtop.launch import Child, child_env
+        sock = Path({str(project / 'a.sock')!r})
+        child = Child.spawn([sys.executable, "long.py"], child_env(sock, True, None), sock, headless=False)
+        time.sleep(0.3)
+        print(child.pid, child.detach(), flush=True)
+    """)
+    res = subprocess.run([PY, "-c", driver], cwd=project, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    pid, log = res.stdout.split()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (project / "finished").exists():
+        time.sleep(0.05)
+    assert (project / "finished").read_text() == "ok"  # it ran to the end after its parent exited
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "line 29" not in Path(log).read_text():
+        time.sleep(0.05)
+    text = Path(log).read_text()
+    assert "line 29" in text and "err 29" in text
