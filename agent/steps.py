@@ -334,28 +334,24 @@ class StepInstrument:
         compiling = _compiling_check()
 
         def to(t: Any, *args: Any, **kwargs: Any) -> Any:
-            if (tr.disabled or tr.win_start is None or compiling() or t.device.type != "cpu"
-                    or not tr._own(False)):
-                # no step in progress (model set-up), already on a device, or traced by dynamo
+            if tr.disabled or not t.is_cpu or tr.win_start is None or compiling():
+                # already on a device, no step in progress (model set-up), or traced by dynamo
                 return orig(t, *args, **kwargs)
             t0 = _perf()
-            f = tr._push(H2D, t0)
-            out = None
+            out = orig(t, *args, **kwargs)
+            t1 = _perf()
             try:
-                out = orig(t, *args, **kwargs)
-                return out
-            finally:
-                t1 = _perf()
-                try:
-                    if out is not None and getattr(out, "device", None) is not None and out.device.type != "cpu":
-                        tr._pop(f, t1)
-                    else:  # not a host-to-device move: forget the frame, charge nothing
-                        st = tr.stack
-                        if st and st[-1] is f:
-                            st.pop()
-                    tr.overhead += _perf() - t1
-                except Exception as exc:
-                    tr._fail("tensor copy hook", exc)
+                if not out.is_cpu and _ident() == tr.owner:
+                    # a copy is a leaf: nothing we measure runs inside it, so no frame is needed
+                    dur = t1 - t0
+                    st = tr.stack
+                    if st:
+                        st[-1].child += dur
+                    tr.acc[H2D] += dur
+                tr.overhead += _perf() - t1
+            except Exception as exc:
+                tr._fail("tensor copy hook", exc)
+            return out
 
         return to
 

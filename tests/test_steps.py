@@ -136,6 +136,7 @@ def test_phases_sum_to_step_time_and_data_wait_is_measured(tracked) -> None:
     loader = DataLoader(SleepySet(5, sleep_s), batch_size=1)
     befores, afters = [], []
     for x, y in loader:
+        x = x.to(torch.float32).to("cpu")  # copies that stay on the host are not h2d
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -496,3 +497,30 @@ def test_end_to_end_with_layers_instrument() -> None:
         assert_phases_add_up(s)
         assert s.layer_every >= 1
     assert not warnings_of(ctx)
+
+
+def test_host_to_device_copies_are_their_own_phase_innermost_wins(tracked) -> None:
+    # no GPU here: the meta device is a real non-CPU device for Tensor.to
+    st, ctx = tracked
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    moved = []
+
+    def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.stack([a for a, _ in items])
+        y = torch.stack([b for _, b in items])
+        moved.append(torch.randn(256, 256).to("meta"))  # a copy inside the data fetch
+        return x, y
+
+    for x, y in DataLoader(SleepySet(6, 0.01), batch_size=2, collate_fn=collate):
+        moved.append(x.to("meta"))  # a copy in the loop body
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    steps = drain(st, ctx)
+    assert len(steps) == 3 and len(moved) == 6
+    for s in steps:
+        assert s.phases["h2d"] > 0
+        assert s.phases["data"] >= 20.0  # two items of 10 ms each
+        assert_phases_add_up(s)
