@@ -28,6 +28,7 @@ import math
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from typing import Any
@@ -206,7 +207,7 @@ class LayersInstrument:
         import torch
 
         self._torch = torch
-        self._tc = torch.compiler
+        self._compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
         self._grad_enabled = torch.is_grad_enabled
         self._task_id = torch._C._current_graph_task_id
         self._engine = torch.autograd.Variable._execution_engine
@@ -214,6 +215,12 @@ class LayersInstrument:
             torch.cuda, "OutOfMemoryError", RuntimeError
         )
         self.ctx = ctx
+        # torch warns on every compiled-module call while global hooks exist; the hooks are
+        # ours, so the warning must not reach the user's stderr
+        warnings.filterwarnings(
+            "ignore", message=r"Using `torch.compile\(module\)` when there are global hooks",
+            category=UserWarning,
+        )
         if not self._private and not self.call_cost_ns:
             self.call_cost_ns = self._calibrate()
         self._cuda = self._cuda_ready()
@@ -276,56 +283,70 @@ class LayersInstrument:
         return st
 
     def _pre(self, module: Any, args: tuple) -> None:
-        if self._tc._is_compiling_flag:  # dynamo is tracing this hook: leave the graph alone
+        if self._compiling():  # dynamo is tracing this hook: leave the graph alone
             return
         try:
             try:
                 st = self._tls.st
             except AttributeError:
                 st = self._state()
-            if st.gen != self._gen:  # hooks were re-added: frames of the old period are stale
-                st.stack.clear()
-                st.mute = 0
-                st.gen = self._gen
-            if st.mute:
-                st.mute += 1
-                return
             stack = st.stack
             gid = self._by_addr.get(id(module))
-            if not stack:
-                if self._task_id() != -1:
-                    # A forward re-run inside backward (activation checkpointing): its cost
-                    # belongs to the enclosing module's backward, not to a new model.
-                    st.mute = 1
-                    return
-                if gid is None or gid not in self._roots:
-                    gid = self._new_root(module, args, st)
-                parent = None
-            else:
-                top = stack[-1]
+            if gid is None or not stack or st.mute or st.gen != self._gen:
+                gid = self._pre_slow(module, args, st, gid)
                 if gid is None:
-                    gid = self._new_module(module, top[0], stack[0][0])
-                parent = top[4]
+                    return
             rec = None
             if self._grad_enabled():
-                self._seq += 1
-                rec = _Rec(gid, parent, self._seq)
-                nodes: list[Any] = []
-                for a in args:
-                    _grad_nodes(a, nodes)
-                if nodes:
-                    self._hook_nodes(nodes, rec, False)
-                else:
-                    self._need_params(module, gid, rec)
-            mem0 = self._torch.cuda.memory_allocated() if self._cuda else -1
-            stack.append([gid, _now(), 0, mem0, rec, module])
+                rec = self._track(module, gid, stack[-1][4] if stack else None, args)
+            frame = [gid, 0, 0, self._torch.cuda.memory_allocated() if self._cuda else -1, rec, module]
+            stack.append(frame)
+            frame[1] = _now()  # last, so this hook's own work is not charged to the module
         except Exception as exc:  # fail open
             self._fail("forward pre-hook", exc)
 
+    def _pre_slow(self, module: Any, args: tuple, st: _ThreadState, gid: int | None) -> int | None:
+        """New module, model root, stale or muted thread state. None: do not time this call."""
+        if st.gen != self._gen:  # hooks were re-added: frames of the old period are stale
+            st.stack.clear()
+            st.mute = 0
+            st.gen = self._gen
+        if st.mute:
+            st.mute += 1
+            return None
+        stack = st.stack
+        if stack:
+            return self._new_module(module, stack[-1][0], stack[0][0]) if gid is None else gid
+        if st.rdepth:
+            # inside a root whose call began before these hooks were added (sampling switched
+            # on mid-call): leave the rest of this forward untimed
+            return None
+        if self._task_id() != -1:
+            # a forward re-run inside backward (activation checkpointing): its cost belongs to
+            # the enclosing module's backward, not to a new model
+            st.mute = 1
+            return None
+        if gid is None or gid not in self._roots:
+            gid = self._new_root(module, args, st)
+        return gid
+
+    def _track(self, module: Any, gid: int, parent: _Rec | None, args: tuple) -> _Rec:
+        """Grad is on: the record this call's backward will fill, hooked on its inputs' nodes."""
+        self._seq += 1
+        rec = _Rec(gid, parent, self._seq)
+        nodes: list[Any] = []
+        for a in args:
+            _grad_nodes(a, nodes)
+        if nodes:
+            self._hook_nodes(nodes, rec, False)
+        else:
+            self._need_params(module, gid, rec)
+        return rec
+
     def _post(self, module: Any, args: tuple, *rest: Any) -> None:
-        t1 = _now()
-        if self._tc._is_compiling_flag:
+        if self._compiling():  # first: dynamo must not trace past this line
             return
+        t1 = _now()
         try:
             try:
                 st = self._tls.st
@@ -461,6 +482,8 @@ class LayersInstrument:
                     pe = param_end[r.gid]
                     if pe > r.start:
                         end = max(end, pe)
+                if end == 0 and r.parent is None:
+                    end = t0  # a root with no end signal of its own (compiled): the task's end
                 if end < start:
                     end = start
                 incl = end - start
@@ -588,7 +611,7 @@ class LayersInstrument:
     # ----------------------------------------------------------------- root announcements
 
     def _root_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        if self._tc._is_compiling_flag:
+        if self._compiling():
             return
         try:
             if self._task_id() != -1:
@@ -608,9 +631,9 @@ class LayersInstrument:
             self._fail("root forward pre-hook", exc)
 
     def _root_post(self, module: Any, args: tuple, *rest: Any) -> None:
-        t1 = _now()
-        if self._tc._is_compiling_flag:
+        if self._compiling():
             return
+        t1 = _now()
         try:
             if self._task_id() != -1:
                 return
@@ -696,9 +719,10 @@ class LayersInstrument:
                 if calls or acc.bwd_seen:
                     self._ready.append((step, acc, self._cuda))
             self._overhead_last = int(overhead)
-            if self._auto and self._sampled and step_ns > overhead > 0:
+            if self._auto and self._sampled and step_ns > 0 and overhead > 0:
                 budget = max(self.options.budget_pct, 0.01) / 100.0
-                ratio = overhead / (step_ns - overhead)
+                spent = min(overhead, step_ns)  # an estimate above the step itself: all of it
+                ratio = spent / max(step_ns - spent, step_ns // 100, 1)
                 self.current_every = min(_MAX_EVERY, max(1, math.ceil(ratio / budget)))
             self._cuda = self._cuda or self._cuda_ready()
             sampled = (step + 1) % self.current_every == 0
