@@ -43,6 +43,9 @@ _perf = time.perf_counter_ns
 _ident = threading.get_ident
 
 
+_INHERITED = object()  # marks a patched attribute that the class inherited rather than defined
+
+
 class _Frame:
     __slots__ = ("phase", "t0", "child")
 
@@ -100,7 +103,7 @@ class StepInstrument:
         self.options = options or core.Options()
         self.ctx: Any = None
         self._handles: list[Any] = []
-        self._patches: list[tuple[Any, str, Any]] = []
+        self._patches: list[tuple[Any, str, Any, Any]] = []
         self._installed = False
         self.disabled = False
         self._pid = os.getpid()
@@ -180,11 +183,13 @@ class StepInstrument:
         self._installed = True
 
     def _patch(self, owner: Any, attr: str, wrapper_factory: Any) -> None:
-        orig = owner.__dict__[attr] if attr in owner.__dict__ else getattr(owner, attr)
+        own = attr in owner.__dict__
+        orig = owner.__dict__[attr] if own else getattr(owner, attr)
         new = wrapper_factory(orig)
         new.__llmtop_orig__ = orig
         setattr(owner, attr, new)
-        self._patches.append((owner, attr, orig))
+        # an inherited attribute (Tensor.to lives on TensorBase) is restored by deleting ours
+        self._patches.append((owner, attr, orig if own else _INHERITED, new))
 
     def _patch_same(self, mod_a: Any, mod_b: Any, attr: str, wrapper_factory: Any) -> None:
         """Patch a function exported by two modules (``torch.nn.utils`` and its submodule) once."""
@@ -193,7 +198,7 @@ class StepInstrument:
         for mod in (mod_a, mod_b):
             if getattr(mod, attr, None) is orig:
                 setattr(mod, attr, new)
-                self._patches.append((mod, attr, orig))
+                self._patches.append((mod, attr, orig, new))
 
     def uninstall(self) -> None:
         if self.tentative is not None and not self.disabled:
@@ -207,12 +212,18 @@ class StepInstrument:
             except Exception:
                 pass
         self._handles.clear()
-        for owner, attr, orig in reversed(self._patches):
+        for owner, attr, orig, new in reversed(self._patches):
             try:
-                setattr(owner, attr, orig)
+                if owner.__dict__.get(attr) is not new:
+                    continue  # someone wrapped ours since: leave the chain, ours passes through
+                if orig is _INHERITED:
+                    delattr(owner, attr)
+                else:
+                    setattr(owner, attr, orig)
             except Exception:
                 pass
         self._patches.clear()
+        self.disabled = True  # wrappers still referenced elsewhere go straight to the originals
         for lst, fn in ((core.BUS.root_forward_start, self._on_root_start),
                         (core.BUS.root_forward, self._on_root_end)):
             try:
