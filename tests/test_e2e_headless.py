@@ -105,3 +105,42 @@ def test_training_run_streams_session_tree_steps_and_host_samples(short_tmp: Pat
     end = events[-1]
     assert isinstance(end, End) and end.reason == "exit" and end.traceback is None
     assert not sock.exists()  # the agent removed its socket on exit
+
+
+THREADED = textwrap.dedent("""
+    import threading
+    import torch
+    from torch import nn
+
+    def train():
+        model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(16, 8), torch.randn(16, 1)
+        for _ in range(40):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    t = threading.Thread(target=train, name="trainer")
+    t.start()
+    t.join()
+""")
+
+
+def test_steps_on_a_non_main_thread_are_measured(short_tmp: Path) -> None:
+    from llmtop.protocol.recording import RecordingReader
+
+    (short_tmp / "thr.py").write_text(THREADED)
+    rec = short_tmp / "thr.llmtop"
+    res = subprocess.run([LLMTOP, "attach", "--headless", "--record", str(rec), "thr.py"], cwd=short_tmp,
+                         env=child_env(LLMTOP_SOCKET=str(short_tmp / "a.sock"), LLMTOP_TICK="0.1"),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    with RecordingReader(rec) as reader:
+        events = list(reader.events())
+    trees = [e for e in events if isinstance(e, ModelTree)]
+    assert [t.classes for t in trees] == [["Sequential", "Linear", "Tanh", "Linear"]]
+    steps = [e for e in events if isinstance(e, Step)]
+    assert len(steps) == 40 and all(s.dur_ms > 0 for s in steps)
+    assert isinstance(events[-1], End) and events[-1].traceback is None
