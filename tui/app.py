@@ -89,6 +89,10 @@ class LlmtopApp(App[int]):
         return ()
 
     def on_mount(self) -> None:
+        # the main screen's widgets, kept so frames find them while another screen is on top
+        self.status_bar = self.query_one("#status", Static)
+        self.tabs = self.query_one("#views", TabbedContent)
+        self.views = {name: self.query_one(f"#view-{name}") for name, _ in VIEWS}
         self.start_source()
         self.set_interval(1.0 / self.refresh_hz, self.frame)
         self.frame(force=True)
@@ -111,10 +115,10 @@ class LlmtopApp(App[int]):
 
     @property
     def active_view(self) -> str:
-        return self.query_one("#views", TabbedContent).active or "overview"
+        return self.tabs.active or "overview"
 
     def view_widget(self, name: str | None = None) -> Any:
-        return self.query_one(f"#view-{name or self.active_view}")
+        return self.views[name or self.active_view]
 
     def frame(self, force: bool = False) -> None:
         """Push the model into the widgets that are on screen. Cheap when nothing changed."""
@@ -122,9 +126,9 @@ class LlmtopApp(App[int]):
         self._poll_child()
         model = self.model
         with model.lock:
-            self.query_one("#status", Static).update(self.status_text())
-            if self.frozen and not force:
-                return
+            self.status_bar.update(self.status_text())
+            if self.frozen:
+                return  # the view holds still; ingestion goes on
             key = (model.version, self.active_view, self.window_s)
             screen = self.screen
             if key == self._drawn and not force and not isinstance(screen, LayerDetail):
@@ -194,6 +198,13 @@ class LlmtopApp(App[int]):
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         self.frame(force=True)
+        self.focus_view()
+
+    def focus_view(self) -> None:
+        """Keys go to the view on screen: its table or log, else the view itself (for scrolling)."""
+        view = self.view_widget()
+        target = next(iter(view.query("DataTable, LogPane")), None) if view.display else None
+        (target or view).focus()
 
     def on_layers_view_open(self, message: LayersView.Open) -> None:
         self.push_screen(LayerDetail(message.layer_id))
@@ -204,11 +215,11 @@ class LlmtopApp(App[int]):
     def action_show_view(self, name: str) -> None:
         if len(self.screen_stack) > 1:
             return
-        self.query_one("#views", TabbedContent).active = name
+        self.tabs.active = name
 
     def action_freeze(self) -> None:
         self.frozen = not self.frozen
-        self.frame(force=not self.frozen)
+        self.frame(force=True)
 
     def action_zoom(self, factor: float) -> None:
         self.window_s = min(MAX_WINDOW_S, max(MIN_WINDOW_S, self.window_s * float(factor)))
@@ -224,7 +235,7 @@ class LlmtopApp(App[int]):
         if len(self.screen_stack) > 1:
             return
         if self.active_view not in ("layers", "logs"):
-            self.query_one("#views", TabbedContent).active = "layers"
+            self.tabs.active = "layers"
         self.view_widget().open_filter()
 
     def action_back(self) -> None:

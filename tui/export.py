@@ -308,7 +308,7 @@ class ChromeTrace:
 
     def _lay_step(self, e: LayerStats, start: float, step: Step) -> None:
         index = {mid: i for i, mid in enumerate(e.ids)}
-        roots = [mid for mid in e.ids if self.parents.get(mid, -1) not in index]
+        roots = [mid for mid in e.ids if not self._has_timed_ancestor(mid, index)]
         fwd_tid = self._track(TID_FWD, TRACK_NAMES[TID_FWD])
         at = self._phase_start(step, "forward", start)
         for root in roots:
@@ -325,7 +325,7 @@ class ChromeTrace:
         backward); returns where the next sibling starts. Children are clipped to their parent."""
         i = index[mid]
         dur = max(0.0, total[i] * 1000.0)
-        kids = [k for k in self.children.get(mid, []) if k in index]
+        kids = self._timed_children(mid, index)
         if reverse:
             kids.reverse()
         if dur <= 0.0:
@@ -346,6 +346,25 @@ class ChromeTrace:
                 break
             child_at = min(end, self._lay(tid, e, index, k, child_at, total, self_ms, cat, reverse))
         return end
+
+    def _has_timed_ancestor(self, mid: int, index: dict[int, int]) -> bool:
+        p = self.parents.get(mid, -1)
+        while p >= 0:
+            if p in index:
+                return True
+            p = self.parents.get(p, -1)
+        return False
+
+    def _timed_children(self, mid: int, index: dict[int, int]) -> list[int]:
+        """Children in the table; a child missing from it (a ModuleList is never called) is replaced
+        by its own children, so the blocks of ``transformer.h`` still nest inside ``transformer``."""
+        out: list[int] = []
+        for k in self.children.get(mid, []):
+            if k in index:
+                out.append(k)
+            else:
+                out += self._timed_children(k, index)
+        return out
 
     def _path(self, mid: int) -> str:
         return self.paths.get(mid, f"#{mid}")
