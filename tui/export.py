@@ -41,6 +41,8 @@ from llmtop.protocol.events import (
 )
 from llmtop.protocol.recording import RecordingError, RecordingReader
 
+from .report import LayerMerger
+
 HELP = "Export a recording as a Chrome/Perfetto trace, CSV (one row per step) or JSON (everything)."
 FORMATS = ("chrome", "csv", "json")
 JSON_FORMAT = "llmtop-export"
@@ -179,7 +181,7 @@ class ChromeTrace:
         self.parents: dict[int, int] = {}
         self.paths: dict[int, str] = {}
         self.step_start: dict[int, tuple[float, Step]] = {}
-        self.pending_layers: dict[int, LayerStats] = {}
+        self.merger = LayerMerger()
         total = reader.steps
         self.layer_every = 1 if all_layers or total <= DEFAULT_LAYER_STEPS else math.ceil(total / DEFAULT_LAYER_STEPS)
 
@@ -262,9 +264,10 @@ class ChromeTrace:
         end = self.us(s.t)
         start = end - s.dur_ms * 1000.0
         self.step_start[s.step] = (start, s)
-        pending = self.pending_layers.pop(s.step, None)
-        if pending is not None:
-            self._lay_step(pending, start, s)
+        for table in self.merger.ready(s.step):
+            hit = self.step_start.get(table.step)
+            if hit is not None:
+                self._lay_step(table, *hit)
         tid = self._track(TID_STEPS, TRACK_NAMES[TID_STEPS])
         self.slice(tid, f"step {s.step}", start, s.dur_ms * 1000.0, "step",
                    {k: v for k, v in event_fields(s).items() if k not in ("t", "phases") and v is not None})
@@ -298,13 +301,9 @@ class ChromeTrace:
     def _layers(self, e: LayerStats) -> None:
         if self.layer_every > 1 and e.step % self.layer_every:
             return
-        hit = self.step_start.get(e.step)
-        if hit is None:
-            # The agent sends a step's layer table before the step record: lay it out when the step
-            # arrives (the latest table of a step wins; the tables of one step would overlap).
-            self.pending_layers[e.step] = e
-            return
-        self._lay_step(e, *hit)
+        # The agent sends a step's layer tables (one per tick it spans) before the step record: they
+        # are merged per module and laid out when the step arrives.
+        self.merger.add(e)
 
     def _lay_step(self, e: LayerStats, start: float, step: Step) -> None:
         index = {mid: i for i, mid in enumerate(e.ids)}
