@@ -262,7 +262,10 @@ class Agent:
         if self._nvml.enabled:
             self.session.devices = list(self._nvml.names)
         self._start_server()
-        if opts.record:
+        requested = opts.extra.get("socket")
+        if opts.record and (not requested or self.socket_path == Path(str(requested))):
+            # LLMTOP_RECORD is inherited by the script's Python children: only the process that owns
+            # the requested socket writes the file.
             self._start_writer(opts.record)
         self._publish([self.session])
         instruments = self._instruments_given
@@ -436,7 +439,10 @@ class Agent:
             except Exception as exc:
                 if ev.KIND not in self._bad_kinds:
                     self._bad_kinds.add(ev.KIND)
-                    self.warn("encode", f"a {ev.KIND!r} event could not be encoded and was skipped: {exc}")
+                    warning = AgentWarning(t=time.time(), source="encode",
+                                           message=f"a {ev.KIND!r} event could not be encoded and was skipped "
+                                                   f"(further ones are skipped silently): {exc}")
+                    pairs.append((warning, encode(warning)))
         if not pairs:
             return
         with self._lock:

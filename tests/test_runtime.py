@@ -1,0 +1,158 @@
+"""Agent runtime pieces: options from the environment, socket claiming, history rings, failing instruments."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from llmtop.agent import core
+from llmtop.agent.runtime import Agent, History, options_from_env, resolve_socket
+from llmtop.protocol.events import (
+    AgentWarning,
+    LayerFlops,
+    Metric,
+    ModelTree,
+    Session,
+    SnapshotDone,
+    Step,
+    decode_one,
+    encode,
+)
+from llmtop.protocol.frames import FrameDecoder
+from llmtop.protocol.stream import Connection
+
+
+def test_options_from_env_and_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    env = {"LLMTOP_TICK": "0.25", "LLMTOP_LAYER_EVERY": "4", "LLMTOP_BUDGET": "1.5", "LLMTOP_OPS_EVERY": "0",
+           "LLMTOP_FLOPS": "off", "LLMTOP_HISTORY": "50", "LLMTOP_CLIENT_BUFFER": "1024",
+           "LLMTOP_RECORD": "/tmp/x.llmtop", "LLMTOP_SOCKET": "/tmp/s.sock", "LLMTOP_STALL_S": "3"}
+    o = options_from_env(env, history=7, custom="yes")
+    assert (o.tick_s, o.layer_every, o.budget_pct, o.ops_every, o.flops) == (0.25, 4, 1.5, 0, False)
+    assert (o.history, o.client_buffer, o.record) == (7, 1024, "/tmp/x.llmtop")
+    assert o.extra == {"socket": "/tmp/s.sock", "stall_s": 3.0, "custom": "yes"}
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_env_values_are_ignored_with_one_line_each(capsys: pytest.CaptureFixture[str]) -> None:
+    o = options_from_env({"LLMTOP_TICK": "fast", "LLMTOP_LAYER_EVERY": "-2", "LLMTOP_FLOPS": "maybe"})
+    defaults = core.Options()
+    assert (o.tick_s, o.layer_every, o.flops) == (defaults.tick_s, defaults.layer_every, defaults.flops)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("llmtop: ignoring LLMTOP_") for line in err)
+
+
+def test_socket_claiming_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    opts = options_from_env({}, socket="/tmp/d/run.sock")
+    me, parent = os.getpid(), os.getppid()
+    beside = Path(f"/tmp/d/{me}.sock")
+    assert resolve_socket(opts, {"LLMTOP_PARENT_PID": str(parent)}) == Path("/tmp/d/run.sock")
+    assert resolve_socket(opts, {"LLMTOP_PARENT_PID": str(parent + 1)}) == beside
+    assert resolve_socket(opts, {}) == Path("/tmp/d/run.sock")  # first to bind wins
+    assert resolve_socket(opts, {"RANK": "3"}) == beside
+    assert resolve_socket(opts, {"RANK": "0"}) == Path("/tmp/d/run.sock")
+    monkeypatch.setattr("sys.orig_argv", ["python", "-m", "torch.distributed.run", "train.py"])
+    assert resolve_socket(opts, {}) == beside  # the launcher leaves the socket to its ranks
+    from llmtop.protocol.paths import socket_path_for
+
+    assert resolve_socket(options_from_env({}), {}) == socket_path_for(me)
+
+
+def test_history_keeps_latest_tree_per_model_and_flops_per_signature_in_order() -> None:
+    h = History(3)
+
+    def add(ev) -> None:
+        h.add(ev, encode(ev))
+
+    add(Session(pid=1, argv=["a"]))
+    add(ModelTree(model=0, name="Old", ids=[0], paths=[""], classes=["Old"], params=[1], parents=[-1]))
+    for i in range(5):
+        add(Step(step=i, t=float(i), dur_ms=1.0))
+    add(LayerFlops(signature="s1", ids=[0], flops=[1.0], bytes=[1.0]))
+    add(LayerFlops(signature="s1", ids=[0], flops=[2.0], bytes=[1.0]))
+    add(ModelTree(model=0, name="New", ids=[0], paths=[""], classes=["New"], params=[1], parents=[-1]))
+    add(Session(pid=1, argv=["b"]))
+    add(SnapshotDone(events=0))  # per connection: never history
+    events = [decode_one(b) for f in h.snapshot() for b in FrameDecoder().feed(f)]
+    assert isinstance(events[0], Session) and events[0].argv == ["b"]
+    assert isinstance(events[1], ModelTree) and events[1].name == "New"
+    rest = events[2:]
+    assert [e.step for e in rest if isinstance(e, Step)] == [2, 3, 4]
+    assert [e.flops for e in rest if isinstance(e, LayerFlops)] == [[2.0]]
+    assert isinstance(rest[-1], LayerFlops)  # published after the steps, so it comes after them
+
+
+class Failing:
+    name = "failing"
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.uninstalled = False
+
+    def install(self, ctx) -> None:
+        if self.where == "install":
+            raise RuntimeError("install broke")
+
+    def poll(self, now: float):
+        if self.where == "poll":
+            raise ValueError("poll broke")
+        return [Metric(name="ok", value=1.0, t=now)]
+
+    def uninstall(self) -> None:
+        self.uninstalled = True
+
+
+def test_failing_instrument_is_disabled_reported_and_others_go_on(short_tmp: Path) -> None:
+    bad_poll, bad_install, good = Failing("poll"), Failing("install"), Failing("none")
+    agent = Agent(options_from_env({}, socket=str(short_tmp / "r.sock"), tick_s=0.05),
+                  instruments=[bad_install, bad_poll, good]).start()
+    try:
+        conn = Connection(agent.socket_path, timeout=5)
+        warnings: list[str] = []
+        oks = 0
+        for ev in conn.events():
+            if isinstance(ev, AgentWarning):
+                warnings.append(ev.message)
+            oks += isinstance(ev, Metric)
+            if oks >= 3 and len(warnings) >= 2:
+                break
+        conn.close()
+        good_uninstalled_while_running = good.uninstalled
+    finally:
+        agent.stop()
+    assert any("install failed" in w and "install broke" in w for w in warnings)
+    assert any("poll failed" in w and "poll broke" in w for w in warnings)
+    assert bad_poll.uninstalled and bad_install.uninstalled
+    assert not good_uninstalled_while_running and good.uninstalled  # the healthy one: only at stop
+    assert oks >= 3  # and it kept being polled
+
+
+def test_emit_is_bounded_and_cheap_without_a_tick(short_tmp: Path) -> None:
+    agent = Agent(options_from_env({}, socket=str(short_tmp / "q.sock"), tick_s=3600), instruments=[]).start()
+    try:
+        ev = Metric(name="m", value=1.0, t=time.time())
+        for _ in range(300_000):
+            agent.emit(ev)
+        assert len(agent._queue) == agent._queue.maxlen  # oldest dropped, memory bounded
+    finally:
+        agent.stop()
+
+
+def test_encoding_failure_skips_the_event_with_one_warning(short_tmp: Path) -> None:
+    agent = Agent(options_from_env({}, socket=str(short_tmp / "e.sock"), tick_s=0.05), instruments=[]).start()
+    try:
+        conn = Connection(agent.socket_path, timeout=5)
+        for _ in range(3):
+            agent.emit(Metric(name="bad", value=object(), t=0.0))  # type: ignore[arg-type]
+        agent.emit(Metric(name="good", value=2.0, t=0.0))
+        got = []
+        for ev in conn.events():
+            if isinstance(ev, (AgentWarning, Metric)):
+                got.append(ev)
+            if isinstance(ev, Metric):
+                break
+        conn.close()
+    finally:
+        agent.stop()
+    assert [type(e).__name__ for e in got] == ["AgentWarning", "Metric"] and got[1].name == "good"
