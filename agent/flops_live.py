@@ -1,0 +1,283 @@
+"""Live per-layer FLOPs and bytes: once per model and input-shape signature, off the hot path.
+
+Hot path (``core.BUS.root_forward_start``): the input shapes, dtypes and plain values are turned
+into a hashable signature; a new one is queued with a weak reference to the model. No tensor is
+copied or kept.
+
+Agent thread (``poll``): the model is deep-copied with every parameter and buffer replaced by a
+meta tensor (no weights copied), run once on meta inputs of the queued shapes under the counters
+of ``flops.py``, and the per-module costs are joined to the layers instrument's module ids into one
+``LayerFlops`` event. Peaks come from ``roofline.py`` for the model's device and dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections import deque
+from typing import Any
+
+from llmtop.protocol.events import Event, LayerFlops
+
+from . import core
+
+MAX_SIGNATURES = 16  # per model; decoding with a growing mask would otherwise never stop
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _spec(x: Any, depth: int = 0) -> Any:
+    """A hashable description of one argument: shapes and dtypes of tensors, plain values as is."""
+    shape = getattr(x, "shape", None)
+    if shape is not None and hasattr(x, "dtype") and hasattr(x, "device"):
+        return ("T", tuple(shape), x.dtype, x.device.type)
+    if isinstance(x, _PLAIN):
+        return x
+    if depth < 2 and isinstance(x, (list, tuple)):
+        return ("L", tuple(_spec(v, depth + 1) for v in x))
+    if depth < 2 and isinstance(x, dict):
+        return ("D", tuple((k, _spec(v, depth + 1)) for k, v in x.items()))
+    return ("O", type(x).__name__)  # opaque (a KV cache object …): not rebuilt on meta
+
+
+def signature(args: tuple, kwargs: dict) -> tuple:
+    return (tuple(_spec(a) for a in args), tuple((k, _spec(v)) for k, v in kwargs.items()))
+
+
+def describe(sig: tuple) -> str:
+    """``input_ids:1x128:int64 use_cache=False`` — the signature as people read it."""
+
+    def one(s: Any) -> str:
+        if isinstance(s, tuple) and s and s[0] == "T":
+            return f"{'x'.join(map(str, s[1])) or 'scalar'}:{str(s[2]).replace('torch.', '')}"
+        if isinstance(s, tuple) and s and s[0] == "O":
+            return s[1]
+        if isinstance(s, tuple) and s and s[0] in ("L", "D"):
+            return "[…]"
+        return repr(s)
+
+    args, kwargs = sig
+    parts = [one(a) for a in args] + [f"{k}:{one(v)}" for k, v in kwargs]
+    return " ".join(parts)
+
+
+def _rebuild(s: Any, torch: Any) -> tuple[bool, Any]:
+    """(ok, meta value) for a spec; opaque objects cannot be rebuilt."""
+    if isinstance(s, tuple) and s:
+        kind = s[0]
+        if kind == "T":
+            _, shape, dtype, _dev = s
+            if dtype.is_floating_point or dtype.is_complex:
+                return True, torch.empty(shape, dtype=dtype, device="meta")
+            return True, torch.zeros(shape, dtype=dtype, device="meta")
+        if kind == "L":
+            items = [_rebuild(v, torch) for v in s[1]]
+            return all(ok for ok, _ in items), [v for _, v in items]
+        if kind == "D":
+            out = {}
+            for k, v in s[1]:
+                ok, val = _rebuild(v, torch)
+                if ok:
+                    out[k] = val
+            return True, out
+        if kind == "O":
+            return False, None
+    return True, s
+
+
+def meta_copy(model: Any) -> Any:
+    """``model`` deep-copied with meta parameters and buffers and no hooks: weights are not copied."""
+    import torch
+
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    for m in model.modules():
+        for attr, value in vars(m).items():
+            if "hooks" in attr and isinstance(value, dict):  # hooks hold other objects (our agent…)
+                memo[id(value)] = type(value)()
+    return copy.deepcopy(model, memo)
+
+
+def _layers_instrument() -> Any:
+    """The running layers instrument (helper I1's ``LayersInstrument``), found on the agent."""
+    agent = core.ACTIVE
+    for inst in list(getattr(agent, "_instruments", []) or []):
+        if getattr(inst, "name", "") == "layers" and hasattr(inst, "module_ids"):
+            return inst
+    return None
+
+
+class _Muted:
+    """Keeps the layers instrument's global hooks quiet on this thread while the meta copy runs.
+
+    Uses the instrument's per-thread ``mute`` counter (the one it uses for checkpoint re-runs).
+    """
+
+    def __init__(self, layers: Any) -> None:
+        self.layers = layers
+        self.st: Any = None
+
+    def __enter__(self) -> None:
+        layers = self.layers
+        if layers is None or not hasattr(layers, "_tls"):
+            return
+        muted = getattr(layers, "muted", None)
+        if callable(muted):  # a public switch, if the layers instrument grows one
+            self.cm = muted()
+            self.cm.__enter__()
+            return
+        st = getattr(layers._tls, "st", None)
+        if st is None:
+            st = layers._state()
+        st.gen = layers._gen
+        st.mute = 1
+        self.st = st
+
+    def __exit__(self, *exc: Any) -> None:
+        if getattr(self, "cm", None) is not None:
+            self.cm.__exit__(*exc)
+        elif self.st is not None:
+            self.st.mute = 0
+
+
+class FlopsInstrument:
+    name = "flops"
+
+    def __init__(self, options: core.Options | None = None, layers: Any = None) -> None:
+        self.options = options or core.Options()
+        self.layers = layers  # the layers instrument; found on the running agent when None
+        self.ctx: Any = None
+        self._seen: dict[int, set] = {}  # id(model) -> signatures queued
+        self._queue: deque[tuple[Any, tuple]] = deque(maxlen=64)
+        self._dead = False
+        self._installed = False
+        self.computed = 0
+        self.device: Any = None  # overrides the device lookup (tests, --device)
+
+    # --- Instrument contract ---------------------------------------------------------------------
+    def install(self, ctx: core.Context) -> None:
+        self.ctx = ctx
+        if not self.options.flops:
+            return
+        core.BUS.root_forward_start.append(self._on_root)
+        self._installed = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            try:
+                core.BUS.root_forward_start.remove(self._on_root)
+            except ValueError:
+                pass
+            self._installed = False
+
+    def poll(self, now: float) -> list[Event]:
+        out: list[Event] = []
+        retry = []
+        while self._queue:  # at most one model copy per queued signature, each once
+            ref, sig = self._queue.popleft()
+            model = ref()
+            if model is None:
+                continue
+            try:
+                ev = self.compute(model, sig)
+            except Exception as exc:  # a model that cannot run on meta: say so, keep the run going
+                self._warn(f"FLOPs for {type(model).__name__} ({describe(sig)}) failed: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+                continue
+            if ev is None:
+                retry.append((ref, sig))  # the layers instrument has not named its modules yet
+            else:
+                out.append(ev)
+        self._queue.extend(retry)
+        return out
+
+    # --- hot path --------------------------------------------------------------------------------
+    def _on_root(self, module: Any, t_start_ns: int, args: tuple, kwargs: dict) -> None:
+        if self._dead:
+            return
+        try:
+            sig = signature(args, kwargs)
+            seen = self._seen.get(id(module))
+            if seen is None:
+                if len(self._seen) >= 1024:  # many short-lived roots: start over rather than grow
+                    self._seen.clear()
+                seen = self._seen[id(module)] = set()
+            if sig in seen or len(seen) >= MAX_SIGNATURES:
+                return
+            seen.add(sig)
+            self._queue.append((weakref.ref(module), sig))
+        except Exception as exc:  # fail open
+            self._dead = True
+            self._warn(f"signature capture failed: {type(exc).__name__}: {exc}")
+
+    # --- agent thread ----------------------------------------------------------------------------
+    def compute(self, model: Any, sig: tuple) -> LayerFlops | None:
+        import torch
+
+        from . import flops as F
+
+        layers = self.layers or _layers_instrument()
+        ids = layers.module_ids() if layers is not None else {}
+        root_id = ids.get(model)
+        if root_id is None:
+            return None
+        args_spec, kwargs_spec = sig
+        args = []
+        for s in args_spec:
+            ok, v = _rebuild(s, torch)
+            args.append(v if ok else None)
+        kwargs = {}
+        for k, s in kwargs_spec:
+            ok, v = _rebuild(s, torch)
+            if ok:
+                kwargs[k] = v
+        clone = meta_copy(model)
+        clone.eval()
+        with _Muted(layers):
+            prof = F.count(clone, tuple(args), kwargs)
+        originals = dict(model.named_modules())
+        out_ids: list[int] = []
+        fl: list[float] = []
+        by: list[float] = []
+        for cost in prof.modules:
+            orig = originals.get(cost.path)
+            gid = ids.get(orig) if orig is not None else None
+            if gid is None or not cost.calls:
+                continue
+            out_ids.append(gid)
+            fl.append(cost.flops / cost.calls)
+            by.append(cost.bytes / cost.calls)
+        dev, dtype = self._device(model)
+        self.computed += 1
+        return LayerFlops(
+            signature=describe(sig), ids=out_ids, flops=fl, bytes=by,
+            peak_flops=dev.peak(dtype) if dev is not None else None,
+            peak_bw=dev.bandwidth if dev is not None else None,
+            device=dev.name if dev is not None else "",
+        )
+
+    def _device(self, model: Any) -> tuple[Any, str]:
+        from . import roofline
+
+        p = next(iter(model.parameters()), None)
+        dtype = str(p.dtype) if p is not None else "float32"
+        if self.device is not None:
+            return self.device, dtype
+        try:
+            if p is not None and p.device.type == "cuda":
+                import torch
+
+                dev = roofline.lookup(torch.cuda.get_device_name(p.device))
+                return (roofline.with_overrides(dev) if dev is not None else None), dtype
+            return roofline.device_for("cpu"), dtype
+        except Exception:
+            return None, dtype
+
+    def _warn(self, message: str) -> None:
+        try:
+            if self.ctx is not None:
+                self.ctx.warn(self.name, message)
+        except Exception:
+            pass

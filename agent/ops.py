@@ -1,0 +1,154 @@
+"""Hot aten ops: a profiler window of one step in N, processed off the hot path.
+
+On the user's thread the instrument only starts the profiler at one step boundary and stops it at
+the next (``core.BUS.step_end``); everything else (parsing the events, grouping by op and input
+shapes, FLOPs from ``flops.FORMULAS``) runs on the agent thread in ``poll()``, keeps the top K rows
+and drops the trace. On CPU the autograd profiler without Kineto is used (cheapest start/stop);
+with CUDA, Kineto records device time as well.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from typing import Any
+
+from llmtop.protocol.events import Event, Ops
+
+from . import core
+from .flops import PARENT_OPS, has_formula, op_flops
+
+TOP_K = 30
+FIRST_STEP = 2  # profile an early step too, so the Ops view fills before step N
+
+
+class OpsInstrument:
+    name = "ops"
+
+    def __init__(self, options: core.Options | None = None) -> None:
+        self.options = options or core.Options()
+        self.every = int(self.options.ops_every or 0)
+        self.top_k = int(self.options.extra.get("ops_top_k", TOP_K) or TOP_K)
+        self.ctx: Any = None
+        self._prof: Any = None  # the window in progress (user's thread owns start/stop)
+        self._prof_step = -1
+        self._thread = 0
+        self._done: deque[tuple[int, Any]] = deque(maxlen=2)  # finished windows for poll()
+        self._dead = False
+        self.windows = 0
+
+    # --- Instrument contract ---------------------------------------------------------------------
+    def install(self, ctx: core.Context) -> None:
+        self.ctx = ctx
+        if self.every <= 0:
+            return
+        import torch
+
+        self._torch = torch
+        self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        core.BUS.step_end.append(self._on_step_end)
+
+    def uninstall(self) -> None:
+        try:
+            core.BUS.step_end.remove(self._on_step_end)
+        except ValueError:
+            pass
+        prof, self._prof = self._prof, None
+        if prof is not None and threading.get_ident() == self._thread:
+            try:
+                prof.__exit__(None, None, None)
+            except Exception:
+                pass
+
+    def poll(self, now: float) -> list[Event]:
+        out: list[Event] = []
+        while self._done:
+            step, prof = self._done.popleft()
+            try:
+                out.append(summarize(prof.function_events, step, self.top_k))
+            finally:
+                del prof  # the trace is dropped once summarized
+        return out
+
+    # --- hot path: one start and one stop per window ---------------------------------------------
+    def _on_step_end(self, step: int, t_end_ns: int) -> None:
+        if self._dead:
+            return
+        try:
+            if self._prof is not None:
+                if threading.get_ident() != self._thread:
+                    return  # another thread's step: the window belongs to the starting thread
+                prof, self._prof = self._prof, None
+                prof.__exit__(None, None, None)
+                self._done.append((self._prof_step, prof))
+                self.windows += 1
+            nxt = step + 1
+            if nxt == FIRST_STEP or nxt % self.every == 0:
+                self._start(nxt)
+        except Exception as exc:  # fail open: disable, never raise into the step
+            self._dead = True
+            self._prof = None
+            self._warn(f"profiler window failed: {type(exc).__name__}: {exc}")
+
+    def _start(self, step: int) -> None:
+        from torch.autograd import profiler
+
+        if self._torch.autograd._profiler_enabled():  # the user is profiling: stay out of the way
+            return
+        added = "KINETO_LOG_LEVEL" not in os.environ
+        if added:  # Kineto prints "profiler_start/stop" lines on stderr: the user's output
+            os.environ["KINETO_LOG_LEVEL"] = "6"
+        try:
+            if self._cuda:
+                prof = profiler.profile(record_shapes=True, use_device="cuda", use_kineto=True)
+            else:
+                prof = profiler.profile(record_shapes=True, use_kineto=False)
+            prof.__enter__()
+        finally:
+            if added:
+                os.environ.pop("KINETO_LOG_LEVEL", None)
+        self._prof, self._prof_step, self._thread = prof, step, threading.get_ident()
+
+    def _warn(self, message: str) -> None:
+        try:
+            if self.ctx is not None:
+                self.ctx.warn(self.name, message)
+        except Exception:
+            pass
+
+
+def summarize(events: Any, step: int, top_k: int = TOP_K) -> Ops:
+    """Group a window's aten events by (op, input shapes): self time, calls, FLOPs; top K by time."""
+    rows: dict[tuple[str, str], list[Any]] = {}
+    total = covered = 0.0
+    for e in events:
+        name = e.name
+        if not name.startswith("aten::"):
+            continue
+        dev_us = getattr(e, "self_device_time_total", 0) or 0
+        self_us = float(dev_us or e.self_cpu_time_total)
+        shapes = [list(s) if s else None for s in (e.input_shapes or [])]
+        key = (name, "; ".join("x".join(map(str, s)) for s in shapes if s))
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = [0.0, 0, 0.0]
+        row[0] += self_us
+        row[1] += 1
+        if name not in PARENT_OPS:
+            values = list(getattr(e, "concrete_inputs", None) or [])
+            fl = op_flops(name, [s if s else None for s in shapes], values)
+            row[2] += fl or 0.0
+        total += self_us
+        if has_formula(name):
+            covered += self_us
+    top = sorted(rows.items(), key=lambda kv: -kv[1][0])[:top_k]
+    return Ops(
+        step=step,
+        names=[k[0] for k, _ in top],
+        self_ms=[v[0] / 1e3 for _, v in top],
+        calls=[v[1] for _, v in top],
+        flops=[v[2] for _, v in top],
+        shapes=[k[1] for k, _ in top],
+        coverage=covered / total if total else None,
+    )

@@ -1,0 +1,216 @@
+"""Live instruments: aten-op windows (OpsInstrument) and per-layer FLOPs (FlopsInstrument) on CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from llmtop.agent import core  # noqa: E402
+from llmtop.agent import flops as F  # noqa: E402
+from llmtop.agent.flops_live import FlopsInstrument, describe, signature  # noqa: E402
+from llmtop.agent.layers import LayersInstrument  # noqa: E402
+from llmtop.agent.ops import OpsInstrument  # noqa: E402
+from llmtop.agent.roofline import Device  # noqa: E402
+from llmtop.protocol.events import Event, LayerFlops, ModelTree, Ops  # noqa: E402
+from llmtop.protocol.stream import Connection  # noqa: E402
+
+from .conftest import LLMTOP, child_env  # noqa: E402
+
+
+class Collect:
+    """A real ``Context`` that keeps what instruments emit."""
+
+    def __init__(self, **options: Any) -> None:
+        options.setdefault("extra", {"layer_call_ns": 3000})
+        self.options = core.Options(**options)
+        self.events: list[Event] = []
+        self.warnings: list[tuple[str, str]] = []
+        self.current_step = 0
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+    def warn(self, source: str, message: str) -> None:
+        self.warnings.append((source, message))
+
+    def set_manual_step(self, fn: Any) -> None:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def clean_bus() -> Iterator[None]:
+    saved = (core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end)
+    core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end = [], [], []
+    try:
+        yield
+    finally:
+        core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end = saved
+
+
+def end_step(step: int) -> None:
+    for fn in list(core.BUS.step_end):
+        fn(step, time.perf_counter_ns())
+
+
+def tiny_gpt2() -> Any:
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=500, n_positions=128)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+# --- FlopsInstrument ----------------------------------------------------------------------------------
+
+
+def test_layer_flops_once_per_signature_joined_to_module_ids() -> None:
+    ctx = Collect()
+    layers = LayersInstrument(ctx.options)
+    layers.install(ctx)
+    inst = FlopsInstrument(ctx.options, layers=layers)
+    inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
+    inst.install(ctx)
+    try:
+        model = tiny_gpt2()
+        ids16 = torch.randint(0, 500, (2, 16))
+        with torch.no_grad():
+            for _ in range(3):
+                model(ids16)
+            model(torch.randint(0, 500, (2, 24)))
+        events = inst.poll(time.time())
+        events += inst.poll(time.time())  # nothing new: same signatures
+    finally:
+        inst.uninstall()
+        layers.uninstall()
+    layer_flops = [e for e in events if isinstance(e, LayerFlops)]
+    assert len(layer_flops) == 2 and inst.computed == 2
+    assert "2x16:int64" in layer_flops[0].signature and "2x24:int64" in layer_flops[1].signature
+    trees = [e for e in ctx.events if isinstance(e, ModelTree)]
+    assert len(trees) == 1  # the meta copy run on this thread was not taken for a new model
+    by_path = dict(zip(trees[0].paths, trees[0].ids, strict=True))
+    ev = layer_flops[0]
+    flops = dict(zip(ev.ids, ev.flops, strict=True))
+    nbytes = dict(zip(ev.ids, ev.bytes, strict=True))
+    assert set(ev.ids) <= set(trees[0].ids)
+    assert flops[by_path["lm_head"]] == 2 * 2 * 16 * 64 * 500
+    # the whole model matches a direct count on meta tensors of the same shapes
+    with torch.device("meta"):
+        ref_model = transformers.GPT2LMHeadModel(model.config).eval()
+    ref = F.count(ref_model, (torch.zeros(2, 16, dtype=torch.long, device="meta"),))
+    assert flops[by_path[""]] == pytest.approx(ref.flops)
+    assert nbytes[by_path["transformer.h.0.mlp.c_fc"]] > 64 * 256 * 4  # at least its weights
+    assert ev.peak_flops == 1e12 and ev.peak_bw == 1e11 and ev.device == "test device"
+    assert ctx.warnings == []
+
+
+def test_signature_captures_shapes_not_tensors() -> None:
+    x = torch.ones(3, 5)
+    sig = signature((x,), {"mask": torch.ones(3, 5, dtype=torch.bool), "flag": True, "cache": object()})
+    assert x not in [v for part in sig for v in part]  # no reference to the tensor itself
+    assert describe(sig) == "3x5:float32 mask:3x5:bool flag:True cache:object"
+    assert signature((torch.zeros(3, 5),), {}) == signature((x,), {})
+
+
+# --- OpsInstrument ------------------------------------------------------------------------------------
+
+
+def test_ops_window_one_step_in_n_with_real_aten_names() -> None:
+    ctx = Collect(ops_every=3)
+    inst = OpsInstrument(ctx.options)
+    inst.install(ctx)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(16, 32)
+    events: list[Event] = []
+    try:
+        for step in range(1, 8):
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            end_step(step)
+            events += inst.poll(time.time())  # the agent thread's tick
+    finally:
+        inst.uninstall()
+    ops = [e for e in events if isinstance(e, Ops)]
+    # windows: step 2 (the early one), then steps 3 and 6 (every 3rd)
+    assert [e.step for e in ops] == [2, 3, 6]
+    ev = ops[-1]
+    assert len(ev.names) == len(ev.self_ms) == len(ev.calls) == len(ev.flops) == len(ev.shapes)
+    assert all(n.startswith("aten::") for n in ev.names)
+    assert ev.self_ms == sorted(ev.self_ms, reverse=True)
+    rows = dict(zip(zip(ev.names, ev.shapes, strict=True), ev.flops, strict=True))
+    assert rows[("aten::addmm", "64; 16x32; 32x64")] == 2 * 16 * 32 * 64  # first Linear's forward
+    assert 0 < ev.coverage <= 1
+    assert sum(ev.flops) > 0
+    assert ctx.warnings == []
+
+
+# --- end to end: a real script under `llmtop attach --headless` -------------------------------------
+
+SCRIPT = textwrap.dedent("""
+    import os, time
+    import torch
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=500, n_positions=64)
+    model = transformers.GPT2LMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 500, (4, 32))
+    for step in range(2000):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        time.sleep(0.002)
+        if step > 10 and os.path.exists("enough"):
+            break
+    print("done", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_attached_script_streams_ops_and_layer_flops(short_tmp: Path) -> None:
+    (short_tmp / "train.py").write_text(SCRIPT)
+    sock = short_tmp / "a.sock"
+    env = child_env(LLMTOP_SOCKET=str(sock), LLMTOP_TICK="0.1", LLMTOP_OPS_EVERY="5",
+                    XDG_CACHE_HOME=str(short_tmp / "cache"))
+    proc = subprocess.Popen([LLMTOP, "attach", "--headless", "train.py"], cwd=short_tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    got: dict[type, list[Event]] = {Ops: [], LayerFlops: [], ModelTree: []}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = Connection(sock, timeout=10)
+                break
+            except ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+        for ev in conn.events():
+            if type(ev) in got:
+                got[type(ev)].append(ev)
+            if got[Ops] and got[LayerFlops]:
+                break
+        conn.close()
+    finally:
+        (short_tmp / "enough").write_text("")
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "profiler_start" not in err and out == "done\n"
+    ops = got[Ops][0]
+    assert any(n in ("aten::addmm", "aten::mm") for n in ops.names)
+    lf = got[LayerFlops][0]
+    tree = got[ModelTree][0]
+    assert set(lf.ids) <= set(tree.ids)
+    root = dict(zip(lf.ids, lf.flops, strict=True))[tree.ids[tree.paths.index("")]]
+    assert root > 2 * 4 * 32 * 64 * 500  # at least the LM head
+    assert lf.peak_flops and lf.peak_bw  # the calibrated CPU
