@@ -110,7 +110,7 @@ def render(a: RunSummary, b: RunSummary, step: Delta | None, phases: list[Delta]
         lines.append("phases (median ms)")
         lines += [row(d) for d in phases]
     if layers:
-        shown = [d for d in layers if d.delta_ms > 0][:ROWS]
+        shown = sorted((d for d in layers if d.delta_ms > 0), key=lambda d: d.pct, reverse=True)[:ROWS]
         faster = sorted((d for d in layers if d.delta_ms < 0), key=lambda d: d.delta_ms)[: max(0, ROWS // 2)]
         if shown:
             lines.append("layers slower in B (median ms, by module path)")
