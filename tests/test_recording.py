@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,66 @@ def test_keyframe_builder_keeps_state_and_recent_history() -> None:
     assert sum(1 for f in frames if f == encode(SESSION)) == 1
     kinds = [body["k"] for body in FrameDecoder().feed(b"".join(frames))]
     assert kinds.count("step") == 10 and kinds.count("layers") == 8
+
+
+AGENT_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import torch
+    from torch import nn
+    import llmtop.agent
+
+    llmtop.agent.start()
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    step = 0
+    while True:
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if step == 30:
+            print("ready", flush=True)
+        time.sleep(0.01)
+""")
+
+
+def test_kill_9_of_a_recording_script(short_tmp: Path) -> None:
+    """The agent records (LLMTOP_RECORD) while the script trains; kill -9 leaves a readable file with
+    everything up to the last flush, at most a second before the kill."""
+    from tests.conftest import child_env
+
+    path = short_tmp / "agent.lrec"
+    (short_tmp / "train.py").write_text(AGENT_SCRIPT)
+    env = child_env(LLMTOP_RECORD=str(path), LLMTOP_SOCKET=str(short_tmp / "a.sock"), LLMTOP_TICK="0.1")
+    child = subprocess.Popen([sys.executable, "train.py"], cwd=short_tmp, env=env, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        # Steps 1..30 are done; the agent publishes them within a tick and writes a block within a
+        # second. Wait until the file holds them, then kill without warning.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if RecordingReader(path).steps >= 30:
+                    break
+            except RecordingError:
+                pass  # not written yet
+            assert time.monotonic() < deadline, "the agent wrote no steps"
+            time.sleep(0.1)
+        time.sleep(1.5)  # more steps run; those older than a second must be on disk when killed
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+    r = RecordingReader(path)
+    assert r.warning is None or "truncated" in r.warning
+    events = list(r.events())
+    steps = [e.step for e in events if isinstance(e, Step)]
+    assert len(steps) > 30 and steps == sorted(steps)
+    assert not any(isinstance(e, End) for e in events)  # killed: no End, no trailer, still readable
+    assert isinstance(events[0], Session) and events[0].pid == child.pid
