@@ -7,8 +7,9 @@ tracebacks and the error for a missing script are exactly python's, and llmtop e
 child's code (or dies of the child's signal).
 
 Headless, the child shares llmtop's terminal and process group. With the dashboard, the child's
-stdout and stderr go to ptys owned by llmtop (progress bars behave as in a terminal) and it runs in
+stdout and stderr go to a pty owned by llmtop (progress bars behave as in a terminal) and it runs in
 its own session, so closing llmtop's terminal never sends it SIGHUP (``Child.detach``).
+Both streams share one pty, so their interleaving is exactly what a terminal would show.
 """
 
 from __future__ import annotations
@@ -125,8 +126,13 @@ def _clear_stale(path: Path) -> None:
 
 
 class _LineSplitter:
-    """Turns a stream's text into LogLines: ``\\n`` ends a line; a ``\\r``-terminated update (a
-    progress bar) is a line with ``replace=True``, which the next line overwrites."""
+    """Turns a stream's text into LogLines as a terminal would show them.
+
+    ``\\n`` ends a line. A ``\\r``-terminated segment (a progress bar update) and an unterminated
+    line left quiet for a moment are provisional: the line that follows on the same stream is sent
+    with ``replace=True``, meaning "overwrite the previous line of this stream" (as the viewer's
+    ``SessionModel.add_log`` does).
+    """
 
     def __init__(self, stream: str, out: deque[LogLine]) -> None:
         self.stream = stream
@@ -134,7 +140,8 @@ class _LineSplitter:
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.partial = ""
         self.cr = False  # a chunk ended in \r: it may be the first half of \r\n
-        self.shown = False  # the current partial was already shown as provisional
+        self.shown = ""  # the partial text already shown provisionally
+        self.provisional = False  # the last line sent on this stream will be overwritten
 
     def feed(self, data: bytes) -> None:
         text = self.decoder.decode(data)
@@ -150,31 +157,40 @@ class _LineSplitter:
             self.partial += parts[i]
             term = parts[i + 1] if i + 1 < len(parts) else ""
             if term == "\n":
-                self._emit(False)
-            elif term == "\r" and self.partial:
-                self._emit(True)
+                self._emit(provisional=False)
+            elif term == "\r":
+                if self.partial and self.partial == self.shown:
+                    self.partial = self.shown = ""  # already on screen, provisionally
+                elif self.partial.strip():
+                    self._emit(provisional=True)
+                else:  # "\r    \r" clears the line: the next text overwrites what was there
+                    self.partial = ""
             if len(self.partial) > MAX_LINE_CHARS:
-                self._emit(False)
+                self._emit(provisional=False)
 
     def idle(self) -> None:
         if self.cr:
             self.cr = False
-            if self.partial:
-                self._emit(True)
-        elif self.partial and not self.shown:
-            self.out.append(LogLine(t=time.time(), text=self.partial, stream=self.stream, replace=True))
-            self.shown = True
+            if self.partial.strip():
+                self._emit(provisional=True)
+            else:
+                self.partial = ""
+        elif self.partial and self.partial != self.shown:
+            self.out.append(LogLine(t=time.time(), text=self.partial, stream=self.stream, replace=self.provisional))
+            self.shown = self.partial
+            self.provisional = True
 
     def close(self) -> None:
         self.partial += self.decoder.decode(b"", final=True)
-        self.idle()
+        self.cr = False
         if self.partial:
-            self._emit(False)
+            self._emit(provisional=False)
 
-    def _emit(self, replace: bool) -> None:
-        self.out.append(LogLine(t=time.time(), text=self.partial, stream=self.stream, replace=replace))
+    def _emit(self, provisional: bool) -> None:
+        self.out.append(LogLine(t=time.time(), text=self.partial, stream=self.stream, replace=self.provisional))
+        self.provisional = provisional
         self.partial = ""
-        self.shown = False
+        self.shown = ""
 
 
 _DRAINER = r"""
@@ -231,24 +247,20 @@ class Child:
         else:
             import pty
 
-            masters: dict[str, int] = {}
-            slaves: list[int] = []
-            for name in ("stdout", "stderr"):
-                master, slave = pty.openpty()
-                os.set_inheritable(master, False)
-                masters[name] = master
-                slaves.append(slave)
+            # One pty for stdout and stderr, as in a terminal: their interleaving stays exact (two
+            # ptys would tell the streams apart but reorder them), so lines are labelled "stdout".
+            master, slave = pty.openpty()
+            os.set_inheritable(master, False)
             stdin: Any = None if not _isatty(0) else subprocess.DEVNULL
             try:
-                proc = subprocess.Popen(argv, env=env, stdin=stdin, stdout=slaves[0], stderr=slaves[1],
+                proc = subprocess.Popen(argv, env=env, stdin=stdin, stdout=slave, stderr=slave,
                                         start_new_session=True)
             except BaseException:
-                for fd in (*masters.values(), *slaves):
-                    os.close(fd)
+                os.close(master)
                 raise
-            for fd in slaves:
-                os.close(fd)
-            child = cls(proc, socket_path, argv, masters, own_session=True)
+            finally:
+                os.close(slave)
+            child = cls(proc, socket_path, argv, {"stdout": master}, own_session=True)
         child.wait_for_socket(wait_socket_s)
         return child
 
@@ -397,7 +409,7 @@ class Child:
         finally:
             os.close(fd)
         if self._masters and self.proc.poll() is None:
-            # A small process of its own keeps draining the ptys: the child never blocks on a full
+            # A small process of its own keeps draining the pty: the child never blocks on a full
             # pty or gets EIO/SIGHUP when llmtop exits.
             fds = list(self._masters.values())
             env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTOP")}

@@ -222,6 +222,16 @@ def collect(child: Child, until, timeout: float = 30.0) -> list:
     return lines
 
 
+def screen(lines: list) -> list[tuple[str, str]]:
+    """What the dashboard shows for these lines: the viewer's own model applies them."""
+    from llmtop.tui.model import SessionModel
+
+    model = SessionModel()
+    for line in lines:
+        model.add_log(line.text, line.stream, line.replace, line.t)
+    return [(e.stream, e.text) for e in model.logs]
+
+
 def test_pty_output_becomes_log_lines_with_progress_updates(project: Path) -> None:
     child = spawn_pty(project, """
         import sys, time
@@ -230,33 +240,44 @@ def test_pty_output_becomes_log_lines_with_progress_updates(project: Path) -> No
         for i in range(3):
             sys.stderr.write(f"\\rbar {i}/3")
             sys.stderr.flush()
+            time.sleep(0.3)
         sys.stderr.write("\\rbar 3/3\\n")
+        sys.stderr.write("\\r\\n")
         print("done")
     """)
     assert child.socket_path.exists() or child.poll() is not None
     assert child.wait(30) == 0
     lines = collect(child, lambda ls: any(x.text == "done" for x in ls))
-    out = [(x.stream, x.text, x.replace) for x in lines]
-    assert ("stdout", "isatty True True", False) in out
-    assert ("stdout", "\x1b[31mred\x1b[0m", False) in out  # ANSI codes are kept
-    bars = [x for x in out if x[0] == "stderr"]
-    assert bars[-1] == ("stderr", "bar 3/3", False)
-    assert all(replace for _, _, replace in bars[:-1]) and len(bars) >= 2
+    assert {x.stream for x in lines} == {"stdout"}  # one pty: the order across streams is exact
+    assert [(x.text, x.replace) for x in lines] == [
+        ("isatty True True", False),
+        ("\x1b[31mred\x1b[0m", False),  # ANSI codes are kept
+        ("bar 0/3", False),  # a progress bar starts a line...
+        ("bar 1/3", True),  # ...and each update overwrites it
+        ("bar 2/3", True),
+        ("bar 3/3", True),
+        ("", False),
+        ("done", False),
+    ]
+    assert [text for _, text in screen(lines)] == ["isatty True True", "\x1b[31mred\x1b[0m", "bar 3/3", "", "done"]
     end = child.end_event()
     assert (end.exit_code, end.signal, end.reason) == (0, None, "exit")
 
 
-def test_unterminated_line_is_shown_as_provisional(project: Path) -> None:
+def test_unterminated_line_is_shown_then_completed(project: Path) -> None:
     child = spawn_pty(project, """
         import sys, time
         sys.stdout.write("downloading 50%")
         sys.stdout.flush()
         time.sleep(1.0)
         print(" done")
+        print("next")
     """)
-    lines = collect(child, lambda ls: any(x.text.endswith("done") for x in ls))
+    lines = collect(child, lambda ls: any(x.text == "next" for x in ls))
     child.wait(30)
-    assert [(x.text, x.replace) for x in lines] == [("downloading 50%", True), ("downloading 50% done", False)]
+    assert [(x.text, x.replace) for x in lines] == [
+        ("downloading 50%", False), ("downloading 50% done", True), ("next", False)]
+    assert screen(lines) == [("stdout", "downloading 50% done"), ("stdout", "next")]
 
 
 def test_interrupt_and_stop(project: Path) -> None:
