@@ -69,29 +69,38 @@ class _Raw:
 
 def _input_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
     """(samples, tokens) from a root forward's inputs: ``input_ids`` or the first tensor argument."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return None, None
+    tensor = _TENSOR[0]
+    if tensor is None:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return None, None
+        tensor = _TENSOR[0] = torch.Tensor
     x = kwargs.get("input_ids") if kwargs else None
-    if not isinstance(x, torch.Tensor):
+    if x is None or not isinstance(x, tensor):
         x = None
         for a in args:
-            if isinstance(a, torch.Tensor):
+            if isinstance(a, tensor):
                 x = a
                 break
         else:
             if kwargs:
                 for a in kwargs.values():
-                    if isinstance(a, torch.Tensor):
+                    if isinstance(a, tensor):
                         x = a
                         break
-    if x is None or x.dim() == 0:
+    if x is None:
         return None, None
-    samples = int(x.shape[0])
-    tokens = None
-    if x.dim() == 2 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool:
-        tokens = int(x.numel())
-    return samples, tokens
+    shape = x.shape
+    if not shape:
+        return None, None
+    dtype = x.dtype
+    if len(shape) == 2 and not dtype.is_floating_point and not dtype.is_complex and dtype is not _BOOL[0]:
+        return shape[0], shape[0] * shape[1]
+    return shape[0], None
+
+
+_TENSOR: list[Any] = [None]
+_BOOL: list[Any] = [None]
 
 
 class StepInstrument:
@@ -113,6 +122,8 @@ class StepInstrument:
         self.scalars = ScalarReader()
         self.gpu = GpuStepClock()
         self.layers: Any = None  # the layers instrument, for its overhead and sampling rate
+        self.h2d_armed = False  # see _arm_h2d
+        self._other_device = False  # a non-CUDA accelerator (MPS, XLA) is present
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -148,9 +159,17 @@ class StepInstrument:
         import torch.utils.data.dataloader as dl
 
         self.ctx = ctx
+        self._grad_enabled = torch.is_grad_enabled
+        _BOOL[0] = torch.bool
         self._pc0 = _perf()
         self._wall0 = time.time()
         self._find_layers()
+        try:
+            mps = getattr(torch.backends, "mps", None)
+            self._other_device = bool(mps is not None and mps.is_available()) or "torch_xla" in sys.modules
+        except Exception:
+            self._other_device = True
+        self._arm_h2d()
         import torch.optim.optimizer as opt
         self._handles.append(opt.register_optimizer_step_pre_hook(self._opt_pre))
         self._handles.append(opt.register_optimizer_step_post_hook(self._opt_post))
@@ -270,6 +289,7 @@ class StepInstrument:
     def _push(self, phase: int, t0: int) -> _Frame:
         if self.win_start is None:
             self.win_start = t0
+            self._arm_h2d()
             self.gpu.restart()
         f = _Frame(phase, t0)
         self.stack.append(f)
@@ -289,6 +309,10 @@ class StepInstrument:
             st[-1].child += dur
         self.acc[f.phase] += dur - f.child
         return dur
+
+    def _arm_h2d(self) -> None:
+        """Time ``Tensor.to`` only while a device is in use; on CPU-only runs h2d is 0 for free."""
+        self.h2d_armed = self.h2d_armed or self._other_device or cuda_ready()
 
     # --- training activity and the evaluation rule -----------------------------------------------
 
@@ -345,8 +369,8 @@ class StepInstrument:
         compiling = _compiling_check()
 
         def to(t: Any, *args: Any, **kwargs: Any) -> Any:
-            if tr.disabled or not t.is_cpu or tr.win_start is None or compiling():
-                # already on a device, no step in progress (model set-up), or traced by dynamo
+            if not tr.h2d_armed or tr.disabled or not t.is_cpu or tr.win_start is None or compiling():
+                # no device in use, already on a device, no step in progress, or traced by dynamo
                 return orig(t, *args, **kwargs)
             t0 = _perf()
             out = orig(t, *args, **kwargs)
@@ -372,13 +396,13 @@ class StepInstrument:
         tr = self
 
         def backward(*args: Any, **kwargs: Any) -> Any:
-            if tr.disabled or not tr._own(True):
+            if tr.disabled or tr.bwd_depth or not tr._own(True):
+                # nested (Tensor.backward calls torch.autograd.backward): the outer call times it
                 return orig(*args, **kwargs)
             t0 = _perf()
             f = None
             try:
-                if tr.bwd_depth == 0:
-                    tr._on_backward_start(t0, args[0] if args else kwargs.get("tensors"))
+                tr._on_backward_start(t0, args[0] if args else kwargs.get("tensors"))
                 f = tr._push(BWD, t0)
             except Exception as exc:
                 tr._fail("backward hook", exc)
@@ -517,8 +541,7 @@ class StepInstrument:
     def _on_root_start(self, module: Any, t0: int, args: Any, kwargs: Any) -> None:
         if self.disabled:
             return
-        torch = sys.modules["torch"]
-        grad = torch.is_grad_enabled()
+        grad = self._grad_enabled()
         if not self._own(True):
             return
         t_in = _perf()
@@ -540,8 +563,7 @@ class StepInstrument:
             return
         t_in = _perf()
         try:
-            torch = sys.modules["torch"]
-            grad = torch.is_grad_enabled()
+            grad = self._grad_enabled()
             st = self.stack
             f = st[-1] if st and st[-1].phase == FWD and st[-1].t0 == t0 else None
             if f is None:  # no start announced: account the forward as a leaf
@@ -639,7 +661,9 @@ class StepInstrument:
                     r.lr = float(lr)  # a CPU tensor (capturable schedules): a host read
             except Exception:
                 pass
-        r.mem = read_step_memory() if cuda_ready() else NONE3
+        cuda = cuda_ready()
+        self.h2d_armed = self.h2d_armed or cuda
+        r.mem = read_step_memory() if cuda else NONE3
         r.born = time.monotonic()
         if r.losses and all(self.scalars.is_host(h) for h in r.losses):
             # CPU losses: a host read now frees the tensors early (no device involved)

@@ -502,6 +502,7 @@ def test_end_to_end_with_layers_instrument() -> None:
 def test_host_to_device_copies_are_their_own_phase_innermost_wins(tracked) -> None:
     # no GPU here: the meta device is a real non-CPU device for Tensor.to
     st, ctx = tracked
+    st.h2d_armed = True  # what CUDA in use does (on a CPU-only run copies are not even timed)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     moved = []
