@@ -269,6 +269,8 @@ class FlopsInstrument:
             if p is not None and p.device.type == "cuda":
                 import torch
 
+                if dtype == "torch.float32" and torch.backends.cuda.matmul.allow_tf32:
+                    dtype = "tf32"  # fp32 matmuls run on tensor cores
                 dev = roofline.lookup(torch.cuda.get_device_name(p.device))
                 return (roofline.with_overrides(dev) if dev is not None else None), dtype
             return roofline.device_for("cpu"), dtype
