@@ -117,7 +117,7 @@ class StepInstrument:
         self.disabled = False
         self._pid = os.getpid()
         self._reset_state()
-        self._done: deque[_Raw] = deque(maxlen=max(64, int(self.options.history)))
+        self._done: deque[_Raw] = deque(maxlen=max(4096, int(self.options.history)))
         self.detector = AnomalyDetector()
         self.scalars = ScalarReader()
         self.gpu = GpuStepClock()

@@ -311,13 +311,42 @@ def test_samples_and_tokens_from_input_shapes(tracked) -> None:
     assert _input_shape((), {}) == (None, None)
 
 
+def test_two_optimizers_per_iteration_make_one_step(tracked) -> None:
+    st, ctx = tracked
+    gen, disc = mlp(), mlp()
+    opt_g = torch.optim.SGD(gen.parameters(), lr=0.01)
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.01)
+    x = torch.randn(4, 8)
+    for _ in range(3):  # a GAN-like loop: D steps, then G steps
+        opt_d.zero_grad()
+        disc(x).mean().backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        gen(x).mean().backward()
+        opt_g.step()
+    steps = drain(st, ctx)
+    assert len(steps) == 3
+    for s in steps[1:]:
+        assert s.phases["optimizer"] > 0
+        assert_phases_add_up(s)
+    # the script replaces its optimizer: the new one takes over the step boundary
+    opt_new = torch.optim.SGD(gen.parameters(), lr=0.5)
+    for _ in range(3):
+        gen(x).mean().backward()
+        opt_new.step()
+    steps = drain(st, ctx)
+    assert len(steps) == 5  # its first step joins the old boundary's step, then it ends steps
+    assert steps[-1].lr == 0.5
+
+
 # --- inference, manual steps ----------------------------------------------------------------------
 
 
-def test_inference_steps_from_root_forwards_under_no_grad(tracked) -> None:
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_inference_steps_from_root_forwards_under_no_grad(tracked, mode) -> None:
     st, ctx = tracked
     model = mlp()
-    with torch.inference_mode():
+    with mode():
         for _ in range(5):
             model(torch.randn(3, 8))
     steps = drain(st, ctx)
