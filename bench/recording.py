@@ -15,7 +15,9 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from llmtop.protocol.events import (
     PHASES,
@@ -29,6 +31,7 @@ from llmtop.protocol.events import (
     encode,
 )
 from llmtop.protocol.recording import KeyframeBuilder, RecordingReader, RecordingWriter
+from llmtop.tui.model import SessionModel
 
 GPT2_BLOCK = ["ln_1", "attn", "attn.c_attn", "attn.c_proj", "attn.attn_dropout", "attn.resid_dropout",
               "ln_2", "mlp", "mlp.c_fc", "mlp.c_proj", "mlp.act", "mlp.dropout"]
@@ -108,32 +111,44 @@ class Run:
         return events
 
 
+def snapshot_keeper(history: int = 600) -> tuple[Callable[[bytes, Any], None], Callable[[], list[bytes]]]:
+    """The agent's own late-joiner history (what ``LLMTOP_RECORD`` keyframes hold), else the
+    recorder's frame-level builder when the agent package is not importable."""
+    try:
+        from llmtop.agent.runtime import History
+
+        h = History(history)
+        return (lambda frame, event: h.add(event, frame)), h.snapshot
+    except ImportError:
+        b = KeyframeBuilder(history)
+        return b.add, b.frames
+
+
 def write_run(path: str, n_layer: int, steps: int, steps_per_s: float) -> RecordingWriter:
-    """Write a synthetic run the way a live writer would: a block per second, keyframes as due."""
+    """Write a synthetic run the way the agent does: a block per (simulated) second, keyframes when
+    ``wants_keyframe`` says so on the simulated clock."""
     tree = gpt2_tree(n_layer)
     session = Session(pid=1234, argv=["train.py"], started=1_700_000_000.0, hostname="bench",
                       devices=["NVIDIA H100 80GB HBM3"])
     writer = RecordingWriter(path, session, flush_s=1e9)
-    builder = KeyframeBuilder(history=600)
+    writer._last_keyframe = 0.0  # the simulated clock starts at 0
+    add, snapshot = snapshot_keeper()
     run = Run(tree, steps_per_s)
     for e in (session, tree):
         frame = encode(e)
         writer.append(frame, e)
-        builder.add(frame, e)
+        add(frame, e)
     per_block = max(1, round(steps_per_s))
     for s in range(steps):
         for e in run.step(s):
             frame = encode(e)
             writer.append(frame, e)
-            builder.add(frame, e)
+            add(frame, e)
         if (s + 1) % per_block == 0:
             writer.flush()
             sim_now = (s + 1) / steps_per_s
-            writer._last_keyframe -= 0  # keep the writer's own clock; the simulated one decides below
-            if sim_now - getattr(writer, "_sim_last_kf", 0.0) >= writer.keyframe_s and \
-                    writer.wants_keyframe(float("inf")):
-                writer.keyframe(builder.frames())
-                writer._sim_last_kf = sim_now  # type: ignore[attr-defined]
+            if writer.wants_keyframe(sim_now):
+                writer.keyframe(snapshot(), now=sim_now)
     writer.close()
     return writer
 
@@ -161,6 +176,8 @@ def main() -> None:
     print(f"\n{seconds} s recording, GPT-2 12 layers at {args.steps_per_s:g} steps/s: "
           f"{w.steps_written} steps, {size / 1e6:.1f} MB, {len(w.blocks)} blocks "
           f"(synthesized in {t_write:.0f} s)")
+    print("\n| opening | open (ms) | + seek to end (ms) | + applied to the viewer model (ms) | events applied |")
+    print("|---|---:|---:|---:|---:|")
     for trailer in (True, False):
         if not trailer:  # drop the index trailer: a recording whose writer was killed
             with open(path, "rb+") as f:
@@ -170,9 +187,14 @@ def main() -> None:
         t_open = time.perf_counter() - t0
         events = r.seek_end()
         t_end = time.perf_counter() - t0
+        model = SessionModel()
+        with model.lock:
+            model.reset()
+            model.apply_all(events)
+        t_model = time.perf_counter() - t0
+        assert model.last_step is not None and model.last_step.step == r.last_step
         how = "with index trailer" if trailer else "no trailer (forward scan)"
-        print(f"open {how}: {t_open * 1000:.1f} ms; open + seek to end: {t_end * 1000:.0f} ms "
-              f"({len(events)} events to apply)")
+        print(f"| {how} | {t_open * 1000:.1f} | {t_end * 1000:.0f} | {t_model * 1000:.0f} | {len(events)} |")
         r.close()
 
 

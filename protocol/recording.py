@@ -106,7 +106,7 @@ class BlockInfo:
 # A layer table is most of a step's bytes: four float arrays of ~150 values at 9 bytes each in
 # msgpack, whose low bits are noise that no compressor removes. In the file (never on the socket)
 # each array is stored as integer nanoseconds, self times as the difference to the total (0 for
-# every leaf module), zigzag-coded into 8-byte little-endian words whose bytes are then grouped by
+# every leaf module), as 8-byte little-endian words whose bytes are then grouped by
 # significance ("shuffled") so that the always-zero high bytes compress away. Marked by
 # "enc": "ns1"; the reader turns them back into LayerStats with millisecond floats. Lossless for
 # times measured in whole nanoseconds (perf_counter_ns / 1e6), within 0.5 ns otherwise.
@@ -117,7 +117,7 @@ _LIMIT = 1 << 62
 
 
 def _shuffle(ints: list[int]) -> bytes:
-    words = array("Q", [(v << 1) ^ (v >> 63) for v in ints])  # zigzag: small magnitudes, small words
+    words = array("q", ints)  # times are >= 0; a rare negative self-difference costs a few 0xff bytes
     if sys.byteorder == "big":
         words.byteswap()
     raw = words.tobytes()
@@ -129,10 +129,10 @@ def _unshuffle(data: bytes) -> list[int]:
     raw = bytearray(len(data))
     for i in range(_WORD):
         raw[i::_WORD] = data[i * n:(i + 1) * n]
-    words = array("Q", bytes(raw))
+    words = array("q", bytes(raw))
     if sys.byteorder == "big":
         words.byteswap()
-    return [(w >> 1) ^ -(w & 1) for w in words]
+    return words.tolist()
 
 
 def compact_layers(event: LayerStats) -> bytes | None:
@@ -290,8 +290,13 @@ class RecordingWriter:
             return False
         return self._data_since_keyframe >= KEYFRAME_RATIO * self._keyframe_size and self._data_since_keyframe > 0
 
-    def keyframe(self, frames: list[bytes]) -> None:
-        """Write a full snapshot (wire frames) as a seek point after everything appended so far."""
+    def keyframe(self, frames: list[bytes], now: float | None = None) -> None:
+        """Write a full snapshot (wire frames) as a seek point after everything appended so far.
+        ``now`` (``time.monotonic()`` by default) starts the wait for the next one.
+
+        Of the big per-step tables (layers, ops) only the most recent few are kept: a seek decodes
+        the keyframe, and hundreds of layer tables would make it slow and the file big."""
+        frames = trim_snapshot(frames)
         with self._lock:
             if self.closed:
                 return
@@ -299,7 +304,7 @@ class RecordingWriter:
             payload = b"".join(frames)
             size = self._write_block(KEYFRAME, payload, len(frames), 0, self._last_written_step(),
                                      self._last_written_step(), self._clock, self._clock)
-            self._last_keyframe = time.monotonic()
+            self._last_keyframe = time.monotonic() if now is None else now
             self._keyframe_size = size
             self._data_since_keyframe = 0
 
@@ -375,13 +380,52 @@ class RecordingWriter:
         self.bytes_written += len(data)
 
 
+def peek_kind(frame: bytes) -> str | None:
+    """The event kind of a wire frame without decoding the rest of it (the encoder writes "v" then
+    "k" first); None if the frame does not look like that."""
+    at = HEADER.size
+    if len(frame) < at + 8:
+        return None
+    head = frame[at]
+    if 0x80 <= head <= 0x8F:
+        at += 1
+    elif head == 0xDE:
+        at += 3
+    else:
+        return None
+    if frame[at:at + 2] != b"\xa1v" or frame[at + 2] > 0x7F or frame[at + 3:at + 5] != b"\xa1k":
+        return None
+    at += 5
+    size = frame[at] - 0xA0 if 0xA0 <= frame[at] <= 0xBF else -1
+    if size < 0:
+        return None
+    try:
+        return frame[at + 1:at + 1 + size].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def trim_snapshot(frames: list[bytes]) -> list[bytes]:
+    """Drop all but the last ``_SHORT_HISTORY[kind]`` frames of the big per-step kinds."""
+    kinds = [peek_kind(f) for f in frames]
+    keep_from: dict[str, int] = {}
+    for kind, limit in _SHORT_HISTORY.items():
+        positions = [i for i, k in enumerate(kinds) if k == kind]
+        if len(positions) > limit:
+            keep_from[kind] = positions[-limit]
+    if not keep_from:
+        return frames
+    return [f for i, (f, k) in enumerate(zip(frames, kinds, strict=True))
+            if k not in keep_from or i >= keep_from[k]]
+
+
 # --- a frame-level snapshot for recorders that are not the agent -------------------------------------
 
 # Kinds that describe state (the latest per key wins); everything else is a series kept as history.
 _STATE_KEYS: dict[str, str | None] = {"session": None, "model": "model", "flops": "signature",
                                      "stats": None, "end": None}
 # Series whose history a late joiner needs only a little of (big frames, shown as "latest").
-_SHORT_HISTORY = {"layers": 8, "ops": 2}
+_SHORT_HISTORY = {"layers": 32, "ops": 2}
 
 
 class KeyframeBuilder:
@@ -406,7 +450,7 @@ class KeyframeBuilder:
         elif kind not in ("hello", "snapshot_done"):
             ring = self._series.get(kind)
             if ring is None:
-                ring = self._series[kind] = deque(maxlen=_SHORT_HISTORY.get(kind, self.history))
+                ring = self._series[kind] = deque(maxlen=min(self.history, _SHORT_HISTORY.get(kind, self.history)))
             self._seq += 1
             ring.append((self._seq, frame))
 

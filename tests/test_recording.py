@@ -31,6 +31,7 @@ from llmtop.protocol.recording import (
     RecordingError,
     RecordingReader,
     RecordingWriter,
+    peek_kind,
 )
 from llmtop.tui.model import SessionModel
 
@@ -321,14 +322,32 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_keyframe_builder_keeps_state_and_recent_history() -> None:
-    b = KeyframeBuilder(history=10)
-    for e in [SESSION, TREE, *run_events(30)]:
+    b = KeyframeBuilder(history=40)
+    for e in [SESSION, TREE, *run_events(50)]:
         b.add(encode(e), e)
     frames = b.frames()
     assert frames[0] == encode(SESSION) and frames[1] == encode(TREE)
     assert sum(1 for f in frames if f == encode(SESSION)) == 1
     kinds = [body["k"] for body in FrameDecoder().feed(b"".join(frames))]
-    assert kinds.count("step") == 10 and kinds.count("layers") == 8
+    assert kinds.count("step") == 40 and kinds.count("layers") == 32  # big tables: only the latest
+
+
+def test_keyframes_keep_only_the_latest_layer_tables(tmp_path: Path) -> None:
+    events = [SESSION, TREE, *run_events(100)]
+    frames = [encode(e) for e in events]
+    assert [peek_kind(f) for f in frames] == [e.KIND for e in events]
+    for e in (End(t=1.0), HostSample(t=1.0, cpu_pct=1.0, rss=1, sys_used=1, sys_total=2)):
+        assert peek_kind(encode(e)) == e.KIND
+    assert peek_kind(b"\x00\x00\x00\x03abc") is None
+    path = tmp_path / "r.lrec"
+    w = RecordingWriter(str(path), SESSION)
+    w.keyframe(frames)  # an agent snapshot with 100 layer tables
+    w.close()
+    r = RecordingReader(path)
+    kept = r.keyframe_events(r.keyframes[0])
+    assert sum(isinstance(e, LayerStats) for e in kept) == 32
+    assert [e.step for e in kept if isinstance(e, LayerStats)] == list(range(68, 100))
+    assert sum(isinstance(e, Step) for e in kept) == 100
 
 
 AGENT_SCRIPT = textwrap.dedent("""
