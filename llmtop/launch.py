@@ -251,6 +251,7 @@ class Child:
             # ptys would tell the streams apart but reorder them), so lines are labelled "stdout".
             master, slave = pty.openpty()
             os.set_inheritable(master, False)
+            _set_winsize(slave)
             stdin: Any = None if not _isatty(0) else subprocess.DEVNULL
             try:
                 proc = subprocess.Popen(argv, env=env, stdin=stdin, stdout=slave, stderr=slave,
@@ -418,6 +419,20 @@ class Child:
                              stderr=subprocess.DEVNULL, start_new_session=True)
         self._close_masters()
         return path
+
+
+def _set_winsize(fd: int) -> None:
+    """Give the pty the terminal's size: a fresh pty is 0x0, and progress bars then draw nothing."""
+    import fcntl
+    import shutil
+    import struct
+    import termios
+
+    cols, rows = shutil.get_terminal_size((120, 40))
+    try:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    except OSError:
+        pass
 
 
 def _isatty(fd: int) -> bool:

@@ -264,6 +264,29 @@ def test_pty_output_becomes_log_lines_with_progress_updates(project: Path) -> No
     assert (end.exit_code, end.signal, end.reason) == (0, None, "exit")
 
 
+def test_tqdm_bar_and_tqdm_write_look_as_in_a_terminal(project: Path) -> None:
+    child = spawn_pty(project, """
+        import os, sys, time
+        from tqdm import tqdm
+        print("size", os.get_terminal_size().columns > 0)
+        bar = tqdm(total=4, desc="train", file=sys.stderr, mininterval=0)
+        for i in range(4):
+            time.sleep(0.05)
+            bar.update(1)
+            if i == 1:
+                tqdm.write("halfway")
+        bar.close()
+        print("end")
+    """)
+    assert child.wait(30) == 0
+    lines = collect(child, lambda ls: any(x.text == "end" for x in ls))
+    shown = [text for _, text in screen(lines)]
+    assert shown[0] == "size True"  # the pty has the terminal's size, so tqdm draws a real bar
+    assert shown[1] == "halfway"  # tqdm.write cleared the bar line and wrote over it
+    assert shown[2].startswith("train: 100%|") and "4/4" in shown[2]  # the bar, redrawn, ended full
+    assert shown[3:] == ["end"]
+
+
 def test_unterminated_line_is_shown_then_completed(project: Path) -> None:
     child = spawn_pty(project, """
         import sys, time
