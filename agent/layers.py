@@ -231,23 +231,29 @@ class LayersInstrument:
 
     def uninstall(self) -> None:
         self._installed = False
-        self._remove_global()
-        for handles in self._root_handles.values():
-            for h in handles:
-                h.remove()
-        self._root_handles.clear()
-        for h in self._param_handles:
-            h.remove()
-        self._param_handles.clear()
+        self._unhook()
         try:
             core.BUS.step_end.remove(self._on_step_end)
         except ValueError:
             pass
 
+    def _unhook(self) -> None:
+        """Remove every torch hook (global, per-root, per-parameter); the bus listener stays."""
+        self._remove_global()
+        for handles in self._root_handles.values():
+            for h in handles:
+                h.remove()
+        self._root_handles.clear()
+        self._roots.clear()  # a later install finds the roots again and re-hooks them
+        for h in self._param_handles:
+            h.remove()
+        self._param_handles.clear()
+        self._param_hooked.clear()
+
     def poll(self, now: float) -> list[Event]:
         events: list[Event] = []
-        if self._steps_seen == 0 and not self._dead and any(self._acc.calls):
-            # No step boundary ever came (no optimizer, no step tracker): flush per tick.
+        if not (self._steps_seen or core.BUS.root_forward or self._dead) and any(self._acc.calls):
+            # Nobody will end steps (no step tracker listening, none ever ended): flush per tick.
             acc, self._acc = self._acc, _Acc(self._n)
             self._ready.append((self._ctx_step(), acc, self._cuda))
         while self._ready:
@@ -565,6 +571,13 @@ class LayersInstrument:
             gid = self._by_addr.get(id(mod))
             if gid is None:
                 gid = self._assign(mod, path, root_gid)
+            elif gid in self._extra_parent and path:
+                # first seen being called before it was in the tree: now it has a real path
+                del self._extra_parent[gid]
+                for extras in self._extra.values():
+                    if gid in extras:
+                        extras.remove(gid)
+                self._paths[gid] = path
             by_path[path] = gid
             parent = -1 if path == "" else by_path.get(path.rpartition(".")[0], root_gid)
             own = list(mod.parameters(recurse=False))
@@ -691,7 +704,8 @@ class LayersInstrument:
             return
         self._dead = True
         try:
-            self.uninstall()
+            # not uninstall(): the bus may be iterating its listeners right now (a step end)
+            self._unhook()
         except Exception:
             pass
         try:
@@ -765,20 +779,26 @@ class LayersInstrument:
         )
 
     def _compile_metrics(self, now: float) -> list[Event]:
+        """torch.compile's total compile time and recompilations (frames compiled again)."""
         try:
-            from torch._dynamo.utils import compilation_time_metrics, counters
+            from torch._dynamo.utils import compilation_time_metrics
         except Exception:
             return []
-        compile_s = float(sum(sum(v) for v in compilation_time_metrics.values()))
-        recompiles = float(sum(counters.get("recompiles", {}).values()))
+        compile_s = float(sum(sum(v) for v in list(compilation_time_metrics.values())))
+        try:  # per-frame compile counts: a count above one is a recompilation
+            from torch._dynamo.convert_frame import FRAME_COMPILE_COUNTER
+
+            recompiles = float(sum(n - 1 for n in list(FRAME_COMPILE_COUNTER.values()) if n > 1))
+        except Exception:
+            recompiles = -1.0
         if (compile_s, recompiles) == self._compile_last:
             return []
         self._compile_last = (compile_s, recompiles)
         step = self._ctx_step()
-        return [
-            Metric(name="compile_time_s", value=compile_s, t=now, step=step),
-            Metric(name="recompilations", value=recompiles, t=now, step=step),
-        ]
+        out: list[Event] = [Metric(name="compile_time_s", value=compile_s, t=now, step=step)]
+        if recompiles >= 0:
+            out.append(Metric(name="recompilations", value=recompiles, t=now, step=step))
+        return out
 
     def _calibrate(self) -> float:
         """Per-module-call cost of these hooks (forward and backward) on a tiny model, in ns."""

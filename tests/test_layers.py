@@ -162,6 +162,8 @@ def test_module_added_later_resends_tree(started: Any) -> None:
     assert trees[1].model == trees[0].model
     assert trees[1].paths == [p for p, _ in model.named_modules()]
     assert trees[1].ids[:-1] == trees[0].ids  # ids are stable
+    assert inst.module_paths()[trees[1].ids[-1]] == "5"
+    assert trees[1].parents[-1] == trees[1].ids[0]
 
 
 # --- forward ---------------------------------------------------------------------------------------
@@ -563,6 +565,13 @@ def test_compiled_module_is_one_node(started: Any) -> None:
     assert r[tree.ids[0]]["calls"] == 1 and r[tree.ids[0]]["bwd"] > 0
     metrics = {e.name: e.value for e in events if isinstance(e, Metric)}
     assert metrics["compile_time_s"] > 0 and metrics["recompilations"] == 0
+    # a new input shape on a static compile recompiles the frame, and the count says so
+    static = torch.compile(mlp(), backend="eager", dynamic=False)
+    static(x)
+    before = {e.name: e.value for e in inst.poll(time.time()) if isinstance(e, Metric)}
+    static(torch.randn(5, 8))
+    after = {e.name: e.value for e in inst.poll(time.time()) if isinstance(e, Metric)}
+    assert after["recompilations"] == before.get("recompilations", metrics["recompilations"]) + 1
     assert ctx.warnings == []
 
 
