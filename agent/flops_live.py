@@ -13,6 +13,7 @@ of ``flops.py``, and the per-module costs are joined to the layers instrument's 
 from __future__ import annotations
 
 import copy
+import time
 import weakref
 from collections import deque
 from typing import Any
@@ -22,6 +23,7 @@ from llmtop.protocol.events import Event, LayerFlops
 from . import core
 
 MAX_SIGNATURES = 16  # per model; decoding with a growing mask would otherwise never stop
+MIN_INTERVAL_S = 1.0  # at most one count per second: each holds the GIL on the agent thread
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -154,6 +156,8 @@ class FlopsInstrument:
         self._dead = False
         self._installed = False
         self.computed = 0
+        self.min_interval_s = MIN_INTERVAL_S
+        self._last = -1e9
         self.device: Any = None  # overrides the device lookup (tests, --device)
 
     # --- Instrument contract ---------------------------------------------------------------------
@@ -173,13 +177,17 @@ class FlopsInstrument:
             self._installed = False
 
     def poll(self, now: float) -> list[Event]:
-        out: list[Event] = []
+        """Count at most one queued signature per call, and at most once per MIN_INTERVAL_S."""
+        if not self._queue or time.monotonic() - self._last < self.min_interval_s:
+            return []
         retry = []
-        while self._queue:  # at most one model copy per queued signature, each once
+        out: list[Event] = []
+        while self._queue and not out:
             ref, sig = self._queue.popleft()
             model = ref()
             if model is None:
                 continue
+            self._last = time.monotonic()
             try:
                 ev = self.compute(model, sig)
             except Exception as exc:  # a model that cannot run on meta: say so, keep the run going
@@ -188,9 +196,9 @@ class FlopsInstrument:
                 continue
             if ev is None:
                 retry.append((ref, sig))  # the layers instrument has not named its modules yet
-            else:
-                out.append(ev)
-        self._queue.extend(retry)
+                break
+            out.append(ev)
+        self._queue.extendleft(reversed(retry))
         return out
 
     # --- hot path --------------------------------------------------------------------------------

@@ -46,7 +46,6 @@ class OpsInstrument:
         import torch
 
         self._torch = torch
-        self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         core.BUS.step_end.append(self._on_step_end)
 
     def uninstall(self) -> None:
@@ -100,7 +99,7 @@ class OpsInstrument:
         if added:  # Kineto prints "profiler_start/stop" lines on stderr: the user's output
             os.environ["KINETO_LOG_LEVEL"] = "6"
         try:
-            if self._cuda:
+            if self._torch.cuda.is_initialized():  # the script uses the GPU: record device time
                 prof = profiler.profile(record_shapes=True, use_device="cuda", use_kineto=True)
             else:
                 prof = profiler.profile(record_shapes=True, use_kineto=False)

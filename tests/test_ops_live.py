@@ -77,6 +77,7 @@ def test_layer_flops_once_per_signature_joined_to_module_ids() -> None:
     layers.install(ctx)
     inst = FlopsInstrument(ctx.options, layers=layers)
     inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
+    inst.min_interval_s = 0.0
     inst.install(ctx)
     try:
         model = tiny_gpt2()
@@ -85,7 +86,9 @@ def test_layer_flops_once_per_signature_joined_to_module_ids() -> None:
             for _ in range(3):
                 model(ids16)
             model(torch.randint(0, 500, (2, 24)))
-        events = inst.poll(time.time())
+        events = inst.poll(time.time())  # one count per tick
+        assert len(events) == 1
+        events += inst.poll(time.time())
         events += inst.poll(time.time())  # nothing new: same signatures
     finally:
         inst.uninstall()
