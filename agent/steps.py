@@ -667,7 +667,7 @@ class StepInstrument:
         r.born = time.monotonic()
         if r.losses and all(self.scalars.is_host(h) for h in r.losses):
             # CPU losses: a host read now frees the tensors early (no device involved)
-            r.loss_value = self._mean_losses(r.losses)
+            r.loss_value = self._sum_losses(r.losses)
             r.losses = []
         self.gpu.end_step(r.step)
         # the next step starts now; the stack keeps frames still open (a wrapper optimizer)
@@ -706,13 +706,16 @@ class StepInstrument:
         r.overhead_ns = own
         self._done.append(r)
 
-    def _mean_losses(self, handles: list[Any]) -> float | None:
+    def _sum_losses(self, handles: list[Any]) -> float | None:
+        # with gradient accumulation the step's loss is the sum of the micro-batch losses that
+        # went into its gradient: the mean when the script divides each by the number of
+        # micro-batches, and the figure transformers' Trainer logs when it does not
         vals = []
         for h in handles:
             ready, v = self.scalars.read(h)
             if v is not None:
                 vals.append(v)
-        return sum(vals) / len(vals) if vals else None
+        return sum(vals) if vals else None
 
     # --- agent thread ----------------------------------------------------------------------------
 
@@ -753,7 +756,7 @@ class StepInstrument:
                 if v is not None:
                     vals.append(v)
             if ready:
-                r.loss_value = sum(vals) / len(vals) if vals else None
+                r.loss_value = sum(vals) if vals else None
                 r.losses = []
         if r.grad is not None:
             ok, v = self.scalars.read(r.grad)

@@ -254,7 +254,7 @@ def test_gradient_accumulation_is_one_step_per_optimizer_step(tracked) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = DataLoader(SleepySet(24, 0.0), batch_size=2)
     micro_losses: list[float] = []
-    step_means = []
+    step_losses = []
     for i, (x, y) in enumerate(loader):
         loss = nn.functional.mse_loss(model(x), y) / 4
         loss.backward()
@@ -262,12 +262,12 @@ def test_gradient_accumulation_is_one_step_per_optimizer_step(tracked) -> None:
         if (i + 1) % 4 == 0:
             opt.step()
             opt.zero_grad()
-            step_means.append(sum(micro_losses) / 4)
+            step_losses.append(sum(micro_losses))  # = the mean of the unscaled losses
             micro_losses = []
     steps = drain(st, ctx)
     assert len(steps) == 3
-    for s, mean in zip(steps, step_means, strict=True):
-        assert s.loss == pytest.approx(mean, rel=1e-6)  # the mean of the losses backward() saw
+    for s, total in zip(steps, step_losses, strict=True):
+        assert s.loss == pytest.approx(total, rel=1e-6)  # the sum of the losses backward() saw
         assert s.samples == 8  # 4 micro-batches of 2
         assert_phases_add_up(s)
 
