@@ -103,3 +103,24 @@ def test_all_lists_every_family() -> None:
     assert len(names) == 22
     failed = [x for x in r["results"] if not x["ok"]]
     assert failed == [] and proc.returncode == 0, failed
+
+
+def test_csv_rows_and_a_conv_factory_with_guessed_input(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "lt_conv_mod.py").write_text(textwrap.dedent("""
+        import torch
+
+        def make():
+            return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+
+        def with_inputs():
+            return torch.nn.Linear(10, 4), (torch.zeros(5, 10),)
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["graph", "lt_conv_mod:make", "--image-size", "16", "--format", "csv", "--device", "a10"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("kind,name,class,shapes,calls,params,flops")
+    conv = next(line.split(",") for line in lines if line.startswith("layer,0,Conv2d"))
+    assert float(conv[6]) == 2 * 16 * 16 * 8 * 3 * 3 * 3  # output positions x weight elements
+    r = graph_json(capsys, "lt_conv_mod:with_inputs")
+    assert r["flops"] == 2 * 5 * 10 * 4 and r["inputs"] == "example inputs"
