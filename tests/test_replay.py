@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from llmtop.protocol.events import End
 from llmtop.protocol.recording import RecordingReader
+from llmtop.tui.help import HelpScreen
 from llmtop.tui.model import SessionModel
 from llmtop.tui.recording_source import MAX_SPEED, RecordingSource
 from llmtop.tui.replay import TRANSPORT_KEYS, ReplayApp, parse_target, position_bar
@@ -275,5 +276,11 @@ async def test_replay_app_transport_keys(recording: Path) -> None:
         await pilot.press("k")
         assert not src.playing
         assert "replay" in str(app.query_one("#status").render())
+        await pilot.press("question_mark")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, HelpScreen)
+        title, keys = app.screen.view_keys[0]
+        assert title == "Replay" and [b.id for b in keys] == [b.id for b in TRANSPORT_KEYS]
+        await pilot.press("escape")
         await pilot.press("q")
     assert KeyframeBuilder  # the recordings above were written with keyframes from it

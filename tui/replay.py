@@ -12,18 +12,22 @@ import argparse
 import re
 import sys
 from collections.abc import Iterable
+from functools import partial
 
 from llmtop.protocol.recording import RecordingError
 from rich.text import Text
-from textual.app import ComposeResult
+from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.screen import ModalScreen
+from textual.screen import ModalScreen, Screen
 from textual.widget import Widget
 from textual.widgets import Input, Label, Static
 
 from . import fmt
 from .app import LlmtopApp
+from .help import HelpScreen
+from .layer_detail import LayerDetail
+from .layers_view import LayersView
 from .recording_source import MAX_SPEED, MIN_SPEED, RecordingSource
 
 HELP = "Open the dashboard on a recording, with play/pause, seek, step and speed controls."
@@ -165,6 +169,20 @@ class ReplayApp(LlmtopApp):
         text.append(clock)
         text.append(step, style="bold")
         return text
+
+    def action_help(self) -> None:
+        """The help screen lists the transport keys first, then the app's and the views' keys."""
+        if isinstance(self.screen, HelpScreen):
+            return
+        self.push_screen(HelpScreen([("Replay", list(TRANSPORT_KEYS)), ("Layers view", list(LayersView.BINDINGS)),
+                                     ("Layer detail", list(LayerDetail.BINDINGS))]))  # type: ignore[arg-type]
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for binding in TRANSPORT_KEYS:
+            help_text = f"{binding.tooltip or binding.description} [{binding.key_display or binding.key}]"
+            yield SystemCommand(f"Replay: {binding.description}", help_text,
+                                partial(self.run_action, binding.action))
 
     def _after_seek(self) -> None:
         # The worker applies the request within a tick; draw once it has.
