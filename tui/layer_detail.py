@@ -54,7 +54,7 @@ class LayerDetail(Screen):
                  f"backward {fmt.ms(layer.bwd_ema)} ms · {fmt.pct(model.layer_share(layer))} of step · "
                  f"calls {fmt.DASH if layer.calls is None else layer.calls}\n")
         t.append(f"FLOPs/call {fmt.flops(layer.flops)} · bytes/call {fmt.nbytes(layer.bytes)} · "
-                 f"achieved {fmt.flops(layer.achieved_flops)}FLOP/s · bound {layer.bound or fmt.DASH}")
+                 f"achieved {fmt.flops(layer.achieved_flops)} FLOP/s · bound {layer.bound or fmt.DASH}")
         if layer.intensity is not None:
             t.append(f" · intensity {layer.intensity:.1f} FLOP/B")
         info.update(t)

@@ -93,6 +93,7 @@ class LayersView(Vertical):
         self._keyed: KeyedTable | None = None
         self._model: SessionModel | None = None
         self.dirty = True  # a structural change (expand, sort, filter) waiting for the next frame
+        self._info = ""
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter modules by name (esc closes)", id="layers-filter")
@@ -225,14 +226,32 @@ class LayersView(Vertical):
         sort = "tree order" if self.sort == "tree" else f"sorted by {dict(COLUMNS)[self.sort]}"
         if self.sort != "tree" and self.reverse:
             sort += " (reversed)"
-        info = f"{len(model.layers)} modules · {sort}"
+        info = f" · {sort}"
         if self.filter:
             info += f" · filter “{self.filter}”: {len(rows)} shown"
         if model.flops_signature:
             info += f" · FLOPs for {model.flops_signature}"
         if model.last_step is not None and model.last_step.layer_every > 1:
             info += f" · timed every {model.last_step.layer_every} steps"
-        self.query_one("#layers-info", Static).update(info if model.layers else "waiting for a model tree…")
+        self._info = info
+        self._show_info()
+
+    def _show_info(self) -> None:
+        """The info line, ending with the full path of the row under the cursor."""
+        model, mid = self._model, self._cursor_id()
+        if model is None or not model.layers:
+            self.query_one("#layers-info", Static).update("waiting for a model tree…")
+            return
+        text = f"{len(model.layers)} modules"
+        if mid is not None and mid in model.layers:
+            text += f" · ▸ {model.layers[mid].path or model.layers[mid].cls}"
+        self.query_one("#layers-info", Static).update(text + self._info)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        event.stop()
+        if self._model is not None:
+            with self._model.lock:
+                self._show_info()
 
     def _default_expansion(self, model: SessionModel) -> None:
         for layer in model.layers.values():

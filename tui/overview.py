@@ -23,8 +23,10 @@ class OverviewView(VerticalScroll):
     OverviewView #ov-gpus { height: auto; }
     OverviewView #ov-sparks { height: auto; }
     OverviewView .section { height: auto; margin: 1 0 0 0; }
-    OverviewView #ov-hot { height: auto; }
-    OverviewView #ov-hot > Static { width: 1fr; height: auto; }
+    OverviewView #ov-hot { height: auto; layout: horizontal; }
+    OverviewView.narrow #ov-hot { layout: vertical; }
+    OverviewView #ov-hot > Static { width: 1fr; height: auto; text-wrap: nowrap; text-overflow: ellipsis; }
+    OverviewView.narrow #ov-hot-ops { margin: 1 0 0 0; }
     """
 
     def compose(self) -> ComposeResult:
@@ -42,6 +44,7 @@ class OverviewView(VerticalScroll):
             yield Static(id="ov-hot-ops")
 
     def refresh_view(self, model: SessionModel, window_s: float) -> None:
+        self.set_class(self.size.width < 120, "narrow")
         steps = model.recent_steps(window_s)
         step_ms = [s.dur_ms for s in steps]
         last = model.last_step

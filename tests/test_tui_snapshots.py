@@ -1,0 +1,65 @@
+"""SVG snapshots of each view at 80×24 and 160×50, from a deterministic canned session.
+
+Regenerate after an intended change with ``pytest tests/test_tui_snapshots.py --snapshot-update`` and
+look at the report before committing. Time is fixed (the app's clock) and the events are seeded.
+"""
+
+from __future__ import annotations
+
+import pytest
+from llmtop.tui.app import LlmtopApp
+from llmtop.tui.canned import T0, session_events
+from llmtop.tui.keys import VIEWS
+from llmtop.tui.source import EventsSource
+
+SIZES = [(80, 24), (160, 50)]
+
+
+def make_app(**kw) -> LlmtopApp:
+    source = EventsSource(session_events(60, gpu=kw.pop("gpu", True), **kw))
+    return LlmtopApp(source, clock=lambda: T0 + 30.0)
+
+
+async def loaded(pilot) -> None:
+    app = pilot.app
+    assert app.source.done.wait(10)
+    await pilot.pause()
+    app.frame(force=True)
+    await pilot.pause()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("view", [name for name, _ in VIEWS])
+def test_view(snap_compare, view: str, size: tuple[int, int]) -> None:
+    key = str([name for name, _ in VIEWS].index(view) + 1)
+
+    async def before(pilot) -> None:
+        await loaded(pilot)
+        await pilot.press(key)
+        await loaded(pilot)
+
+    assert snap_compare(make_app(), terminal_size=size, run_before=before)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_layer_detail(snap_compare, size: tuple[int, int]) -> None:
+    async def before(pilot) -> None:
+        await loaded(pilot)
+        await pilot.press("2", "enter")
+        await loaded(pilot)
+
+    assert snap_compare(make_app(), terminal_size=size, run_before=before)
+
+
+def test_help(snap_compare) -> None:
+    async def before(pilot) -> None:
+        await loaded(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=(80, 24), run_before=before)
+
+
+def test_overview_cpu_only_nan_loss_and_ended(snap_compare) -> None:
+    """Absent CUDA data as dashes, a NaN diagnosis, and the finished state in the status line."""
+    assert snap_compare(make_app(gpu=False, nan_from=40, end=True), terminal_size=(100, 30), run_before=loaded)
