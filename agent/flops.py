@@ -44,18 +44,26 @@ def bmm_flops(a: Shape, b: Shape) -> float:
     return 2.0 * a[0] * a[1] * a[2] * b[2]
 
 
-def causal_pairs(q_len: int, kv_len: int) -> int:
-    """(query, key) pairs a causal kernel computes, with PyTorch's top-left aligned mask."""
+def causal_pairs(q_len: int, kv_len: int, bottom_right: bool = False) -> int:
+    """(query, key) pairs a causal kernel computes: sum over queries i of the keys it may see.
+
+    PyTorch's ``is_causal`` aligns the mask top-left (query i sees keys 0..i); the KV-cache
+    convention (and mem-efficient ``custom_mask_type=2``) aligns it bottom-right.
+    """
+    if bottom_right:
+        offset = kv_len - q_len
+        return sum(max(0, min(offset + i + 1, kv_len)) for i in range(q_len)) if offset < 0 else (
+            q_len * offset + q_len * (q_len + 1) // 2)
     if q_len <= kv_len:
         return q_len * (q_len + 1) // 2
     return kv_len * (kv_len + 1) // 2 + (q_len - kv_len) * kv_len
 
 
-def attention_flops(q: Shape, k: Shape, v: Shape, causal: bool = False) -> float:
+def attention_flops(q: Shape, k: Shape, v: Shape, causal: bool = False, bottom_right: bool = False) -> float:
     """QK^T and PV for q (…, Hq, L, E), k (…, Hkv, S, E), v (…, Hkv, S, Ev); GQA does Hq heads' work."""
     *lead, _hq, q_len, e = q
     kv_len, ev = k[-2], v[-1]
-    pairs = causal_pairs(q_len, kv_len) if causal else q_len * kv_len
+    pairs = causal_pairs(q_len, kv_len, bottom_right) if causal else q_len * kv_len
     heads = _prod(lead) * q[-3]
     return 2.0 * heads * pairs * (e + ev)
 
@@ -102,6 +110,27 @@ def _causal_at(i: int) -> Formula:
     return f
 
 
+def _blhd(x: Shape) -> list:
+    """(B, L, H, D) as the flash/mem-efficient kernels take it -> (B, H, L, D); varlen (T, H, D) as B=1."""
+    if len(x) == 3:
+        return [1, x[1], x[0], x[2]]
+    return [x[0], x[2], x[1], x[3]]
+
+
+def _f_flash_forward(s: list, v: list, o: list) -> float:
+    return attention_flops(_blhd(s[0]), _blhd(s[1]), _blhd(s[2]), causal=_truthy(_arg(v, 8, False)))
+
+
+def _f_efficient_forward(s: list, v: list, o: list) -> float:
+    mask_type = int(_arg(v, 9, 0) or 0)  # 0 none, 1 causal top-left, 2 causal bottom-right
+    return attention_flops(_blhd(s[0]), _blhd(s[1]), _blhd(s[2]), causal=mask_type in (1, 2),
+                           bottom_right=mask_type == 2)
+
+
+def _f_full(s: list, v: list, o: list) -> float:
+    return attention_flops(s[0], s[1], s[2], causal=False)  # the math path multiplies the full square
+
+
 def _f_convolution(s: list, v: list, o: list) -> float:
     return conv_flops(s[0], s[1], o[0] if o else None, _truthy(_arg(v, 6, False)))
 
@@ -128,13 +157,17 @@ FORMULAS: dict[str, Formula] = {
     "aten::_scaled_dot_product_flash_attention": _causal_at(4),
     "aten::_scaled_dot_product_efficient_attention": _causal_at(6),
     "aten::_scaled_dot_product_cudnn_attention": _causal_at(6),
-    "aten::_scaled_dot_product_attention_math": _causal_at(5),
+    "aten::_scaled_dot_product_attention_math": _f_full,
+    "aten::_flash_attention_forward": _f_flash_forward,
+    "aten::_efficient_attention_forward": _f_efficient_forward,
 }
 
 # Composite ops whose work a child op carries (in a profiler trace both rows appear).
 PARENT_OPS = frozenset({
     "aten::linear", "aten::matmul", "aten::einsum", "aten::conv1d", "aten::conv2d", "aten::conv3d",
     "aten::convolution", "aten::_convolution", "aten::scaled_dot_product_attention",
+    # on CUDA these call _flash_attention_forward / _efficient_attention_forward, which hold the kernels
+    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
 })
 
 # Ops with 0 FLOPs by definition: views, copies, gathers, creation, concatenation.

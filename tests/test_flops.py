@@ -151,3 +151,25 @@ def test_memory_figures_on_meta() -> None:
     assert prof.act_peak_bytes >= logits  # the logits are alive at the end
     assert prof.act_written_bytes >= prof.act_peak_bytes
     assert prof.peak_bytes == prof.weight_bytes + prof.input_bytes + prof.act_peak_bytes
+
+
+def test_gpu_kernel_rows_use_their_layout_and_mask_conventions() -> None:
+    # profiler rows of the CUDA kernels take (B, L, H, D); the same attention gives the same FLOPs
+    bhld = [[2, 4, 16, 8], [2, 2, 16, 8], [2, 2, 16, 8]]
+    blhd = [[2, 16, 4, 8], [2, 16, 2, 8], [2, 16, 2, 8]]
+    causal = F.op_flops("aten::_scaled_dot_product_flash_attention", bhld, [None] * 3 + [0.0, True])
+    assert F.op_flops("aten::_flash_attention_forward", blhd, [None] * 8 + [True]) == causal
+    assert F.op_flops("aten::_efficient_attention_forward", blhd, [None] * 9 + [1]) == causal
+    full = F.op_flops("aten::_efficient_attention_forward", blhd, [None] * 9 + [0])
+    assert full == 2 * 2 * 2 * 4 * 16 * 16 * 8 > causal
+    # the math fallback multiplies the whole square even when causal
+    assert F.op_flops("aten::_scaled_dot_product_attention_math", bhld, [None] * 5 + [True]) == full
+    # composites whose child kernel carries the work get none in a profiler trace
+    assert "aten::_scaled_dot_product_flash_attention" in F.PARENT_OPS
+    assert "aten::linear" in F.PARENT_OPS and "aten::addmm" not in F.PARENT_OPS
+
+
+def test_bottom_right_causal_pairs_for_a_kv_cache() -> None:
+    assert F.causal_pairs(1, 4, bottom_right=True) == 4  # one new token sees the whole cache
+    assert F.causal_pairs(2, 6, bottom_right=True) == 5 + 6
+    assert F.causal_pairs(4, 4, bottom_right=True) == F.causal_pairs(4, 4)
