@@ -123,6 +123,7 @@ class StepInstrument:
         self.gpu = GpuStepClock()
         self.layers: Any = None  # the layers instrument, for its overhead and sampling rate
         self.h2d_armed = False  # see _arm_h2d
+        self._gen_phase: Any = _no_generation  # integrations.generation_phase once installed
         self._other_device = False  # a non-CUDA accelerator (MPS, XLA) is present
 
     # --- state ----------------------------------------------------------------------------------
@@ -148,6 +149,7 @@ class StepInstrument:
         self.boundary_opt: int | None = None
         self.opts_seen: set[int] = set()
         self.tentative: tuple | None = None  # an inference step waiting to learn it was not training
+        self.fwd_gen: str | None = None  # generate() phase when the running root forward started
         self.bwd_depth = 0
         self.scaled: tuple[int, Any] | None = None  # (id of GradScaler output, unscaled tensor)
         self.opt_steps = 0
@@ -164,6 +166,12 @@ class StepInstrument:
         self._pc0 = _perf()
         self._wall0 = time.time()
         self._find_layers()
+        try:  # "prefill"/"decode" while transformers' generate() runs (the integrations instrument)
+            from .integrations import generation_phase
+
+            self._gen_phase = generation_phase
+        except Exception:
+            pass
         try:
             mps = getattr(torch.backends, "mps", None)
             self._other_device = bool(mps is not None and mps.is_available()) or "torch_xla" in sys.modules
@@ -549,8 +557,9 @@ class StepInstrument:
             st = self.stack
             while st and st[-1].phase == FWD:
                 st.pop()  # a previous root forward raised: its end never came
-            if self.tentative is not None and not self.manual:
-                self._commit_tentative()
+            gen = self.fwd_gen = self._gen_phase()  # at the start: generate() updates it at the end
+            if self.tentative is not None and not self.manual and gen != "decode":
+                self._commit_tentative()  # (a decode forward continues its generate() step)
             if grad and self.training:
                 self._training_activity(t0)
             self._push(FWD, t0)
@@ -574,9 +583,13 @@ class StepInstrument:
                 st.append(f)
             self._pop(f, t1)
             counts = grad or not self.training
+            gen = self.fwd_gen if not self.training else None
+            self.fwd_gen = None
             if counts and self.sample_module in (None, id(module)):
                 self.sample_module = id(module)
                 samples, tokens = _input_shape(args, kwargs)
+                if gen == "decode":
+                    samples = None  # the batch was counted by the prefill forward
                 if samples is not None:
                     self.samples += samples
                     self.have_samples = True
@@ -588,6 +601,11 @@ class StepInstrument:
             elif self.training:
                 if not grad:
                     self.eval_pending = True  # evaluation (or a no-grad teacher) forward
+            elif gen is not None:
+                # inside generate(): the whole call is one inference step; it ends at the last
+                # forward, committed when the next call (or any other root forward) starts
+                self.tentative = (t1, list(self.acc), self.samples, self.tokens,
+                                  self.have_samples, self.have_tokens)
             elif not grad:
                 self.overhead += _perf() - t_in
                 self._end_step(t1, "infer", None)
@@ -788,6 +806,10 @@ class StepInstrument:
                     grad_norm=r.grad_value, lr=r.lr, samples=r.samples, tokens=r.tokens,
                     overhead_us=r.overhead_ns / 1e3, layer_every=r.layer_every,
                     cuda_allocated=alloc, cuda_reserved=reserved, cuda_peak=peak, gpu_ms=r.gpu_ms)
+
+
+def _no_generation() -> None:
+    return None
 
 
 def _compiling_check() -> Any:

@@ -554,3 +554,38 @@ def test_host_to_device_copies_are_their_own_phase_innermost_wins(tracked) -> No
         assert s.phases["h2d"] > 0
         assert s.phases["data"] >= 20.0  # two items of 10 ms each
         assert_phases_add_up(s)
+
+
+def test_each_generate_call_is_one_inference_step() -> None:
+    layers_mod = pytest.importorskip("llmtop.agent.layers")
+    integrations = pytest.importorskip("llmtop.agent.integrations")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ctx = Ctx()
+    insts = [layers_mod.LayersInstrument(ctx.options), integrations.TransformersInstrument(ctx.options),
+             StepInstrument(ctx.options)]
+    for inst in insts:
+        inst.install(ctx)
+    st = insts[-1]
+    try:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64))
+        model.eval()
+        prompt = torch.randint(0, 64, (3, 10))
+        for _ in range(2):
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                                 min_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert out.shape == (3, 15)
+        assert len(drain(st, ctx)) == 1  # the second call ends when something else starts
+        with torch.no_grad():
+            model(prompt)  # a plain forward after generate: the second call's step ends
+    finally:
+        for inst in reversed(insts):
+            inst.uninstall()
+    steps = drain(st, ctx)
+    assert [s.mode for s in steps] == ["infer"] * 3
+    for s in steps[:2]:
+        # prefill of 3×10 tokens, then 4 decode forwards of 3 tokens each (the 5th token needs none)
+        assert (s.samples, s.tokens) == (3, 30 + 4 * 3)
+        assert_phases_add_up(s)
+    assert (steps[2].samples, steps[2].tokens) == (3, 30)
