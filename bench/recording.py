@@ -153,10 +153,44 @@ def write_run(path: str, n_layer: int, steps: int, steps_per_s: float) -> Record
     return writer
 
 
+REAL_RUNS = (
+    ("demo (examples/train_tiny_gpt.py defaults)", []),
+    ("12-layer GPT-2 tree (train_tiny_gpt.py --n-layer 12 --n-embd 64 --n-head 4)",
+     ["--n-layer", "12", "--n-embd", "64", "--n-head", "4"]),
+)
+
+
+def real_runs(steps: int) -> None:
+    """Bytes per step of real recordings: the demo script under ``llmtop attach --headless --record``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    llmtop = str(Path(sys.executable).parent / "llmtop")
+    tmp = tempfile.mkdtemp(prefix="lt-", dir="/tmp")
+    print("\n| real run (agent-side recording) | modules | steps | ms/step | bytes/step |")
+    print("|---|---:|---:|---:|---:|")
+    for label, extra in REAL_RUNS:
+        out = os.path.join(tmp, "real.lrec")
+        env = dict(os.environ, LLMTOP_SOCKET=os.path.join(tmp, "a.sock"))
+        subprocess.run([llmtop, "attach", "--headless", "--record", out, str(root / "examples" / "train_tiny_gpt.py"),
+                        "--steps", str(steps), "--no-progress", "--generate", "0", *extra],
+                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+        r = RecordingReader(out)
+        modules = max((len(e.ids) for e in r.events() if e.KIND == "model"), default=0)
+        step_ms = [e.dur_ms for e in r.events() if e.KIND == "step"]
+        step_ms.sort()
+        print(f"| {label} | {modules} | {r.steps} | {step_ms[len(step_ms) // 2]:.0f} | "
+              f"{os.path.getsize(out) / max(1, r.steps):.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps-per-s", type=float, default=10.0)
     parser.add_argument("--quick", action="store_true", help="10 minutes instead of one hour")
+    parser.add_argument("--real", type=int, default=0, metavar="STEPS",
+                        help="also record the demo script for STEPS steps (needs torch; minutes on a CPU)")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="llmtop-bench-")
     print("| model | modules | steps/s | bytes/step |")
@@ -196,6 +230,8 @@ def main() -> None:
         how = "with index trailer" if trailer else "no trailer (forward scan)"
         print(f"| {how} | {t_open * 1000:.1f} | {t_end * 1000:.0f} | {t_model * 1000:.0f} | {len(events)} |")
         r.close()
+    if args.real:
+        real_runs(args.real)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ last step number and time of their events: the index alone answers "where is ste
 from __future__ import annotations
 
 import bisect
+import fcntl
 import os
 import struct
 import sys
@@ -232,10 +233,28 @@ class RecordingWriter:
         frame = encode(session)
         head = FILE_HEADER.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, created, len(frame)) + frame
         head += CRC.pack(zlib.crc32(head))
-        # O_APPEND: every block lands at the end even if another writer shares the file by mistake.
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        self._fd = self._open_exclusive()
         self._write(head)
         self._offset = len(head)
+
+    def _open_exclusive(self) -> int:
+        """Open (and empty) ``path`` under an exclusive lock. Every process of a launcher such as
+        torchrun may inherit the same ``LLMTOP_RECORD``: a process that finds the file locked by a
+        live writer records to ``<stem>.<pid><suffix>`` beside it instead (``self.path`` says so)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            stem, suffix = os.path.splitext(self.path)
+            self.path = f"{stem}.{os.getpid()}{suffix or SUFFIX}"
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass  # our own pid's file: nobody else should hold it
+        os.ftruncate(fd, 0)
+        return fd
 
     @property
     def steps(self) -> int:

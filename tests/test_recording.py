@@ -411,3 +411,22 @@ def test_kill_9_of_a_recording_script(short_tmp: Path) -> None:
     assert len(steps) > 30 and steps == sorted(steps)
     assert not any(isinstance(e, End) for e in events)  # killed: no End, no trailer, still readable
     assert isinstance(events[0], Session) and events[0].pid == child.pid
+
+
+def test_a_second_writer_of_the_same_path_writes_beside_it(tmp_path: Path) -> None:
+    """torchrun under `attach --record`: every rank inherits LLMTOP_RECORD; no rank may clobber another."""
+    path = tmp_path / "run.lrec"
+    first = RecordingWriter(str(path), SESSION)
+    script = (f"from llmtop.protocol.recording import RecordingWriter\n"
+              f"from tests.test_recording import SESSION\n"
+              f"w = RecordingWriter({str(path)!r}, SESSION); w.close(); print(w.path)")
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                           cwd=Path(__file__).parent.parent)
+    assert other.returncode == 0, other.stderr
+    beside = Path(other.stdout.strip())
+    assert beside != path and beside.parent == path.parent and beside.name.startswith("run.")
+    assert beside.suffix == ".lrec" and RecordingReader(beside).session == SESSION
+    for e in run_events(5):
+        first.append(encode(e), e)
+    first.close()
+    assert first.path == str(path) and RecordingReader(path).steps == 5
