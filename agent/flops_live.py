@@ -205,6 +205,10 @@ class FlopsInstrument:
     def _on_root(self, module: Any, t_start_ns: int, args: tuple, kwargs: dict) -> None:
         if self._dead:
             return
+        if not args and not kwargs:
+            # the layers instrument announces a model's very first call without its kwargs: the
+            # next call carries them
+            return
         try:
             sig = signature(args, kwargs)
             seen = self._seen.get(id(module))

@@ -114,6 +114,31 @@ def test_layer_flops_once_per_signature_joined_to_module_ids() -> None:
     assert ctx.warnings == []
 
 
+def test_generate_decode_steps_are_counted_once_without_warnings() -> None:
+    ctx = Collect()
+    layers = LayersInstrument(ctx.options)
+    layers.install(ctx)
+    inst = FlopsInstrument(ctx.options, layers=layers)
+    inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
+    inst.min_interval_s = 0.0
+    inst.install(ctx)
+    try:
+        model = tiny_gpt2()
+        with torch.no_grad():
+            model.generate(torch.randint(0, 500, (1, 5)), max_new_tokens=6, do_sample=False,
+                           pad_token_id=0)
+        events = [e for _ in range(8) for e in inst.poll(time.time())]
+    finally:
+        inst.uninstall()
+        layers.uninstall()
+    assert ctx.warnings == []
+    decode = [e for e in events if isinstance(e, LayerFlops) and "input_ids:1x1:int64" in e.signature]
+    assert len(decode) == 1  # every decode step has the same signature
+    tree = next(e for e in ctx.events if isinstance(e, ModelTree))
+    head = dict(zip(decode[0].ids, decode[0].flops, strict=True))[tree.ids[tree.paths.index("lm_head")]]
+    assert head == 2 * 1 * 64 * 500  # one new token through the LM head
+
+
 def test_signature_captures_shapes_not_tensors() -> None:
     x = torch.ones(3, 5)
     sig = signature((x,), {"mask": torch.ones(3, 5, dtype=torch.bool), "flag": True, "cache": object()})
