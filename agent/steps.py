@@ -33,7 +33,7 @@ from llmtop.protocol.events import Event, Step
 from . import core
 from .anomalies import AnomalyDetector
 from .gpu_timing import GpuStepClock, ScalarReader, cuda_ready
-from .memory import NONE3, host_rss, read_step_memory
+from .memory import NONE3, StepMemory, host_rss
 
 DATA, H2D, FWD, BWD, OPT = range(5)
 PHASE_NAMES = ("data", "h2d", "forward", "backward", "optimizer")
@@ -121,6 +121,7 @@ class StepInstrument:
         self.detector = AnomalyDetector()
         self.scalars = ScalarReader()
         self.gpu = GpuStepClock()
+        self.memory = StepMemory()
         self.layers: Any = None  # the layers instrument, for its overhead and sampling rate
         self.h2d_armed = False  # see _arm_h2d
         self._gen_phase: Any = _no_generation  # integrations.generation_phase once installed
@@ -681,7 +682,7 @@ class StepInstrument:
                 pass
         cuda = cuda_ready()
         self.h2d_armed = self.h2d_armed or cuda
-        r.mem = read_step_memory() if cuda else NONE3
+        r.mem = self.memory.at_step_end(r.dur) if cuda else NONE3
         r.born = time.monotonic()
         if r.losses and all(self.scalars.is_host(h) for h in r.losses):
             # CPU losses: a host read now frees the tensors early (no device involved)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from llmtop.agent.gpu_timing import EventPool, GpuStepClock, ScalarReader, cuda_ready
-from llmtop.agent.memory import host_rss, read_step_memory
+from llmtop.agent.memory import StepMemory, host_rss, read_step_memory
 
 
 class Clock:
@@ -158,3 +158,23 @@ def test_real_cuda_events() -> None:
         assert value == pytest.approx(ref.item(), rel=1e-3)
     alloc, reserved, peak = read_step_memory()
     assert alloc and reserved and peak and peak >= alloc
+
+
+def test_step_memory_reads_every_step_when_cheap() -> None:
+    ticks = iter(range(0, 10**9, 1000))  # each read costs 1 µs on this fake clock
+    calls = []
+    mem = StepMemory(reader=lambda: calls.append(1) or (1, 2, 3), clock=lambda: next(ticks))
+    got = [mem.at_step_end(10_000_000) for _ in range(50)]  # 10 ms steps: 1 µs is 0.01 %
+    assert got == [(1, 2, 3)] * 50 and len(calls) == 50 and mem.every == 1
+
+
+def test_step_memory_samples_when_a_read_would_break_the_budget() -> None:
+    ticks = iter(range(0, 10**9, 40_000))  # each read costs 40 µs
+    calls = []
+    mem = StepMemory(reader=lambda: calls.append(1) or (1, 2, 3), budget=0.005,
+                     clock=lambda: next(ticks))
+    got = [mem.at_step_end(2_000_000) for _ in range(100)]  # 2 ms steps: budget 10 µs a step
+    assert mem.every == 4
+    assert len(calls) == 25  # steps 0, 4, 8, … 96: one read in four
+    assert sum(1 for g in got if g == (None, None, None)) == 100 - len(calls)
+    assert got[0] == (1, 2, 3)  # absent (None) between reads, never 0
