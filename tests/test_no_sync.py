@@ -210,5 +210,7 @@ def test_no_sync_on_a_real_gpu() -> None:
     assert spy.calls == Counter()
     assert [s.loss for s in steps] == pytest.approx([v.item() for v in losses], rel=1e-6)
     assert all(s.gpu_ms is not None and s.gpu_ms > 0 for s in steps[1:])
-    assert all(s.cuda_allocated and s.cuda_reserved and s.cuda_peak for s in steps)
+    read = [s for s in steps if s.cuda_allocated is not None]  # within budget: maybe not every step
+    assert steps[0] in read
+    assert all(s.cuda_allocated > 0 and s.cuda_reserved >= s.cuda_allocated and s.cuda_peak > 0 for s in read)
     assert all(s.phases["h2d"] > 0 for s in steps)
