@@ -508,7 +508,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"llmtop: dashboard unavailable ({exc}); running headless", file=sys.stderr)
         return run_headless(argv, env, sock)
     child = Child.spawn(argv, env, sock, headless=False)
-    run_attached(child, args)
+    # The child has its own session: pass on what would have reached it through the terminal.
+    previous = {sig: signal.signal(sig, lambda signum, _f: child.send_signal(signum))
+                for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        run_attached(child, args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if child.detached and child.poll() is None:
         print(f"llmtop: pid {child.pid} keeps running; output goes to {child.log_path}", file=sys.stderr)
         return 0
