@@ -30,7 +30,7 @@ import time
 import zlib
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,10 +109,10 @@ class BlockInfo:
 # each array is stored as integer nanoseconds, self times as the difference to the total (0 for
 # every leaf module), as 8-byte little-endian words whose bytes are then grouped by
 # significance ("shuffled") so that the always-zero high bytes compress away. Marked by
-# "enc": "ns1"; the reader turns them back into LayerStats with millisecond floats. Lossless for
+# "enc": "ns2"; the reader turns them back into LayerStats with millisecond floats. Lossless for
 # times measured in whole nanoseconds (perf_counter_ns / 1e6), within 0.5 ns otherwise.
 
-_LAYER_ENC = "ns1"
+_LAYER_ENC = "ns2"  # "ns1" (zigzag-coded words) was written by early builds; still read
 _WORD = 8
 _LIMIT = 1 << 62
 
@@ -125,14 +125,16 @@ def _shuffle(ints: list[int]) -> bytes:
     return b"".join(raw[i::_WORD] for i in range(_WORD))
 
 
-def _unshuffle(data: bytes) -> list[int]:
+def _unshuffle(data: bytes, zigzag: bool = False) -> list[int]:
     n = len(data) // _WORD
     raw = bytearray(len(data))
     for i in range(_WORD):
         raw[i::_WORD] = data[i * n:(i + 1) * n]
-    words = array("q", bytes(raw))
+    words = array("Q" if zigzag else "q", bytes(raw))
     if sys.byteorder == "big":
         words.byteswap()
+    if zigzag:
+        return [(w >> 1) ^ -(w & 1) for w in words]
     return words.tolist()
 
 
@@ -177,7 +179,8 @@ def _decode_ns(fwd: list[int], bwd: list[int], fwd_self: list[int], bwd_self: li
 
 
 def expand_layers(body: dict[str, Any]) -> dict[str, Any]:
-    decoded = _decode_ns(*(_unshuffle(body[name]) for name in _LAYER_ARRAYS))
+    zigzag = body.pop("enc", None) == "ns1"
+    decoded = _decode_ns(*(_unshuffle(body[name], zigzag) for name in _LAYER_ARRAYS))
     for name, patch in (body.pop("exact", None) or {}).items():
         values = decoded[name]
         for i, v in patch.items():
@@ -699,8 +702,10 @@ class RecordingReader:
 
     # -- decoding
 
-    def _events_of(self, index: int) -> tuple[list[Event], list[float]]:
-        """Decoded events of block ``index`` and each one's time (running max, never backwards)."""
+    def _events_of(self, index: int, layers: Callable[[int], bool] | None = None
+                   ) -> tuple[list[Event], list[float]]:
+        """Decoded events of block ``index`` and each one's time (running max, never backwards).
+        ``layers(step)`` False skips that layer table undecoded (such partial blocks are not cached)."""
         hit = self._cache.get(index)
         if hit is not None:
             self._cache.move_to_end(index)
@@ -720,7 +725,9 @@ class RecordingReader:
                     raise ProtocolError(f"bad frame length {length}")
                 body = unpack_map(view[at + HEADER.size: at + HEADER.size + length])
                 at += HEADER.size + length
-                if body.get("enc") == _LAYER_ENC and body["k"] == LayerStats.KIND:
+                if layers is not None and body["k"] == LayerStats.KIND and not layers(body.get("step", 0)):
+                    continue
+                if body.get("enc") in (_LAYER_ENC, "ns1") and body["k"] == LayerStats.KIND:
                     try:
                         body = expand_layers(body)
                     except (KeyError, TypeError, ValueError) as exc:
@@ -735,16 +742,19 @@ class RecordingReader:
                 times.append(clock)
         except (ProtocolError, struct.error) as exc:
             raise RecordingError(f"{name}: block at byte {info.offset}: {exc}") from None
+        if layers is not None:
+            return events, times
         self._cache[index] = (events, times)
         if len(self._cache) > self._cache_blocks:
             self._cache.popitem(last=False)
         return events, times
 
-    def events(self) -> Iterator[Event]:
-        """Every recorded event in order (the session first), keyframes skipped."""
+    def events(self, layers: Callable[[int], bool] | None = None) -> Iterator[Event]:
+        """Every recorded event in order (the session first), keyframes skipped. ``layers(step)``
+        returning False skips that step's layer tables without decoding them (long-run summaries)."""
         yield self.session
         for i in self.data:
-            yield from self._events_of(i)[0]
+            yield from self._events_of(i, layers)[0]
 
     def timed_events(self, start: Position | None = None) -> Iterator[tuple[Position, Event, float]]:
         """Events from ``start`` on, with their position and time in seconds from ``start``."""

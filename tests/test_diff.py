@@ -112,3 +112,17 @@ def test_exit_codes_from_the_real_command(runs: dict[str, Path], tmp_path: Path)
     broken = subprocess.run([LLMTOP, "diff", str(runs["a"]), str(bad)], capture_output=True, text=True,
                             env=child_env(), timeout=60)
     assert broken.returncode == 2 and broken.stderr.count("\n") == 1 and "empty" in broken.stderr
+
+
+def test_long_runs_are_summarized_from_a_spread_of_layer_tables(
+        runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Hour-long runs read the layer tables of at most LAYER_STEPS steps: the gate still works."""
+    from llmtop.tui import report
+
+    monkeypatch.setattr(report, "LAYER_STEPS", 30)  # 120 steps: every 4th table
+    summary = report.open_summary(str(runs["a"]))
+    mlp = summary.layer_by_path()[SLOW]
+    assert mlp.fwd.n == 30  # steps 0, 4, ..., 116
+    assert summary.step_ms.n == 120  # step records are all read
+    assert main(["diff", str(runs["a"]), str(runs["slow"]), "--fail-if-slower", "10"]) == 1
+    assert main(["diff", str(runs["a"]), str(runs["a2"]), "--fail-if-slower", "10"]) == 0

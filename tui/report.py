@@ -35,6 +35,8 @@ from .model import SessionModel
 
 HELP = "Print a one-screen summary of a recording: step times, phases, top layers and ops, memory, diagnoses."
 RESERVOIR = 2048  # samples kept per module and series for medians
+LAYER_STEPS = 2048  # layer tables of at most this many steps (evenly spread) are read for medians
+MODEL_TAIL = 300  # the last steps' layer tables also go to the model (diagnoses of the end state)
 TOP = 8
 
 
@@ -215,13 +217,22 @@ def summarize(reader: RecordingReader) -> RunSummary:
                      warning=reader.warning)
     model = out.model
     merger = LayerMerger()
-    for event in reader.events():
-        model.apply(event)
+    # Per-layer medians need a sample, not every table: decoding 36 000 tables of an hour-long run
+    # costs minutes. Steps are numbered, so a stride picks an even spread without reading ahead.
+    every = max(1, math.ceil(reader.steps / LAYER_STEPS))
+    tail = (reader.last_step or 0) - MODEL_TAIL
+
+    def wanted(step: int) -> bool:
+        return step % every == 0 or step >= tail
+
+    for event in reader.events(layers=wanted if every > 1 else None):
+        if not isinstance(event, LayerStats) or event.step >= tail:
+            model.apply(event)
         if isinstance(event, Step):
             _step(out, event)
             for table in merger.ready(event.step):
                 _layers(out, table)
-        elif isinstance(event, LayerStats):
+        elif isinstance(event, LayerStats) and event.step % every == 0:
             merger.add(event)
         elif isinstance(event, ModelTree):
             _tree(out, event)
