@@ -110,14 +110,15 @@ class _NullContext:
         pass
 
 
+_Tensor: Any = type(None)  # torch.Tensor once installed (torch is imported lazily)
+
+
 def _grad_nodes(obj: Any, out: list[Any], depth: int = 0) -> None:
     """Collect distinct ``grad_fn`` nodes of tensors that need grad in args/outputs.
 
     Looks through tuples, lists and dicts (HF ``ModelOutput`` is a dict) a few levels deep.
     """
-    import torch
-
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, _Tensor):
         if obj.requires_grad:
             fn = obj.grad_fn
             if fn is not None and fn not in out:
@@ -206,8 +207,14 @@ class LayersInstrument:
     def install(self, ctx: core.Context) -> None:
         import torch
 
+        global _Tensor
+        _Tensor = torch.Tensor
         self._torch = torch
-        self._compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+        # dynamo folds this to True while it traces a hook (no guard), so a compiled graph never
+        # contains our hooks; eagerly it is one cheap call
+        comp = getattr(torch, "compiler", None)
+        self._compiling = getattr(comp, "is_dynamo_compiling", None) or getattr(
+            comp, "is_compiling", None) or torch._dynamo.is_compiling
         self._grad_enabled = torch.is_grad_enabled
         self._task_id = torch._C._current_graph_task_id
         self._engine = torch.autograd.Variable._execution_engine
@@ -273,10 +280,12 @@ class LayersInstrument:
         from torch.nn.modules import module as m
 
         self._gen += 1
-        self._global_handles = [
-            m.register_module_forward_pre_hook(self._pre),
-            m.register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
-        ]
+        pre = m.register_module_forward_pre_hook(self._pre)
+        try:
+            post = m.register_module_forward_hook(self._post, with_kwargs=True, always_call=True)
+        except TypeError:  # an older torch: no kwargs, and no call when forward raises
+            post = m.register_module_forward_hook(lambda mod, args, out: self._post(mod, args, {}, out))
+        self._global_handles = [pre, post]
 
     def _remove_global(self) -> None:
         handles, self._global_handles = self._global_handles, []
@@ -342,9 +351,15 @@ class LayersInstrument:
         rec = _Rec(gid, parent, self._seq)
         nodes: list[Any] = []
         for a in args:
-            _grad_nodes(a, nodes)
+            if isinstance(a, _Tensor):  # the common case, without a call
+                if a.requires_grad:
+                    fn = a.grad_fn
+                    if fn is not None and fn not in nodes:
+                        nodes.append(fn)
+            elif isinstance(a, (tuple, list, dict)):
+                _grad_nodes(a, nodes)
         if nodes:
-            self._hook_nodes(nodes, rec, False)
+            self._hook_nodes(nodes, rec, 1)
         else:
             self._need_params(module, gid, rec)
         return rec
@@ -382,10 +397,15 @@ class LayersInstrument:
                 self._on_forward_error(module, gid)
                 return
             if rec is not None:
-                nodes: list[Any] = []
-                _grad_nodes(rest[1], nodes)
+                out = rest[1]
+                if isinstance(out, _Tensor):
+                    fn = out.grad_fn if out.requires_grad else None
+                    nodes: list[Any] = [fn] if fn is not None else []
+                else:
+                    nodes = []
+                    _grad_nodes(out, nodes)
                 if nodes:
-                    self._hook_nodes(nodes, rec, True)
+                    self._hook_nodes(nodes, rec, 0)
                     if rec.params and rest[0]:
                         # inputs passed by keyword are only visible here (global pre-hooks get
                         # no kwargs); hook them late rather than not at all
@@ -394,7 +414,7 @@ class LayersInstrument:
                         knodes = [n for n in knodes if n not in nodes]
                         if knodes:
                             rec.params = False
-                            self._hook_nodes(knodes, rec, False)
+                            self._hook_nodes(knodes, rec, 1)
         except Exception as exc:
             self._fail("forward hook", exc)
 
@@ -408,12 +428,13 @@ class LayersInstrument:
 
     # ----------------------------------------------------------------- backward
 
-    def _hook_nodes(self, nodes: list[Any], rec: _Rec, is_start: bool) -> None:
+    def _hook_nodes(self, nodes: list[Any], rec: _Rec, kind: int) -> None:
         """Attach ``rec`` to autograd nodes; one pre-hook per node, whatever many modules use it.
 
         Every module whose boundary is at a node sees the same timestamp (the end of one module
         and the start of the next are the same instant), so sibling windows never overlap.
         The per-node slot lives in the node's own ``metadata`` and dies with the graph.
+        ``kind`` 0: the module's backward starts at these nodes; 1: it ends there.
         """
         for node in nodes:
             md = node.metadata
@@ -421,7 +442,7 @@ class LayersInstrument:
             if slot is None:
                 slot = md[_SLOT] = ([], [])
                 node.register_prehook(self._node_hook(slot))
-            slot[0 if is_start else 1].append(rec)
+            slot[kind].append(rec)
 
     def _node_hook(self, slot: tuple[list[_Rec], list[_Rec]]) -> Any:
         def hook(grad_outputs: Any) -> None:

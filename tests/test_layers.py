@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn as nn
 from llmtop.agent import core
-from llmtop.agent import layers as layers_mod
 from llmtop.agent.layers import LayersInstrument
 from llmtop.protocol.events import Anomaly, Event, LayerStats, Metric, ModelTree
 from torch.nn.modules import module as nn_module
@@ -382,7 +381,7 @@ def test_failing_forward_hook_disables_itself(started: Any, monkeypatch: pytest.
         raise RuntimeError("injected")
 
     inst, ctx = started()
-    monkeypatch.setattr(layers_mod, "_grad_nodes", boom)
+    monkeypatch.setattr(inst, "_track", boom)
     out = model(x)
     assert torch.equal(out, expected)
     out.sum().backward()
