@@ -68,6 +68,16 @@ def attention_flops(q: Shape, k: Shape, v: Shape, causal: bool = False, bottom_r
     return 2.0 * heads * pairs * (e + ev)
 
 
+def attention_backward_flops(q: Shape, k: Shape, v: Shape, causal: bool = False,
+                             bottom_right: bool = False) -> float:
+    """Fused attention backward: dV, dP, dQ, dK plus the recomputed QK^T (flash-style kernels keep
+    only the log-sum-exp, not the probabilities): 2 x pairs x (3E + 2Ev) per head."""
+    *lead, _hq, q_len, e = q
+    kv_len, ev = k[-2], v[-1]
+    pairs = causal_pairs(q_len, kv_len, bottom_right) if causal else q_len * kv_len
+    return 2.0 * _prod(lead) * q[-3] * pairs * (3 * e + 2 * ev)
+
+
 def conv_flops(x: Shape, w: Shape, out: Shape | None, transposed: bool = False) -> float:
     """2 x batch x spatial positions x weight elements (spatial: output, or input when transposed)."""
     spatial = x[2:] if transposed or out is None else out[2:]
@@ -127,6 +137,20 @@ def _f_efficient_forward(s: list, v: list, o: list) -> float:
                            bottom_right=mask_type == 2)
 
 
+def _backward_at(i: int, blhd: bool = False, mask_type: bool = False) -> Formula:
+    """Backward kernels: query, key, value are arguments 1-3; the causal flag (or mask type) is at i."""
+
+    def f(s: list, v: list, o: list) -> float:
+        q, k, val = (_blhd(x) for x in s[1:4]) if blhd else s[1:4]
+        flag = _arg(v, i, 0)
+        if mask_type:
+            mt = int(flag or 0)
+            return attention_backward_flops(q, k, val, causal=mt in (1, 2), bottom_right=mt == 2)
+        return attention_backward_flops(q, k, val, causal=_truthy(flag))
+
+    return f
+
+
 def _f_full(s: list, v: list, o: list) -> float:
     return attention_flops(s[0], s[1], s[2], causal=False)  # the math path multiplies the full square
 
@@ -160,6 +184,12 @@ FORMULAS: dict[str, Formula] = {
     "aten::_scaled_dot_product_attention_math": _f_full,
     "aten::_flash_attention_forward": _f_flash_forward,
     "aten::_efficient_attention_forward": _f_efficient_forward,
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward": _backward_at(7),
+    "aten::_scaled_dot_product_flash_attention_backward": _backward_at(11),
+    "aten::_scaled_dot_product_efficient_attention_backward": _backward_at(11),
+    "aten::_scaled_dot_product_cudnn_attention_backward": _backward_at(14),
+    "aten::_flash_attention_backward": _backward_at(11, blhd=True),
+    "aten::_efficient_attention_backward": _backward_at(14, blhd=True, mask_type=True),
 }
 
 # Composite ops whose work a child op carries (in a profiler trace both rows appear).
@@ -168,6 +198,8 @@ PARENT_OPS = frozenset({
     "aten::convolution", "aten::_convolution", "aten::scaled_dot_product_attention",
     # on CUDA these call _flash_attention_forward / _efficient_attention_forward, which hold the kernels
     "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_flash_attention_backward",
+    "aten::_scaled_dot_product_efficient_attention_backward",
 })
 
 # Ops with 0 FLOPs by definition: views, copies, gathers, creation, concatenation.

@@ -173,3 +173,19 @@ def test_bottom_right_causal_pairs_for_a_kv_cache() -> None:
     assert F.causal_pairs(1, 4, bottom_right=True) == 4  # one new token sees the whole cache
     assert F.causal_pairs(2, 6, bottom_right=True) == 5 + 6
     assert F.causal_pairs(4, 4, bottom_right=True) == F.causal_pairs(4, 4)
+
+
+def test_fused_attention_backward_counts_the_recomputed_scores() -> None:
+    q = [2, 4, 16, 8]
+    kv = [2, 2, 16, 8]
+    grad = [None] * 8
+    full = F.op_flops("aten::_scaled_dot_product_flash_attention_for_cpu_backward", [q, q, kv, kv],
+                      grad[:7] + [False])
+    causal = F.op_flops("aten::_scaled_dot_product_flash_attention_for_cpu_backward", [q, q, kv, kv],
+                        grad[:7] + [True])
+    forward = 2 * 2 * 2 * 4 * 16 * 16 * 8
+    assert full == forward * 5 / 2  # dV, dP, dQ, dK and QK^T again: 5 matmuls for the forward's 2
+    assert causal == full * (16 * 17 // 2) / (16 * 16)
+    blhd = [[2, 16, 4, 8], [2, 16, 4, 8], [2, 16, 2, 8], [2, 16, 2, 8]]
+    assert F.op_flops("aten::_flash_attention_backward", blhd, [None] * 11 + [True]) == causal
+    assert F.op_flops("aten::_efficient_attention_backward", blhd, [None] * 14 + [1]) == causal
