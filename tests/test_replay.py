@@ -18,6 +18,7 @@ from llmtop.protocol.events import End
 from llmtop.protocol.recording import RecordingReader
 from llmtop.tui.help import HelpScreen
 from llmtop.tui.model import SessionModel
+from llmtop.tui.record import start_tui_recording
 from llmtop.tui.recording_source import MAX_SPEED, RecordingSource
 from llmtop.tui.replay import TRANSPORT_KEYS, ReplayApp, parse_target, position_bar
 
@@ -78,6 +79,7 @@ def test_live_session_and_its_recordings_match(short_tmp: Path) -> None:
     (short_tmp / "train.py").write_text(TRAIN)
     sock = short_tmp / "a.sock"
     agent_file, recorder_file, stopped_file = short_tmp / "agent.lrec", short_tmp / "rec.lrec", short_tmp / "stop.lrec"
+    key_file = short_tmp / "key.lrec"
     env = child_env(LLMTOP_SOCKET=str(sock), LLMTOP_TICK="0.1")
     proc = subprocess.Popen([LLMTOP, "attach", "--headless", "--record", str(agent_file), "train.py"],
                             cwd=short_tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -85,6 +87,7 @@ def test_live_session_and_its_recordings_match(short_tmp: Path) -> None:
     live = SessionModel()
     try:
         conn = connect(sock, proc)
+        background = start_tui_recording(sock, str(key_file))  # what the dashboard's record key runs
         for out in (recorder_file, stopped_file):
             recorders.append(subprocess.Popen([LLMTOP, "record", str(sock), "-o", str(out)], env=env,
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -93,6 +96,7 @@ def test_live_session_and_its_recordings_match(short_tmp: Path) -> None:
             live.apply(ev)
             if live.step_count >= 15 and not stopped and stopped_file.exists():
                 recorders[1].send_signal(signal.SIGINT)  # the user stops this recorder mid-run
+                assert background.stop() == 0 and not background.running
                 stopped = True
             if live.step_count >= 40 and stopped:
                 (short_tmp / "enough").write_text("")
@@ -116,11 +120,12 @@ def test_live_session_and_its_recordings_match(short_tmp: Path) -> None:
     assert "the script ended" in results[0][1]
     # The recorder stopped with SIGINT: a clean, indexed file that ends with an End marked detached.
     assert recorders[1].returncode == 0, results[1][1]
-    r = RecordingReader(stopped_file)
-    assert r.warning is None
-    events = list(r.events())
-    assert isinstance(events[-1], End) and events[-1].reason == "detached"
-    assert 0 < r.steps < live.step_count
+    for path in (stopped_file, key_file):
+        r = RecordingReader(path)
+        assert r.warning is None
+        events = list(r.events())
+        assert isinstance(events[-1], End) and events[-1].reason == "detached"
+        assert 0 < r.steps < live.step_count
 
 
 # --- the replay clock, without a screen -------------------------------------------------------------
