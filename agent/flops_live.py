@@ -24,16 +24,25 @@ from . import core
 
 MAX_SIGNATURES = 16  # per model; decoding with a growing mask would otherwise never stop
 MIN_INTERVAL_S = 1.0  # at most one count per second: each holds the GIL on the agent thread
-_PLAIN = (bool, int, float, str, type(None))
+_PLAIN = frozenset({bool, int, float, str, type(None)})
+
+
+_Tensor: Any = None  # torch.Tensor, set when torch is loaded (this module imports without torch)
 
 
 def _spec(x: Any, depth: int = 0) -> Any:
     """A hashable description of one argument: shapes and dtypes of tensors, plain values as is."""
-    shape = getattr(x, "shape", None)
-    if shape is not None and hasattr(x, "dtype") and hasattr(x, "device"):
-        return ("T", tuple(shape), x.dtype, x.device.type)
-    if isinstance(x, _PLAIN):
+    global _Tensor
+    t = type(x)
+    if t in _PLAIN:
         return x
+    if _Tensor is None:
+        import torch
+
+        _Tensor = torch.Tensor
+    # `type is` first: isinstance against torch.Tensor goes through a slow metaclass check
+    if t is _Tensor or isinstance(x, _Tensor):
+        return ("T", x.shape, x.dtype)  # torch.Size is a hashable tuple
     if depth < 2 and isinstance(x, (list, tuple)):
         return ("L", tuple(_spec(v, depth + 1) for v in x))
     if depth < 2 and isinstance(x, dict):
@@ -67,7 +76,7 @@ def _rebuild(s: Any, torch: Any) -> tuple[bool, Any]:
     if isinstance(s, tuple) and s:
         kind = s[0]
         if kind == "T":
-            _, shape, dtype, _dev = s
+            _, shape, dtype = s
             if dtype.is_floating_point or dtype.is_complex:
                 return True, torch.empty(shape, dtype=dtype, device="meta")
             return True, torch.zeros(shape, dtype=dtype, device="meta")

@@ -61,11 +61,13 @@ def capture_cost_us(n: int) -> float:
     mask = torch.ones(8, 128, dtype=torch.long)
     kwargs = {"input_ids": ids, "attention_mask": mask, "labels": ids, "use_cache": False}
     seen = {signature((), kwargs)}
-    t0 = time.perf_counter_ns()
-    for _ in range(n):
-        sig = signature((), kwargs)
-        _ = sig in seen
-    return (time.perf_counter_ns() - t0) / n / 1e3
+    best = float("inf")
+    for _ in range(10):  # best of 10 batches: the machine's load only ever adds
+        t0 = time.perf_counter_ns()
+        for _ in range(n // 10):
+            _ = signature((), kwargs) in seen
+        best = min(best, (time.perf_counter_ns() - t0) / (n // 10) / 1e3)
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | wall time | CPU time | peak RSS | GFLOPs (forward) | target |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\nLive FLOPs instrument, hot path: {cost:.1f} µs per root forward to build and look up the "
+    print(f"\nLive FLOPs instrument, hot path: {cost:.1f} µs (best of 10 batches) per root forward to build and look up the "
           "shape signature of GPT-2-style kwargs (input_ids, attention_mask, labels, use_cache); the "
           "count itself runs on the agent thread once per signature.")
     OUT_DIR.mkdir(exist_ok=True)
