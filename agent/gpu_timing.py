@@ -17,16 +17,22 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+_CUDA_ON = [False]  # once CUDA is initialised it stays so (a forked child runs no agent)
+
 
 def cuda_ready() -> bool:
-    """CUDA is in use by this process (initialised); never initialises it ourselves."""
+    """CUDA is in use by this process (initialised); never initialises it ourselves. Hot-path cheap."""
+    if _CUDA_ON[0]:
+        return True
     torch = sys.modules.get("torch")
     if torch is None:
         return False
     try:
-        return bool(torch.cuda.is_initialized())
+        on = bool(torch.cuda.is_initialized())
     except Exception:
         return False
+    _CUDA_ON[0] = on
+    return on
 
 
 def _cuda_timing_event() -> Any:

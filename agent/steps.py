@@ -684,10 +684,6 @@ class StepInstrument:
         self.h2d_armed = self.h2d_armed or cuda
         r.mem = self.memory.at_step_end(r.dur) if cuda else NONE3
         r.born = time.monotonic()
-        if r.losses and all(self.scalars.is_host(h) for h in r.losses):
-            # CPU losses: a host read now frees the tensors early (no device involved)
-            r.loss_value = self._sum_losses(r.losses)
-            r.losses = []
         self.gpu.end_step(r.step)
         # the next step starts now; the stack keeps frames still open (a wrapper optimizer)
         self.acc = [0] * NPH
@@ -724,17 +720,6 @@ class StepInstrument:
                 pass
         r.overhead_ns = own
         self._done.append(r)
-
-    def _sum_losses(self, handles: list[Any]) -> float | None:
-        # with gradient accumulation the step's loss is the sum of the micro-batch losses that
-        # went into its gradient: the mean when the script divides each by the number of
-        # micro-batches, and the figure transformers' Trainer logs when it does not
-        vals = []
-        for h in handles:
-            ready, v = self.scalars.read(h)
-            if v is not None:
-                vals.append(v)
-        return sum(vals) if vals else None
 
     # --- agent thread ----------------------------------------------------------------------------
 
@@ -775,6 +760,9 @@ class StepInstrument:
                 if v is not None:
                     vals.append(v)
             if ready:
+                # with gradient accumulation the step's loss is the sum of the micro-batch losses
+                # that went into its gradient: the mean when the script divides each by the number
+                # of micro-batches, and the figure transformers' Trainer logs when it does not
                 r.loss_value = sum(vals) if vals else None
                 r.losses = []
         if r.grad is not None:
