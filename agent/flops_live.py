@@ -111,6 +111,22 @@ def meta_copy(model: Any) -> Any:
     return copy.deepcopy(model, memo)
 
 
+# Wrappers whose forward must not run on meta (compiled graphs, collectives): count what they wrap.
+_WRAPPERS = {"OptimizedModule": "_orig_mod", "DistributedDataParallel": "module", "DataParallel": "module"}
+
+
+def unwrap(model: Any) -> tuple[Any, str]:
+    """(the innermost wrapped model, its path prefix inside ``model``)."""
+    prefix = ""
+    while type(model).__name__ in _WRAPPERS:
+        attr = _WRAPPERS[type(model).__name__]
+        inner = getattr(model, attr, None)
+        if inner is None:
+            break
+        model, prefix = inner, prefix + attr + "."
+    return model, prefix
+
+
 def _layers_instrument() -> Any:
     """The running layers instrument (helper I1's ``LayersInstrument``), found on the agent."""
     agent = core.ACTIVE
@@ -254,7 +270,8 @@ class FlopsInstrument:
             ok, v = _rebuild(s, torch)
             if ok:
                 kwargs[k] = v
-        clone = meta_copy(model)
+        inner, prefix = unwrap(model)
+        clone = meta_copy(inner)
         clone.eval()
         with _Muted(layers):
             prof = F.count(clone, tuple(args), kwargs)
@@ -263,13 +280,16 @@ class FlopsInstrument:
         fl: list[float] = []
         by: list[float] = []
         for cost in prof.modules:
-            orig = originals.get(cost.path)
-            gid = ids.get(orig) if orig is not None else None
-            if gid is None or not cost.calls:
+            if not cost.calls:
                 continue
-            out_ids.append(gid)
-            fl.append(cost.flops / cost.calls)
-            by.append(cost.bytes / cost.calls)
+            paths = [prefix + cost.path] if cost.path else ([prefix[:-1], ""] if prefix else [""])
+            for path in paths:  # a wrapper's root gets its wrapped model's figures too
+                orig = originals.get(path)
+                gid = ids.get(orig) if orig is not None else None
+                if gid is not None:
+                    out_ids.append(gid)
+                    fl.append(cost.flops / cost.calls)
+                    by.append(cost.bytes / cost.calls)
         dev, dtype = self._device(model)
         self.computed += 1
         return LayerFlops(

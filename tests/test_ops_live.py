@@ -139,6 +139,30 @@ def test_generate_decode_steps_are_counted_once_without_warnings() -> None:
     assert head == 2 * 1 * 64 * 500  # one new token through the LM head
 
 
+def test_wrapped_model_is_counted_through_its_wrapper() -> None:
+    ctx = Collect()
+    layers = LayersInstrument(ctx.options)
+    layers.install(ctx)
+    inst = FlopsInstrument(ctx.options, layers=layers)
+    inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
+    inst.min_interval_s = 0.0
+    inst.install(ctx)
+    try:
+        model = torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()))
+        for _ in range(2):
+            model(torch.randn(4, 8))
+        events = [e for _ in range(3) for e in inst.poll(time.time())]
+    finally:
+        inst.uninstall()
+        layers.uninstall()
+    assert ctx.warnings == []
+    (ev,) = events
+    tree = next(e for e in ctx.events if isinstance(e, ModelTree))
+    flops = dict(zip(ev.ids, ev.flops, strict=True))
+    by_path = dict(zip(tree.paths, tree.ids, strict=True))
+    assert flops[by_path[""]] == flops[by_path["module"]] == flops[by_path["module.0"]] == 2 * 4 * 8 * 16
+
+
 def test_signature_captures_shapes_not_tensors() -> None:
     x = torch.ones(3, 5)
     sig = signature((x,), {"mask": torch.ones(3, 5, dtype=torch.bool), "flag": True, "cache": object()})
