@@ -318,7 +318,7 @@ class RecordingWriter:
 
         Of the big per-step tables (layers, ops) only the most recent few are kept: a seek decodes
         the keyframe, and hundreds of layer tables would make it slow and the file big."""
-        frames = trim_snapshot(frames)
+        frames = [_compact_frame(f) for f in trim_snapshot(frames)]
         with self._lock:
             if self.closed:
                 return
@@ -425,6 +425,17 @@ def peek_kind(frame: bytes) -> str | None:
         return frame[at + 1:at + 1 + size].decode("ascii")
     except UnicodeDecodeError:
         return None
+
+
+def _compact_frame(frame: bytes) -> bytes:
+    """A snapshot's layer table in the file form (as ``append`` stores them); others unchanged."""
+    if peek_kind(frame) != LayerStats.KIND:
+        return frame
+    try:
+        event = LayerStats.from_map(unpack_map(frame[HEADER.size:]))
+    except ProtocolError:
+        return frame
+    return compact_layers(event) or frame  # type: ignore[arg-type]
 
 
 def trim_snapshot(frames: list[bytes]) -> list[bytes]:
