@@ -21,6 +21,7 @@ from llmtop.tui.keys import KEYS, VIEWS
 from llmtop.tui.layer_detail import LayerDetail
 from llmtop.tui.model import LIVE, LOST
 from llmtop.tui.source import EventsSource, SocketSource
+from llmtop.tui.tree_table import TreeTable
 from textual.widgets import DataTable, Static
 
 from tests.conftest import LLMTOP, ROOT, child_env
@@ -55,8 +56,8 @@ def status(app: LlmtopApp) -> str:
     return str(app.query_one("#status", Static).render())
 
 
-def table(app: LlmtopApp, view: str) -> DataTable:
-    return app.query_one(f"#view-{view}").query_one(DataTable)
+def table(app: LlmtopApp, view: str) -> DataTable | TreeTable:
+    return app.query_one(f"#view-{view}").query_one("TreeTable, DataTable")
 
 
 def column(t: DataTable, key: str) -> list[str]:
@@ -130,7 +131,7 @@ async def test_layers_expand_sort_filter_and_detail():
         await pilot.press("x")
         await settle(app, pilot)
         assert t.row_count > collapsed
-        cursor_key = t.coordinate_to_cell_key(t.cursor_coordinate).row_key.value
+        cursor_key = t.cursor_key
         hottest = app.model.hottest_layers(1)[0]
         assert cursor_key == str(hottest.id)
         # s cycles the sort column: first by name, then class, params, fwd …

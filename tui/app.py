@@ -203,7 +203,7 @@ class LlmtopApp(App[int]):
     def focus_view(self) -> None:
         """Keys go to the view on screen: its table or log, else the view itself (for scrolling)."""
         view = self.view_widget()
-        target = next(iter(view.query("DataTable, LogPane")), None) if view.display else None
+        target = next(iter(view.query("TreeTable, DataTable, LogPane")), None) if view.display else None
         (target or view).focus()
 
     def on_layers_view_open(self, message: LayersView.Open) -> None:

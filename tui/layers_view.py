@@ -10,26 +10,28 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import Input, Static
 
 from . import fmt
 from .model import Layer, SessionModel
-from .widgets import KeyedTable, heat_bar, heat_style
+from .tree_table import Column, TreeTable
+from .widgets import heat_bar, heat_style
 
 COLUMNS = (
-    ("name", "module"),
-    ("class", "class"),
-    ("params", "params"),
-    ("fwd", "fwd ms"),
-    ("bwd", "bwd ms"),
-    ("share", "% step"),
-    ("calls", "calls"),
-    ("act", "act mem"),
-    ("flops", "FLOPs"),
-    ("achieved", "FLOP/s"),
-    ("bound", "bound"),
+    Column("name", "module"),
+    Column("class", "class"),
+    Column("params", "params", "right"),
+    Column("fwd", "fwd ms", "right"),
+    Column("bwd", "bwd ms", "right"),
+    Column("share", "% step"),
+    Column("calls", "calls", "right"),
+    Column("act", "act mem", "right"),
+    Column("flops", "FLOPs", "right"),
+    Column("achieved", "FLOP/s", "right"),
+    Column("bound", "bound"),
 )
-SORTS = ("tree",) + tuple(key for key, _ in COLUMNS)
+TITLES = {c.key: c.title for c in COLUMNS}
+SORTS = ("tree",) + tuple(c.key for c in COLUMNS)
 CONTAINERS = {"ModuleList", "Sequential", "ModuleDict"}  # expanded by default: they only hold blocks
 
 SortKey = Callable[[Layer, SessionModel], Any]
@@ -73,7 +75,7 @@ class LayersView(Vertical):
     LayersView #layers-filter { display: none; height: 3; }
     LayersView.filtering #layers-filter { display: block; }
     LayersView #layers-info { height: 1; color: $text-muted; padding: 0 1; }
-    LayersView DataTable { height: 1fr; }
+    LayersView TreeTable { height: 1fr; }
     """
 
     class Open(Message):
@@ -90,7 +92,6 @@ class LayersView(Vertical):
         self.reverse = False
         self.filter = ""
         self._tree_version = -1
-        self._keyed: KeyedTable | None = None
         self._model: SessionModel | None = None
         self.dirty = True  # a structural change (expand, sort, filter) waiting for the next frame
         self._info = ""
@@ -98,23 +99,12 @@ class LayersView(Vertical):
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter modules by name (esc closes)", id="layers-filter")
         yield Static(id="layers-info")
-        table: DataTable = DataTable(id="layers-table", cursor_type="row", zebra_stripes=False)
-        table.fixed_columns = 1
-        yield table
-
-    def on_mount(self) -> None:
-        self._keyed = KeyedTable(self.query_one(DataTable), COLUMNS)
+        yield TreeTable(COLUMNS, id="layers-table")
 
     # --- actions -------------------------------------------------------------------------------
 
     def _cursor_id(self) -> int | None:
-        table = self.query_one(DataTable)
-        if not table.row_count:
-            return None
-        try:
-            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        except Exception:
-            return None
+        key = self.query_one(TreeTable).cursor_key
         return int(key) if key is not None else None
 
     def _changed(self) -> None:
@@ -167,11 +157,7 @@ class LayersView(Vertical):
         self._changed()
 
     def move_to(self, layer_id: int) -> None:
-        table = self.query_one(DataTable)
-        try:
-            table.move_cursor(row=table.get_row_index(str(layer_id)))
-        except Exception:
-            pass
+        self.query_one(TreeTable).move_to_key(str(layer_id))
 
     def open_filter(self) -> None:
         self.add_class("filtering")
@@ -181,7 +167,7 @@ class LayersView(Vertical):
         """esc: close the filter box (keeping its text); a second esc clears it. True if handled."""
         box = self.query_one("#layers-filter", Input)
         if box.has_focus:
-            self.query_one(DataTable).focus()
+            self.query_one(TreeTable).focus()
             if not box.value:
                 self.remove_class("filtering")
             return True
@@ -197,16 +183,15 @@ class LayersView(Vertical):
             self._changed()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.query_one(DataTable).focus()
+        self.query_one(TreeTable).focus()
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_tree_table_row_selected(self, event: TreeTable.RowSelected) -> None:
         event.stop()
-        if event.row_key.value is not None:
-            self.post_message(self.Open(int(event.row_key.value)))
+        self.post_message(self.Open(int(event.key)))
 
-    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
+    def on_tree_table_header_selected(self, event: TreeTable.HeaderSelected) -> None:
         event.stop()
-        self.set_sort(str(event.column_key.value))
+        self.set_sort(event.column)
 
     def selected(self) -> int | None:
         return self._cursor_id()
@@ -215,15 +200,13 @@ class LayersView(Vertical):
 
     def refresh_view(self, model: SessionModel, window_s: float) -> None:
         self._model = model
-        if self._keyed is None:
-            return
         if model.tree_version != self._tree_version:
             self._tree_version = model.tree_version
             self._default_expansion(model)
         rows = [(str(layer.id), self._cells(layer, depth, model)) for layer, depth in self.visible(model)]
-        self._keyed.sync(rows)
+        self.query_one(TreeTable).sync(rows)
         self.dirty = False
-        sort = "tree order" if self.sort == "tree" else f"sorted by {dict(COLUMNS)[self.sort]}"
+        sort = "tree order" if self.sort == "tree" else f"sorted by {TITLES[self.sort]}"
         if self.sort != "tree" and self.reverse:
             sort += " (reversed)"
         info = f" · {sort}"
@@ -247,7 +230,7 @@ class LayersView(Vertical):
             text += f" · ▸ {model.layers[mid].path or model.layers[mid].cls}"
         self.query_one("#layers-info", Static).update(text + self._info)
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+    def on_tree_table_row_highlighted(self, event: TreeTable.RowHighlighted) -> None:
         event.stop()
         if self._model is not None:
             with self._model.lock:
@@ -307,8 +290,8 @@ class LayersView(Vertical):
             name,
             Text(layer.cls, style="dim"),
             fmt.count(layer.total_params) if layer.total_params else fmt.DASH,
-            Text(fmt.ms(layer.fwd_ema), style=heat, justify="right"),
-            Text(fmt.ms(layer.bwd_ema), justify="right"),
+            Text(fmt.ms(layer.fwd_ema), style=heat),
+            fmt.ms(layer.bwd_ema),
             Text(f"{fmt.pct(share):>6} {heat_bar(share)}", style=heat),
             fmt.DASH if layer.calls is None else str(layer.calls),
             fmt.nbytes(layer.act_ema),
