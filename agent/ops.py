@@ -49,12 +49,20 @@ class OpsInstrument:
         core.BUS.step_end.append(self._on_step_end)
 
     def uninstall(self) -> None:
+        self._dead = True
+        if self._prof is not None and threading.get_ident() != self._thread:
+            # A window is open on the step's thread: the profiler is stopped there, at its next
+            # step end (stopping it from another thread would leave that thread recording).
+            return
+        self._close()
+
+    def _close(self) -> None:
         try:
             core.BUS.step_end.remove(self._on_step_end)
         except ValueError:
             pass
         prof, self._prof = self._prof, None
-        if prof is not None and threading.get_ident() == self._thread:
+        if prof is not None:
             try:
                 prof.__exit__(None, None, None)
             except Exception:
@@ -73,6 +81,8 @@ class OpsInstrument:
     # --- hot path: one start and one stop per window ---------------------------------------------
     def _on_step_end(self, step: int, t_end_ns: int) -> None:
         if self._dead:
+            if self._prof is not None and threading.get_ident() == self._thread:
+                self._close()
             return
         try:
             if self._prof is not None:
@@ -87,7 +97,8 @@ class OpsInstrument:
                 self._start(nxt)
         except Exception as exc:  # fail open: disable, never raise into the step
             self._dead = True
-            self._prof = None
+            if threading.get_ident() == self._thread:
+                self._close()
             self._warn(f"profiler window failed: {type(exc).__name__}: {exc}")
 
     def _start(self, step: int) -> None:

@@ -206,6 +206,23 @@ def test_ops_window_one_step_in_n_with_real_aten_names() -> None:
     assert ctx.warnings == []
 
 
+def test_uninstall_from_another_thread_stops_the_window_on_its_own_thread() -> None:
+    import threading
+
+    ctx = Collect(ops_every=2)
+    inst = OpsInstrument(ctx.options)
+    inst.install(ctx)
+    end_step(1)  # opens the window for step 2 on this thread
+    assert torch.autograd._profiler_enabled()
+    t = threading.Thread(target=inst.uninstall)
+    t.start()
+    t.join()
+    assert torch.autograd._profiler_enabled()  # not touched from the other thread
+    end_step(2)
+    assert not torch.autograd._profiler_enabled()
+    assert inst._on_step_end not in core.BUS.step_end
+
+
 # --- end to end: a real script under `llmtop attach --headless` -------------------------------------
 
 SCRIPT = textwrap.dedent("""
