@@ -115,7 +115,6 @@ class StepInstrument:
         self._patches: list[tuple[Any, str, Any, Any]] = []
         self._installed = False
         self.disabled = False
-        self._pid = os.getpid()
         self._reset_state()
         self._done: deque[_Raw] = deque(maxlen=max(4096, int(self.options.history)))
         self.detector = AnomalyDetector()
