@@ -118,7 +118,8 @@ class SlowStep:
     """Fires when a step takes far longer than the recent median (``factor``×, at least ``min_ms`` more)."""
 
     def __init__(self, window: int = 50, min_history: int = 10, factor: float = 3.0,
-                 min_ms: float = 10.0) -> None:
+                 min_ms: float = 10.0, warmup: int = 3) -> None:
+        self.warmup = warmup  # the first steps (allocation, compilation, caches) are slow by nature
         self.history: deque[float] = deque(maxlen=window)
         self.min_history = min_history
         self.factor = factor
@@ -127,6 +128,9 @@ class SlowStep:
 
     def feed(self, step: int, t: float, dur_ms: float) -> list[Anomaly]:
         out: list[Anomaly] = []
+        if self.warmup > 0:
+            self.warmup -= 1
+            return out
         if len(self.history) >= self.min_history:
             med = median(list(self.history))
             slow = dur_ms > med * self.factor and dur_ms - med >= self.min_ms

@@ -129,6 +129,8 @@ def test_cuda_allocated_from_steps_feeds_creep() -> None:
 def test_slow_step_fires_once() -> None:
     s = SlowStep()
     out = []
+    for i, warm in enumerate([2000.0, 600.0, 300.0]):  # warm-up steps are ignored
+        out += s.feed(i - 3, 0.0, warm)
     for i in range(20):
         out += s.feed(i, 0.0, 100.0 + (i % 5))
     out += s.feed(20, 0.0, 900.0) + s.feed(21, 0.0, 950.0) + s.feed(22, 0.0, 101.0)
