@@ -133,6 +133,7 @@ def test_slow_step_fires_once() -> None:
         out += s.feed(i - 3, 0.0, warm)
     for i in range(20):
         out += s.feed(i, 0.0, 100.0 + (i % 5))
+    assert len(s.history) == 20 and max(s.history) < 200  # the warm-up is not the baseline
     out += s.feed(20, 0.0, 900.0) + s.feed(21, 0.0, 950.0) + s.feed(22, 0.0, 101.0)
     assert len(out) == 1
     assert out[0].what == "slow_step"
