@@ -124,5 +124,8 @@ class LogsView(Vertical):
             info += f" (older lines dropped; {model.logs.maxlen} kept)"
         if self.search:
             info += f" · {len(pane.lines)} match “{self.search}”"
-        self.query_one("#logs-info", Static).update(info if model.logs else "no output yet")
+        if not model.logs:
+            info = "no output yet" if model.logs_from_viewer else \
+                "no output here: the script's stdout and stderr are shown under `llmtop attach`"
+        self.query_one("#logs-info", Static).update(info)
 

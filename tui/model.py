@@ -117,7 +117,7 @@ class Layer:
     @property
     def achieved_flops(self) -> float | None:
         """FLOP/s reached in forward: FLOPs per call × calls / forward time."""
-        if self.flops is None or not self.fwd_ema or not self.calls:
+        if not self.flops or not self.fwd_ema or not self.calls:
             return None
         return self.flops * self.calls / (self.fwd_ema / 1000.0)
 
