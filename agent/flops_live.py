@@ -136,37 +136,69 @@ def _layers_instrument() -> Any:
     return None
 
 
-class _Muted:
-    """Keeps the layers instrument's global hooks quiet on this thread while the meta copy runs.
+class _MutedState:
+    """Stands in for the layers instrument's per-thread state on the agent thread: always muted.
 
-    Uses the instrument's per-thread ``mute`` counter (the one it uses for checkpoint re-runs).
+    Its hooks skip a thread whose ``mute`` is set (the path they use for checkpoint re-runs);
+    ``gen`` always matches, so re-adding the hooks mid-count (sampling) cannot unmute it.
     """
 
     def __init__(self, layers: Any) -> None:
+        self._layers = layers
+        self.stack: list = []
+        self.rdepth = 0
+        self.rt0 = 0
+
+    @property
+    def gen(self) -> int:
+        return self._layers._gen
+
+    @gen.setter
+    def gen(self, value: int) -> None:
+        pass
+
+    @property
+    def mute(self) -> int:
+        return 1
+
+    @mute.setter
+    def mute(self, value: int) -> None:
+        pass
+
+
+class _Muted:
+    """Keeps the layers instrument's global hooks quiet on this thread while the meta copy runs."""
+
+    def __init__(self, layers: Any) -> None:
         self.layers = layers
-        self.st: Any = None
+        self.cm: Any = None
+        self.saved: Any = None
+        self.swapped = False
 
     def __enter__(self) -> None:
         layers = self.layers
-        if layers is None or not hasattr(layers, "_tls"):
+        if layers is None:
             return
         muted = getattr(layers, "muted", None)
         if callable(muted):  # a public switch, if the layers instrument grows one
             self.cm = muted()
             self.cm.__enter__()
             return
-        st = getattr(layers._tls, "st", None)
-        if st is None:
-            st = layers._state()
-        st.gen = layers._gen
-        st.mute = 1
-        self.st = st
+        tls = getattr(layers, "_tls", None)
+        if tls is None or not hasattr(layers, "_gen"):
+            return
+        self.saved = getattr(tls, "st", None)
+        tls.st = _MutedState(layers)
+        self.swapped = True
 
     def __exit__(self, *exc: Any) -> None:
-        if getattr(self, "cm", None) is not None:
+        if self.cm is not None:
             self.cm.__exit__(*exc)
-        elif self.st is not None:
-            self.st.mute = 0
+        elif self.swapped:
+            if self.saved is None:
+                del self.layers._tls.st
+            else:
+                self.layers._tls.st = self.saved
 
 
 class FlopsInstrument:

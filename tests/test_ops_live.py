@@ -139,6 +139,43 @@ def test_generate_decode_steps_are_counted_once_without_warnings() -> None:
     assert head == 2 * 1 * 64 * 500  # one new token through the LM head
 
 
+def test_hooks_re_added_during_the_count_do_not_take_the_copy_for_a_model() -> None:
+    ctx = Collect()
+    layers = LayersInstrument(ctx.options)
+    layers.install(ctx)
+    inst = FlopsInstrument(ctx.options, layers=layers)
+    inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
+    inst.min_interval_s = 0.0
+    inst.install(ctx)
+
+    class Toggles(torch.nn.Module):
+        """On meta (the agent's count) it re-adds the global hooks mid-forward, as sampling does."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+            self.b = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            x = self.a(x)
+            if x.device.type == "meta":
+                layers._remove_global()
+                layers._add_global()
+            return self.b(x)
+
+    try:
+        model = Toggles()
+        for _ in range(2):
+            model(torch.randn(2, 8))
+        events = [e for _ in range(3) for e in inst.poll(time.time())]
+    finally:
+        inst.uninstall()
+        layers.uninstall()
+    assert len([e for e in events if isinstance(e, LayerFlops)]) == 1
+    assert len([e for e in ctx.events if isinstance(e, ModelTree)]) == 1
+    assert ctx.warnings == []
+
+
 def test_wrapped_model_is_counted_through_its_wrapper() -> None:
     ctx = Collect()
     layers = LayersInstrument(ctx.options)
