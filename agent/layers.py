@@ -577,7 +577,8 @@ class LayersInstrument:
         return gid
 
     def _emit_tree(self, root_gid: int, root: Any) -> None:
-        from torch._dynamo.eval_frame import OptimizedModule
+        # no torch.compile'd module can exist before dynamo is imported (importing it takes seconds)
+        optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
 
         ids: list[int] = []
         paths: list[str] = []
@@ -606,7 +607,7 @@ class LayersInstrument:
             for p in own:
                 key = str(p.dtype).removeprefix("torch.")
                 sizes[key] = sizes.get(key, 0) + p.numel()
-            is_compiled = isinstance(mod, OptimizedModule)
+            is_compiled = isinstance(mod, optimized)
             self._compiled_seen = self._compiled_seen or is_compiled
             ids.append(gid)
             paths.append(path)
