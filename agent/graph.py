@@ -76,7 +76,10 @@ def _token_inputs(model: Any, task: str, a: argparse.Namespace) -> tuple[dict, s
         side = a.image_size or getattr(cfg, "image_size", None) or 224
         channels = getattr(cfg, "num_channels", 3)
         px = torch.empty(a.batch, channels, side, side, device="meta", dtype=_torch_dtype(a.dtype))
-        return {"pixel_values": px}, f"batch {a.batch} x {channels}x{side}x{side}"
+        kwargs = {"pixel_values": px}
+        if getattr(cfg, "model_type", "") == "vit" and side != getattr(cfg, "image_size", side):
+            kwargs["interpolate_pos_encoding"] = True  # ViT at another resolution than trained
+        return kwargs, f"batch {a.batch} x {channels}x{side}x{side}"
     ids = torch.zeros(a.batch, a.seq_len, dtype=torch.long, device="meta")
     kwargs: dict = {"input_ids": ids}
     shape = f"batch {a.batch} x seq {a.seq_len}"
