@@ -144,6 +144,16 @@ async def test_layers_expand_sort_filter_and_detail():
         by_fwd = [f"h.{la.path.rsplit('.', 1)[-1]}" for la in sorted(blocks, key=lambda la: -la.fwd_ema)]
         assert h_rows == by_fwd
         assert "sorted by fwd ms" in rendered(app, "#layers-info")
+        await pilot.press("r")  # reverse
+        await settle(app, pilot)
+        assert [c.strip(" ▸▾") for c in column(t, "name") if c.strip(" ▸▾").startswith("h.")] == by_fwd[::-1]
+        assert "(reversed)" in rendered(app, "#layers-info")
+        await pilot.press("c")  # collapse all: only the root is left
+        await settle(app, pilot)
+        assert t.row_count == 1
+        await pilot.press("space")
+        await settle(app, pilot)
+        assert t.row_count == 3  # the root open: transformer and lm_head
         # / filters by name; the matches keep their ancestors
         await pilot.press("slash", *"c_fc")
         await settle(app, pilot)
@@ -151,7 +161,7 @@ async def test_layers_expand_sort_filter_and_detail():
         assert sum(1 for n in shown if n == "c_fc") == 12 and "wte" not in shown and "transformer" in shown
         await pilot.press("escape", "escape")
         await settle(app, pilot)
-        assert "c_fc" not in rendered(app, "#layers-info") and t.row_count >= collapsed
+        assert "filter" not in rendered(app, "#layers-info") and t.row_count == 3  # the collapsed tree again
         # enter opens the layer detail; esc comes back
         t.focus()
         t.move_cursor(row=0)
@@ -418,3 +428,36 @@ async def test_attach_q_stop_ends_the_script(sock_path: Path):
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
+
+
+def test_watch_unknown_target_is_a_one_line_error(short_tmp: Path):
+    for target in ("999999", str(short_tmp / "missing.sock")):
+        out = subprocess.run([LLMTOP, "watch", target], capture_output=True, text=True, timeout=30,
+                             env=child_env(XDG_RUNTIME_DIR=str(short_tmp)))
+        assert out.returncode == 1
+        assert out.stderr.startswith("llmtop watch: ") and len(out.stderr.strip().splitlines()) == 1
+        assert out.stdout == ""
+
+
+@pytest.mark.timeout(150)
+@aio
+async def test_live_generation_fills_the_inference_view(sock_path: Path):
+    proc = subprocess.Popen([LLMTOP, "attach", "--headless", str(ROOT / "examples" / "generate_tiny_gpt.py"),
+                             "--rounds", "200"], env=child_env(LLMTOP_SOCKET=str(sock_path)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        app = LlmtopApp(SocketSource(sock_path))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: app.model.generation_count >= 2, timeout=100)
+            await pilot.press("6")
+            await settle(app, pilot)
+            summary = rendered(app, "#inf-summary")
+            assert "requests" in summary and "TTFT p50" in summary
+            assert table(app, "inference").row_count >= 2
+            ttft = str(app.query_one("#inf-ttft").query_one(".spark-value").render())
+            assert ttft != "—" and float(ttft) > 0
+            last = app.model.generations[-1]
+            assert last.new_tokens > 0 and last.prompt_tokens > 0 and last.ttft_ms > 0
+            await pilot.press("q")
+    finally:
+        stop_proc(proc)

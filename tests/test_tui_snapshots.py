@@ -63,3 +63,23 @@ def test_help(snap_compare) -> None:
 def test_overview_cpu_only_nan_loss_and_ended(snap_compare) -> None:
     """Absent CUDA data as dashes, a NaN diagnosis, and the finished state in the status line."""
     assert snap_compare(make_app(gpu=False, nan_from=40, end=True), terminal_size=(100, 30), run_before=loaded)
+
+
+def test_light_theme(snap_compare) -> None:
+    app = make_app()
+    app.theme = "textual-light"
+    assert snap_compare(app, terminal_size=(80, 24), run_before=loaded)
+
+
+def test_no_color_layers(snap_compare, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With NO_COLOR the heat shows as bars and the state as words; nothing relies on colour."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = make_app()
+    assert app.no_color
+
+    async def before(pilot) -> None:
+        await loaded(pilot)
+        await pilot.press("2")
+        await loaded(pilot)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=before)
