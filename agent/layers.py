@@ -65,13 +65,14 @@ class _Acc:
 
 
 class _ThreadState:
-    __slots__ = ("stack", "mute", "rdepth", "rt0", "gen")
+    __slots__ = ("stack", "mute", "rdepth", "rt0", "rmod", "gen")
 
     def __init__(self, gen: int) -> None:
         self.stack: list[list[Any]] = []  # frames: [gid, t0, child_ns, mem0, rec, module]
         self.mute = 0  # >0 inside a forward re-run by autograd (activation checkpointing)
         self.rdepth = 0  # nesting of known model roots (root announcements)
         self.rt0 = 0
+        self.rmod: Any = None  # the root module whose call is in progress (held for that call)
         self.gen = gen
 
 
@@ -333,9 +334,15 @@ class LayersInstrument:
         if stack:
             return self._new_module(module, stack[-1][0], stack[0][0]) if gid is None else gid
         if st.rdepth:
-            # inside a root whose call began before these hooks were added (sampling switched
-            # on mid-call): leave the rest of this forward untimed
-            return None
+            # Inside a root whose call began before these hooks were added (sampling switched on
+            # by a step that ended as this root started): open the root's frame from its own
+            # start, so this step's forward is timed after all (the root gets no backward row).
+            root = st.rmod
+            rgid = self._by_addr.get(id(root)) if root is not None else None
+            if rgid is None or root is module:
+                return None
+            stack.append([rgid, st.rt0, 0, -1, None, root])
+            return self._new_module(module, rgid, rgid) if gid is None else gid
         if self._task_id() != -1:
             # a forward re-run inside backward (activation checkpointing): its cost belongs to
             # the enclosing module's backward, not to a new model
@@ -659,6 +666,7 @@ class LayersInstrument:
             if st.rdepth > 1:
                 return
             self._root_calls += 1
+            st.rmod = module
             t = st.rt0 = _now()
             for fn in core.BUS.root_forward_start:
                 fn(module, t, args, kwargs)
@@ -681,6 +689,7 @@ class LayersInstrument:
             st.rdepth -= 1
             if st.rdepth:
                 return
+            st.rmod = None
             if len(rest) == 1:  # forward raised
                 if not self._global_handles:
                     gid = self._by_addr.get(id(module))

@@ -466,6 +466,33 @@ def test_sampling_every_nth_step(started: Any) -> None:
     assert inst.current_every == 3
 
 
+def test_sampled_step_that_starts_inside_a_root_call(started: Any) -> None:
+    # A step tracker may end the previous step as the next root forward starts (a grad-enabled
+    # inference loop): the global hooks then come on while that root call is already running.
+    model = mlp()
+    inst, ctx = started(layer_every=2)
+    started_steps: list[int] = []
+
+    def on_root_start(m: Any, t: int, args: Any, kwargs: Any) -> None:
+        if started_steps:
+            end_step(started_steps[-1])  # the previous forward's step ends as this one starts
+        started_steps.append(len(started_steps))
+
+    core.BUS.root_forward_start.append(on_root_start)
+    x = torch.randn(4, 8)
+    for _ in range(6):
+        model(x)
+    end_step(started_steps[-1])
+    got = tables(inst)
+    assert [t.step for t in got] == [0, 2, 4]
+    [tree] = ctx.trees()
+    for table in got:
+        r = rows(table)
+        assert set(r) == set(tree.ids)
+        assert all(v["calls"] == 1 for v in r.values())
+        assert sum(v["fwd_self"] for v in r.values()) == pytest.approx(r[tree.ids[0]]["fwd"], rel=1e-9)
+
+
 def test_automatic_sampling_keeps_the_budget(started: Any) -> None:
     model = mlp()
     # 6 module calls at 50 us each in a 10 ms step: 3 % against a 1 % budget -> every 4th step
