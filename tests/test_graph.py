@@ -24,6 +24,7 @@ def graph_json(capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_gpt2_json_numbers_through_the_real_cli() -> None:
     proc = subprocess.run([LLMTOP, "graph", "gpt2", "--format", "json", "--device", "h100", "--attn", "eager"],
                           capture_output=True, text=True, env=child_env(), timeout=120)
