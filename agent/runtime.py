@@ -40,6 +40,7 @@ from .nvml import NvmlSampler
 
 QUEUE_MAX = 200_000  # events waiting for the next tick; beyond this the oldest are lost
 EXIT_BUDGET_S = 2.0
+EXIT_HARD_LIMIT_S = 15.0  # the longest the exit waits for a tick that is inside torch
 
 # Launchers whose own process is not the interesting one: they keep their pid socket.
 _LAUNCHERS = ("torch.distributed.run", "torchrun", "accelerate", "deepspeed")
@@ -211,6 +212,9 @@ class Agent:
         self._instruments: list[Any] = []
         self._queue: deque[Event] = deque(maxlen=QUEUE_MAX)
         self._lock = threading.Lock()
+        # Held for the length of a tick. fork() waits for it (bounded), so a child is never forked
+        # while the agent thread is inside torch (a FLOP count): that aborted the parent at exit.
+        self._tick_lock = threading.RLock()
         self._history = History(self.options.history)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -233,6 +237,11 @@ class Agent:
 
     def warn(self, source: str, message: str) -> None:
         self._queue.append(AgentWarning(t=time.time(), source=source, message=message))
+
+    @property
+    def stopping(self) -> bool:
+        """True once the agent is shutting down: instruments should not start expensive work."""
+        return self._stop.is_set()
 
     def set_manual_step(self, fn: Any) -> None:
         self._manual = fn
@@ -340,11 +349,17 @@ class Agent:
         thread = self._thread
         clean = True
         if thread is not None and thread is not threading.current_thread():
-            thread.join(min(0.5, timeout / 4))
+            thread.join(timeout * 0.5)
+            if thread.is_alive():
+                # A tick is still running, maybe inside torch (a FLOP count, an op profile). Wait
+                # for it: a daemon thread that is in C++ with the GIL released when the interpreter
+                # finalizes is killed by pthread_exit through C++ frames, and the process aborts
+                # ("terminate called without an active exception"), losing the exit code.
+                thread.join(EXIT_HARD_LIMIT_S)
             clean = not thread.is_alive()
         end = End(t=time.time(), traceback=traceback_text, reason=reason if not traceback_text else "exception")
         if clean:
-            self._tick(final=True)
+            self._tick()
         for inst in self._instruments:
             self._safe_uninstall(inst)
         self._instruments = []
@@ -386,6 +401,10 @@ class Agent:
             self._tick()
 
     def _tick(self, final: bool = False) -> None:
+        with self._tick_lock:
+            self._tick_locked()
+
+    def _tick_locked(self) -> None:
         t0 = time.thread_time()
         try:
             now = time.time()
@@ -583,7 +602,29 @@ def _thread_excepthook(args: Any) -> None:
     (_orig_thread_excepthook or threading.__excepthook__)(args)
 
 
+FORK_WAIT_S = 2.0
+_fork_held: Any = None
+
+
+def _before_fork() -> None:
+    global _fork_held
+    agent = core.ACTIVE
+    if agent is not None and getattr(agent, "pid", None) == os.getpid():
+        lock = agent._tick_lock
+        if lock.acquire(timeout=FORK_WAIT_S):
+            _fork_held = lock
+
+
+def _after_fork_in_parent() -> None:
+    global _fork_held
+    lock, _fork_held = _fork_held, None
+    if lock is not None:
+        lock.release()
+
+
 def _after_fork_in_child() -> None:
+    global _fork_held
+    _fork_held = None  # the child's copy of the lock dies with its agent
     agent = core.ACTIVE
     core.ACTIVE = None
     if agent is not None:
@@ -603,4 +644,5 @@ def _install_process_hooks() -> None:
     sys.excepthook = _excepthook
     _orig_thread_excepthook = threading.excepthook
     threading.excepthook = _thread_excepthook
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
