@@ -113,7 +113,10 @@ class OpsInstrument:
             if self._torch.cuda.is_initialized():  # the script uses the GPU: record device time
                 prof = profiler.profile(record_shapes=True, use_device="cuda", use_kineto=True)
             else:
-                prof = profiler.profile(record_shapes=True, use_kineto=False)
+                try:
+                    prof = profiler.profile(record_shapes=True, use_kineto=False)
+                except Exception:  # a torch without the legacy CPU profiler: Kineto
+                    prof = profiler.profile(record_shapes=True, use_kineto=True)
             prof.__enter__()
         finally:
             if added:
