@@ -282,6 +282,7 @@ def stop_proc(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @aio
 async def test_live_agent_fills_the_layer_tree_and_every_view(sock_path: Path):
@@ -316,6 +317,7 @@ async def test_live_agent_fills_the_layer_tree_and_every_view(sock_path: Path):
         stop_proc(proc)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @aio
 async def test_agent_killed_mid_run_shows_last_state_and_reconnects(sock_path: Path):
@@ -360,6 +362,7 @@ def attached_app(child) -> LlmtopApp:
     return LlmtopApp(SocketSource(child.socket_path, give_up=lambda: child.poll() is not None), child=child)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @aio
 async def test_attach_ctrl_c_interrupts_and_the_final_state_stays(sock_path: Path):
@@ -385,6 +388,7 @@ async def test_attach_ctrl_c_interrupts_and_the_final_state_stays(sock_path: Pat
         child.wait(10)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @aio
 async def test_attach_q_offers_cancel_stop_and_detach(sock_path: Path):
@@ -414,6 +418,7 @@ async def test_attach_q_offers_cancel_stop_and_detach(sock_path: Path):
         child.wait(10)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @aio
 async def test_attach_q_stop_ends_the_script(sock_path: Path):
@@ -439,6 +444,7 @@ def test_watch_unknown_target_is_a_one_line_error(short_tmp: Path):
         assert out.stdout == ""
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 @aio
 async def test_live_generation_fills_the_inference_view(sock_path: Path):
@@ -461,3 +467,58 @@ async def test_live_generation_fills_the_inference_view(sock_path: Path):
             await pilot.press("q")
     finally:
         stop_proc(proc)
+
+
+@aio
+async def test_status_says_why_it_cannot_connect(short_tmp: Path):
+    """A socket nobody listens on: connecting… with the reason. A peer speaking another protocol
+    major version: connection lost with the version message (a real socket, a raw frame)."""
+    import socket as socketlib
+    import threading
+
+    import msgpack
+    from llmtop.protocol.frames import HEADER
+
+    app = LlmtopApp(SocketSource(short_tmp / "nobody.sock", retry_s=0.1))
+    async with app.run_test(size=(160, 24)) as pilot:
+        await wait_for(pilot, lambda: "cannot connect" in app.model.connection_note, timeout=10)
+        await settle(app, pilot)
+        assert "connecting…" in status(app) and "cannot connect" in status(app) and "waiting" in status(app)
+        await pilot.press("q")
+
+    path = short_tmp / "v2.sock"
+    server = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)  # the viewer's hello
+                payload = msgpack.packb({"v": 2, "k": "hello", "role": "agent", "version": "2.0"})
+                conn.sendall(HEADER.pack(len(payload)) + payload)
+                conn.recv(65536)  # until the viewer hangs up
+            except OSError:
+                pass
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        app = LlmtopApp(SocketSource(path, retry_s=0.2))
+        async with app.run_test(size=(160, 24)) as pilot:
+            await wait_for(pilot, lambda: app.model.connection == LOST, timeout=10)
+            await settle(app, pilot)
+            assert "connection lost" in status(app) and "protocol version 2 is not supported" in status(app)
+            await pilot.press("q")
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()

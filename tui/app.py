@@ -170,7 +170,11 @@ class LlmtopApp(App[int]):
         pid = m.session.pid if m.session else (self.child.pid if self.child is not None else None)
         text.append(f" {script or 'llmtop'} ", style="bold reverse")
         exit_text = m.exit_text()
-        if exit_text is None:
+        if exit_text is None and m.session is None and self.child is None:
+            text.append("  ○ waiting for the agent", style="dim")
+        elif exit_text is None and m.connection == LOST and self.child is None:
+            text.append("  ◌ last seen running", style="yellow")
+        elif exit_text is None:
             text.append("  ● running", style="bold green")
         elif m.exit_ok:
             text.append(f"  ✔ finished ({exit_text})" if m.end and m.end.exit_code is not None else "  ✔ finished",
@@ -181,6 +185,8 @@ class LlmtopApp(App[int]):
         label = {CONNECTING: "connecting…", LIVE: "live", LOST: "connection lost", ENDED: "ended"}.get(conn, conn)
         text.append("  ")
         text.append(f" {label} ", style="bold reverse red" if conn == LOST else ("dim" if conn == ENDED else ""))
+        if conn in (LOST, CONNECTING) and m.connection_note and m.connection_note != "connection lost":
+            text.append(f" {m.connection_note}", style="red" if conn == LOST else "dim")
         text.append(f"  step {m.last_step.step if m.last_step else fmt.DASH}")
         text.append(f"  {fmt.duration(m.uptime(self.clock()))}")
         rate = m.steps_per_s()

@@ -53,8 +53,9 @@ class SocketSource:
                 with model.lock:
                     if model.ended:
                         return
-                    if isinstance(exc, ProtocolError):
-                        model.set_connection(LOST, str(exc))
+                    # say why on the status line; a refused version stays "lost" until fixed
+                    state = LOST if isinstance(exc, ProtocolError) or model.connection == LOST else CONNECTING
+                    model.set_connection(state, str(exc))
                 if self._should_give_up(model):
                     return
                 self._stop.wait(self.retry_s if self.connections else self.first_retry_s)
