@@ -25,6 +25,7 @@ on known model roots keep announcing root forward calls for the step tracker.
 from __future__ import annotations
 
 import math
+import operator
 import sys
 import threading
 import time
@@ -39,6 +40,7 @@ from . import core
 
 _now = time.perf_counter_ns
 _MAX_EVERY = 1000
+_by_seq = operator.attrgetter("seq")
 _SLOT = "llmtop.layers"  # our key in autograd nodes' metadata
 _ROOT_CALL_NS = 2000  # the two per-root hooks that stay on between sampled steps (estimate)
 
@@ -506,7 +508,7 @@ class LayersInstrument:
             acc.grow(self._n)
             acc.bwd_seen = True
             param_end = self._param_end
-            recs.sort(key=lambda r: r.seq, reverse=True)  # children before their parents
+            recs.sort(key=_by_seq, reverse=True)  # children before their parents
             for r in recs:
                 # A parent's window covers its children's: a child's output is often the very
                 # tensor the parent returns, and its hook on that node ran first.
