@@ -4,6 +4,7 @@ of an uncaught exception), closes the socket and removes its files within 2 s; t
 from __future__ import annotations
 
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -110,3 +111,42 @@ def test_recording_is_complete_at_exit(short_tmp: Path) -> None:
     assert isinstance(recorded[-1], End)
     live_steps = [e.step for e in events if isinstance(e, Step)]
     assert [e.step for e in recorded if isinstance(e, Step)][-len(live_steps):] == live_steps
+
+
+SLOW_TICK = textwrap.dedent("""
+    import sys, threading, time
+    import torch
+    from llmtop.agent.runtime import start_agent
+
+    class Slow:
+        name = "slow"
+        started = threading.Event()
+
+        def install(self, ctx):
+            pass
+
+        def poll(self, now):
+            # Like a FLOP count or an op profile: seconds inside torch, mostly without the GIL.
+            self.started.set()
+            a = torch.randn(256, 256)
+            t = time.monotonic()
+            while time.monotonic() - t < 2.5:
+                a @ a
+            return []
+
+        def uninstall(self):
+            pass
+
+    slow = Slow()
+    start_agent(instruments=[slow], tick_s=0.05, socket=sys.argv[1])
+    slow.started.wait()
+    sys.exit(3)
+""")
+
+
+def test_exit_waits_for_a_tick_inside_torch_instead_of_aborting(short_tmp: Path) -> None:
+    (short_tmp / "slow.py").write_text(SLOW_TICK)
+    res = subprocess.run([sys.executable, "slow.py", str(short_tmp / "s.sock")], cwd=short_tmp,
+                         env=child_env(), capture_output=True, text=True, timeout=120)
+    assert "terminate called" not in res.stderr
+    assert res.returncode == 3, res.stderr
