@@ -165,7 +165,10 @@ class Server:
 
     def broadcast(self, frames: list[bytes]) -> None:
         """Queue frames for every live client. Call with ``lock`` held (see the module docstring)."""
-        if frames:
+        if frames and not self._closing:
+            thread = self._thread
+            if thread is not None and not thread.is_alive():
+                return  # the server stopped (see its warning): never let the inbox grow
             self._inbox.extend(frames)
             self._wake()
 
