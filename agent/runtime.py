@@ -212,8 +212,8 @@ class Agent:
         self._instruments: list[Any] = []
         self._queue: deque[Event] = deque(maxlen=QUEUE_MAX)
         self._lock = threading.Lock()
-        # Held for the length of a tick. fork() waits for it (bounded), so a child is never forked
-        # while the agent thread is inside torch (a FLOP count): that aborted the parent at exit.
+        # Held for the length of a tick. fork() waits for it (at most FORK_WAIT_S), so a child is
+        # not forked while the agent thread is inside torch holding its internal locks.
         self._tick_lock = threading.RLock()
         self._history = History(self.options.history)
         self._stop = threading.Event()
