@@ -75,6 +75,8 @@ def value(v: float | None) -> str:
         return "inf" if v > 0 else "-inf"
     if v == 0:
         return "0"
-    if abs(v) < 0.001 or abs(v) >= 100_000:
+    if abs(v) >= 1000:
+        return count(v)
+    if abs(v) < 0.001:
         return f"{v:.2e}"
     return f"{v:.4g}"

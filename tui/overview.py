@@ -14,6 +14,7 @@ from .diagnoses import diagnose
 from .model import SessionModel
 from .widgets import PhaseBar, SparkRow, heat_style
 
+MAX_METRIC_ROWS = 6
 SEVERITY_MARK = {"error": ("✖", "bold red"), "warning": ("▲", "yellow"), "info": ("·", "")}
 
 
@@ -21,6 +22,7 @@ class OverviewView(VerticalScroll):
     DEFAULT_CSS = """
     OverviewView { padding: 0 1; }
     OverviewView #ov-gpus { height: auto; }
+    OverviewView #ov-metrics { height: auto; }
     OverviewView #ov-sparks { height: auto; }
     OverviewView .section { height: auto; margin: 1 0 0 0; }
     OverviewView #ov-hot { height: auto; layout: horizontal; }
@@ -37,6 +39,7 @@ class OverviewView(VerticalScroll):
             yield SparkRow("CPU %", id="ov-cpu")
             yield SparkRow("RSS", id="ov-rss")
             yield Vertical(id="ov-gpus")
+            yield Vertical(id="ov-metrics")
         yield PhaseBar(id="ov-phases")
         yield Static(id="ov-diag", classes="section")
         with Horizontal(id="ov-hot", classes="section"):
@@ -70,6 +73,7 @@ class OverviewView(VerticalScroll):
                                                  f"{h.cpu_pct:.0f} %" if h else fmt.DASH)
         self.query_one("#ov-rss", SparkRow).show([float(x.rss) for x in host], fmt.nbytes(h.rss) if h else fmt.DASH)
         self._gpus(model, window_s)
+        self._metrics(model, window_s)
 
         self.query_one("#ov-phases", PhaseBar).show(model.phase_totals(window_s))
         self.query_one("#ov-diag", Static).update(diagnoses_text(model, window_s))
@@ -96,6 +100,23 @@ class OverviewView(VerticalScroll):
                 mem_text = fmt.DASH
             self.query_one(f"#{util_id}", SparkRow).show(util, util_text)
             self.query_one(f"#{mem_id}", SparkRow).show(mem, mem_text)
+
+
+    def _metrics(self, model: SessionModel, window_s: float) -> None:
+        """Custom series (``llmtop.agent.metric``, Trainer's logs): the first few, by name."""
+        box = self.query_one("#ov-metrics", Vertical)
+        cutoff = model.now - window_s
+        for i, name in enumerate(sorted(model.metrics)[:MAX_METRIC_ROWS]):
+            row_id = f"ov-metric-{i}"
+            rows = box.query(f"#{row_id}")
+            if not rows:
+                box.mount(SparkRow(name[-12:], id=row_id))
+                continue
+            row = rows.first(SparkRow)
+            row.set_label(name[-12:])
+            ring = model.metrics[name]
+            values = [v for t, v in ring if t >= cutoff and math.isfinite(v)]
+            row.show(values, fmt.value(ring[-1][1]) if ring else fmt.DASH)
 
 
 def diagnoses_text(model: SessionModel, window_s: float) -> Text:
