@@ -50,8 +50,17 @@ def _spec(x: Any, depth: int = 0) -> Any:
     return ("O", type(x).__name__)  # opaque (a KV cache object …): not rebuilt on meta
 
 
-def signature(args: tuple, kwargs: dict) -> tuple:
-    return (tuple(_spec(a) for a in args), tuple((k, _spec(v)) for k, v in kwargs.items()))
+def signature(args: tuple, kwargs: dict, autocast: Any = None) -> tuple:
+    """(args, kwargs, autocast dtype or None) as hashable specs."""
+    return (tuple(_spec(a) for a in args), tuple((k, _spec(v)) for k, v in kwargs.items()), autocast)
+
+
+def autocast_dtype(torch: Any) -> Any:
+    """The dtype autocast runs matmuls in on this thread (CUDA first), or None."""
+    for dev in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    return None
 
 
 def describe(sig: tuple) -> str:
@@ -66,27 +75,32 @@ def describe(sig: tuple) -> str:
             return "[…]"
         return repr(s)
 
-    args, kwargs = sig
+    args, kwargs, autocast = sig
     parts = [one(a) for a in args] + [f"{k}:{one(v)}" for k, v in kwargs]
+    if autocast is not None:
+        parts.append(f"autocast:{str(autocast).replace('torch.', '')}")
     return " ".join(parts)
 
 
-def _rebuild(s: Any, torch: Any) -> tuple[bool, Any]:
-    """(ok, meta value) for a spec; opaque objects cannot be rebuilt."""
+def _rebuild(s: Any, torch: Any, autocast: Any = None) -> tuple[bool, Any]:
+    """(ok, meta value) for a spec; opaque objects cannot be rebuilt. Under autocast, floating
+    inputs take its dtype (the first matmul would cast them)."""
     if isinstance(s, tuple) and s:
         kind = s[0]
         if kind == "T":
             _, shape, dtype = s
             if dtype.is_floating_point or dtype.is_complex:
+                if autocast is not None and dtype.is_floating_point:
+                    dtype = autocast
                 return True, torch.empty(shape, dtype=dtype, device="meta")
             return True, torch.zeros(shape, dtype=dtype, device="meta")
         if kind == "L":
-            items = [_rebuild(v, torch) for v in s[1]]
+            items = [_rebuild(v, torch, autocast) for v in s[1]]
             return all(ok for ok, _ in items), [v for _, v in items]
         if kind == "D":
             out = {}
             for k, v in s[1]:
-                ok, val = _rebuild(v, torch)
+                ok, val = _rebuild(v, torch, autocast)
                 if ok:
                     out[k] = val
             return True, out
@@ -213,6 +227,7 @@ class FlopsInstrument:
         self._dead = False
         self._installed = False
         self.computed = 0
+        self._torch: Any = None
         self.min_interval_s = MIN_INTERVAL_S
         self._last = -1e9
         self.device: Any = None  # overrides the device lookup (tests, --device)
@@ -222,6 +237,9 @@ class FlopsInstrument:
         self.ctx = ctx
         if not self.options.flops:
             return
+        import torch
+
+        self._torch = torch
         core.BUS.root_forward_start.append(self._on_root)
         self._installed = True
 
@@ -267,7 +285,7 @@ class FlopsInstrument:
             # next call carries them
             return
         try:
-            sig = signature(args, kwargs)
+            sig = signature(args, kwargs, autocast_dtype(self._torch) if self._torch else None)
             seen = self._seen.get(id(module))
             if seen is None:
                 if len(self._seen) >= 1024:  # many short-lived roots: start over rather than grow
@@ -292,19 +310,23 @@ class FlopsInstrument:
         root_id = ids.get(model)
         if root_id is None:
             return None
-        args_spec, kwargs_spec = sig
+        args_spec, kwargs_spec, autocast = sig
         args = []
         for s in args_spec:
-            ok, v = _rebuild(s, torch)
+            ok, v = _rebuild(s, torch, autocast)
             args.append(v if ok else None)
         kwargs = {}
         for k, s in kwargs_spec:
-            ok, v = _rebuild(s, torch)
+            ok, v = _rebuild(s, torch, autocast)
             if ok:
                 kwargs[k] = v
         inner, prefix = unwrap(model)
         clone = meta_copy(inner)
         clone.eval()
+        if autocast is not None:
+            # autocast runs the matmuls (most of the FLOPs and weight traffic) in its dtype; norms
+            # and softmax stay fp32 in reality, a small part of the bytes
+            clone = clone.to(autocast)
         with _Muted(layers):
             prof = F.count(clone, tuple(args), kwargs)
         originals = dict(model.named_modules())
@@ -323,6 +345,8 @@ class FlopsInstrument:
                     fl.append(cost.flops / cost.calls)
                     by.append(cost.bytes / cost.calls)
         dev, dtype = self._device(model)
+        if autocast is not None:
+            dtype = str(autocast)
         self.computed += 1
         return LayerFlops(
             signature=describe(sig), ids=out_ids, flops=fl, bytes=by,

@@ -200,10 +200,34 @@ def test_wrapped_model_is_counted_through_its_wrapper() -> None:
     assert flops[by_path[""]] == flops[by_path["module"]] == flops[by_path["module.0"]] == 2 * 4 * 8 * 16
 
 
+def test_autocast_is_part_of_the_signature_and_sets_the_dtype() -> None:
+    ctx = Collect()
+    layers = LayersInstrument(ctx.options)
+    layers.install(ctx)
+    inst = FlopsInstrument(ctx.options, layers=layers)
+    inst.device = Device("test", "test device", {"fp32": 1e12, "bf16": 4e12}, 1e11)
+    inst.min_interval_s = 0.0
+    inst.install(ctx)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        x = torch.randn(4, 64)
+        model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+        events = [e for _ in range(4) for e in inst.poll(time.time())]
+    finally:
+        inst.uninstall()
+        layers.uninstall()
+    assert [e.peak_flops for e in events] == [1e12, 4e12]
+    assert "autocast:bfloat16" in events[1].signature
+    assert events[0].flops == events[1].flops
+    assert events[1].bytes[0] == events[0].bytes[0] / 2  # the same traffic in 2-byte elements
+
+
 def test_signature_captures_shapes_not_tensors() -> None:
     x = torch.ones(3, 5)
     sig = signature((x,), {"mask": torch.ones(3, 5, dtype=torch.bool), "flag": True, "cache": object()})
-    assert x not in [v for part in sig for v in part]  # no reference to the tensor itself
+    assert x not in [v for part in sig[:2] for v in part]  # no reference to the tensor itself
     assert describe(sig) == "3x5:float32 mask:3x5:bool flag:True cache:object"
     assert signature((torch.zeros(3, 5),), {}) == signature((x,), {})
 
