@@ -55,17 +55,17 @@ def run_graph(argv: list[str]) -> tuple[float, float, int, int, dict]:
 def capture_cost_us(n: int) -> float:
     """µs per root forward for the live instrument's hot-path signature of GPT-2-style arguments."""
     import torch
-    from llmtop.agent.flops_live import signature
+    from llmtop.agent.flops_live import autocast_dtype, signature
 
     ids = torch.zeros(8, 128, dtype=torch.long)
     mask = torch.ones(8, 128, dtype=torch.long)
     kwargs = {"input_ids": ids, "attention_mask": mask, "labels": ids, "use_cache": False}
-    seen = {signature((), kwargs)}
+    seen = {signature((), kwargs, autocast_dtype(torch))}
     best = float("inf")
     for _ in range(10):  # best of 10 batches: the machine's load only ever adds
         t0 = time.perf_counter_ns()
         for _ in range(n // 10):
-            _ = signature((), kwargs) in seen
+            _ = signature((), kwargs, autocast_dtype(torch)) in seen
         best = min(best, (time.perf_counter_ns() - t0) / (n // 10) / 1e3)
     return best
 
