@@ -291,6 +291,7 @@ class FlopsInstrument:
                 if len(self._seen) >= 1024:  # many short-lived roots: start over rather than grow
                     self._seen.clear()
                 seen = self._seen[id(module)] = set()
+                weakref.finalize(module, self._seen.pop, id(module), None)  # ids are reused
             if sig in seen or len(seen) >= MAX_SIGNATURES:
                 return
             seen.add(sig)
