@@ -281,10 +281,18 @@ def render_table(r: dict, tree: bool, top: int) -> str:
         w(f"… {len(r['ops']) - top} more op/shape rows (--top N, --format json)\n")
     w(f"\n{'layer':<44} {'class':<22} {'params':>8} {'GFLOP':>9} {'MB':>9} {'FLOP/B':>7} "
       f"{'bound':>7} {'est ms':>8}\n")
+    shown: list[str] = []  # tree mode: the shown ancestors of the current row
     for lay in r["layers"]:
         if not tree and lay["depth"] > 3:
             continue
-        name = ("  " * lay["depth"] + lay["path"].rsplit(".", 1)[-1]) if tree else lay["path"]
+        name = lay["path"]
+        if tree:
+            path = "" if lay["path"] == "(root)" else lay["path"]
+            while shown and not (shown[-1] == "" or path.startswith(shown[-1] + ".")):
+                shown.pop()
+            rel = path[len(shown[-1]) + 1:] if shown and shown[-1] else path
+            name = "  " * len(shown) + (rel or "(root)")  # uncalled containers (ModuleList) fold in
+            shown.append(path)
         w(f"{name[:44]:<44} {lay['class'][:22]:<22} {_si(lay['params']):>8} {lay['flops'] / 1e9:>9.3f} "
           f"{lay['bytes'] / 1e6:>9.2f} {lay['intensity']:>7.1f} {lay['bound']:>7} "
           f"{_ms(lay['est_s']):>8}\n")
