@@ -42,7 +42,7 @@ _now = time.perf_counter_ns
 _MAX_EVERY = 1000
 _by_seq = operator.attrgetter("seq")
 _SLOT = "llmtop.layers"  # our key in autograd nodes' metadata
-_ROOT_CALL_NS = 2000  # the two per-root hooks that stay on between sampled steps (estimate)
+_ROOT_CALL_NS = 2000  # torch's own hook dispatch for a root call of an unsampled step (estimate)
 
 
 class _Acc:
@@ -67,15 +67,39 @@ class _Acc:
 
 
 class _ThreadState:
-    __slots__ = ("stack", "mute", "rdepth", "rt0", "rmod", "gen")
+    __slots__ = ("stack", "mute", "rt0", "rmod", "end_hook", "gen")
 
     def __init__(self, gen: int) -> None:
         self.stack: list[list[Any]] = []  # frames: [gid, t0, child_ns, mem0, rec, module]
         self.mute = 0  # >0 inside a forward re-run by autograd (activation checkpointing)
-        self.rdepth = 0  # nesting of known model roots (root announcements)
-        self.rt0 = 0
+        self.rt0 = 0  # start of the root call in progress
         self.rmod: Any = None  # the root module whose call is in progress (held for that call)
+        self.end_hook: Any = None  # handle of the one-shot hook that ends an unsampled root call
         self.gen = gen
+
+
+class _EndHook:
+    """The one-shot forward hook on a root during an unsampled call.
+
+    It sits on the user's module only for the length of one call (or, when that call raised,
+    until the next root call); should the module be copied or pickled meanwhile, the copy gets
+    an inert hook instead of the agent.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> None:
+        if self.fn is not None:
+            self.fn(*args)
+
+    def __deepcopy__(self, memo: Any) -> _EndHook:
+        return _EndHook(None)
+
+    def __reduce__(self) -> tuple[Any, tuple]:
+        return (_EndHook, (None,))
 
 
 class _Rec:
@@ -154,7 +178,9 @@ class LayersInstrument:
         self._root_of: list[int] = []  # gid -> gid of the root it was first seen under
         self._n = 0
         self._roots: dict[int, int] = {}  # gid of a root -> model id
-        self._root_handles: dict[int, list[Any]] = {}
+        self._end_hook = _EndHook(self._end_unsampled)
+        self._end_handles: set[Any] = set()  # one-shot hooks not yet removed
+        self._stale_end: list[Any] = []  # one-shot hooks of calls that raised, to remove
         self._dirty: set[int] = set()  # root gids whose tree changed
         self._extra: dict[int, list[int]] = {}  # root gid -> modules called but not in named_modules
         self._extra_parent: dict[int, int] = {}
@@ -248,13 +274,12 @@ class LayersInstrument:
             pass
 
     def _unhook(self) -> None:
-        """Remove every torch hook (global, per-root, per-parameter); the bus listener stays."""
+        """Remove every torch hook (global, one-shot, per-parameter); the bus listener stays."""
         self._remove_global()
-        for handles in self._root_handles.values():
-            for h in handles:
-                h.remove()
-        self._root_handles.clear()
-        self._roots.clear()  # a later install finds the roots again and re-hooks them
+        for h in list(self._end_handles):
+            h.remove()
+        self._end_handles.clear()
+        self._stale_end.clear()
         for h in self._param_handles:
             h.remove()
         self._param_handles.clear()
@@ -308,6 +333,9 @@ class LayersInstrument:
                 st = self._tls.st
             except AttributeError:
                 st = self._state()
+            if not self._sampled:
+                self._begin_unsampled(module, args, st)
+                return
             stack = st.stack
             gid = self._by_addr.get(id(module))
             if gid is None or not stack or st.mute or st.gen != self._gen:
@@ -335,12 +363,12 @@ class LayersInstrument:
         stack = st.stack
         if stack:
             return self._new_module(module, stack[-1][0], stack[0][0]) if gid is None else gid
-        if st.rdepth:
-            # Inside a root whose call began before these hooks were added (sampling switched on
-            # by a step that ended as this root started): open the root's frame from its own
-            # start, so this step's forward is timed after all (the root gets no backward row).
-            root = st.rmod
-            rgid = self._by_addr.get(id(root)) if root is not None else None
+        root = st.rmod
+        if root is not None:
+            # Inside a root whose call began unsampled, before these hooks were added (a step
+            # ended as this root started): open the root's frame from its own start, so this
+            # step's forward is timed after all (the root gets no backward row).
+            rgid = self._by_addr.get(id(root))
             if rgid is None or root is module:
                 return None
             stack.append([rgid, st.rt0, 0, -1, None, root])
@@ -351,8 +379,109 @@ class LayersInstrument:
             st.mute = 1
             return None
         if gid is None or gid not in self._roots:
-            gid = self._new_root(module, args, st)
+            gid = self._new_root(module)
+        st.rmod = module
+        st.rt0 = _now()
+        self._announce_start(module, st.rt0, args)
         return gid
+
+    # ----------------------------------------------------------------- unsampled steps
+
+    def _begin_unsampled(self, module: Any, args: tuple, st: _ThreadState) -> None:
+        """A module call seen between root calls of an unsampled step: the next root begins.
+
+        The global hooks come off for the length of this call (children then take torch's fast
+        path: nothing is paid for them) and a one-shot hook on the root ends it.
+        """
+        t_in = _now()
+        if self._stale_end:
+            self._drop_stale_end_hooks()
+        if st.rmod is not None or self._task_id() != -1:
+            return  # inside a forward re-run by backward, or a root already running here
+        gid = self._by_addr.get(id(module))
+        if gid is None:
+            gid = self._new_root(module)
+        elif gid not in self._roots:
+            # a module of a known model at the top of the stack: most likely another thread's
+            # root call, begun while the hooks were off; it is not a root of its own
+            return
+        self._remove_global()
+        handle = module.register_forward_hook(self._end_hook, with_kwargs=True, always_call=True)
+        st.end_hook = handle
+        self._end_handles.add(handle)
+        st.rmod = module
+        st.rt0 = _now()
+        self._extra_ns += st.rt0 - t_in
+        self._announce_start(module, st.rt0, args)
+
+    def _end_unsampled(self, module: Any, args: tuple, *rest: Any) -> None:
+        """The one-shot hook: the root call that began unsampled returned (or raised)."""
+        if self._compiling():
+            return
+        t1 = _now()
+        try:
+            try:
+                st = self._tls.st
+            except AttributeError:
+                return
+            handle = st.end_hook
+            if handle is None or st.rmod is not module:
+                return
+            st.end_hook = None
+            # torch calls an always_call module hook with (kwargs, None) from inside its except
+            # block when forward raised
+            raised = len(rest) == 1 or (rest[-1] is None and sys.exc_info()[1] is not None)
+            if raised:
+                rest = (None,)
+            if raised:  # torch is iterating the module's hooks dict right now: remove it later
+                self._stale_end.append(handle)
+            else:
+                handle.remove()
+                self._end_handles.discard(handle)
+            st.rmod = None
+            if not self._sampled:
+                self._add_global()  # back on, to see the next root
+            self._extra_ns += _now() - t1
+            self._root_end(module, st.rt0, t1, args, rest)
+        except Exception as exc:
+            self._fail("root forward hook", exc)
+
+    def _drop_stale_end_hooks(self) -> None:
+        stale, self._stale_end = self._stale_end, []
+        for h in stale:
+            h.remove()
+            self._end_handles.discard(h)
+
+    # ----------------------------------------------------------------- root announcements
+
+    def _announce_start(self, module: Any, t: int, args: tuple) -> None:
+        self._root_calls += 1
+        if self._private:
+            return
+        for fn in core.BUS.root_forward_start:
+            try:  # global pre-hooks get no kwargs: the end carries them
+                fn(module, t, args, {})
+            except Exception:
+                pass
+
+    def _root_end(self, module: Any, t0: int, t1: int, args: tuple, rest: tuple) -> None:
+        if len(rest) == 1:  # forward raised
+            gid = self._by_addr.get(id(module))
+            if gid is not None:
+                self._on_forward_error(module, gid)
+            return
+        if self._dirty:
+            gid = self._by_addr.get(id(module))
+            if gid in self._dirty:
+                self._dirty.discard(gid)
+                self._emit_tree(gid, module)
+        if self._private:
+            return
+        for fn in core.BUS.root_forward:
+            try:
+                fn(module, t0, t1, args, rest[0])
+            except Exception:
+                pass
 
     def _track(self, module: Any, gid: int, parent: _Rec | None, args: tuple) -> _Rec:
         """Grad is on: the record this call's backward will fill, hooked on its inputs' nodes."""
@@ -382,7 +511,7 @@ class LayersInstrument:
                 st = self._tls.st
             except AttributeError:
                 return
-            if st.gen != self._gen:
+            if st.gen != self._gen or not self._sampled:
                 return
             if st.mute:
                 st.mute -= 1
@@ -404,6 +533,8 @@ class LayersInstrument:
                 acc.act[gid] += self._torch.cuda.memory_allocated() - mem0
             if len(rest) == 1:  # always_call path: forward raised
                 self._on_forward_error(module, gid)
+                if not stack and st.end_hook is None:
+                    st.rmod = None
                 return
             if rec is not None:
                 out = rest[1]
@@ -424,6 +555,9 @@ class LayersInstrument:
                         if knodes:
                             rec.params = False
                             self._hook_nodes(knodes, rec, 1)
+            if not stack and st.end_hook is None:  # the root returned (else its end hook tells)
+                st.rmod = None
+                self._root_end(module, st.rt0, t1, args, rest)
         except Exception as exc:
             self._fail("forward hook", exc)
 
@@ -567,22 +701,15 @@ class LayersInstrument:
         self._dirty.add(root_gid)
         return gid
 
-    def _new_root(self, module: Any, args: tuple, st: _ThreadState) -> int:
+    def _new_root(self, module: Any) -> int:
         gid = self._by_addr.get(id(module))
         known = gid is not None  # part of a model already sent: no second tree for it
         if gid is None:
             gid = self._assign(module, "", -1)
         self._roots[gid] = self._next_model
         self._next_model += 1
-        if not self._private:
-            if not known:
-                self._emit_tree(gid, module)
-            self._root_handles[gid] = [
-                module.register_forward_pre_hook(self._root_pre, with_kwargs=True),
-                module.register_forward_hook(self._root_post, with_kwargs=True, always_call=True),
-            ]
-            # this call's module hooks were already collected: announce it from here
-            self._root_pre(module, args, {})
+        if not self._private and not known:
+            self._emit_tree(gid, module)
         return gid
 
     def _emit_tree(self, root_gid: int, root: Any) -> None:
@@ -651,63 +778,6 @@ class LayersInstrument:
                 compiled=compiled,
             )
         )
-
-    # ----------------------------------------------------------------- root announcements
-
-    def _root_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        if self._compiling():
-            return
-        try:
-            if self._task_id() != -1:
-                return
-            try:
-                st = self._tls.st
-            except AttributeError:
-                st = self._state()
-            st.rdepth += 1
-            if st.rdepth > 1:
-                return
-            self._root_calls += 1
-            st.rmod = module
-            t = st.rt0 = _now()
-            for fn in core.BUS.root_forward_start:
-                fn(module, t, args, kwargs)
-        except Exception as exc:
-            self._fail("root forward pre-hook", exc)
-
-    def _root_post(self, module: Any, args: tuple, *rest: Any) -> None:
-        if self._compiling():
-            return
-        t1 = _now()
-        try:
-            if self._task_id() != -1:
-                return
-            try:
-                st = self._tls.st
-            except AttributeError:
-                return
-            if st.rdepth <= 0:
-                return
-            st.rdepth -= 1
-            if st.rdepth:
-                return
-            st.rmod = None
-            if len(rest) == 1:  # forward raised
-                if not self._global_handles:
-                    gid = self._by_addr.get(id(module))
-                    if gid is not None:
-                        self._on_forward_error(module, gid)
-                return
-            if self._dirty:
-                gid = self._by_addr.get(id(module))
-                if gid in self._dirty:
-                    self._dirty.discard(gid)
-                    self._emit_tree(gid, module)
-            kwargs = rest[0]
-            for fn in core.BUS.root_forward:
-                fn(module, st.rt0, t1, args, kwargs)
-        except Exception as exc:
-            self._fail("root forward hook", exc)
 
     # ----------------------------------------------------------------- errors
 
@@ -779,9 +849,20 @@ class LayersInstrument:
                     self._acc = _Acc(self._n)
                     self._add_global()
                 else:
-                    self._remove_global()
+                    self._unsampled_mid_call()
         except Exception as exc:
             self._fail("step end", exc)
+
+    def _unsampled_mid_call(self) -> None:
+        """Sampling went off while a root call runs on this thread (the step ended as it began):
+        its children run without the global hooks and a one-shot hook on it announces its end."""
+        st = getattr(self._tls, "st", None)
+        if st is None or st.rmod is None or st.end_hook is not None:
+            return
+        self._remove_global()
+        handle = st.rmod.register_forward_hook(self._end_hook, with_kwargs=True, always_call=True)
+        st.end_hook = handle
+        self._end_handles.add(handle)
 
     def _cuda_ready(self) -> bool:
         try:

@@ -395,7 +395,7 @@ def test_failing_forward_hook_disables_itself(started: Any, monkeypatch: pytest.
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), expected_grads, strict=True))
     assert len(ctx.warnings) == 1
     assert ctx.warnings[0][0] == "layers" and "injected" in ctx.warnings[0][1]
-    assert inst._global_handles == [] and inst._root_handles == {}
+    assert inst._global_handles == [] and not inst._end_handles
     assert not any(getattr(h, "__self__", None) is inst for h in nn_module._global_forward_pre_hooks.values())
     assert not model._forward_pre_hooks and not model._forward_hooks
     model(x)  # nothing runs any more
@@ -443,27 +443,85 @@ def test_out_of_memory_names_the_module_and_reraises(started: Any) -> None:
     assert seen == [model[0]]
 
 
+def test_error_in_an_unsampled_root_call(started: Any) -> None:
+    class Boom(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = nn.Sequential(nn.Linear(4, 4), Boom())
+    inst, ctx = started(layer_every=2)
+    x = torch.randn(2, 4)
+    model[0](x)
+    end_step(0)  # step 1 is not sampled: only the root is watched
+    with pytest.raises(torch.OutOfMemoryError):
+        model(x)
+    [anomaly] = [e for e in ctx.events if isinstance(e, Anomaly)]
+    assert "Sequential" in anomaly.message
+    twin = copy.deepcopy(model)  # the one-shot hook still on the model copies as an inert hook
+    with pytest.raises(torch.OutOfMemoryError):
+        twin(x)
+    ends: list[Any] = []
+    core.BUS.root_forward.append(lambda m, *a: ends.append(m))
+    model[0](x)  # the next root call clears what the failed call left behind
+    assert ends == [model[0]]
+    assert not model._forward_hooks and not inst._end_handles
+    assert ctx.warnings == []
+
+
 # --- sampling, steps, threads ----------------------------------------------------------------------
 
 
+class Probe(nn.Module):
+    """Notes whether any global module hook is in force while it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks))
+        return x
+
+
 def test_sampling_every_nth_step(started: Any) -> None:
-    model = mlp()
+    probe = Probe()
+    model = nn.Sequential(mlp(), probe)
     inst, ctx = started(layer_every=3)
     starts: list[Any] = []
     ends: list[Any] = []
     core.BUS.root_forward_start.append(lambda m, t, a, k: starts.append(m))
-    core.BUS.root_forward.append(lambda m, t0, t1, a, k: ends.append(m))
+    core.BUS.root_forward.append(lambda m, t0, t1, a, k: ends.append((m, t1 - t0)))
     x = torch.randn(4, 8)
-    hooked = []
     for step in range(9):
         model(x).sum().backward()
         end_step(step)
-        hooked.append(any(getattr(h, "__self__", None) is inst
-                          for h in nn_module._global_forward_pre_hooks.values()))
     assert [t.step for t in tables(inst)] == [0, 3, 6]
-    assert hooked == [False, False, True] * 3  # global hooks only on for the sampled steps
-    assert starts == ends == [model] * 9  # roots are announced on every step
+    # unsampled steps pay nothing inside the model: no global hook is in force while it runs
+    assert probe.seen == [True, False, False] * 3
+    assert starts == [model] * 9  # roots are announced on every step
+    assert [m for m, _ in ends] == [model] * 9 and all(d > 0 for _, d in ends)
     assert inst.current_every == 3
+    assert not model._forward_hooks and not model._forward_pre_hooks  # nothing left on the model
+
+
+def test_copy_and_pickle_a_model_while_measured(started: Any) -> None:
+    import io
+    import pickle
+
+    model = mlp()
+    inst, ctx = started(layer_every=2)
+    x = torch.randn(4, 8)
+    for step in range(4):  # sampled and unsampled steps
+        model(x).sum().backward()
+        end_step(step)
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(x), model(x))
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False)(x), model(x))
+        pickle.loads(pickle.dumps(model))
+    assert ctx.warnings == []
 
 
 def test_sampled_step_that_starts_inside_a_root_call(started: Any) -> None:
@@ -550,7 +608,7 @@ def test_root_forward_announcements_carry_kwargs(started: Any) -> None:
         model(input_ids=x)
         model(input_ids=x)
     assert [m for m, _ in starts] == [model, model]  # submodules are not roots
-    assert starts[1][1]["input_ids"] is x  # the first call's start comes from a global pre-hook
+    assert starts[1][1] == {}  # global pre-hooks get no kwargs: the end carries them
     assert [m for m, *_ in ends] == [model, model]
     assert all(k["input_ids"] is x and t1 > t0 for _, t0, t1, k in ends)
 
