@@ -1,0 +1,172 @@
+"""The `Child` the dashboard drives under `llmtop attach`: pty output as log lines, stop, detach."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from llmtop.launch import Child
+from llmtop.launch import child_env as launch_env
+from tests.conftest import child_env
+
+PY = sys.executable
+
+
+@pytest.fixture
+def project(short_tmp: Path) -> Path:
+    return short_tmp
+
+
+def spawn_pty(project: Path, code: str) -> Child:
+    (project / "out.py").write_text(textwrap.dedent(code))
+    sock = project / "a.sock"
+    env = launch_env(sock, True, None, base=child_env())
+    return Child.spawn([PY, str(project / "out.py")], env, sock, headless=False)
+
+
+def collect(child: Child, until, timeout: float = 30.0) -> list:
+    lines: list = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines += child.drain_output()
+        if until(lines):
+            break
+        time.sleep(0.02)
+    return lines
+
+
+def screen(lines: list) -> list[tuple[str, str]]:
+    """What the dashboard shows for these lines: the viewer's own model applies them."""
+    from llmtop.tui.model import SessionModel
+
+    model = SessionModel()
+    for line in lines:
+        model.add_log(line.text, line.stream, line.replace, line.t)
+    return [(e.stream, e.text) for e in model.logs]
+
+
+def test_pty_output_becomes_log_lines_with_progress_updates(project: Path) -> None:
+    child = spawn_pty(project, """
+        import sys, time
+        print("isatty", sys.stdout.isatty(), sys.stderr.isatty())
+        print("\\x1b[31mred\\x1b[0m")
+        for i in range(3):
+            sys.stderr.write(f"\\rbar {i}/3")
+            sys.stderr.flush()
+            time.sleep(0.3)
+        sys.stderr.write("\\rbar 3/3\\n")
+        sys.stderr.write("\\r\\n")
+        print("done")
+    """)
+    assert child.socket_path.exists() or child.poll() is not None
+    assert child.wait(30) == 0
+    lines = collect(child, lambda ls: any(x.text == "done" for x in ls))
+    assert {x.stream for x in lines} == {"stdout"}  # one pty: the order across streams is exact
+    assert [(x.text, x.replace) for x in lines] == [
+        ("isatty True True", False),
+        ("\x1b[31mred\x1b[0m", False),  # ANSI codes are kept
+        ("bar 0/3", False),  # a progress bar starts a line...
+        ("bar 1/3", True),  # ...and each update overwrites it
+        ("bar 2/3", True),
+        ("bar 3/3", True),
+        ("", False),
+        ("done", False),
+    ]
+    assert [text for _, text in screen(lines)] == ["isatty True True", "\x1b[31mred\x1b[0m", "bar 3/3", "", "done"]
+    end = child.end_event()
+    assert (end.exit_code, end.signal, end.reason) == (0, None, "exit")
+
+
+def test_tqdm_bar_and_tqdm_write_look_as_in_a_terminal(project: Path) -> None:
+    child = spawn_pty(project, """
+        import os, sys, time
+        from tqdm import tqdm
+        print("size", os.get_terminal_size().columns > 0)
+        bar = tqdm(total=4, desc="train", file=sys.stderr, mininterval=0)
+        for i in range(4):
+            time.sleep(0.05)
+            bar.update(1)
+            if i == 1:
+                tqdm.write("halfway")
+        bar.close()
+        print("end")
+    """)
+    assert child.wait(30) == 0
+    lines = collect(child, lambda ls: any(x.text == "end" for x in ls))
+    shown = [text for _, text in screen(lines)]
+    assert shown[0] == "size True"  # the pty has the terminal's size, so tqdm draws a real bar
+    assert shown[1] == "halfway"  # tqdm.write cleared the bar line and wrote over it
+    assert shown[2].startswith("train: 100%|") and "4/4" in shown[2]  # the bar, redrawn, ended full
+    assert shown[3:] == ["end"]
+
+
+def test_unterminated_line_is_shown_then_completed(project: Path) -> None:
+    child = spawn_pty(project, """
+        import sys, time
+        sys.stdout.write("downloading 50%")
+        sys.stdout.flush()
+        time.sleep(1.0)
+        print(" done")
+        print("next")
+    """)
+    lines = collect(child, lambda ls: any(x.text == "next" for x in ls))
+    child.wait(30)
+    assert [(x.text, x.replace) for x in lines] == [
+        ("downloading 50%", False), ("downloading 50% done", True), ("next", False)]
+    assert screen(lines) == [("stdout", "downloading 50% done"), ("stdout", "next")]
+
+
+def test_interrupt_and_stop(project: Path) -> None:
+    child = spawn_pty(project, """
+        import time
+        print("ready", flush=True)
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            print("got SIGINT", flush=True)
+            time.sleep(60)   # ignores the first request: stop() must escalate to SIGTERM
+    """)
+    collect(child, lambda ls: any(x.text == "ready" for x in ls))
+    child.stop(grace_s=0.5)
+    assert child.wait(30) == -signal.SIGTERM
+    assert child.signal == signal.SIGTERM and child.exit_code == 128 + signal.SIGTERM
+    end = child.end_event()
+    assert (end.signal, end.exit_code, end.reason) == (signal.SIGTERM, None, "signal")
+
+
+def test_detached_child_outlives_llmtop_and_logs_to_a_file(project: Path) -> None:
+    (project / "long.py").write_text(textwrap.dedent("""
+        import sys, time
+        for i in range(30):
+            print(f"line {i}", flush=True)
+            sys.stderr.write(f"err {i}\\n"); sys.stderr.flush()
+            time.sleep(0.05)
+        open("finished", "w").write("ok")
+    """))
+    driver = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from llmtop.launch import Child, child_env
+        sock = Path({str(project / 'a.sock')!r})
+        child = Child.spawn([sys.executable, "long.py"], child_env(sock, True, None), sock, headless=False)
+        time.sleep(0.3)
+        print(child.pid, child.detach(), flush=True)
+    """)
+    res = subprocess.run([PY, "-c", driver], cwd=project, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    pid, log = res.stdout.split()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (project / "finished").exists():
+        time.sleep(0.05)
+    assert (project / "finished").read_text() == "ok"  # it ran to the end after its parent exited
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "line 29" not in Path(log).read_text():
+        time.sleep(0.05)
+    text = Path(log).read_text()
+    assert "line 29" in text and "err 29" in text
