@@ -159,6 +159,28 @@ def _grad_nodes(obj: Any, out: list[Any], depth: int = 0) -> None:
                 _grad_nodes(item, out, depth + 1)
 
 
+def _call_kwargs(module: Any) -> dict:
+    """The keyword arguments of the module call in progress, read from torch's ``_call_impl``.
+
+    Global pre-hooks are not given them, and a root's inputs (``model(input_ids=...)``) are
+    what the step and FLOPs instruments need at its start. Once per root call; {} if not found.
+    """
+    try:
+        f = sys._getframe(2)
+        for _ in range(8):
+            if f is None:
+                break
+            if f.f_code.co_name in ("inner", "_call_impl"):
+                local = f.f_locals
+                kwargs = local.get("kwargs")
+                if local.get("self") is module and isinstance(kwargs, dict):
+                    return kwargs
+            f = f.f_back
+    except Exception:
+        pass
+    return {}
+
+
 class LayersInstrument:
     """Global module hooks: model trees, per-layer forward/backward time, activation memory."""
 
@@ -456,11 +478,12 @@ class LayersInstrument:
 
     def _announce_start(self, module: Any, t: int, args: tuple) -> None:
         self._root_calls += 1
-        if self._private:
+        if self._private or not core.BUS.root_forward_start:
             return
+        kwargs = _call_kwargs(module)
         for fn in core.BUS.root_forward_start:
-            try:  # global pre-hooks get no kwargs: the end carries them
-                fn(module, t, args, {})
+            try:
+                fn(module, t, args, kwargs)
             except Exception:
                 pass
 

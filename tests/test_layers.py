@@ -598,17 +598,18 @@ def test_step_on_another_thread(started: Any) -> None:
 
 def test_root_forward_announcements_carry_kwargs(started: Any) -> None:
     model = gpt2()
-    inst, ctx = started()
+    inst, ctx = started(layer_every=2)
     starts: list[tuple[Any, dict]] = []
     ends: list[tuple[Any, int, int, dict]] = []
     core.BUS.root_forward_start.append(lambda m, t, a, k: starts.append((m, k)))
     core.BUS.root_forward.append(lambda m, t0, t1, a, k: ends.append((m, t0, t1, k)))
     x = torch.randint(0, 256, (1, 8))
     with torch.no_grad():
-        model(input_ids=x)
-        model(input_ids=x)
+        model(input_ids=x)  # sampled step 0
+        end_step(0)
+        model(input_ids=x)  # unsampled step 1
     assert [m for m, _ in starts] == [model, model]  # submodules are not roots
-    assert starts[1][1] == {}  # global pre-hooks get no kwargs: the end carries them
+    assert all(k["input_ids"] is x for _, k in starts)
     assert [m for m, *_ in ends] == [model, model]
     assert all(k["input_ids"] is x and t1 > t0 for _, t0, t1, k in ends)
 
