@@ -1,6 +1,7 @@
 """Live per-layer FLOPs and bytes: once per model and input-shape signature, off the hot path.
 
-Hot path (``core.BUS.root_forward_start``): the input shapes, dtypes and plain values are turned
+Hot path (``core.BUS.root_forward``, at the end of each model-root call, which carries its kwargs):
+the input shapes, dtypes and plain values are turned
 into a hashable signature; a new one is queued with a weak reference to the model. No tensor is
 copied or kept.
 
@@ -153,31 +154,29 @@ def _layers_instrument() -> Any:
 class _MutedState:
     """Stands in for the layers instrument's per-thread state on the agent thread: always muted.
 
-    Its hooks skip a thread whose ``mute`` is set (the path they use for checkpoint re-runs);
-    ``gen`` always matches, so re-adding the hooks mid-count (sampling) cannot unmute it.
+    Its hooks skip a thread whose ``mute`` is set (sampled steps, the path they use for checkpoint
+    re-runs) or whose root call is already running (``rmod``, unsampled steps). Here ``mute`` and
+    ``rmod`` are always set, ``gen`` always matches (re-added hooks cannot unmute it) and writes
+    are ignored. Prefer ``layers.muted()`` when the layers instrument provides one.
     """
 
+    _RUNNING = object()  # "a root call is in progress on this thread"
+
     def __init__(self, layers: Any) -> None:
-        self._layers = layers
-        self.stack: list = []
-        self.rdepth = 0
-        self.rt0 = 0
+        object.__setattr__(self, "_layers", layers)
 
-    @property
-    def gen(self) -> int:
-        return self._layers._gen
+    stack = property(lambda self: [])
+    mute = property(lambda self: 1)
+    gen = property(lambda self: self._layers._gen)
+    rmod = property(lambda self: _MutedState._RUNNING)
+    end_hook = property(lambda self: None)
+    rt0 = property(lambda self: 0)
 
-    @gen.setter
-    def gen(self, value: int) -> None:
-        pass
+    def __setattr__(self, name: str, value: Any) -> None:
+        pass  # the hooks' bookkeeping writes go nowhere
 
-    @property
-    def mute(self) -> int:
-        return 1
-
-    @mute.setter
-    def mute(self, value: int) -> None:
-        pass
+    def __getattr__(self, name: str) -> Any:
+        return None  # a field the layers state grows later: absent
 
 
 class _Muted:
@@ -240,13 +239,13 @@ class FlopsInstrument:
         import torch
 
         self._torch = torch
-        core.BUS.root_forward_start.append(self._on_root)
+        core.BUS.root_forward.append(self._on_root)
         self._installed = True
 
     def uninstall(self) -> None:
         if self._installed:
             try:
-                core.BUS.root_forward_start.remove(self._on_root)
+                core.BUS.root_forward.remove(self._on_root)
             except ValueError:
                 pass
             self._installed = False
@@ -277,12 +276,9 @@ class FlopsInstrument:
         return out
 
     # --- hot path --------------------------------------------------------------------------------
-    def _on_root(self, module: Any, t_start_ns: int, args: tuple, kwargs: dict) -> None:
+    def _on_root(self, module: Any, t_start_ns: int, t_end_ns: int, args: tuple, kwargs: dict) -> None:
+        # BUS.root_forward (the call's end): the start announcement carries no kwargs
         if self._dead:
-            return
-        if not args and not kwargs:
-            # the layers instrument announces a model's very first call without its kwargs: the
-            # next call carries them
             return
         try:
             sig = signature(args, kwargs, autocast_dtype(self._torch) if self._torch else None)

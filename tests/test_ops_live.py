@@ -176,6 +176,30 @@ def test_hooks_re_added_during_the_count_do_not_take_the_copy_for_a_model() -> N
     assert ctx.warnings == []
 
 
+def test_count_between_unsampled_steps_leaves_the_layers_hooks_alone() -> None:
+    ctx = Collect(layer_every=3)
+    layers = LayersInstrument(ctx.options)
+    layers.install(ctx)
+    inst = FlopsInstrument(ctx.options, layers=layers)
+    inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
+    inst.min_interval_s = 0.0
+    inst.install(ctx)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
+        model(torch.randn(4, 8))
+        end_step(1)  # step 2 is not sampled: the global hooks wait for the next root call
+        model(torch.randn(4, 8))
+        handles = list(layers._global_handles)
+        events = [e for _ in range(3) for e in inst.poll(time.time())]
+        assert layers._global_handles == handles  # the count on this thread did not take them off
+    finally:
+        inst.uninstall()
+        layers.uninstall()
+    assert len([e for e in events if isinstance(e, LayerFlops)]) == 1
+    assert len([e for e in ctx.events if isinstance(e, ModelTree)]) == 1
+    assert ctx.warnings == []
+
+
 def test_wrapped_model_is_counted_through_its_wrapper() -> None:
     ctx = Collect()
     layers = LayersInstrument(ctx.options)
