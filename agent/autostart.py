@@ -34,8 +34,19 @@ def skipped_process(argv: list[str] | None = None) -> bool:
     return len(argv) > 1 and os.path.basename(argv[1]) == "llmtop"
 
 
+def descendant_of_attached_script(env: dict[str, str] | None = None) -> bool:
+    """Under ``llmtop attach script.py`` only the script's own process is watched: Python processes
+    it starts (pip, tokenizer helpers, tools) would pay for an agent nobody looks at. ``attach -- CMD``
+    leaves ``LLMTOP_PARENT_PID`` unset, so every Python process of a launcher gets an agent."""
+    env = os.environ if env is None else env
+    parent = env.get("LLMTOP_PARENT_PID", "")
+    if not parent or env.get("LLMTOP", "").strip().lower() in TRUTHY:
+        return False
+    return not (parent.isdigit() and int(parent) == os.getppid())
+
+
 def autostart() -> None:
-    if not wanted() or skipped_process():
+    if not wanted() or skipped_process() or descendant_of_attached_script():
         return
     try:
         from .runtime import start_agent

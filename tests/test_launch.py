@@ -180,19 +180,22 @@ def test_llmtop_env_alone_starts_the_agent(project: Path) -> None:
     assert res.stdout == "False\n"
 
 
-def test_python_children_of_the_script_do_not_collide_on_the_socket(project: Path) -> None:
+def test_python_children_of_the_script_get_no_agent_and_never_collide(project: Path) -> None:
     (project / "parent.py").write_text(textwrap.dedent(f"""
-        import os, subprocess, sys, llmtop.agent
+        import subprocess
         from llmtop.agent import core
-        code = "import os, llmtop.agent; from llmtop.agent import core; print(core.ACTIVE.socket_path)"
-        child = subprocess.run([{PY!r}, "-c", code], capture_output=True, text=True)
+        auto = "import llmtop.agent; print(llmtop.agent.is_running())"
+        started = "import llmtop.agent; print(llmtop.agent.start().socket_path)"
         print(core.ACTIVE.socket_path)
-        print(child.stdout.strip())
+        for code in (auto, started):
+            print(subprocess.run([{PY!r}, "-c", code], capture_output=True, text=True).stdout.strip())
     """))
     sock = project / "a.sock"
     res = subprocess.run([LLMTOP, "attach", "--headless", "parent.py"], cwd=project,
                          env=child_env(LLMTOP_SOCKET=str(sock)), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    mine, childs = res.stdout.split()
+    mine, auto, started = res.stdout.split()
     assert mine == str(sock)
-    assert childs != mine and Path(childs).parent == project and Path(childs).name.endswith(".sock")
+    assert auto == "False"  # a helper process of the watched script pays for no agent
+    # one started in code gets a socket of its own beside the script's
+    assert started != mine and Path(started).parent == project and Path(started).name.endswith(".sock")
