@@ -116,7 +116,9 @@ def test_stopped_viewer_does_not_slow_the_script_and_drops_are_counted(short_tmp
     assert proc.returncode == 0, err
     kinds = [e["k"] for e in viewer_log(log)]
     assert kinds[-1] == "end"  # the viewer caught up and saw the end of the run
-    assert kinds.count("span") < 240 * 300  # many spans were dropped for it, not queued without bound
+    # Phase B emitted 120 × 300 spans while it was connected (plus up to 600 in its snapshot): it got
+    # fewer, because frames were dropped for it rather than queued without bound.
+    assert kinds.count("span") < 120 * 300
     times = json.loads((short_tmp / "times.json").read_text())
     a, b = statistics.median(times["a"]), statistics.median(times["b"])
     # Generous: the machine is shared; a blocked send would make phase B stall outright, not 3x.
