@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
+import math
 import os
 import sys
 import threading
@@ -48,6 +49,7 @@ WATCHED: dict[str, str] = {
     # class's own from_pretrained inside is the same part, so it is not counted twice).
     "transformers.models.auto.configuration_auto": "_patch_auto_config",
     "transformers.models.auto.auto_factory": "_patch_auto_models",
+    "transformers.models.auto.modeling_auto": "_patch_auto_model_classes",
     "transformers.models.auto.tokenization_auto": "_patch_auto_tokenizer",
     "transformers.generation.utils": "_patch_generation",
     "transformers.pipelines.base": "_patch_pipelines",
@@ -78,7 +80,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, int(round(q / 100.0 * len(ordered) + 0.5)) - 1))
+    k = min(len(ordered), max(1, math.ceil(q / 100.0 * len(ordered)))) - 1
     return ordered[k]
 
 
@@ -536,6 +538,16 @@ class TransformersInstrument:
 
     def _patch_auto_models(self, module: Any) -> None:
         self._wrap_loading(module._BaseAutoModelClass, "model")
+
+    def _patch_auto_model_classes(self, module: Any) -> None:
+        # Each AutoModelFor* class holds its own copy of the base from_pretrained (transformers'
+        # ``copy_func``), made when this module ran: wrap the copies that predate our patch.
+        base = module._BaseAutoModelClass
+        for klass in list(vars(module).values()):
+            if isinstance(klass, type) and issubclass(klass, base) and klass is not base:
+                raw = klass.__dict__.get("from_pretrained")
+                if isinstance(raw, classmethod) and not hasattr(raw.__func__, "__llmtop_wrapped__"):
+                    self._wrap_loading(klass, "model")
 
     def _patch_auto_tokenizer(self, module: Any) -> None:
         self._wrap_loading(module.AutoTokenizer, "tokenizer")
