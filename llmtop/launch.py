@@ -508,9 +508,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"llmtop: dashboard unavailable ({exc}); running headless", file=sys.stderr)
         return run_headless(argv, env, sock)
     child = Child.spawn(argv, env, sock, headless=False)
-    # The child has its own session: pass on what would have reached it through the terminal.
-    previous = {sig: signal.signal(sig, lambda signum, _f: child.send_signal(signum))
-                for sig in (signal.SIGTERM, signal.SIGHUP)}
+    def pass_on_and_die(signum: int, _frame: Any) -> None:
+        # The child has its own session, so a hang-up or a kill aimed at llmtop would not reach it:
+        # pass it on, then end as llmtop would have without this handler (with no terminal left,
+        # the dashboard could never be quit).
+        child.send_signal(signum)
+        signal.signal(signum, signal.SIG_DFL)
+        if signum == signal.SIGHUP:
+            os.kill(os.getpid(), signum)  # the terminal is gone: nothing to restore
+        raise SystemExit(128 + signum)  # unwinds the dashboard, which restores the terminal
+
+    previous = {sig: signal.signal(sig, pass_on_and_die) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         run_attached(child, args)
     finally:
