@@ -522,3 +522,25 @@ async def test_status_says_why_it_cannot_connect(short_tmp: Path):
         stop.set()
         thread.join(5)
         server.close()
+
+
+@aio
+async def test_no_color_and_light_theme_draw_every_view(monkeypatch: pytest.MonkeyPatch):
+    for no_color, theme in ((True, None), (False, "textual-light")):
+        if no_color:
+            monkeypatch.setenv("NO_COLOR", "1")
+        else:
+            monkeypatch.delenv("NO_COLOR", raising=False)
+        source = EventsSource(session_events(30, gpu=True))
+        app = LlmtopApp(source, clock=lambda: T0 + 30, theme=theme)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(app, pilot, source)
+            for i in range(1, len(VIEWS) + 1):
+                await pilot.press(str(i))
+                await settle(app, pilot)
+            await pilot.press("2", "enter")
+            await settle(app, pilot)
+            assert isinstance(app.screen, LayerDetail)
+            await pilot.press("escape", "question_mark")
+            await pilot.pause()
+            assert app.is_running and app.no_color == no_color

@@ -126,6 +126,7 @@ def session_events(steps: int = 60, *, n_layer: int = 12, seed: int = 0, step_ms
                           peak_flops=989e12 if gpu else None, peak_bw=3.35e12 if gpu else None,
                           device="H100" if gpu else "cpu"))
     t = T0 + 2.0
+    out.append(LogLine(t=t, text=f"tiny GPT: {len(tree.ids)} modules, batch 8, {steps} steps", stream="stdout"))
     loss = 10.5
     for k in range(1, steps + 1):
         dur = step_ms * (0.9 + 0.2 * rng.random())

@@ -15,6 +15,7 @@ from .model import SessionModel
 
 INPUT_BOUND_SHARE = 0.20  # data wait above this share of the step is worth a sentence
 CREEP_MIN_BYTES = 64 * 1024 * 1024
+WARMUP_STEPS = 5
 CREEP_MIN_GROWTH = 0.05
 SLOW_FACTOR = 2.0
 OVERHEAD_NOTE_PCT = 5.0  # agent overhead above this is a warning rather than a note
@@ -41,14 +42,19 @@ def input_bound(model: SessionModel, window_s: float) -> list[Diagnosis]:
 
 def memory_creep(model: SessionModel, window_s: float) -> list[Diagnosis]:
     """Device memory (allocated, from steps) or else process RSS growing across the window."""
-    steps = [s for s in model.recent_steps(window_s) if s.cuda_allocated is not None]
+    recent = model.recent_steps(window_s)
+    # start-up (model build, first allocations, warm-up steps) is growth, not creep
+    warm = [s for s in recent if s.step > WARMUP_STEPS]
+    steps = [s for s in warm if s.cuda_allocated is not None]
     if len(steps) >= 20:
         k = max(3, len(steps) // 10)
         first = statistics.median(s.cuda_allocated or 0 for s in steps[:k])
         last = statistics.median(s.cuda_allocated or 0 for s in steps[-k:])
         n = steps[-1].step - steps[0].step
         return _creep(first, last, f"over {n} steps", "GPU memory")
-    host = model.recent_host(window_s)
+    if not warm:
+        return []
+    host = [h for h in model.recent_host(window_s) if h.t >= warm[0].t]
     if len(host) >= 20:
         k = max(3, len(host) // 10)
         first = statistics.median(h.rss for h in host[:k])

@@ -60,7 +60,8 @@ class LogPane(ScrollView, can_focus=True):
         if index >= len(self.lines):
             return Strip.blank(width, self.rich_style)
         segments = list(self.lines[index].render(self.app.console, end=""))
-        strip = Strip(segments).crop(scroll_x, scroll_x + width)
+        # every segment gets a style: NO_COLOR's monochrome filter needs one
+        strip = Strip(segments).apply_style(self.rich_style).crop(scroll_x, scroll_x + width)
         return strip.extend_cell_length(width, self.rich_style) if strip.cell_length < width else strip
 
     def text(self) -> str:
