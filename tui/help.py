@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, Static
+from textual.widgets import Button, Static
 
 from .keys import KEYS
 
@@ -64,8 +64,9 @@ class QuitScreen(ModalScreen[str]):
     ]
     DEFAULT_CSS = """
     QuitScreen { align: center middle; }
-    QuitScreen > Vertical { width: 64; height: auto; border: round $warning; background: $surface;
-        padding: 1 2; }
+    QuitScreen > Vertical { width: 64; max-width: 100%; height: auto; border: round $warning;
+        background: $surface; padding: 1 2; }
+    QuitScreen Static { width: 100%; height: auto; }
     QuitScreen Horizontal { height: auto; margin: 1 0 0 0; }
     QuitScreen Button { margin: 0 1 0 0; min-width: 10; }
     """
@@ -76,10 +77,11 @@ class QuitScreen(ModalScreen[str]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(f"{self.script} is still running.")
-            yield Label("[b]s[/]top it (SIGINT, then SIGTERM after a grace period), keep it running "
-                        "[b]d[/]etached (output goes to a log file; `llmtop watch` can pick it up), "
-                        "or cancel (esc).")
+            yield Static(f"[b]{self.script}[/] is still running.")
+            yield Static("[b]s[/]: stop it (SIGINT, then SIGTERM after a grace period)\n"
+                         "[b]d[/]: keep it running detached (output goes to a log file; "
+                         "`llmtop watch` can pick it up)\n"
+                         "[b]esc[/]: cancel")
             with Horizontal():
                 yield Button("Stop script", id="stop", variant="error")
                 yield Button("Keep running", id="detach", variant="primary")
