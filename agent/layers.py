@@ -120,6 +120,20 @@ class _Rec:
         self.params = False  # end also waits for this module's own parameter gradients
 
 
+class _Entry:
+    """A hook put straight into torch's hook dicts; ``remove()`` as ``RemovableHandle`` does."""
+
+    __slots__ = ("dicts", "key")
+
+    def __init__(self, dicts: tuple[dict, ...], key: int) -> None:
+        self.dicts = dicts
+        self.key = key
+
+    def remove(self) -> None:
+        for d in self.dicts:
+            d.pop(self.key, None)
+
+
 class _NullContext:
     """Context for the private calibration instance: drops everything."""
 
@@ -215,7 +229,8 @@ class LayersInstrument:
         # hooks and steps
         self._tls = threading.local()
         self._gen = 0
-        self._global_handles: list[Any] = []
+        self._global: tuple[Any, Any, bool] | None = None  # (pre handle, post handle, with kwargs)
+        self._hooks_on = False
         self._acc = _Acc(0)
         self._ready: deque[tuple[int, _Acc, bool]] = deque()
         self._tasks: dict[int, list[_Rec]] = {}
@@ -261,6 +276,8 @@ class LayersInstrument:
         global _Tensor
         _Tensor = torch.Tensor
         self._torch = torch
+        self._nnm = torch.nn.modules.module
+        self._handle_cls = torch.utils.hooks.RemovableHandle
         # dynamo folds this to True while it traces a hook (no guard), so a compiled graph never
         # contains our hooks; eagerly it is one cheap call
         comp = getattr(torch, "compiler", None)
@@ -298,6 +315,7 @@ class LayersInstrument:
     def _unhook(self) -> None:
         """Remove every torch hook (global, one-shot, per-parameter); the bus listener stays."""
         self._remove_global()
+        self._global = None
         for h in list(self._end_handles):
             h.remove()
         self._end_handles.clear()
@@ -325,22 +343,39 @@ class LayersInstrument:
     # ----------------------------------------------------------------- global hooks
 
     def _add_global(self) -> None:
-        if self._global_handles or self._dead or not self._installed:
+        """Put the global hooks in force (again). Re-adding is direct dict inserts under the ids
+        of the first registration: unsampled steps switch them per root call, and a fresh
+        ``RemovableHandle`` (weakrefs, counters) each time costs several µs."""
+        if self._hooks_on or self._dead or not self._installed:
             return
-        from torch.nn.modules import module as m
-
+        m = self._nnm
         self._gen += 1
-        pre = m.register_module_forward_pre_hook(self._pre)
-        try:
-            post = m.register_module_forward_hook(self._post, with_kwargs=True, always_call=True)
-        except TypeError:  # an older torch: no kwargs, and no call when forward raises
-            post = m.register_module_forward_hook(lambda mod, args, out: self._post(mod, args, {}, out))
-        self._global_handles = [pre, post]
+        self._hooks_on = True
+        if self._global is None:
+            pre = m.register_module_forward_pre_hook(self._pre)
+            try:
+                post = m.register_module_forward_hook(self._post, with_kwargs=True, always_call=True)
+                kw = True
+            except TypeError:  # an older torch: no kwargs, and no call when forward raises
+                post = m.register_module_forward_hook(lambda mod, args, out: self._post(mod, args, {}, out))
+                kw = False
+            self._global = (pre, post, kw)
+            self._post_fn = m._global_forward_hooks[post.id]
+            return
+        pre, post, kw = self._global
+        m._global_forward_pre_hooks[pre.id] = self._pre
+        m._global_forward_hooks[post.id] = self._post_fn
+        if kw:
+            m._global_forward_hooks_with_kwargs[post.id] = True
+            m._global_forward_hooks_always_called[post.id] = True
 
     def _remove_global(self) -> None:
-        handles, self._global_handles = self._global_handles, []
-        for h in handles:
-            h.remove()
+        if not self._hooks_on:
+            return
+        self._hooks_on = False
+        if self._global is not None:
+            self._global[0].remove()
+            self._global[1].remove()
 
     def _state(self) -> _ThreadState:
         st = _ThreadState(self._gen)
@@ -428,7 +463,7 @@ class LayersInstrument:
             # root call, begun while the hooks were off; it is not a root of its own
             return
         self._remove_global()
-        handle = module.register_forward_hook(self._end_hook, with_kwargs=True, always_call=True)
+        handle = self._attach_end_hook(module)
         st.end_hook = handle
         self._end_handles.add(handle)
         st.rmod = module
@@ -467,6 +502,22 @@ class LayersInstrument:
             self._root_end(module, st.rt0, t1, args, rest)
         except Exception as exc:
             self._fail("root forward hook", exc)
+
+    def _attach_end_hook(self, module: Any) -> Any:
+        """The one-shot end hook, put straight into the module's hook dicts (cheap, see
+        ``_add_global``); a plain registration where this torch lacks those dicts."""
+        try:
+            dicts = (module._forward_hooks, module._forward_hooks_with_kwargs,
+                     module._forward_hooks_always_called)
+        except AttributeError:
+            return module.register_forward_hook(self._end_hook, with_kwargs=True, always_call=True)
+        handles = self._handle_cls
+        key = handles.next_id  # ids come from torch's own counter, so none collide
+        handles.next_id += 1
+        dicts[0][key] = self._end_hook
+        dicts[1][key] = True
+        dicts[2][key] = True
+        return _Entry(dicts, key)
 
     def _drop_stale_end_hooks(self) -> None:
         stale, self._stale_end = self._stale_end, []
@@ -883,7 +934,7 @@ class LayersInstrument:
         if st is None or st.rmod is None or st.end_hook is not None:
             return
         self._remove_global()
-        handle = st.rmod.register_forward_hook(self._end_hook, with_kwargs=True, always_call=True)
+        handle = self._attach_end_hook(st.rmod)
         st.end_hook = handle
         self._end_handles.add(handle)
 
