@@ -516,7 +516,10 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signum, signal.SIG_DFL)
         if signum == signal.SIGHUP:
             os.kill(os.getpid(), signum)  # the terminal is gone: nothing to restore
-        raise SystemExit(128 + signum)  # unwinds the dashboard, which restores the terminal
+        # Unwinding the dashboard restores the terminal; should the app swallow the exception, the
+        # default action (restored above) ends llmtop a moment later.
+        threading.Timer(3.0, os.kill, (os.getpid(), signum)).start()
+        raise SystemExit(128 + signum)
 
     previous = {sig: signal.signal(sig, pass_on_and_die) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -170,3 +170,58 @@ def test_detached_child_outlives_llmtop_and_logs_to_a_file(project: Path) -> Non
         time.sleep(0.05)
     text = Path(log).read_text()
     assert "line 29" in text and "err 29" in text
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" in state  # a zombie waiting for init is dead
+
+
+def test_sigterm_during_the_dashboard_reaches_the_script_and_ends_llmtop(project: Path) -> None:
+    import json
+    import os
+    import pty
+    import threading
+
+    from llmtop.launch import _set_winsize
+    from tests.conftest import LLMTOP
+
+    (project / "long.py").write_text("import time\nprint('running', flush=True)\ntime.sleep(120)\n")
+    sock = project / "a.sock"
+    master, slave = pty.openpty()
+    _set_winsize(slave)
+    proc = subprocess.Popen([LLMTOP, "attach", "long.py"], cwd=project, env=child_env(LLMTOP_SOCKET=str(sock)),
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+
+    def drain() -> None:  # a terminal that reads whatever the dashboard draws
+        try:
+            while os.read(master, 65536):
+                pass
+        except OSError:
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        info = sock.with_suffix(".json")
+        deadline = time.monotonic() + 60
+        while not info.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        script_pid = json.loads(info.read_text())["pid"]
+        time.sleep(1.0)  # let the dashboard start
+        proc.send_signal(signal.SIGTERM)
+        # it unwinds the dashboard (exit 143) or, if that stalls, dies of the signal itself
+        assert proc.wait(30) in (128 + signal.SIGTERM, -signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not _gone(script_pid):
+            assert time.monotonic() < deadline, "the script outlived llmtop's SIGTERM"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
