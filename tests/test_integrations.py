@@ -382,6 +382,7 @@ def _fields(line: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", line.split("|")[0]))
 
 
+@pytest.mark.slow
 def test_generate_example_under_attach(short_tmp: Path) -> None:
     out, events = attach("generate_tiny_gpt.py", ["--rounds", "1", "--max-new-tokens", "6", "--bf16"],
                          short_tmp)
@@ -409,6 +410,7 @@ def test_generate_example_under_attach(short_tmp: Path) -> None:
     assert dtypes and dtypes[0].attrs["model"] == "GPT2LMHeadModel" and dtypes[0].attrs["dtype"] == "float32"
 
 
+@pytest.mark.slow
 def test_pipeline_example_under_attach(short_tmp: Path) -> None:
     out, events = attach("pipeline_classify.py", ["--texts", "12", "--batch-size", "4"], short_tmp)
     assert "batched texts=12 batch_size=4" in out
@@ -419,6 +421,7 @@ def test_pipeline_example_under_attach(short_tmp: Path) -> None:
     assert sum(t.attrs["texts"] for t in toks) == 16  # 4 single calls, then 12 one by one in preprocess
 
 
+@pytest.mark.slow
 def test_trainer_example_under_attach(short_tmp: Path) -> None:
     hist_file = short_tmp / "history.json"
     out, events = attach("trainer_tiny_bert.py", ["--steps", "16", "--logging-steps", "4", "--eval-steps",
@@ -457,6 +460,7 @@ llmtop.agent.stop()
 """
 
 
+@pytest.mark.slow
 def test_a_torch_script_runs_unchanged_without_transformers(short_tmp: Path) -> None:
     script = short_tmp / "plain.py"
     script.write_text(textwrap.dedent(NO_TRANSFORMERS))
