@@ -86,12 +86,14 @@ def machine() -> list[str]:
     ]
 
 
-def run_one(path: Path, quick: bool) -> tuple[int, str, float]:
+def run_one(path: Path, quick: bool) -> tuple[int, str, float, list[str]]:
+    # Pass --quick only to benchmarks that know it (an unknown flag would end the run at argparse).
+    quick = quick and "--quick" in path.read_text(encoding="utf-8", errors="replace")
     cmd = [sys.executable, str(path)] + (["--quick"] if quick else [])
     print(f"[run_all] {path.name} …", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-    return proc.returncode, proc.stdout.rstrip(), time.monotonic() - t0
+    return proc.returncode, proc.stdout.rstrip(), time.monotonic() - t0, cmd[1:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         sections += ["**Quick mode**: few pairs and short runs; figures are for smoke testing only.", ""]
     worst = 0
     for path in benchmarks():
-        rc, out, secs = run_one(path, args.quick)
+        rc, out, secs, cmd = run_one(path, args.quick)
         worst = max(worst, rc)
-        sections += [f"## {path.stem}", "", f"`python bench/{path.name}{' --quick' if args.quick else ''}` "
-                     f"({secs:.0f} s, exit code {rc})", "", out or "(no output)", ""]
+        shown = " ".join([f"bench/{path.name}", *cmd[1:]])
+        sections += [f"## {path.stem}", "", f"`python {shown}` ({secs:.0f} s, exit code {rc})", "",
+                     out or "(no output)", ""]
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     sections += [f"Load average at end (1/5/15 min): {load}", ""]
     Path(args.output).write_text("\n".join(sections))
