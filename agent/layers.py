@@ -24,6 +24,7 @@ on known model roots keep announcing root forward calls for the step tracker.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import sys
@@ -32,6 +33,7 @@ import time
 import warnings
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from llmtop.protocol.events import Anomaly, Event, LayerStats, Metric, ModelTree
@@ -41,6 +43,7 @@ from . import core
 _now = time.perf_counter_ns
 _MAX_EVERY = 1000
 _by_seq = operator.attrgetter("seq")
+_HOLD = 1 << 40  # mute depth a muted() block adds: pre/post pairs inside never reach zero
 _SLOT = "llmtop.layers"  # our key in autograd nodes' metadata
 _ROOT_CALL_NS = 2000  # torch's own hook dispatch for a root call of an unsampled step (estimate)
 
@@ -67,11 +70,12 @@ class _Acc:
 
 
 class _ThreadState:
-    __slots__ = ("stack", "mute", "rt0", "rmod", "end_hook", "gen")
+    __slots__ = ("stack", "mute", "hold", "rt0", "rmod", "end_hook", "gen")
 
     def __init__(self, gen: int) -> None:
         self.stack: list[list[Any]] = []  # frames: [gid, t0, child_ns, mem0, rec, module]
         self.mute = 0  # >0 inside a forward re-run by autograd (activation checkpointing)
+        self.hold = 0  # LayersInstrument.muted() depth on this thread
         self.rt0 = 0  # start of the root call in progress
         self.rmod: Any = None  # the root module whose call is in progress (held for that call)
         self.end_hook: Any = None  # handle of the one-shot hook that ends an unsampled root call
@@ -264,6 +268,27 @@ class LayersInstrument:
         """``global id -> module path`` (path inside its model, "" for a root)."""
         return dict(enumerate(list(self._paths)))
 
+    @contextlib.contextmanager
+    def muted(self) -> Iterator[None]:
+        """Module calls on this thread are not seen while inside (another instrument running a
+        copy of a model, e.g. on meta tensors, on the agent thread). Nestable."""
+        try:
+            st = self._tls.st
+        except AttributeError:
+            st = self._state()
+        st.hold += 1
+        st.mute += _HOLD
+        try:
+            yield
+        finally:
+            st.hold -= 1
+            st.mute = max(st.hold * _HOLD, st.mute - _HOLD)
+
+    @property
+    def _global_handles(self) -> list[Any]:
+        """The global hook handles in force (kept for tests written against earlier builds)."""
+        return [self._global[0], self._global[1]] if self._hooks_on and self._global else []
+
     def overhead_ns_last_step(self) -> int:
         """The hooks' estimated cost in the step that ended last (valid after ``BUS.step_end``)."""
         return self._overhead_last
@@ -412,7 +437,7 @@ class LayersInstrument:
         """New module, model root, stale or muted thread state. None: do not time this call."""
         if st.gen != self._gen:  # hooks were re-added: frames of the old period are stale
             st.stack.clear()
-            st.mute = 0
+            st.mute = st.hold * _HOLD
             st.gen = self._gen
         if st.mute:
             st.mute += 1
@@ -453,8 +478,8 @@ class LayersInstrument:
         t_in = _now()
         if self._stale_end:
             self._drop_stale_end_hooks()
-        if st.rmod is not None or self._task_id() != -1:
-            return  # inside a forward re-run by backward, or a root already running here
+        if st.rmod is not None or st.mute or self._task_id() != -1:
+            return  # a forward re-run by backward, a root already running here, or muted()
         gid = self._by_addr.get(id(module))
         if gid is None:
             gid = self._new_root(module)

@@ -468,6 +468,27 @@ def test_error_in_an_unsampled_root_call(started: Any) -> None:
     assert ctx.warnings == []
 
 
+def test_muted_thread_is_not_seen(started: Any) -> None:
+    model = mlp()
+    inst, ctx = started(layer_every=2)
+    x = torch.randn(4, 8)
+    starts: list[Any] = []
+    core.BUS.root_forward_start.append(lambda m, t, a, k: starts.append(m))
+    for step in range(2):  # a sampled and an unsampled step
+        with inst.muted():
+            other = mlp()
+            other(x).sum().backward()
+            with inst.muted():
+                other(x)
+            inst._gen += 1  # hooks re-added meanwhile must not unmute the thread
+            other(x)
+        model(x)
+        end_step(step)
+    assert starts == [model, model]
+    assert [t.paths for t in ctx.trees()] == [[p for p, _ in model.named_modules()]]
+    assert inst._tls.st.mute == 0 and inst._tls.st.hold == 0
+
+
 # --- sampling, steps, threads ----------------------------------------------------------------------
 
 
