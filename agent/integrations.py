@@ -508,6 +508,7 @@ class TransformersInstrument:
             return result
 
         wrapper.__llmtop_wrapped__ = fn  # type: ignore[attr-defined]
+        wrapper.__llmtop_owner__ = self  # type: ignore[attr-defined]
         return wrapper
 
     def _wrap_classmethod(self, owner: Any, attr: str, part: str, before: Any, after: Any) -> None:
@@ -546,7 +547,9 @@ class TransformersInstrument:
         for klass in list(vars(module).values()):
             if isinstance(klass, type) and issubclass(klass, base) and klass is not base:
                 raw = klass.__dict__.get("from_pretrained")
-                if isinstance(raw, classmethod) and not hasattr(raw.__func__, "__llmtop_wrapped__"):
+                # A copy of our own wrapper (this module ran after our patch) needs no second one;
+                # a copy made under an earlier, stopped agent does.
+                if isinstance(raw, classmethod) and getattr(raw.__func__, "__llmtop_owner__", None) is not self:
                     self._wrap_loading(klass, "model")
 
     def _patch_auto_tokenizer(self, module: Any) -> None:
@@ -704,7 +707,7 @@ class TransformersInstrument:
         for phase in ("preprocess", "postprocess"):
             for owner in klass.__mro__:
                 if phase in owner.__dict__:
-                    if owner is not base and not hasattr(owner.__dict__[phase], "__llmtop_wrapped__"):
+                    if owner is not base and getattr(owner.__dict__[phase], "__llmtop_owner__", None) is not self:
                         self._wrap_phase(owner, phase)
                     break
 

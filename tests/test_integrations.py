@@ -352,6 +352,21 @@ def test_uninstall_restores_transformers() -> None:
     assert integ._CURRENT is None
 
 
+def test_a_restarted_agent_measures_loads_again(gpt_dir: Path) -> None:
+    # AutoModelFor* classes keep copies of whatever from_pretrained they saw when transformers
+    # imported them (possibly an earlier instrument's wrapper): a new instrument must still count.
+    for _ in range(2):
+        c = Collect()
+        inst = integ.TransformersInstrument(c.options)
+        inst.install(c)
+        try:
+            transformers.AutoModelForCausalLM.from_pretrained(gpt_dir)
+        finally:
+            inst.uninstall()
+        top = [s.name for s in c.spans(category="model_loading") if s.depth == 0]
+        assert top == ["AutoModelForCausalLM.from_pretrained"]
+
+
 def test_pure_helpers() -> None:
     assert integ.percentile([], 50) is None
     assert integ.percentile([3.0, 1.0, 2.0], 50) == 2.0
