@@ -307,7 +307,9 @@ async def test_live_agent_fills_the_layer_tree_and_every_view(sock_path: Path):
             assert "tui_train.py" in s and "live" in s and "running" in s
             step_shown = int(s.split("step ")[1].split()[0])
             assert step_shown >= 5
-            await pilot.press("p", "p", "plus", "minus", "question_mark", "escape", "2", "enter")
+            await pilot.press("p", "p", "plus", "minus", "question_mark", "escape", "2")
+            await settle(app, pilot)
+            await pilot.press("enter")
             await settle(app, pilot)
             assert isinstance(app.screen, LayerDetail)
             await pilot.press("escape", "q")
@@ -538,7 +540,9 @@ async def test_no_color_and_light_theme_draw_every_view(monkeypatch: pytest.Monk
             for i in range(1, len(VIEWS) + 1):
                 await pilot.press(str(i))
                 await settle(app, pilot)
-            await pilot.press("2", "enter")
+            await pilot.press("2")
+            await settle(app, pilot)
+            await pilot.press("enter")
             await settle(app, pilot)
             assert isinstance(app.screen, LayerDetail)
             await pilot.press("escape", "question_mark")

@@ -45,7 +45,9 @@ def test_view(snap_compare, view: str, size: tuple[int, int]) -> None:
 def test_layer_detail(snap_compare, size: tuple[int, int]) -> None:
     async def before(pilot) -> None:
         await loaded(pilot)
-        await pilot.press("2", "enter")
+        await pilot.press("2")
+        await loaded(pilot)
+        await pilot.press("enter")
         await loaded(pilot)
 
     assert snap_compare(make_app(), terminal_size=size, run_before=before)

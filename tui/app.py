@@ -129,13 +129,15 @@ class LlmtopApp(App[int]):
             self.status_bar.update(self.status_text())
             if self.frozen:
                 return  # the view holds still; ingestion goes on
-            key = (model.version, self.active_view, self.window_s)
             screen = self.screen
-            if key == self._drawn and not force and not isinstance(screen, LayerDetail):
+            if isinstance(screen, LayerDetail):  # the views underneath are hidden: only the detail
+                screen.refresh_view(model, self.window_s)
+                self._drawn = None
+                return
+            key = (model.version, self.active_view, self.window_s)
+            if key == self._drawn and not force:
                 return
             with self.batch_update():
-                if isinstance(screen, LayerDetail):
-                    screen.refresh_view(model, self.window_s)
                 self.view_widget().refresh_view(model, self.window_s)
             self._drawn = key
         self.frames += 1
