@@ -17,9 +17,10 @@ ends. One record per module call lives only in those hooks' closures, so it dies
 at the end of each backward (``queue_callback``) the records of that graph task are turned into
 inclusive and self times. See docs/ARCHITECTURE.md, "Layer hooks".
 
-Sampling: per-layer timing is taken on every Nth step. On the other steps the global hooks are
-removed entirely (torch's hook slow path alone costs more than our hooks); small per-module hooks
-on known model roots keep announcing root forward calls for the step tracker.
+Sampling: per-layer timing is taken on every Nth step. On the other steps the global hooks are in
+force only between root calls: a root call takes them off for its length (torch's hook slow path
+alone costs more than our hooks) and a one-shot hook on the root announces its end. Nothing stays
+registered on the user's modules, so copying or pickling a model is unaffected.
 """
 
 from __future__ import annotations
