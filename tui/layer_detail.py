@@ -36,8 +36,8 @@ class LayerDetail(Screen):
         yield Footer()
 
     def refresh_view(self, model: SessionModel, window_s: float) -> None:
-        if model.version == self._seen:
-            return
+        if model.version == self._seen or not self.query("#detail-children"):
+            return  # nothing new, or not composed yet (the next frame draws it)
         self._seen = model.version
         layer = model.layers.get(self.layer_id)
         info = self.query_one("#detail-info", Static)

@@ -35,23 +35,34 @@ class SparkRow(Horizontal):
         super().__init__(id=id)
         self.label = label
         self._last: tuple[Any, ...] | None = None
+        self._pending: tuple[Sequence[float], str] | None = None
 
     def compose(self) -> ComposeResult:
         yield Label(self.label, classes="spark-label")
         yield Sparkline([], summary_function=max)
         yield Label(DASH, classes="spark-value")
 
+    def on_mount(self) -> None:
+        if self._pending is not None:  # data that arrived between mount() and compose
+            self.show(*self._pending)
+
     def set_label(self, label: str) -> None:
         if label != self.label:
             self.label = label
-            self.query_one(".spark-label", Label).update(label)
+            for widget in self.query(".spark-label").results(Label):
+                widget.update(label)
 
     def show(self, values: Sequence[float], text: str) -> None:
         key = (len(values), values[-1] if values else None, values[0] if values else None, text)
         if key == self._last:
             return
+        sparks = self.query(Sparkline)
+        if not sparks:  # mounted but not composed yet: keep the data for on_mount
+            self._pending = (values, text)
+            return
+        self._pending = None
         self._last = key
-        spark = self.query_one(Sparkline)
+        spark = sparks.first()
         spark.data = list(values)
         spark.visible = bool(values)  # absent data is blank, not a flat line of zeros
         self.query_one(".spark-value", Label).update(text)
