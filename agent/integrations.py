@@ -324,8 +324,9 @@ class TransformersInstrument:
         self._done: set[str] = set()  # watched modules already patched
         self._lock = threading.Lock()  # patching only (imports and poll), never the hot path
         self._finder: _PostImportFinder | None = None
-        # model → hook handles (generation timing); weak so that a freed model's id is not mistaken
+        # model → [generate calls running, hook handles…] (generation timing, only during generate)
         self._hooked: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+        self._gen_hooks: tuple[Callable[..., None], Callable[..., None]] | None = None
         self._pipe_classes: set[type] = set()
         self._tok_agg: list[Any] | None = None
         self._tok_spans = 0
@@ -378,8 +379,8 @@ class TransformersInstrument:
             if owner.__dict__.get(attr) is wrapper:
                 setattr(owner, attr, original)
         self._patched.clear()
-        for handles in list(self._hooked.values()):
-            for h in handles:
+        for entry in list(self._hooked.values()):
+            for h in entry[1:]:
                 h.remove()
         self._hooked = weakref.WeakKeyDictionary()
         if self._bus_fn is not None:
@@ -777,6 +778,7 @@ class TransformersInstrument:
 
         def after(state: Any, result: Any, err: Any, wall0: float, dur: int, depth: int) -> None:
             st, args, kwargs = state
+            self._unhook_model(st.model)  # first: the model must be left as we found it
             t_end = st.t0 + dur
             stack = _tl.gen
             if stack and stack[-1] is st:
@@ -788,8 +790,37 @@ class TransformersInstrument:
         self._wrap_method(cls, "generate", "generate", before, after, reentrant=True)
 
     def _hook_model(self, model: Any) -> None:
-        if model in self._hooked:
-            return
+        """Time the model's forwards while its ``generate`` runs.
+
+        The hooks live on the model only for the duration of the call (counted, for nested or
+        concurrent calls): left behind, they would make the user's model unpicklable
+        (``torch.save(model)``, ``copy.deepcopy``). The two hook functions are made once per
+        instrument, so re-adding them leaves compiled code's guards unchanged.
+        """
+        with self._lock:
+            entry = self._hooked.get(model)
+            if entry is not None:
+                entry[0] += 1
+                return
+            if self._gen_hooks is None:
+                self._gen_hooks = self._make_gen_hooks()
+            pre, post = self._gen_hooks
+            self._hooked[model] = [1, model.register_forward_pre_hook(pre),
+                                   model.register_forward_hook(post)]
+
+    def _unhook_model(self, model: Any) -> None:
+        with self._lock:
+            entry = self._hooked.get(model)
+            if entry is None:
+                return
+            entry[0] -= 1
+            if entry[0] > 0:
+                return
+            del self._hooked[model]
+        for handle in entry[1:]:
+            handle.remove()
+
+    def _make_gen_hooks(self) -> tuple[Callable[..., None], Callable[..., None]]:
         instr = self
 
         def pre(module: Any, args: Any) -> None:
@@ -811,9 +842,7 @@ class TransformersInstrument:
                     if len(st.ends) == 1 and cache is not None:
                         st.prefill_cache = cache_nbytes(cache)
 
-        # Kept for the model's lifetime (until uninstall): adding and removing hooks per call would
-        # invalidate torch.compile's guards on every generate.
-        self._hooked[model] = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+        return pre, post
 
     def _emit_generation(self, st: _GenState, args: tuple, kwargs: dict, result: Any, wall0: float,
                          t_end: int, depth: int) -> None:

@@ -148,6 +148,27 @@ def test_generation_phase_is_visible_to_other_instruments(ctx: Collect, gpt_dir:
     assert seen == ["prefill", "decode", "decode", "decode", None]
 
 
+def test_generate_leaves_the_model_picklable(ctx: Collect, gpt_dir: Path) -> None:
+    import copy
+    import io
+    import pickle
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt_dir).eval()
+    before = (dict(model._forward_pre_hooks), dict(model._forward_hooks))
+    for _ in range(2):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                       pad_token_id=0)
+    # Whole-model saving, pickling and copying work as they would without llmtop …
+    torch.save(model, io.BytesIO())
+    clone = pickle.loads(pickle.dumps(model))
+    copy.deepcopy(model)
+    assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == before
+    assert not clone._forward_pre_hooks and not clone._forward_hooks
+    # … and each call was still timed: time to first token and three decode latencies.
+    gens = ctx.of(Generation)
+    assert len(gens) == 2 and all(len(g.decode_ms) == 3 and g.ttft_ms > 0 for g in gens)
+
+
 # --- tokenization ---------------------------------------------------------------------------------
 
 
