@@ -143,75 +143,12 @@ def unwrap(model: Any) -> tuple[Any, str]:
 
 
 def _layers_instrument() -> Any:
-    """The running layers instrument (helper I1's ``LayersInstrument``), found on the agent."""
+    """The running layers instrument (``layers.LayersInstrument``), found on the agent."""
     agent = core.ACTIVE
     for inst in list(getattr(agent, "_instruments", []) or []):
         if getattr(inst, "name", "") == "layers" and hasattr(inst, "module_ids"):
             return inst
     return None
-
-
-class _MutedState:
-    """Stands in for the layers instrument's per-thread state on the agent thread: always muted.
-
-    Its hooks skip a thread whose ``mute`` is set (sampled steps, the path they use for checkpoint
-    re-runs) or whose root call is already running (``rmod``, unsampled steps). Here ``mute`` and
-    ``rmod`` are always set, ``gen`` always matches (re-added hooks cannot unmute it) and writes
-    are ignored. Prefer ``layers.muted()`` when the layers instrument provides one.
-    """
-
-    _RUNNING = object()  # "a root call is in progress on this thread"
-
-    def __init__(self, layers: Any) -> None:
-        object.__setattr__(self, "_layers", layers)
-
-    stack = property(lambda self: [])
-    mute = property(lambda self: 1)
-    gen = property(lambda self: self._layers._gen)
-    rmod = property(lambda self: _MutedState._RUNNING)
-    end_hook = property(lambda self: None)
-    rt0 = property(lambda self: 0)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        pass  # the hooks' bookkeeping writes go nowhere
-
-    def __getattr__(self, name: str) -> Any:
-        return None  # a field the layers state grows later: absent
-
-
-class _Muted:
-    """Keeps the layers instrument's global hooks quiet on this thread while the meta copy runs."""
-
-    def __init__(self, layers: Any) -> None:
-        self.layers = layers
-        self.cm: Any = None
-        self.saved: Any = None
-        self.swapped = False
-
-    def __enter__(self) -> None:
-        layers = self.layers
-        if layers is None:
-            return
-        muted = getattr(layers, "muted", None)
-        if callable(muted):  # a public switch, if the layers instrument grows one
-            self.cm = muted()
-            self.cm.__enter__()
-            return
-        tls = getattr(layers, "_tls", None)
-        if tls is None or not hasattr(layers, "_gen"):
-            return
-        self.saved = getattr(tls, "st", None)
-        tls.st = _MutedState(layers)
-        self.swapped = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.cm is not None:
-            self.cm.__exit__(*exc)
-        elif self.swapped:
-            if self.saved is None:
-                del self.layers._tls.st
-            else:
-                self.layers._tls.st = self.saved
 
 
 class FlopsInstrument:
@@ -303,9 +240,10 @@ class FlopsInstrument:
         from . import flops as F
 
         layers = self.layers or _layers_instrument()
-        ids = layers.module_ids() if layers is not None else {}
-        root_id = ids.get(model)
-        if root_id is None:
+        if layers is None:
+            return None  # no module ids to join the counts to
+        ids = layers.module_ids()
+        if ids.get(model) is None:
             return None
         args_spec, kwargs_spec, autocast = sig
         args = []
@@ -324,7 +262,8 @@ class FlopsInstrument:
             # autocast runs the matmuls (most of the FLOPs and weight traffic) in its dtype; norms
             # and softmax stay fp32 in reality, a small part of the bytes
             clone = clone.to(autocast)
-        with _Muted(layers):
+        # The layers instrument's global hooks must not see the meta copy's module calls.
+        with layers.muted():
             prof = F.count(clone, tuple(args), kwargs)
         originals = dict(model.named_modules())
         out_ids: list[int] = []

@@ -20,7 +20,7 @@ from llmtop.agent.flops_live import FlopsInstrument, describe, signature  # noqa
 from llmtop.agent.layers import LayersInstrument  # noqa: E402
 from llmtop.agent.ops import OpsInstrument  # noqa: E402
 from llmtop.agent.roofline import Device  # noqa: E402
-from llmtop.protocol.events import Event, LayerFlops, ModelTree, Ops  # noqa: E402
+from llmtop.protocol.events import Event, LayerFlops, LayerStats, ModelTree, Ops  # noqa: E402
 from llmtop.protocol.stream import Connection  # noqa: E402
 
 from .conftest import LLMTOP, child_env  # noqa: E402
@@ -189,15 +189,26 @@ def test_count_between_unsampled_steps_leaves_the_layers_hooks_alone() -> None:
         model(torch.randn(4, 8))
         end_step(1)  # step 2 is not sampled: the global hooks wait for the next root call
         model(torch.randn(4, 8))
-        handles = list(layers._global_handles)
+        nnm = torch.nn.modules.module
+        hooks = (dict(nnm._global_forward_pre_hooks), dict(nnm._global_forward_hooks))
+        assert hooks[0] and hooks[1]  # the layers instrument's global hooks wait in force
         events = [e for _ in range(3) for e in inst.poll(time.time())]
-        assert layers._global_handles == handles  # the count on this thread did not take them off
+        # The count on this thread neither took them off nor put others in …
+        assert (dict(nnm._global_forward_pre_hooks), dict(nnm._global_forward_hooks)) == hooks
+        # … and the next sampled step is still measured, module by module.
+        end_step(2)
+        model(torch.randn(4, 8))
+        end_step(3)
+        stats = [e for e in layers.poll(time.time()) if isinstance(e, LayerStats)]
     finally:
         inst.uninstall()
         layers.uninstall()
     assert len([e for e in events if isinstance(e, LayerFlops)]) == 1
     assert len([e for e in ctx.events if isinstance(e, ModelTree)]) == 1
     assert ctx.warnings == []
+    ids = layers.module_ids()
+    (last,) = [s for s in stats if s.step == 3]
+    assert dict(zip(last.ids, last.calls, strict=True)) == {ids[m]: 1 for m in model.modules()}
 
 
 def test_wrapped_model_is_counted_through_its_wrapper() -> None:
