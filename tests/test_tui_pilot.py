@@ -322,6 +322,37 @@ async def test_live_agent_fills_the_layer_tree_and_every_view(sock_path: Path):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @aio
+async def test_record_key_records_the_live_agent_to_a_readable_file(sock_path: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    from llmtop.protocol.events import ModelTree, Session, Step
+    from llmtop.protocol.recording import RecordingReader
+
+    monkeypatch.chdir(tmp_path)  # the record key writes llmtop-<pid>-<time>.lrec in the current directory
+    proc = start_headless(sock_path)
+    try:
+        app = LlmtopApp(SocketSource(sock_path))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: app.model.step_count >= 2)
+            await pilot.press("R")
+            await wait_for(pilot, lambda: app.recording is not None and app.recording.running)
+            first = app.model.step_count
+            await wait_for(pilot, lambda: app.model.step_count >= first + 3)
+            await pilot.press("R")
+            await settle(app, pilot)
+            assert app.recording is None
+            script_pid = app.model.session.pid
+        files = list(tmp_path.glob("llmtop-*.lrec"))
+        assert len(files) == 1 and files[0].name.startswith(f"llmtop-{script_pid}-")
+        with RecordingReader(files[0]) as reader:
+            kinds = [type(e) for e in reader.events()]
+        assert Session in kinds and ModelTree in kinds and kinds.count(Step) >= 3
+    finally:
+        stop_proc(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@aio
 async def test_agent_killed_mid_run_shows_last_state_and_reconnects(sock_path: Path):
     proc = start_headless(sock_path)
     second = None

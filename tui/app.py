@@ -67,6 +67,7 @@ class LlmtopApp(App[int]):
         self.last_frame_ms = 0.0
         self._drawn: tuple[int, str, float] | None = None
         self._end_applied = False
+        self.recording: Any = None  # a tui.record.BackgroundRecording while the record key is on
         if title:
             self.title = title
         chosen = theme or os.environ.get("LLMTOP_THEME")
@@ -110,6 +111,8 @@ class LlmtopApp(App[int]):
 
     def on_unmount(self) -> None:
         self.source.stop()
+        if self.recording is not None:
+            self.recording.stop()  # closes the file with its index: quitting never loses a recording
 
     # --- the frame -----------------------------------------------------------------------------
 
@@ -262,6 +265,23 @@ class LlmtopApp(App[int]):
         if selected is not None:
             self.push_screen(LayerDetail(selected))
             self.call_after_refresh(self.frame, True)
+
+    def action_toggle_record(self) -> None:
+        """R: record the live agent to a file from a second (recorder) connection, or stop doing so."""
+        if self.recording is not None and self.recording.running:
+            self.recording.stop()
+            self.notify(f"recording saved to {self.recording.path}", timeout=5)
+            self.recording = None
+            return
+        sock = getattr(self.source, "path", None)
+        if not isinstance(self.source, SocketSource) or sock is None:
+            self.notify("only a live agent can be recorded", severity="warning", timeout=3)
+            return
+        from .record import start_tui_recording
+
+        pid = self.model.session.pid if self.model.session is not None else None
+        self.recording = start_tui_recording(sock, pid=pid)
+        self.notify(f"recording to {self.recording.path} (R stops)", timeout=5)
 
     def child_running(self) -> bool:
         return self.child is not None and self.child.poll() is None

@@ -22,6 +22,8 @@ KEYS: list[Binding] = [
     Binding("p", "freeze", "Pause", id="app.freeze", tooltip="Freeze the view; data keeps arriving"),
     Binding("slash", "filter", "Filter", key_display="/", id="app.filter",
             tooltip="Filter layers by name / search the logs"),
+    Binding("R", "toggle_record", "Record", key_display="R", id="app.record",
+            tooltip="Start or stop recording what this agent sends to a .lrec file (live sources only)"),
     Binding("escape", "back", "Back", id="app.back", show=False,
             tooltip="Close a screen or filter; never quits"),
     Binding("enter", "drill", "Open", id="app.drill", show=False, tooltip="Open the selected layer"),
