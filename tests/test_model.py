@@ -281,6 +281,13 @@ def test_memory_creep_from_rss_and_flat_memory_is_quiet():
     for k in range(1, 101):
         flat.apply(HostSample(t=T0 + k, cpu_pct=1.0, rss=GIB, sys_used=1, sys_total=2))
     assert not any(t.startswith("memory creep") for t in texts(flat))
+    # the same growth over a few slow steps (start-up of a slow run) is not called creep
+    slow = SessionModel()
+    for k in range(1, 101):
+        if k % 10 == 0:
+            slow.apply(step(6 + k // 10, 10_000.0))
+        slow.apply(HostSample(t=T0 + k, cpu_pct=1.0, rss=GIB + k * 8 * 1024 * 1024, sys_used=1, sys_total=2))
+    assert not any(t.startswith("memory creep") for t in texts(slow))
 
 
 def test_nonfinite_loss_since_step():

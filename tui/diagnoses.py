@@ -16,6 +16,7 @@ from .model import SessionModel
 INPUT_BOUND_SHARE = 0.20  # data wait above this share of the step is worth a sentence
 CREEP_MIN_BYTES = 64 * 1024 * 1024
 WARMUP_STEPS = 5
+CREEP_MIN_STEPS = 20
 CREEP_MIN_GROWTH = 0.05
 SLOW_FACTOR = 2.0
 OVERHEAD_NOTE_PCT = 5.0  # agent overhead above this is a warning rather than a note
@@ -46,7 +47,7 @@ def memory_creep(model: SessionModel, window_s: float) -> list[Diagnosis]:
     # start-up (model build, first allocations, warm-up steps) is growth, not creep
     warm = [s for s in recent if s.step > WARMUP_STEPS]
     steps = [s for s in warm if s.cuda_allocated is not None]
-    if len(steps) >= 20:
+    if len(steps) >= CREEP_MIN_STEPS:
         k = max(3, len(steps) // 10)
         first = statistics.median(s.cuda_allocated or 0 for s in steps[:k])
         last = statistics.median(s.cuda_allocated or 0 for s in steps[-k:])
@@ -55,13 +56,13 @@ def memory_creep(model: SessionModel, window_s: float) -> list[Diagnosis]:
     if not warm:
         return []
     host = [h for h in model.recent_host(window_s) if h.t >= warm[0].t]
-    if len(host) >= 20:
+    in_window = [s for s in model.steps if host and host[0].t <= s.t <= host[-1].t]
+    # growth over a handful of slow steps is the run settling (optimizer state, caches), not creep
+    if len(host) >= 20 and len(in_window) >= CREEP_MIN_STEPS:
         k = max(3, len(host) // 10)
         first = statistics.median(h.rss for h in host[:k])
         last = statistics.median(h.rss for h in host[-k:])
-        in_window = [s for s in model.steps if host[0].t <= s.t <= host[-1].t]
-        span = f"over {len(in_window)} steps" if in_window else f"over {fmt.duration(host[-1].t - host[0].t)}"
-        return _creep(first, last, span, "RSS")
+        return _creep(first, last, f"over {len(in_window)} steps", "RSS")
     return []
 
 
