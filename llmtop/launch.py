@@ -472,7 +472,28 @@ def _exit_like(child: Child) -> int:
     return rc
 
 
-def run_headless(argv: list[str], env: dict[str, str], sock: Path) -> int:
+def finish_recording(record: str | None, child: Child, since: float) -> None:
+    """Add the script's real exit status to its recording: the agent inside could not know it.
+
+    ``since`` is when the child was started: a file not written since then is an old recording
+    (the agent never started), left as it is."""
+    if not record or child.poll() is None:
+        return
+    path = os.path.abspath(record)
+    try:
+        if os.stat(path).st_mtime < since - 1.0:
+            return
+    except OSError:
+        return  # nothing was recorded (not a Python child, or the agent could not start)
+    try:
+        from llmtop.protocol.recording import append_exit
+
+        append_exit(path, exit_code=child.returncode if child.signal is None else None, signal=child.signal)
+    except Exception as exc:  # the script's own exit status is what matters: say so and go on
+        print(f"llmtop: could not add the exit status to {path}: {exc}", file=sys.stderr)
+
+
+def run_headless(argv: list[str], env: dict[str, str], sock: Path, record: str | None = None) -> int:
     child: Child | None = None
 
     def forward(signum: int, _frame: Any) -> None:
@@ -484,7 +505,10 @@ def run_headless(argv: list[str], env: dict[str, str], sock: Path) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
+        since = time.time()
         child = Child.spawn(argv, env, sock, headless=True)
+        child.wait()
+        finish_recording(record, child, since)
         return _exit_like(child)
     finally:
         for sig, handler in previous.items():
@@ -501,12 +525,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     env = child_env(sock, python_child, args.record)
     if args.headless:
-        return run_headless(argv, env, sock)
+        return run_headless(argv, env, sock, args.record)
     try:
         from llmtop.tui.app import run_attached
     except ImportError as exc:
         print(f"llmtop: dashboard unavailable ({exc}); running headless", file=sys.stderr)
-        return run_headless(argv, env, sock)
+        return run_headless(argv, env, sock, args.record)
+    since = time.time()
     child = Child.spawn(argv, env, sock, headless=False)
     def pass_on_and_die(signum: int, _frame: Any) -> None:
         # The child has its own session, so a hang-up or a kill aimed at llmtop would not reach it:
@@ -530,4 +555,6 @@ def run(args: argparse.Namespace) -> int:
     if child.detached and child.poll() is None:
         print(f"llmtop: pid {child.pid} keeps running; output goes to {child.log_path}", file=sys.stderr)
         return 0
+    child.wait()
+    finish_recording(args.record, child, since)
     return _exit_like(child)

@@ -13,6 +13,13 @@ writer died (``kill -9``) is read by a forward scan over block headers; a short 
 truncated tail, reported in ``RecordingReader.warning``. A data block is written at least once a
 second while events arrive, so at most a second of data is lost.
 
+The script's exit status is known only to the process that waited for it (``llmtop attach``),
+not to the agent that wrote the file. ``append_exit`` adds it afterwards, append-only: a data block
+flagged FINAL_END holding one ``End`` (the exit code or signal, with the agent's traceback), then a
+fresh index and footer. The old index and footer stay behind as dead bytes that the forward scan
+steps over. Readers drop the agent's own ``End`` when such a block exists. It works on a ``kill -9``
+file too: its truncated tail (no block anyone can read) is cut off first.
+
 A keyframe block holds a full snapshot (the frames a late joiner receives) so that seeking
 applies the nearest keyframe and then only the data after it. Block headers carry the first and
 last step number and time of their events: the index alone answers "where is step N / time T".
@@ -36,7 +43,7 @@ from typing import Any
 
 import msgpack
 
-from .events import Event, EventDecoder, LayerStats, Session, Span, Step, encode
+from .events import End, Event, EventDecoder, LayerStats, Session, Span, Step, encode
 from .frames import DEFAULT_MAX_FRAME, HEADER, ProtocolError, pack_map, unpack_map
 
 MAGIC = b"LLMTOPRC"
@@ -58,6 +65,7 @@ DATA, KEYFRAME, INDEX = 0, 1, 2
 ZLIB = 1  # block flag: payload is zlib-compressed
 DICT_SOURCE = 2  # block flag: this block's raw frames are the preset dictionary of later blocks
 USES_DICT = 4  # block flag: compressed with that preset dictionary
+FINAL_END = 8  # block flag: the End added by ``append_exit``; readers prefer it to the agent's
 DICT_BYTES = 32 * 1024  # zlib's window: only the last 32 KiB of a dictionary can be used
 NO_STEP = -1
 MAX_BLOCK = 256 * 1024 * 1024  # a block length above this is corruption, not data
@@ -339,13 +347,10 @@ class RecordingWriter:
                 return
             try:
                 self._write_pending()
-                rows = [b.row() for b in self.blocks]
-                payload = msgpack.packb({"blocks": rows}, use_bin_type=True)
                 index_at = self._offset
-                self._write_block(INDEX, payload, 0, 0, NO_STEP, NO_STEP, self._clock, self._clock,
-                                  record=False)
-                off = struct.pack(">Q", index_at)
-                self._write(FOOTER.pack(index_at, zlib.crc32(off), FOOTER_TAG))
+                self._write_block(INDEX, _index_payload(self.blocks, self.session), 0, 0, NO_STEP,
+                                  NO_STEP, self._clock, self._clock, record=False)
+                self._write(_footer(index_at))
             finally:
                 self.closed = True
                 os.close(self._fd)
@@ -384,9 +389,8 @@ class RecordingWriter:
             payload = co.compress(raw) + co.flush()
         else:
             payload = zlib.compress(raw, self.level)
-        head = BLOCK.pack(BLOCK_TAG, kind, flags, 0, n_events, n_steps, len(raw), len(payload),
-                          first_step, last_step, first_t, last_t, 0, 0)[: -2 * CRC.size]
-        head += CRC.pack(zlib.crc32(head)) + CRC.pack(zlib.crc32(payload))
+        head = _pack_block_header(kind, flags, n_events, n_steps, len(raw), payload, first_step, last_step,
+                             first_t, last_t)
         if record:
             self.blocks.append(BlockInfo(self._offset, kind, n_events, n_steps, len(payload), len(raw),
                                          first_step, last_step, first_t, last_t, flags))
@@ -400,6 +404,101 @@ class RecordingWriter:
             n = os.write(self._fd, view)
             view = view[n:]
         self.bytes_written += len(data)
+
+
+def _pack_block_header(kind: int, flags: int, n_events: int, n_steps: int, raw_len: int, payload: bytes,
+                  first_step: int, last_step: int, first_t: float, last_t: float) -> bytes:
+    head = BLOCK.pack(BLOCK_TAG, kind, flags, 0, n_events, n_steps, raw_len, len(payload),
+                      first_step, last_step, first_t, last_t, 0, 0)[: -2 * CRC.size]
+    return head + CRC.pack(zlib.crc32(head)) + CRC.pack(zlib.crc32(payload))
+
+
+def _index_payload(blocks: list[BlockInfo], session: Session) -> bytes:
+    return msgpack.packb({"blocks": [b.row() for b in blocks]}, use_bin_type=True)
+
+
+def _footer(index_at: int) -> bytes:
+    return FOOTER.pack(index_at, zlib.crc32(struct.pack(">Q", index_at)), FOOTER_TAG)
+
+
+def _is_footer(data: bytes) -> bool:
+    if len(data) != FOOTER.size:
+        return False
+    at, crc, tag = FOOTER.unpack(data)
+    return tag == FOOTER_TAG and zlib.crc32(struct.pack(">Q", at)) == crc
+
+
+LOCK_WAIT_S = 2.0  # forked workers of the script may hold the writer's lock a moment after it ends
+
+
+def append_exit(path: str | os.PathLike[str], exit_code: int | None = None,
+                signal: int | None = None, t: float | None = None) -> End:
+    """Complete a finished recording with the script's real exit status (append-only).
+
+    For the process that waited for the script (``llmtop attach``): writes one ``End`` with
+    ``exit_code`` (or ``signal``, the number that killed it), keeping the traceback and time of the
+    agent's own ``End`` if the file has one, in a FINAL_END block followed by a new index and footer.
+    Returns the ``End`` written; raises ``RecordingError`` (one line) if the file cannot be read or
+    is still being written by a live process.
+    """
+    path = str(path)
+    name = os.path.basename(path)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as exc:
+        raise RecordingError(f"cannot open recording {path}: {exc.strerror or exc}") from None
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise RecordingError(f"{name} is still being written by another process") from None
+                time.sleep(0.05)
+        with RecordingReader(path) as reader:
+            blocks = list(reader.blocks)
+            session = reader.session
+            agent_end = reader.last_end()
+            end_t = reader.end_t
+            # Past the last complete block: a truncated tail (kill -9 mid-write) is cut off below.
+            valid = max((b.offset + BLOCK.size + b.comp_len for b in blocks), default=reader._data_start)
+            truncated = reader.warning is not None
+        if signal:
+            reason = "signal"
+        elif agent_end is not None and agent_end.reason == "exception":
+            reason = "exception"
+        else:
+            reason = "exit"
+        end = End(t=t if t is not None else (agent_end.t if agent_end is not None else time.time()),
+                  exit_code=None if signal else exit_code, signal=signal or None,
+                  traceback=agent_end.traceback if agent_end is not None else None, reason=reason)
+        size = os.fstat(fd).st_size
+        if truncated and valid < size:
+            os.ftruncate(fd, valid)
+            size = valid
+        raw = encode(end)
+        payload = zlib.compress(raw)
+        clock = max(end_t, end.t)
+        last_step = next((b.last_step for b in reversed(blocks) if b.last_step != NO_STEP), NO_STEP)
+        info = BlockInfo(size, DATA, 1, 0, len(payload), len(raw), last_step, last_step, clock, clock,
+                         ZLIB | FINAL_END)
+        data = _pack_block_header(DATA, info.flags, 1, 0, len(raw), payload, last_step, last_step,
+                                  clock, clock) + payload
+        index_at = size + len(data)
+        rows = _index_payload([*blocks, info], session)
+        index = zlib.compress(rows)
+        data += _pack_block_header(INDEX, ZLIB, 0, 0, len(rows), index, NO_STEP, NO_STEP, clock,
+                                   clock) + index
+        data += _footer(index_at)
+        os.lseek(fd, size, os.SEEK_SET)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        return end
+    finally:
+        os.close(fd)
 
 
 def peek_kind(frame: bytes) -> str | None:
@@ -543,6 +642,8 @@ class RecordingReader:
         self._zdict: bytes | None = None
         self._zdict_block = next((i for i, b in enumerate(self.blocks) if b.flags & DICT_SOURCE), None)
         self.data = [i for i, b in enumerate(self.blocks) if b.kind == DATA]
+        # The End that append_exit added, if any: the agent's own End events are then dropped.
+        self._final_end = next((i for i in reversed(self.data) if self.blocks[i].flags & FINAL_END), None)
         self.keyframes = [i for i, b in enumerate(self.blocks) if b.kind == KEYFRAME]
         # Running maxima, so that bisect finds the first block that reaches past a step or time.
         self._data_last_t = _running_max([self.blocks[i].last_t for i in self.data])
@@ -554,6 +655,17 @@ class RecordingReader:
         steps = [self.blocks[i] for i in self.data if self.blocks[i].n_steps]
         self.first_step = steps[0].first_step if steps else None
         self.last_step = max(b.last_step for b in steps) if steps else None
+
+    def last_end(self) -> End | None:
+        """The recording's final ``End`` (the exit status if ``append_exit`` added one), or None."""
+        for i in reversed(self.data):
+            events = self._events_of(i)[0]
+            found = next((e for e in reversed(events) if isinstance(e, End)), None)
+            if found is not None:
+                return found
+            if self.blocks[i].n_events:
+                return None  # an End is the last event written: a later block without one means none
+        return None
 
     def session_started(self) -> float:
         return float(self.session.started or self.created)
@@ -630,8 +742,10 @@ class RecordingReader:
             if info is None or info.kind != INDEX:
                 return None
             raw = self._payload(info)
-            rows = msgpack.unpackb(raw, raw=False)["blocks"]
-            return [BlockInfo(*row[:11]) for row in rows]
+            index = msgpack.unpackb(raw, raw=False)
+            rows = index["blocks"]
+            blocks = [BlockInfo(*row[:11]) for row in rows]
+            return blocks
         except (RecordingError, ValueError, KeyError, TypeError, msgpack.UnpackException):
             return None  # a damaged trailer: the forward scan still finds every block
 
@@ -640,10 +754,11 @@ class RecordingReader:
         at = self._data_start
         while at < self.size:
             left = self.size - at
-            if left == FOOTER.size:
+            if left >= FOOTER.size:
                 self._f.seek(at)
-                if self._f.read(FOOTER.size).endswith(FOOTER_TAG):
-                    break
+                if _is_footer(self._f.read(FOOTER.size)):
+                    at += FOOTER.size  # a footer (an earlier one, if append_exit wrote after it)
+                    continue
             if left < BLOCK.size:
                 self._truncated(at, left)
                 break
@@ -744,7 +859,7 @@ class RecordingReader:
                     except (KeyError, TypeError, ValueError) as exc:
                         raise ProtocolError(f"malformed layer table: {exc}") from None
                 event = self.decoder.decode(body)
-                if event is None:
+                if event is None or (isinstance(event, End) and self._final_end not in (None, index)):
                     continue
                 t = event_time(event)
                 if t is not None and t > clock:

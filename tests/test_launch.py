@@ -199,3 +199,50 @@ def test_python_children_of_the_script_get_no_agent_and_never_collide(project: P
     assert auto == "False"  # a helper process of the watched script pays for no agent
     # one started in code gets a socket of its own beside the script's
     assert started != mine and Path(started).parent == project and Path(started).name.endswith(".sock")
+
+
+# --- the exit status in a recording (the agent cannot know it; attach adds it) ----------------------
+
+
+def record_and_report(project: Path, script: str) -> tuple[subprocess.CompletedProcess, list, str]:
+    from llmtop.protocol.events import End
+    from llmtop.protocol.recording import RecordingReader
+
+    rec = project / "run.lrec"
+    env = child_env(LLMTOP_SOCKET=str(project / "a.sock"))
+    under = subprocess.run([LLMTOP, "attach", "--headless", "--record", str(rec), script], cwd=project,
+                           capture_output=True, text=True, env=env, timeout=60)
+    with RecordingReader(rec) as reader:
+        ends = [e for e in reader.events() if isinstance(e, End)]
+        assert reader.last_end() == ends[-1]
+    report = subprocess.run([LLMTOP, "report", str(rec)], capture_output=True, text=True, env=env, timeout=60)
+    assert report.returncode == 0, report.stderr
+    return under, ends, report.stdout
+
+
+def test_recording_ends_with_the_scripts_exit_code(project: Path) -> None:
+    under, ends, report = record_and_report(project, "main.py")  # main.py 0: exit 0
+    assert under.returncode == 0 and [(e.exit_code, e.signal) for e in ends] == [(0, None)]
+    (project / "three.py").write_text("import sys\nprint('bye')\nsys.exit(3)\n")
+    under, ends, report = record_and_report(project, "three.py")
+    assert (under.returncode, under.stdout) == (3, "bye\n")
+    assert len(ends) == 1 and (ends[0].exit_code, ends[0].signal, ends[0].reason) == (3, None, "exit")
+    assert "exit: exit 3" in report
+
+
+def test_recording_of_an_uncaught_exception_keeps_the_traceback(project: Path) -> None:
+    under, ends, report = record_and_report(project, "boom.py")
+    assert under.returncode == 1
+    (end,) = ends
+    assert (end.exit_code, end.reason) == (1, "exception")
+    assert end.traceback is not None and "ZeroDivisionError: division by zero" in end.traceback
+    assert "exit: exit 1" in report
+
+
+def test_recording_of_a_script_killed_by_sigkill(project: Path) -> None:
+    (project / "k9.py").write_text("import os, signal, time\ntime.sleep(0.2)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    under, ends, report = record_and_report(project, "k9.py")
+    assert under.returncode == 128 + signal.SIGKILL  # SIGKILL cannot be re-raised on llmtop itself
+    (end,) = ends
+    assert (end.exit_code, end.signal, end.reason) == (None, signal.SIGKILL, "signal")
+    assert f"killed by signal {int(signal.SIGKILL)}" in report

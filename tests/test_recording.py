@@ -31,6 +31,7 @@ from llmtop.protocol.recording import (
     RecordingError,
     RecordingReader,
     RecordingWriter,
+    append_exit,
     peek_kind,
 )
 from llmtop.tui.model import SessionModel
@@ -246,6 +247,51 @@ def test_truncated_tail_is_a_warning_not_an_error(tmp_path: Path) -> None:
     path.write_bytes(data[: last.offset + 10])  # cut inside a block header
     r = RecordingReader(path)
     assert r.warning and r.steps == 40
+
+
+def test_exit_status_appended_after_close_replaces_the_agents_end(tmp_path: Path) -> None:
+    path = tmp_path / "run.lrec"
+    agent_end = End(t=1010.0, reason="exception", traceback="Traceback …\nValueError: no")
+    w = write(path, run_events(30), end=agent_end)
+    closed = path.read_bytes()
+    end = append_exit(path, exit_code=1)
+    assert path.read_bytes()[: len(closed)] == closed  # append-only
+    assert (end.exit_code, end.signal, end.reason, end.traceback, end.t) == (1, None, "exception",
+                                                                              agent_end.traceback, 1010.0)
+    expected = [SESSION, *run_events(30), end]
+    r = RecordingReader(path)  # by the new index
+    assert r.warning is None and len(r.blocks) == len(w.blocks) + 1
+    assert list(r.events()) == expected and r.last_end() == end
+    assert r.seek_end()[-1] == end and sum(isinstance(e, End) for e in r.seek_end()) == 1
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])  # the new footer cut short: the scan steps over the old footer
+    r = RecordingReader(path)
+    assert r.warning and "15 bytes" in r.warning and list(r.events()) == expected
+
+
+def test_exit_status_of_a_killed_writer_cuts_its_truncated_tail(tmp_path: Path) -> None:
+    path = tmp_path / "run.lrec"
+    w = write(path, run_events(50))
+    last = w.blocks[-2]
+    path.write_bytes(path.read_bytes()[: last.offset + BLOCK.size + last.comp_len // 2])
+    end = append_exit(path, signal=int(signal.SIGKILL), t=2000.0)
+    assert (end.exit_code, end.signal, end.reason, end.traceback) == (None, signal.SIGKILL, "signal", None)
+    r = RecordingReader(path)
+    assert r.warning is None  # the half block is gone; nothing readable was lost
+    events = list(r.events())
+    assert [e.step for e in events if isinstance(e, Step)] == list(range(40))
+    assert events[-1] == end and r.last_end() == end
+
+
+def test_exit_status_is_not_added_while_a_writer_holds_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "live.lrec"
+    writer = RecordingWriter(str(path), SESSION)
+    try:
+        with pytest.raises(RecordingError, match="still being written"):
+            append_exit(path, exit_code=0)
+    finally:
+        writer.close()
+    assert RecordingReader(path).last_end() is None
 
 
 def one_line_error(path: Path, *, read_all: bool = False) -> str:
