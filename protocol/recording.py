@@ -20,6 +20,11 @@ fresh index and footer. The old index and footer stay behind as dead bytes that 
 steps over. Readers drop the agent's own ``End`` when such a block exists. It works on a ``kill -9``
 file too: its truncated tail (no block anyone can read) is cut off first.
 
+The header's ``Session`` is written before the script imports torch; the agent sends a fresh
+``Session`` once it learns the versions. The index carries the latest one, and
+``RecordingReader.session`` is that (for a file without an index, the latest one in its last
+blocks).
+
 A keyframe block holds a full snapshot (the frames a late joiner receives) so that seeking
 applies the nearest keyframe and then only the data after it. Block headers carry the first and
 last step number and time of their events: the index alone answers "where is step N / time T".
@@ -293,6 +298,8 @@ class RecordingWriter:
                     self._last_step = event.step
             if isinstance(event, LayerStats):
                 frame = compact_layers(event) or frame
+            elif isinstance(event, Session):
+                self.session = event  # versions learnt later: the index carries the latest
             self._pending += frame
             self._n += 1
             if now - self._pending_since >= self.flush_s or len(self._pending) >= self.block_bytes:
@@ -414,7 +421,8 @@ def _pack_block_header(kind: int, flags: int, n_events: int, n_steps: int, raw_l
 
 
 def _index_payload(blocks: list[BlockInfo], session: Session) -> bytes:
-    return msgpack.packb({"blocks": [b.row() for b in blocks]}, use_bin_type=True)
+    return msgpack.packb({"blocks": [b.row() for b in blocks], "session": encode(session)},
+                         use_bin_type=True)
 
 
 def _footer(index_at: int) -> bytes:
@@ -632,6 +640,7 @@ class RecordingReader:
             self._f = open(self.path, "rb")  # noqa: SIM115 - kept open for seeks, closed in close()
         except OSError as exc:
             raise RecordingError(f"cannot open recording {self.path}: {exc.strerror or exc}") from None
+        self._index_session: bytes | None = None
         try:
             self.size = os.fstat(self._f.fileno()).st_size
             self._read_header(name)
@@ -644,6 +653,7 @@ class RecordingReader:
         self.data = [i for i, b in enumerate(self.blocks) if b.kind == DATA]
         # The End that append_exit added, if any: the agent's own End events are then dropped.
         self._final_end = next((i for i in reversed(self.data) if self.blocks[i].flags & FINAL_END), None)
+        self.session = self._latest_session()
         self.keyframes = [i for i, b in enumerate(self.blocks) if b.kind == KEYFRAME]
         # Running maxima, so that bisect finds the first block that reaches past a step or time.
         self._data_last_t = _running_max([self.blocks[i].last_t for i in self.data])
@@ -655,6 +665,31 @@ class RecordingReader:
         steps = [self.blocks[i] for i in self.data if self.blocks[i].n_steps]
         self.first_step = steps[0].first_step if steps else None
         self.last_step = max(b.last_step for b in steps) if steps else None
+
+    def _latest_session(self) -> Session:
+        """The header's Session, or the latest one the agent sent (with the versions it learnt)."""
+        if self._index_session is not None:
+            try:
+                event = self.decoder.decode(unpack_map(self._index_session[HEADER.size:]))
+                if isinstance(event, Session):
+                    return event
+            except (ProtocolError, ValueError, TypeError):
+                pass
+            return self.session
+        # No index (the writer was killed): look through the last blocks, back to a keyframe.
+        for i in reversed(range(len(self.blocks))):
+            if self.blocks[i].kind == INDEX:
+                continue
+            try:
+                events = self._events_of(i)[0]
+            except RecordingError:
+                break
+            found = next((e for e in reversed(events) if isinstance(e, Session)), None)
+            if found is not None:
+                return found
+            if self.blocks[i].kind == KEYFRAME:
+                break
+        return self.session
 
     def last_end(self) -> End | None:
         """The recording's final ``End`` (the exit status if ``append_exit`` added one), or None."""
@@ -745,6 +780,8 @@ class RecordingReader:
             index = msgpack.unpackb(raw, raw=False)
             rows = index["blocks"]
             blocks = [BlockInfo(*row[:11]) for row in rows]
+            session = index.get("session")
+            self._index_session = session if isinstance(session, bytes) else None
             return blocks
         except (RecordingError, ValueError, KeyError, TypeError, msgpack.UnpackException):
             return None  # a damaged trailer: the forward scan still finds every block

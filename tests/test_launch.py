@@ -246,3 +246,13 @@ def test_recording_of_a_script_killed_by_sigkill(project: Path) -> None:
     (end,) = ends
     assert (end.exit_code, end.signal, end.reason) == (None, signal.SIGKILL, "signal")
     assert f"killed by signal {int(signal.SIGKILL)}" in report
+
+
+def test_recording_report_shows_the_torch_version_learnt_after_start(project: Path) -> None:
+    import importlib.metadata
+
+    torch_version = importlib.metadata.version("torch")
+    (project / "uses_torch.py").write_text("import torch\nprint(torch.__version__)\n")
+    under, ends, report = record_and_report(project, "uses_torch.py")  # the header predates `import torch`
+    assert under.returncode == 0 and under.stdout.strip().startswith(torch_version.split("+")[0])
+    assert f"torch {under.stdout.strip()}" in report

@@ -294,6 +294,26 @@ def test_exit_status_is_not_added_while_a_writer_holds_the_file(tmp_path: Path) 
     assert RecordingReader(path).last_end() is None
 
 
+def test_session_versions_learnt_after_the_header_are_the_readers_session(tmp_path: Path) -> None:
+    early = Session(pid=4242, argv=["train.py"], started=1000.0, python="3.11")  # before `import torch`
+    late = Session(pid=4242, argv=["train.py"], started=1000.0, python="3.11", torch="2.13",
+                   transformers="5.24")
+    path = tmp_path / "run.lrec"
+    writer = RecordingWriter(str(path), early, flush_s=1e9)
+    for event in [*run_events(5), late, *run_events(3)]:
+        writer.append(encode(event), event)
+        if isinstance(event, Session):
+            writer.flush()
+    writer.flush()
+    killed = path.read_bytes()  # as a kill -9 would leave it: no index
+    writer.close(End(t=1100.0))
+    assert RecordingReader(path).session == late  # from the index
+    path.write_bytes(killed)
+    assert RecordingReader(path).session == late  # from the last blocks
+    append_exit(path, exit_code=0)
+    assert RecordingReader(path).session == late  # from the index append_exit wrote
+
+
 def one_line_error(path: Path, *, read_all: bool = False) -> str:
     with pytest.raises(RecordingError) as info:
         r = RecordingReader(path)
