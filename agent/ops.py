@@ -70,6 +70,9 @@ class OpsInstrument:
 
     def poll(self, now: float) -> list[Event]:
         out: list[Event] = []
+        if getattr(self.ctx, "stopping", False):
+            self._done.clear()  # summarizing a trace takes a while: the script's exit must not wait
+            return out
         while self._done:
             step, prof = self._done.popleft()
             try:
@@ -93,8 +96,8 @@ class OpsInstrument:
                 self._done.append((self._prof_step, prof))
                 self.windows += 1
             nxt = step + 1
-            if nxt == FIRST_STEP or nxt % self.every == 0:
-                self._start(nxt)
+            if (nxt == FIRST_STEP or nxt % self.every == 0) and not getattr(self.ctx, "stopping", False):
+                self._start(nxt)  # (not while the agent stops: nobody would summarize the window)
         except Exception as exc:  # fail open: disable, never raise into the step
             self._dead = True
             if threading.get_ident() == self._thread:

@@ -35,6 +35,7 @@ class Collect:
         self.events: list[Event] = []
         self.warnings: list[tuple[str, str]] = []
         self.current_step = 0
+        self.stopping = False  # the runtime's Agent.stopping: set once the agent shuts down
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
@@ -257,6 +258,47 @@ def test_autocast_is_part_of_the_signature_and_sets_the_dtype() -> None:
     assert "autocast:bfloat16" in events[1].signature
     assert events[0].flops == events[1].flops
     assert events[1].bytes[0] == events[0].bytes[0] / 2  # the same traffic in 2-byte elements
+
+
+def test_no_count_starts_while_the_agent_stops() -> None:
+    ctx = Collect()
+    layers = LayersInstrument(ctx.options)
+    layers.install(ctx)
+    inst = FlopsInstrument(ctx.options, layers=layers)
+    inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
+    inst.min_interval_s = 0.0
+    inst.install(ctx)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
+        for _ in range(2):
+            model(torch.randn(4, 8))
+        ctx.stopping = True
+        assert inst.poll(time.time()) == [] and inst.computed == 0
+        ctx.stopping = False  # (an agent does not come back; this shows the signature was queued)
+        assert len(inst.poll(time.time())) == 1 and inst.computed == 1
+    finally:
+        inst.uninstall()
+        layers.uninstall()
+
+
+def test_no_ops_window_is_opened_or_summarized_while_the_agent_stops() -> None:
+    ctx = Collect(ops_every=3)
+    inst = OpsInstrument(ctx.options)
+    inst.install(ctx)
+    model = torch.nn.Linear(8, 8)
+    try:
+        model(torch.randn(2, 8))
+        end_step(1)  # opens the early window (step 2)
+        model(torch.randn(2, 8))
+        ctx.stopping = True
+        end_step(2)  # closes it; step 3's window is not opened
+        assert inst.windows == 1
+        assert inst.poll(time.time()) == []  # its trace is dropped, not summarized
+        model(torch.randn(2, 8))
+        end_step(3)
+        assert inst.windows == 1 and inst.poll(time.time()) == []
+    finally:
+        inst.uninstall()
 
 
 def test_signature_captures_shapes_not_tensors() -> None:
