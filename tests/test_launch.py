@@ -139,8 +139,8 @@ def test_killed_by_a_signal_llmtop_dies_of_the_same_signal(project: Path) -> Non
 def test_sigint_to_llmtop_is_forwarded_and_exit_matches_python(project: Path) -> None:
     (project / "wait.py").write_text(textwrap.dedent("""
         import sys, time
-        print("ready", flush=True)
-        try:
+        try:  # "ready" inside the try: a SIGINT right after it must still be caught here
+            print("ready", flush=True)
             time.sleep(60)
         except KeyboardInterrupt:
             print("interrupted", flush=True)
