@@ -80,13 +80,26 @@ def test_viewer_commands_do_not_load_torch() -> None:
         "import sys\n"
         "from llmtop import cli\n"
         "import importlib\n"
-        "for name in ('watch', 'ls', 'replay', 'export', 'report', 'diff', 'record'):\n"
-        "    try:\n"
-        "        importlib.import_module(cli.COMMANDS[name])\n"
-        "    except ModuleNotFoundError as exc:\n"
-        "        if not exc.name.startswith('llmtop'):\n"
-        "            raise\n"
+        "for name in ('watch', 'ls', 'replay', 'export', 'report', 'diff', 'record', 'attach'):\n"
+        "    importlib.import_module(cli.COMMANDS[name])\n"
         "print('torch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("package, banned", [("llmtop.tui", "torch"), ("llmtop.agent", "textual"),
+                                             ("llmtop.protocol", "torch"), ("llmtop.protocol", "textual")])
+def test_importing_every_module_of_a_package_loads_no_forbidden_module(package: str, banned: str) -> None:
+    code = (
+        "import importlib, pkgutil, sys\n"
+        f"pkg = importlib.import_module({package!r})\n"
+        "names = [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.')]\n"
+        "for name in names:\n"
+        "    if not name.endswith('sitecustomize'):\n"
+        "        importlib.import_module(name)\n"
+        f"print(len(names), {banned!r} in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    count, loaded = out.stdout.split()
+    assert int(count) >= 3 and loaded == "False", f"importing all of {package} loaded {banned}"
