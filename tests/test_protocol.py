@@ -9,7 +9,6 @@ import struct
 
 import msgpack
 import pytest
-
 from llmtop.protocol import events as ev
 from llmtop.protocol.frames import (
     DEFAULT_MAX_FRAME,
