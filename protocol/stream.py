@@ -66,6 +66,13 @@ class Connection:
                 if event is not None:
                     yield event
 
+    def interrupt(self) -> None:
+        """Wake a thread blocked in ``events()`` (from any thread); that iteration then ends."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self) -> None:
         try:
             self.sock.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -69,10 +68,7 @@ class Recorder:
         self._stop.set()
         conn = self._conn
         if conn is not None:
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked recv
-            except OSError:
-                pass
+            conn.interrupt()
 
     @property
     def steps(self) -> int:

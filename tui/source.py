@@ -7,7 +7,6 @@ applies events under ``model.lock``; ``stop()`` makes ``run`` return soon, from 
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -105,10 +104,7 @@ class SocketSource:
         self._stop.set()
         conn = self._conn
         if conn is not None:
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked recv
-            except OSError:
-                pass
+            conn.interrupt()
 
 
 class EventsSource:
