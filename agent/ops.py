@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -21,6 +22,11 @@ from .flops import PARENT_OPS, has_formula, op_flops
 
 TOP_K = 30
 FIRST_STEP = 2  # profile an early step too, so the Ops view fills before step N
+# Share of the agent's overhead budget that op profiles may use. On short steps "one step in N"
+# alone would profile many times a second (a window costs the profiled step's slowdown plus
+# parsing its trace), so a window also waits until the previous one's cost fits this share.
+BUDGET_SHARE = 0.5
+_now = time.perf_counter_ns
 
 
 class OpsInstrument:
@@ -37,6 +43,12 @@ class OpsInstrument:
         self._done: deque[tuple[int, Any]] = deque(maxlen=2)  # finished windows for poll()
         self._dead = False
         self.windows = 0
+        # budget: cost of the last window (ns, user thread + agent thread) and when the next may open
+        self.share = max(1e-4, float(self.options.budget_pct) / 100.0 * BUDGET_SHARE)
+        self._t_start = 0
+        self.last_cost_ns = 0
+        self.next_ok_ns = 0
+        self.costs: deque[tuple[int, int]] = deque(maxlen=64)  # (window start ns, cost ns), for tests
 
     # --- Instrument contract ---------------------------------------------------------------------
     def install(self, ctx: core.Context) -> None:
@@ -75,11 +87,21 @@ class OpsInstrument:
             return out
         while self._done:
             step, prof = self._done.popleft()
+            t0 = _now()
             try:
                 out.append(summarize(prof.function_events, step, self.top_k))
             finally:
                 del prof  # the trace is dropped once summarized
+                t1 = _now()
+                self._charge(t1 - t0, t1)
         return out
+
+    def _charge(self, cost_ns: int, at_ns: int) -> None:
+        """Add cost to the current window's bill; the next window waits until it fits the share."""
+        self.last_cost_ns += cost_ns
+        self.next_ok_ns = max(self.next_ok_ns, at_ns + int(self.last_cost_ns / self.share))
+        if self.costs:
+            self.costs[-1] = (self.costs[-1][0], self.last_cost_ns)
 
     # --- hot path: one start and one stop per window ---------------------------------------------
     def _on_step_end(self, step: int, t_end_ns: int) -> None:
@@ -95,8 +117,14 @@ class OpsInstrument:
                 prof.__exit__(None, None, None)
                 self._done.append((self._prof_step, prof))
                 self.windows += 1
+                t = _now()
+                # the whole profiled step counts: it ran slower under the profiler
+                self.last_cost_ns = 0
+                self.costs.append((self._t_start, 0))
+                self._charge(t - self._t_start, t)
             nxt = step + 1
-            if (nxt == FIRST_STEP or nxt % self.every == 0) and not getattr(self.ctx, "stopping", False):
+            due = nxt == FIRST_STEP or (nxt % self.every == 0 and _now() >= self.next_ok_ns)
+            if due and not getattr(self.ctx, "stopping", False):
                 self._start(nxt)  # (not while the agent stops: nobody would summarize the window)
         except Exception as exc:  # fail open: disable, never raise into the step
             self._dead = True
@@ -107,6 +135,7 @@ class OpsInstrument:
     def _start(self, step: int) -> None:
         from torch.autograd import profiler
 
+        self._t_start = _now()
         if self._torch.autograd._profiler_enabled():  # the user is profiling: stay out of the way
             return
         added = "KINETO_LOG_LEVEL" not in os.environ

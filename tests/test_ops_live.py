@@ -313,7 +313,7 @@ def test_signature_captures_shapes_not_tensors() -> None:
 
 
 def test_ops_window_one_step_in_n_with_real_aten_names() -> None:
-    ctx = Collect(ops_every=3)
+    ctx = Collect(ops_every=3, budget_pct=1e9)  # a budget that never binds: exactly one step in N
     inst = OpsInstrument(ctx.options)
     inst.install(ctx)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
@@ -342,6 +342,31 @@ def test_ops_window_one_step_in_n_with_real_aten_names() -> None:
     assert 0 < ev.coverage <= 1
     assert sum(ev.flops) > 0
     assert ctx.warnings == []
+
+
+def test_ops_windows_keep_within_their_share_of_the_budget() -> None:
+    """On short steps, one step in N would profile many times a second: each window waits until
+    the previous one's measured cost (profiled step + parsing its trace) fits the budget share."""
+    ctx = Collect(ops_every=1, budget_pct=40.0)  # generous, so that several windows open
+    inst = OpsInstrument(ctx.options)
+    inst.install(ctx)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    x = torch.randn(16, 32)
+    steps = 0
+    try:
+        while inst.windows < 5 and steps < 50_000:  # run until several windows have opened
+            steps += 1
+            model(x).square().mean().backward()
+            end_step(steps)
+            inst.poll(time.time())
+    finally:
+        inst.uninstall()
+    windows = list(inst.costs)
+    assert inst.windows == 5 and steps > 20  # without the budget, five windows open by step 6
+    assert all(cost > 0 for _, cost in windows)
+    # every window after the early one opened only once the previous one's cost fitted the share
+    for (start0, cost0), (start1, _) in zip(windows[1:], windows[2:], strict=False):
+        assert start1 - start0 >= cost0 / inst.share
 
 
 def test_uninstall_from_another_thread_stops_the_window_on_its_own_thread() -> None:
