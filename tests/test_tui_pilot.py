@@ -446,6 +446,16 @@ async def test_attach_q_offers_cancel_stop_and_detach(sock_path: Path):
         while log.stat().st_size <= size and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         assert log.stat().st_size > size  # its output goes on into the log file
+        # `llmtop watch` picks the detached run up, its output included
+        watcher = LlmtopApp(SocketSource(sock_path))
+        async with watcher.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: any(e.text.startswith("step ") for e in watcher.model.logs))
+            seen = len(watcher.model.logs)
+            await wait_for(pilot, lambda: len(watcher.model.logs) > seen)  # and it follows the file
+            await pilot.press("7")
+            await settle(watcher, pilot)
+            info = str(watcher.query_one("#logs-info").render())
+            assert info.endswith(" lines") and "no output here" not in info
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)

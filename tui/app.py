@@ -29,6 +29,7 @@ from .keys import KEYS, VIEWS
 from .layer_detail import LayerDetail
 from .layers_view import LayersView
 from .logs_view import LogsView
+from .logtail import LogTail, detached_log_path
 from .memory_view import MemoryView
 from .model import CONNECTING, ENDED, LIVE, LOST, SessionModel
 from .ops_view import OpsView
@@ -68,6 +69,7 @@ class LlmtopApp(App[int]):
         self._drawn: tuple[int, str, float] | None = None
         self._end_applied = False
         self.recording: Any = None  # a tui.record.BackgroundRecording while the record key is on
+        self.log_tail: LogTail | None = None  # watching a detached script: its log file
         if title:
             self.title = title
         chosen = theme or os.environ.get("LLMTOP_THEME")
@@ -146,9 +148,30 @@ class LlmtopApp(App[int]):
         self.frames += 1
         self.last_frame_ms = (time.perf_counter() - started) * 1000.0
 
+    def _poll_log_file(self) -> None:
+        """Watching (no attached child): show a detached script's output from its log file."""
+        if self.log_tail is None:
+            session, sock = self.model.session, getattr(self.source, "path", None)
+            if session is None or not isinstance(self.source, SocketSource) or sock is None:
+                return
+            path = detached_log_path(Path(sock), session.pid)
+            if not path.exists():
+                return
+            self.log_tail = LogTail(path)
+            with self.model.lock:
+                self.model.logs_from_viewer = True  # the file is ours to read: keep it across resets
+        lines = self.log_tail.read()
+        if lines:
+            with self.model.lock:
+                for line in lines:
+                    self.model.add_log(line, "stdout", False, time.time())
+
     def _poll_child(self) -> None:
         child = self.child
-        if child is None or self._end_applied:
+        if child is None:
+            self._poll_log_file()
+            return
+        if self._end_applied:
             return
         try:
             lines = child.drain_output()
