@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llmtop.agent import core
 from llmtop.agent import integrations as integ
 from llmtop.protocol.events import AgentWarning, Generation, Metric, Span, Step
 from llmtop.protocol.recording import RecordingReader
@@ -28,37 +27,13 @@ from .conftest import LLMTOP, ROOT, child_env
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from .harness import Collect  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "examples"))
 import hf_local  # noqa: E402
 import tinylib  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
-
-
-class Collect:
-    """A ``core.Context`` that keeps what the instrument emits."""
-
-    def __init__(self) -> None:
-        self.options = core.Options()
-        self.events: list[Any] = []
-        self.warnings: list[tuple[str, str]] = []
-        self.current_step = 0
-
-    def emit(self, event: Any) -> None:
-        self.events.append(event)
-
-    def warn(self, source: str, message: str) -> None:
-        self.warnings.append((source, message))
-
-    def set_manual_step(self, fn: Any) -> None:
-        pass
-
-    def spans(self, name: str | None = None, category: str | None = None) -> list[Span]:
-        return [e for e in self.events if isinstance(e, Span)
-                and (name is None or e.name == name) and (category is None or e.category == category)]
-
-    def of(self, kind: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 @pytest.fixture

@@ -17,44 +17,14 @@ import torch
 import torch.nn as nn
 from llmtop.agent import core
 from llmtop.agent.layers import LayersInstrument
-from llmtop.protocol.events import Anomaly, Event, LayerStats, Metric, ModelTree
+from llmtop.protocol.events import Anomaly, LayerStats, Metric, ModelTree
 from torch.nn.modules import module as nn_module
 
+from .harness import Collect, clean_bus  # noqa: F401 (a fixture, used by pytestmark)
+
+pytestmark = pytest.mark.usefixtures("clean_bus")
+
 # --- harness ---------------------------------------------------------------------------------------
-
-
-class Collect:
-    """A real ``Context``: keeps what the instrument emits."""
-
-    def __init__(self, **options: Any) -> None:
-        options.setdefault("extra", {"layer_call_ns": 3000})  # skip calibration unless asked
-        self.options = core.Options(**options)
-        self.events: list[Event] = []
-        self.warnings: list[tuple[str, str]] = []
-        self.current_step = 0
-
-    def emit(self, event: Event) -> None:
-        self.events.append(event)
-
-    def warn(self, source: str, message: str) -> None:
-        self.warnings.append((source, message))
-
-    def set_manual_step(self, fn: Any) -> None:
-        pass
-
-    def trees(self) -> list[ModelTree]:
-        return [e for e in self.events if isinstance(e, ModelTree)]
-
-
-@pytest.fixture(autouse=True)
-def clean_bus() -> Iterator[None]:
-    """Each test gets an empty hot bus (other instruments may be installed by other tests)."""
-    saved = (core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end)
-    core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end = [], [], []
-    try:
-        yield
-    finally:
-        core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end = saved
 
 
 @pytest.fixture

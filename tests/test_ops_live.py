@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,37 +23,9 @@ from llmtop.protocol.events import Event, LayerFlops, LayerStats, ModelTree, Ops
 from llmtop.protocol.stream import Connection  # noqa: E402
 
 from .conftest import LLMTOP, child_env  # noqa: E402
+from .harness import Collect, clean_bus  # noqa: E402, F401 (a fixture, used by pytestmark)
 
-
-class Collect:
-    """A real ``Context`` that keeps what instruments emit."""
-
-    def __init__(self, **options: Any) -> None:
-        options.setdefault("extra", {"layer_call_ns": 3000})
-        self.options = core.Options(**options)
-        self.events: list[Event] = []
-        self.warnings: list[tuple[str, str]] = []
-        self.current_step = 0
-        self.stopping = False  # the runtime's Agent.stopping: set once the agent shuts down
-
-    def emit(self, event: Event) -> None:
-        self.events.append(event)
-
-    def warn(self, source: str, message: str) -> None:
-        self.warnings.append((source, message))
-
-    def set_manual_step(self, fn: Any) -> None:
-        pass
-
-
-@pytest.fixture(autouse=True)
-def clean_bus() -> Iterator[None]:
-    saved = (core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end)
-    core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end = [], [], []
-    try:
-        yield
-    finally:
-        core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end = saved
+pytestmark = pytest.mark.usefixtures("clean_bus")
 
 
 def end_step(step: int) -> None:
