@@ -40,17 +40,23 @@ def tiny_gpt2() -> Any:
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
+def flops_rig(peaks: dict[str, float] | None = None, **options: Any) -> tuple[Collect, LayersInstrument, FlopsInstrument]:
+    """The layers and FLOPs instruments installed on one context, on a test device, counting at once."""
+    ctx = Collect(**options)
+    layers = LayersInstrument(ctx.options)
+    layers.install(ctx)
+    inst = FlopsInstrument(ctx.options, layers=layers)
+    inst.device = Device("test", "test device", peaks or {"fp32": 1e12}, 1e11)
+    inst.min_interval_s = 0.0
+    inst.install(ctx)
+    return ctx, layers, inst
+
+
 # --- FlopsInstrument ----------------------------------------------------------------------------------
 
 
 def test_layer_flops_once_per_signature_joined_to_module_ids() -> None:
-    ctx = Collect()
-    layers = LayersInstrument(ctx.options)
-    layers.install(ctx)
-    inst = FlopsInstrument(ctx.options, layers=layers)
-    inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
-    inst.min_interval_s = 0.0
-    inst.install(ctx)
+    ctx, layers, inst = flops_rig()
     try:
         model = tiny_gpt2()
         ids16 = torch.randint(0, 500, (2, 16))
@@ -87,13 +93,7 @@ def test_layer_flops_once_per_signature_joined_to_module_ids() -> None:
 
 
 def test_generate_decode_steps_are_counted_once_without_warnings() -> None:
-    ctx = Collect()
-    layers = LayersInstrument(ctx.options)
-    layers.install(ctx)
-    inst = FlopsInstrument(ctx.options, layers=layers)
-    inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
-    inst.min_interval_s = 0.0
-    inst.install(ctx)
+    ctx, layers, inst = flops_rig()
     try:
         model = tiny_gpt2()
         with torch.no_grad():
@@ -112,13 +112,7 @@ def test_generate_decode_steps_are_counted_once_without_warnings() -> None:
 
 
 def test_hooks_re_added_during_the_count_do_not_take_the_copy_for_a_model() -> None:
-    ctx = Collect()
-    layers = LayersInstrument(ctx.options)
-    layers.install(ctx)
-    inst = FlopsInstrument(ctx.options, layers=layers)
-    inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
-    inst.min_interval_s = 0.0
-    inst.install(ctx)
+    ctx, layers, inst = flops_rig()
 
     class Toggles(torch.nn.Module):
         """On meta (the agent's count) it re-adds the global hooks mid-forward, as sampling does."""
@@ -149,13 +143,7 @@ def test_hooks_re_added_during_the_count_do_not_take_the_copy_for_a_model() -> N
 
 
 def test_count_between_unsampled_steps_leaves_the_layers_hooks_alone() -> None:
-    ctx = Collect(layer_every=3)
-    layers = LayersInstrument(ctx.options)
-    layers.install(ctx)
-    inst = FlopsInstrument(ctx.options, layers=layers)
-    inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
-    inst.min_interval_s = 0.0
-    inst.install(ctx)
+    ctx, layers, inst = flops_rig(layer_every=3)
     try:
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
         model(torch.randn(4, 8))
@@ -184,13 +172,7 @@ def test_count_between_unsampled_steps_leaves_the_layers_hooks_alone() -> None:
 
 
 def test_wrapped_model_is_counted_through_its_wrapper() -> None:
-    ctx = Collect()
-    layers = LayersInstrument(ctx.options)
-    layers.install(ctx)
-    inst = FlopsInstrument(ctx.options, layers=layers)
-    inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
-    inst.min_interval_s = 0.0
-    inst.install(ctx)
+    ctx, layers, inst = flops_rig()
     try:
         model = torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()))
         for _ in range(2):
@@ -208,13 +190,7 @@ def test_wrapped_model_is_counted_through_its_wrapper() -> None:
 
 
 def test_autocast_is_part_of_the_signature_and_sets_the_dtype() -> None:
-    ctx = Collect()
-    layers = LayersInstrument(ctx.options)
-    layers.install(ctx)
-    inst = FlopsInstrument(ctx.options, layers=layers)
-    inst.device = Device("test", "test device", {"fp32": 1e12, "bf16": 4e12}, 1e11)
-    inst.min_interval_s = 0.0
-    inst.install(ctx)
+    ctx, layers, inst = flops_rig(peaks={"fp32": 1e12, "bf16": 4e12})
     try:
         model = torch.nn.Sequential(torch.nn.Linear(64, 64))
         x = torch.randn(4, 64)
@@ -232,13 +208,7 @@ def test_autocast_is_part_of_the_signature_and_sets_the_dtype() -> None:
 
 
 def test_no_count_starts_while_the_agent_stops() -> None:
-    ctx = Collect()
-    layers = LayersInstrument(ctx.options)
-    layers.install(ctx)
-    inst = FlopsInstrument(ctx.options, layers=layers)
-    inst.device = Device("test", "test device", {"fp32": 1e12}, 1e11)
-    inst.min_interval_s = 0.0
-    inst.install(ctx)
+    ctx, layers, inst = flops_rig()
     try:
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
         for _ in range(2):
