@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from llmtop.protocol.events import Anomaly, Step
 
 MAD_SCALE = 1.4826  # MAD → standard deviation for normally distributed data
+# The agent thread feeds every step (hundreds a second on short steps): a baseline is recomputed
+# after this many new values, and always before an anomaly is raised, rather than on every value.
+REFRESH = 8
 
 
 def median(values: list[float]) -> float:
@@ -23,12 +26,17 @@ def median(values: list[float]) -> float:
     return s[mid] if n % 2 else (s[mid - 1] + s[mid]) / 2
 
 
-def robust_z(value: float, history: list[float]) -> tuple[float, float]:
-    """(z, median): how many robust standard deviations ``value`` lies above the history's median."""
+def robust_level(history: list[float]) -> tuple[float, float]:
+    """(median, scale): the history's level and its robust standard deviation."""
     med = median(history)
     mad = median([abs(v - med) for v in history]) * MAD_SCALE
     # a flat history has MAD 0; fall back to a small share of the level so tiny jitter is no spike
-    scale = max(mad, abs(med) * 0.01, 1e-12)
+    return med, max(mad, abs(med) * 0.01, 1e-12)
+
+
+def robust_z(value: float, history: list[float]) -> tuple[float, float]:
+    """(z, median): how many robust standard deviations ``value`` lies above the history's median."""
+    med, scale = robust_level(history)
     return (value - med) / scale, med
 
 
@@ -95,14 +103,25 @@ class Spike:
         self.z = z
         self.ratio = ratio
         self.active = False
+        self._base: tuple[float, float] | None = None  # (median, scale) of the history
+        self._since = 0  # values added since the baseline was computed
+
+    def _spiking(self, value: float, fresh: bool) -> tuple[bool, float]:
+        if fresh or self._base is None or self._since >= REFRESH:
+            self._base = robust_level(list(self.history))
+            self._since = 0
+        med, scale = self._base
+        z = (value - med) / scale
+        return (z > self.z and value > med * self.ratio if med > 0 else z > self.z), med
 
     def feed(self, step: int, t: float, value: float | None) -> list[Anomaly]:
         if value is None or not math.isfinite(value):
             return []
         out: list[Anomaly] = []
         if len(self.history) >= self.min_history:
-            z, med = robust_z(value, list(self.history))
-            spiking = z > self.z and value > med * self.ratio if med > 0 else z > self.z
+            spiking, med = self._spiking(value, fresh=False)
+            if spiking or self.active:  # a verdict that changes the state is taken on fresh figures
+                spiking, med = self._spiking(value, fresh=True)
             if spiking and not self.active:
                 out.append(Anomaly(t=t, what=self.what, step=step,
                                    message=f"{self.label} spike at step {step}: {value:.4g} "
@@ -111,6 +130,7 @@ class Spike:
             if spiking:
                 return out  # keep spikes out of the baseline
         self.history.append(value)
+        self._since += 1
         return out
 
 
@@ -125,6 +145,15 @@ class SlowStep:
         self.factor = factor
         self.min_ms = min_ms
         self.active = False
+        self._med: float | None = None  # the history's median, recomputed every REFRESH values
+        self._since = 0
+
+    def _slow(self, dur_ms: float, fresh: bool) -> tuple[bool, float]:
+        if fresh or self._med is None or self._since >= REFRESH:
+            self._med = median(list(self.history))
+            self._since = 0
+        med = self._med
+        return dur_ms > med * self.factor and dur_ms - med >= self.min_ms, med
 
     def feed(self, step: int, t: float, dur_ms: float) -> list[Anomaly]:
         out: list[Anomaly] = []
@@ -132,8 +161,9 @@ class SlowStep:
             self.warmup -= 1
             return out
         if len(self.history) >= self.min_history:
-            med = median(list(self.history))
-            slow = dur_ms > med * self.factor and dur_ms - med >= self.min_ms
+            slow, med = self._slow(dur_ms, fresh=False)
+            if slow or self.active:  # a verdict that changes the state is taken on fresh figures
+                slow, med = self._slow(dur_ms, fresh=True)
             if slow and not self.active:
                 ratio = dur_ms / med if med > 0 else float("inf")
                 out.append(Anomaly(t=t, what="slow_step", step=step, severity="info",
@@ -143,6 +173,7 @@ class SlowStep:
             if slow:
                 return out
         self.history.append(dur_ms)
+        self._since += 1
         return out
 
 

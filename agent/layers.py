@@ -26,11 +26,11 @@ registered on the user's modules, so copying or pickling a model is unaffected.
 from __future__ import annotations
 
 import contextlib
-import math
 import operator
 import sys
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections import deque
@@ -40,13 +40,18 @@ from typing import Any
 from llmtop.protocol.events import Anomaly, Event, LayerStats, Metric, ModelTree
 
 from . import core
+from .budget import Budget
 
 _now = time.perf_counter_ns
 _MAX_EVERY = 1000
 _by_seq = operator.attrgetter("seq")
 _HOLD = 1 << 40  # mute depth a muted() block adds: pre/post pairs inside never reach zero
 _SLOT = "llmtop.layers"  # our key in autograd nodes' metadata
-_ROOT_CALL_NS = 2000  # torch's own hook dispatch for a root call of an unsampled step (estimate)
+_NO_KWARGS: Any = types.MappingProxyType({})  # what start listeners get for kwargs (read-only)
+# until calibrated: a root call of an unsampled step (torch's hook slow path, the global hooks off
+# and on again, the one-shot end hook), and torch calling one Python hook
+_ROOT_CALL_NS = 8000
+_HOOK_CALL_NS = 1500
 
 
 class _Acc:
@@ -178,28 +183,6 @@ def _grad_nodes(obj: Any, out: list[Any], depth: int = 0) -> None:
                 _grad_nodes(item, out, depth + 1)
 
 
-def _call_kwargs(module: Any) -> dict:
-    """The keyword arguments of the module call in progress, read from torch's ``_call_impl``.
-
-    Global pre-hooks are not given them, and a root's inputs (``model(input_ids=...)``) are
-    what the step and FLOPs instruments need at its start. Once per root call; {} if not found.
-    """
-    try:
-        f = sys._getframe(2)
-        for _ in range(8):
-            if f is None:
-                break
-            if f.f_code.co_name in ("inner", "_call_impl"):
-                local = f.f_locals
-                kwargs = local.get("kwargs")
-                if local.get("self") is module and isinstance(kwargs, dict):
-                    return kwargs
-            f = f.f_back
-    except Exception:
-        pass
-    return {}
-
-
 class LayersInstrument:
     """Global module hooks: model trees, per-layer forward/backward time, activation memory."""
 
@@ -245,9 +228,18 @@ class LayersInstrument:
         self._last_end_ns = 0
         self._cuda = False
         self._oom_seen: int | None = None
-        # cost accounting (ns); the per-call cost is calibrated at install
-        self.call_cost_ns = float(self.options.extra.get("layer_call_ns", 0) or 0)
+        # cost accounting (ns); the costs are calibrated at install (see _calibrate)
+        extra = self.options.extra
+        self.call_cost_ns = float(extra.get("layer_call_ns", 0) or 0)  # one module call, sampled
+        self.root_call_ns = float(extra.get("root_call_ns", 0) or _ROOT_CALL_NS)  # one root call, unsampled
+        self.hook_call_ns = float(extra.get("hook_call_ns", 0) or _HOOK_CALL_NS)  # torch calling a hook
+        self.budget = Budget(self.options.budget_pct)
+        self.tracker_ns = 0  # the step tracker's own cost in the step now ending (it sets this)
+        self.agent_ns = 0  # the agent thread's CPU time per step, averaged over its last tick
+        self._agent_mark = (0, 0.0)  # (steps seen, agent thread CPU seconds) at the last tick seen
         self._root_calls = 0
+        self._listeners_ns = 0  # root-call listeners on the bus (step tracker, FLOPs, …)
+        self._param_fired = [0]  # calls of the persistent parameter hooks
         self._extra_ns = 0
         self._overhead_last = 0
         fixed = int(self.options.layer_every or 0)
@@ -323,7 +315,7 @@ class LayersInstrument:
             category=UserWarning,
         )
         if not self._private and not self.call_cost_ns:
-            self.call_cost_ns = self._calibrate()
+            self.call_cost_ns, self.root_call_ns, self.hook_call_ns = self._calibrate()
         self._cuda = self._cuda_ready()
         if not self._private:
             core.BUS.step_end.append(self._on_step_end)
@@ -396,12 +388,19 @@ class LayersInstrument:
             m._global_forward_hooks_always_called[post.id] = True
 
     def _remove_global(self) -> None:
+        """Take the global hooks out of force: direct dict pops under their ids (a
+        ``RemovableHandle.remove()`` walks weakrefs; this runs twice per root call)."""
         if not self._hooks_on:
             return
         self._hooks_on = False
         if self._global is not None:
-            self._global[0].remove()
-            self._global[1].remove()
+            pre, post, kw = self._global
+            m = self._nnm
+            m._global_forward_pre_hooks.pop(pre.id, None)
+            m._global_forward_hooks.pop(post.id, None)
+            if kw:
+                m._global_forward_hooks_with_kwargs.pop(post.id, None)
+                m._global_forward_hooks_always_called.pop(post.id, None)
 
     def _state(self) -> _ThreadState:
         st = _ThreadState(self._gen)
@@ -557,12 +556,14 @@ class LayersInstrument:
         self._root_calls += 1
         if self._private or not core.BUS.root_forward_start:
             return
-        kwargs = _call_kwargs(module)
+        # Global pre-hooks get no kwargs; the end announcement (``root_forward``) carries them.
+        t0 = _now()
         for fn in core.BUS.root_forward_start:
             try:
-                fn(module, t, args, kwargs)
+                fn(module, t, args, _NO_KWARGS)
             except Exception:
                 pass
+        self._listeners_ns += _now() - t0  # the listeners' cost is charged here, once
 
     def _root_end(self, module: Any, t0: int, t1: int, args: tuple, rest: tuple) -> None:
         if len(rest) == 1:  # forward raised
@@ -577,11 +578,13 @@ class LayersInstrument:
                 self._emit_tree(gid, module)
         if self._private:
             return
+        t2 = _now()
         for fn in core.BUS.root_forward:
             try:
                 fn(module, t0, t1, args, rest[0])
             except Exception:
                 pass
+        self._listeners_ns += _now() - t2
 
     def _track(self, module: Any, gid: int, parent: _Rec | None, args: tuple) -> _Rec:
         """Grad is on: the record this call's backward will fill, hooked on its inputs' nodes."""
@@ -725,9 +728,11 @@ class LayersInstrument:
 
     def _param_hook(self, gid: int) -> Any:
         param_end = self._param_end
+        fired = self._param_fired  # these hooks stay, so they cost on every step: counted
 
         def hook(grad: Any) -> None:
             param_end[gid] = _now()
+            fired[0] += 1
 
         return hook
 
@@ -926,23 +931,32 @@ class LayersInstrument:
             self._steps_seen += 1
             step_ns = t_end_ns - self._last_end_ns if self._last_end_ns else 0
             self._last_end_ns = t_end_ns
-            overhead = self._root_calls * _ROOT_CALL_NS + self._extra_ns
-            self._root_calls = 0
-            self._extra_ns = 0
+            self._agent_share()
+            fired = self._param_fired
+            # paid on every step: the root-call listeners and the persistent parameter hooks
+            shared = self._listeners_ns + int(fired[0] * self.hook_call_ns)
+            roots = int(self._root_calls * self.root_call_ns)  # one-shot root hooks (unsampled)
+            self._root_calls = self._listeners_ns = fired[0] = 0
+            fixed = self.tracker_ns + self.agent_ns + shared
             if self._sampled:
                 acc, self._acc = self._acc, _Acc(self._n)
                 calls = sum(acc.calls)
-                overhead += int(calls * self.call_cost_ns)
                 if calls or acc.bwd_seen:
                     self._ready.append((step, acc, self._cuda))
-            self._overhead_last = int(overhead)
-            if self._auto and self._sampled and step_ns > 0 and overhead > 0:
-                budget = max(self.options.budget_pct, 0.01) / 100.0
-                spent = min(overhead, step_ns)  # an estimate above the step itself: all of it
-                ratio = spent / max(step_ns - spent, step_ns // 100, 1)
-                self.current_every = min(_MAX_EVERY, max(1, math.ceil(ratio / budget)))
+                estimate = int(calls * self.call_cost_ns) + self._extra_ns
+                self.budget.observe(step_ns, fixed, True, estimate)
+                own = shared + max(estimate, self.budget.control_ns())
+            else:
+                self.budget.observe(step_ns, fixed + roots, False)
+                own = shared + roots
+            self._extra_ns = 0
+            self.tracker_ns = 0
+            self._overhead_last = own + self.agent_ns
+            if self._auto:
+                self.current_every = self.budget.update()
             self._cuda = self._cuda or self._cuda_ready()
-            sampled = (step + 1) % self.current_every == 0
+            nxt = step + 1
+            sampled = self.budget.sampled(nxt) if self._auto else nxt % self.current_every == 0
             if sampled != self._sampled:
                 self._sampled = sampled
                 if sampled:
@@ -952,6 +966,20 @@ class LayersInstrument:
                     self._unsampled_mid_call()
         except Exception as exc:
             self._fail("step end", exc)
+
+    def _agent_share(self) -> None:
+        """The agent thread's CPU time per step since its previous tick (it counts per tick)."""
+        cpu = getattr(self.ctx, "cpu_s", None)
+        if not isinstance(cpu, float):
+            return
+        steps0, cpu0 = self._agent_mark
+        if cpu != cpu0:
+            n = self._steps_seen - steps0
+            if n > 0:
+                # smoothed over ticks: a one-off (a FLOP count, an op profile parsed) is spread out
+                now = (cpu - cpu0) * 1e9 / n
+                self.agent_ns = int(now if not self.agent_ns else 0.75 * self.agent_ns + 0.25 * now)
+            self._agent_mark = (self._steps_seen, cpu)
 
     def _unsampled_mid_call(self) -> None:
         """Sampling went off while a root call runs on this thread (the step ended as it began):
@@ -1014,34 +1042,70 @@ class LayersInstrument:
             out.append(Metric(name="recompilations", value=recompiles, t=now, step=step))
         return out
 
-    def _calibrate(self) -> float:
-        """Per-module-call cost of these hooks (forward and backward) on a tiny model, in ns."""
+    def _calibrate(self) -> tuple[float, float, float]:
+        """What these hooks cost on this machine, in ns, from paired runs of a tiny model:
+        (one module call on a sampled step, forward and backward; one root call on an unsampled
+        step; torch calling one Python hook). CPU time of this thread, so other programs on the
+        machine do not count; each side keeps its fastest run."""
         import torch
 
         probe = LayersInstrument(self.options, _private=True)
         model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(16)])
+        one = torch.nn.Linear(4, 4)
         x = torch.randn(2, 4, requires_grad=True)
+        reps, calls = 6, 17
 
-        def run(reps: int) -> int:
-            # CPU time of this thread: what the hooks cost, whatever else the machine is doing
+        def run() -> int:
             t = time.thread_time_ns()
             for _ in range(reps):
                 model(x).sum().backward()
             return time.thread_time_ns() - t
 
+        def run_fwd() -> int:
+            model(x)  # warm: the first call after a switch pays for it
+            t = time.thread_time_ns()
+            for _ in range(20):
+                model(x)
+            return time.thread_time_ns() - t
+
+        def run_one() -> int:
+            t = time.thread_time_ns()
+            for _ in range(100):
+                one(x)
+            return time.thread_time_ns() - t
+
+        def noop(module: Any, args: Any) -> None:
+            pass
+
         base: list[int] = []
+        sampled: list[int] = []
+        fwd_base: list[int] = []
+        unsampled: list[int] = []
+        plain: list[int] = []
         hooked: list[int] = []
         ctx = _NullContext(self.options)
         try:
-            run(3)
-            for _ in range(3):  # interleaved, so that a slow spell hits both sides
-                base.append(run(6))
+            run()
+            for _ in range(3):  # interleaved, so that a slow spell hits every side
+                base.append(run())
+                fwd_base.append(run_fwd())
                 probe.install(ctx)
-                hooked.append(run(6))
+                sampled.append(run())
+                probe._auto, probe._sampled, probe.current_every = False, False, _MAX_EVERY
+                unsampled.append(run_fwd())
                 probe.uninstall()
+                probe._sampled = True
+                plain.append(run_one())
+                handle = self._nnm.register_module_forward_pre_hook(noop)
+                try:
+                    hooked.append(run_one())
+                finally:
+                    handle.remove()
         except Exception:
-            return 3000.0
+            return 3000.0, float(_ROOT_CALL_NS), float(_HOOK_CALL_NS)
         finally:
             probe.uninstall()
-        per_call = (min(hooked) - min(base)) / (6 * 17)
-        return max(per_call, 500.0)
+        per_call = (min(sampled) - min(base)) / (reps * calls)
+        root = (min(unsampled) - min(fwd_base)) / 20
+        hook = (min(hooked) - min(plain)) / 100
+        return max(per_call, 500.0), max(root, 1000.0), max(hook, 300.0)

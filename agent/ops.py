@@ -18,14 +18,16 @@ from typing import Any
 from llmtop.protocol.events import Event, Ops
 
 from . import core
+from .budget import OPS_RESERVE
 from .flops import PARENT_OPS, has_formula, op_flops
 
 TOP_K = 30
 FIRST_STEP = 2  # profile an early step too, so the Ops view fills before step N
-# Share of the agent's overhead budget that op profiles may use. On short steps "one step in N"
-# alone would profile many times a second (a window costs the profiled step's slowdown plus
-# parsing its trace), so a window also waits until the previous one's cost fits this share.
-BUDGET_SHARE = 0.5
+# Share of the agent's overhead budget that op profiles may use (the layers' budget keeps it free,
+# see agent/budget.py). On short steps "one step in N" alone would profile many times a second (a
+# window costs the profiled step's slowdown plus parsing its trace), so a window also waits until
+# the previous one's cost fits this share.
+BUDGET_SHARE = OPS_RESERVE
 _now = time.perf_counter_ns
 
 

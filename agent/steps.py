@@ -122,6 +122,9 @@ class StepInstrument:
         self.gpu = GpuStepClock()
         self.memory = StepMemory()
         self.layers: Any = None  # the layers instrument, for its overhead and sampling rate
+        # torch calling one of our hooks or wrappers, outside the time they measure themselves
+        # (calibrated by the layers instrument)
+        self.hook_ns = 1500
         self.h2d_armed = False  # see _arm_h2d
         self._gen_phase: Any = _no_generation  # integrations.generation_phase once installed
         self._other_device = False  # a non-CUDA accelerator (MPS, XLA) is present
@@ -279,6 +282,7 @@ class StepInstrument:
             inst = getattr(fn, "__self__", None)
             if inst is not None and inst is not self and hasattr(inst, "overhead_ns_last_step"):
                 self.layers = inst
+                self.hook_ns = int(getattr(inst, "hook_call_ns", self.hook_ns))
                 return
 
     # --- the exclusive-time stack (step loop thread only) ----------------------------------------
@@ -364,7 +368,7 @@ class StepInstrument:
                         # a batch fetched after evaluation starts the next training step
                         tr._restart_window(t0)
                         tr.acc[DATA] = dur
-                    tr.overhead += _perf() - t1
+                    tr.overhead += _perf() - t1 + tr.hook_ns
                 except Exception as exc:
                     tr._fail("data loader hook", exc)
 
@@ -391,7 +395,7 @@ class StepInstrument:
                     if st:
                         st[-1].child += dur
                     tr.acc[H2D] += dur
-                tr.overhead += _perf() - t1
+                tr.overhead += _perf() - t1 + tr.hook_ns
             except Exception as exc:
                 tr._fail("tensor copy hook", exc)
             return out
@@ -424,7 +428,8 @@ class StepInstrument:
                 if f is not None and not tr.disabled:
                     try:
                         tr._pop(f, t2)
-                        tr.overhead += (t1 - t0) + (_perf() - t2)
+                        # two wrappers run: Tensor.backward calls torch.autograd.backward
+                        tr.overhead += (t1 - t0) + (_perf() - t2) + 2 * tr.hook_ns
                     except Exception as exc:
                         tr._fail("backward hook", exc)
 
@@ -460,7 +465,7 @@ class StepInstrument:
                     torch = sys.modules["torch"]
                     if isinstance(out, torch.Tensor) and _ident() == tr.owner:
                         tr.grad = tr.scalars.capture(out)
-                    tr.overhead += _perf() - t0
+                    tr.overhead += _perf() - t0 + tr.hook_ns
                 except Exception as exc:
                     tr._fail("clip_grad_norm_ hook", exc)
             return out
@@ -509,7 +514,7 @@ class StepInstrument:
                 self._training_activity(t0)
             self.opt_depth += 1
             self._push(OPT, t0)
-            self.overhead += _perf() - t0
+            self.overhead += _perf() - t0 + self.hook_ns
         except Exception as exc:
             self._fail("optimizer pre hook", exc)
 
@@ -527,7 +532,7 @@ class StepInstrument:
                 return  # a wrapper optimizer (accelerate, ZeRO) is still inside its step
             self.opt_steps += 1
             if self.manual:
-                self.overhead += _perf() - t1
+                self.overhead += _perf() - t1 + self.hook_ns
                 return
             oid = id(optimizer)
             if self.boundary_opt is None:
@@ -536,10 +541,10 @@ class StepInstrument:
                 if oid not in self.opts_seen:
                     # another optimizer in the same iteration (GAN): its time is optimizer time
                     self.opts_seen.add(oid)
-                    self.overhead += _perf() - t1
+                    self.overhead += _perf() - t1 + self.hook_ns
                     return
                 self.boundary_opt = oid  # stepped twice without the old one: it replaced it
-            self.overhead += _perf() - t1
+            self.overhead += _perf() - t1 + self.hook_ns
             self._end_step(t1, "train", optimizer)
         except Exception as exc:
             self._fail("optimizer post hook", exc)
@@ -552,7 +557,6 @@ class StepInstrument:
         grad = self._grad_enabled()
         if not self._own(True):
             return
-        t_in = _perf()
         try:
             st = self.stack
             while st and st[-1].phase == FWD:
@@ -563,14 +567,12 @@ class StepInstrument:
             if grad and self.training:
                 self._training_activity(t0)
             self._push(FWD, t0)
-            self.overhead += _perf() - t_in
         except Exception as exc:
             self._fail("root forward hook", exc)
 
     def _on_root_end(self, module: Any, t0: int, t1: int, args: Any, kwargs: Any) -> None:
         if self.disabled or _ident() != self.owner:
             return
-        t_in = _perf()
         try:
             grad = self._grad_enabled()
             st = self.stack
@@ -607,14 +609,12 @@ class StepInstrument:
                 self.tentative = (t1, list(self.acc), self.samples, self.tokens,
                                   self.have_samples, self.have_tokens)
             elif not grad:
-                self.overhead += _perf() - t_in
-                self._end_step(t1, "infer", None)
+                self._end_step(t1, "infer", None, listener=True)
                 return
             else:
                 # grad enabled but no backward yet: inference unless a backward follows
                 self.tentative = (t1, list(self.acc), self.samples, self.tokens,
                                   self.have_samples, self.have_tokens)
-            self.overhead += _perf() - t_in
         except Exception as exc:
             self._fail("root forward hook", exc)
 
@@ -656,7 +656,9 @@ class StepInstrument:
 
     # --- step end (hot path) ---------------------------------------------------------------------
 
-    def _end_step(self, t_end: int, mode: str, optimizer: Any) -> None:
+    def _end_step(self, t_end: int, mode: str, optimizer: Any, listener: bool = False) -> None:
+        """``listener``: called from a root-forward listener, whose time the layers instrument
+        charges already (the root-call hooks on the bus are timed there, once)."""
         t_in = _perf()
         r = _Raw()
         r.step = self.step
@@ -698,7 +700,7 @@ class StepInstrument:
             self.ctx.current_step = self.step
         except Exception:
             pass
-        own = self.overhead + (_perf() - t_in)
+        own = self.overhead + (0 if listener else _perf() - t_in)
         self.overhead = 0
         layers = self.layers
         r.layer_every = 1
@@ -707,6 +709,8 @@ class StepInstrument:
                 r.layer_every = int(getattr(layers, "current_every", 1) or 1)
             except Exception:
                 pass
+        if layers is not None:
+            layers.tracker_ns = own  # a fixed cost for its budget
         for fn in core.BUS.step_end:
             try:
                 fn(r.step, t_end)

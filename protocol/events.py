@@ -29,8 +29,12 @@ class Event:
 
     def to_map(self) -> dict[str, Any]:
         body: dict[str, Any] = {"v": PROTOCOL_MAJOR, "k": self.KIND}
-        for f in dataclasses.fields(self):
-            body[f.name] = getattr(self, f.name)
+        cls = type(self)
+        order = _ORDER.get(cls)
+        if order is None:  # field order once per class: the agent encodes one Step per step
+            order = _ORDER[cls] = tuple(f.name for f in dataclasses.fields(cls))
+        for name in order:
+            body[name] = getattr(self, name)
         return body
 
     @classmethod
@@ -43,6 +47,7 @@ class Event:
 
 
 _FIELDS: dict[type, frozenset[str]] = {}
+_ORDER: dict[type, tuple[str, ...]] = {}
 
 
 def _field_names(cls: type) -> frozenset[str]:

@@ -545,7 +545,8 @@ def test_sampled_step_that_starts_inside_a_root_call(started: Any) -> None:
 
 def test_automatic_sampling_keeps_the_budget(started: Any) -> None:
     model = mlp()
-    # 6 module calls at 50 us each in a 10 ms step: 3 % against a 1 % budget -> every 4th step
+    # 6 module calls at 50 us each (300 us and a little bookkeeping) in a 10 ms step; of a 1 % budget
+    # (about 97 us of the step without them) a quarter is kept for op profiles: 73 us -> every 5th step
     inst, ctx = started(layer_every=0, budget_pct=1.0, extra={"layer_call_ns": 50_000})
     x = torch.randn(4, 8)
     assert inst.current_every == 1
@@ -557,9 +558,9 @@ def test_automatic_sampling_keeps_the_budget(started: Any) -> None:
         end_step(step, t)
         if step == 1:
             assert inst.overhead_ns_last_step() >= 6 * 50_000  # plus the root hooks and backward bookkeeping
-            assert inst.current_every == 4
-    assert [t.step for t in tables(inst)] == [1, 4, 8]
-    assert inst.current_every == 4
+            assert inst.current_every == 5
+    assert [t.step for t in tables(inst)] == [1, 5]
+    assert inst.current_every == 5
 
 
 def test_step_on_another_thread(started: Any) -> None:
@@ -588,7 +589,9 @@ def test_step_on_another_thread(started: Any) -> None:
     assert ctx.warnings == []
 
 
-def test_root_forward_announcements_carry_kwargs(started: Any) -> None:
+def test_root_forward_end_announcements_carry_kwargs(started: Any) -> None:
+    # the start announcement gets no kwargs (global pre-hooks are given none, and reading them
+    # from torch's frame cost µs per root call); the end announcement carries them
     model = gpt2()
     inst, ctx = started(layer_every=2)
     starts: list[tuple[Any, dict]] = []
@@ -601,7 +604,7 @@ def test_root_forward_announcements_carry_kwargs(started: Any) -> None:
         end_step(0)
         model(input_ids=x)  # unsampled step 1
     assert [m for m, _ in starts] == [model, model]  # submodules are not roots
-    assert all(k["input_ids"] is x for _, k in starts)
+    assert all(dict(k) == {} for _, k in starts)
     assert [m for m, *_ in ends] == [model, model]
     assert all(k["input_ids"] is x and t1 > t0 for _, t0, t1, k in ends)
 

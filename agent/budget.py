@@ -1,0 +1,97 @@
+"""The overhead budget: how often per-layer timing may run so the agent stays within its share.
+
+Pure bookkeeping, fed once per step by the layers instrument (no torch, no clocks).
+
+What a step costs the run is split in two:
+
+- the *fixed* cost every step pays: the step tracker's hooks, the root-call hooks of unsampled
+  steps, the agent thread's CPU time per step; it cannot be sampled away;
+- the *extra* cost of a sampled step (global hooks on every module call, autograd node hooks).
+
+The extra cost is known two ways, and the larger one is trusted: the calibrated per-call estimate,
+and a control measurement: the median duration of recent sampled steps minus that of recent
+unsampled ones (the unsampled steps are the control group; at a rate of 1 one step in
+``CONTROL_EVERY`` stays unsampled to keep that group). The control catches what the estimate
+misses (torch's hook dispatch, cache effects, models unlike the calibration model); the estimate
+covers the start of a run, before both groups have enough steps.
+
+Per-layer timing then gets what is left of the budget after the fixed cost and a reserve for the op
+profile windows, but never less than ``LAYER_FLOOR`` of the budget; and it runs at least
+``MIN_TABLES_PER_S`` times a second when that alone fits the budget (on millisecond steps it is a tiny
+share of the run, and the Layers view stays live).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+
+MAX_EVERY = 1000
+OPS_RESERVE = 0.25  # share of the budget kept for the op profile windows (agent/ops.py)
+LAYER_FLOOR = 0.1  # share of the budget per-layer timing always gets
+MIN_TABLES_PER_S = 2.0  # however tight the budget, per-layer timing runs this often (live views)
+WINDOW = 15  # recent steps per group
+MIN_CONTROL = 3  # steps needed in each group before the control measurement counts
+CONTROL_EVERY = 8  # at a rate of 1, one step in this many still runs unsampled (the control group)
+
+
+class Budget:
+    def __init__(self, budget_pct: float, window: int = WINDOW) -> None:
+        self.share = max(budget_pct, 0.01) / 100.0
+        self.unsampled_ns: deque[int] = deque(maxlen=window)  # step durations, control group
+        self.sampled_ns: deque[int] = deque(maxlen=window)  # step durations, per-layer timing on
+        self.fixed_ns: deque[int] = deque(maxlen=window)  # fixed cost of each step
+        self.estimate_ns: deque[int] = deque(maxlen=window)  # calibrated extra cost of sampled steps
+        self.every = 1
+
+    def observe(self, step_ns: int, fixed_ns: int, sampled: bool, estimate_ns: int = 0) -> None:
+        """One finished step: its duration, its fixed cost and, if sampled, the estimated extra."""
+        if step_ns <= 0:
+            return
+        self.fixed_ns.append(max(0, fixed_ns))
+        if sampled:
+            self.sampled_ns.append(step_ns)
+            self.estimate_ns.append(max(0, estimate_ns))
+        else:
+            self.unsampled_ns.append(step_ns)
+
+    def control_ns(self) -> int:
+        """Median sampled step minus median unsampled step (0 until both groups have enough)."""
+        if len(self.sampled_ns) < MIN_CONTROL or len(self.unsampled_ns) < MIN_CONTROL:
+            return 0
+        return max(0, int(statistics.median(self.sampled_ns) - statistics.median(self.unsampled_ns)))
+
+    def extra_ns(self) -> int:
+        """What a sampled step costs on top of an unsampled one: the larger of both measures."""
+        estimate = int(statistics.median(self.estimate_ns)) if self.estimate_ns else 0
+        return max(estimate, self.control_ns())
+
+    def base_ns(self) -> int:
+        """The step without the agent's extra cost: the control group, else sampled minus extra."""
+        if self.unsampled_ns:
+            return int(statistics.median(self.unsampled_ns))
+        if self.sampled_ns:
+            return max(1, int(statistics.median(self.sampled_ns)) - self.extra_ns())
+        return 0
+
+    def sampled(self, step: int) -> bool:
+        """Does per-layer timing run on step ``step`` (at the rate in force)?"""
+        if self.every == 1:
+            return step % CONTROL_EVERY != CONTROL_EVERY - 1
+        return step % self.every == 0
+
+    def update(self) -> int:
+        """The sampling rate to use from now on (1: every step)."""
+        base = self.base_ns()
+        extra = self.extra_ns()
+        if base <= 0 or extra <= 0:
+            return self.every
+        allowed = self.share * base
+        fixed = statistics.median(self.fixed_ns) if self.fixed_ns else 0
+        spare = max(allowed * (1.0 - OPS_RESERVE) - fixed, allowed * LAYER_FLOOR, 1.0)
+        every = min(MAX_EVERY, max(1, math.ceil(extra / spare)))
+        if extra * MIN_TABLES_PER_S <= self.share * 1e9:  # that rate fits the budget by itself
+            every = min(every, max(1, int(1e9 / MIN_TABLES_PER_S / base)))
+        self.every = every
+        return every
