@@ -40,11 +40,13 @@ OUT_DIR = HERE / "out"
 MODES = ("off", "default", "every")
 
 # name -> (description, steps, warm-up steps) for a full run; --quick divides the steps.
+# Pairs: short runs are cheap and this VM swings by ±4 % between runs, so they get more pairs.
 WORKLOADS: dict[str, dict[str, Any]] = {
-    "mlp": {"about": "MLP 6x256, batch 64", "steps": 1500, "warmup": 200},
-    "gpt-small": {"about": "GPT 3L/128d, seq 128, batch 4", "steps": 200, "warmup": 30},
-    "gpt-large": {"about": "GPT 6L/256d, seq 128, batch 8", "steps": 30, "warmup": 6},
-    "demo": {"about": "train_tiny_gpt.py model (4L/192d, seq 128, batch 8)", "steps": 40, "warmup": 8},
+    "mlp": {"about": "MLP 6x256, batch 64", "steps": 1500, "warmup": 200, "pairs": 10},
+    "gpt-small": {"about": "GPT 3L/128d, seq 128, batch 4", "steps": 200, "warmup": 30, "pairs": 6},
+    "gpt-large": {"about": "GPT 6L/256d, seq 128, batch 8", "steps": 30, "warmup": 6, "pairs": 4},
+    "demo": {"about": "train_tiny_gpt.py model (4L/192d, seq 128, batch 8)", "steps": 40, "warmup": 8,
+             "pairs": 5},
 }
 
 TARGETS = {  # issue 3: default-mode ratio limits by workload, and µs per module call for `every`
@@ -305,7 +307,8 @@ def notes(results: list[dict[str, Any]], load: list[float]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="llmtop agent overhead, paired runs")
     p.add_argument("--quick", action="store_true", help="two pairs, shorter runs (smoke test)")
-    p.add_argument("--pairs", type=int, default=None, help="pairs per workload (default 5, quick 2)")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="pairs per workload (default: 10 for mlp down to 4 for gpt-large; quick 2)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset (off is always run)")
     p.add_argument("--json", default=str(OUT_DIR / "overhead.json"), help="where to write the results")
@@ -331,7 +334,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     modes = ["off"] + [m for m in args.modes.split(",") if m in MODES and m != "off"]
-    pairs = args.pairs or (2 if args.quick else 5)
     scale = 4 if args.quick else 1
 
     results, errors = [], []
@@ -341,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             spec = WORKLOADS[name]
+            pairs = args.pairs or (2 if args.quick else spec["pairs"])
             steps, warmup = max(5, spec["steps"] // scale), max(2, spec["warmup"] // scale)
             runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
             failed: set[str] = set()
@@ -369,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "overhead",
         "quick": args.quick,
-        "pairs": pairs,
+        "pairs": {r["workload"]: r["pairs"] for r in results},
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "results": results,

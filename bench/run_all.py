@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ORDER = ["overhead", "viewer", "recording", "graph"]
+ORDER = ["overhead", "hooks", "viewer", "recording", "graph"]
 
 
 def benchmarks() -> list[Path]:
