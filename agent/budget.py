@@ -24,7 +24,6 @@ share of the run, and the Layers view stays live).
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 
 MAX_EVERY = 1000
@@ -32,8 +31,15 @@ OPS_RESERVE = 0.25  # share of the budget kept for the op profile windows (agent
 LAYER_FLOOR = 0.1  # share of the budget per-layer timing always gets
 MIN_TABLES_PER_S = 2.0  # however tight the budget, per-layer timing runs this often (live views)
 WINDOW = 15  # recent steps per group
+UPDATE_EVERY = 8  # steps between rate updates (and at every sampled step): this runs on the hot path
 MIN_CONTROL = 3  # steps needed in each group before the control measurement counts
 CONTROL_EVERY = 8  # at a rate of 1, one step in this many still runs unsampled (the control group)
+
+
+def _median(values: deque[int]) -> int:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) // 2
 
 
 class Budget:
@@ -44,11 +50,13 @@ class Budget:
         self.fixed_ns: deque[int] = deque(maxlen=window)  # fixed cost of each step
         self.estimate_ns: deque[int] = deque(maxlen=window)  # calibrated extra cost of sampled steps
         self.every = 1
+        self._since = 0  # steps observed since the last update
 
     def observe(self, step_ns: int, fixed_ns: int, sampled: bool, estimate_ns: int = 0) -> None:
         """One finished step: its duration, its fixed cost and, if sampled, the estimated extra."""
         if step_ns <= 0:
             return
+        self._since += 1
         self.fixed_ns.append(max(0, fixed_ns))
         if sampled:
             self.sampled_ns.append(step_ns)
@@ -60,19 +68,19 @@ class Budget:
         """Median sampled step minus median unsampled step (0 until both groups have enough)."""
         if len(self.sampled_ns) < MIN_CONTROL or len(self.unsampled_ns) < MIN_CONTROL:
             return 0
-        return max(0, int(statistics.median(self.sampled_ns) - statistics.median(self.unsampled_ns)))
+        return max(0, int(_median(self.sampled_ns) - _median(self.unsampled_ns)))
 
     def extra_ns(self) -> int:
         """What a sampled step costs on top of an unsampled one: the larger of both measures."""
-        estimate = int(statistics.median(self.estimate_ns)) if self.estimate_ns else 0
+        estimate = int(_median(self.estimate_ns)) if self.estimate_ns else 0
         return max(estimate, self.control_ns())
 
     def base_ns(self) -> int:
         """The step without the agent's extra cost: the control group, else sampled minus extra."""
         if self.unsampled_ns:
-            return int(statistics.median(self.unsampled_ns))
+            return int(_median(self.unsampled_ns))
         if self.sampled_ns:
-            return max(1, int(statistics.median(self.sampled_ns)) - self.extra_ns())
+            return max(1, int(_median(self.sampled_ns)) - self.extra_ns())
         return 0
 
     def sampled(self, step: int) -> bool:
@@ -81,14 +89,19 @@ class Budget:
             return step % CONTROL_EVERY != CONTROL_EVERY - 1
         return step % self.every == 0
 
+    def due(self, sampled: bool) -> bool:
+        """Is a rate update due after this step? At sampled steps (new figures) and now and then."""
+        return sampled or self._since >= UPDATE_EVERY
+
     def update(self) -> int:
         """The sampling rate to use from now on (1: every step)."""
+        self._since = 0
         base = self.base_ns()
         extra = self.extra_ns()
         if base <= 0 or extra <= 0:
             return self.every
         allowed = self.share * base
-        fixed = statistics.median(self.fixed_ns) if self.fixed_ns else 0
+        fixed = _median(self.fixed_ns) if self.fixed_ns else 0
         spare = max(allowed * (1.0 - OPS_RESERVE) - fixed, allowed * LAYER_FLOOR, 1.0)
         every = min(MAX_EVERY, max(1, math.ceil(extra / spare)))
         if extra * MIN_TABLES_PER_S <= self.share * 1e9:  # that rate fits the budget by itself

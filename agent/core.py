@@ -81,6 +81,10 @@ class HotBus:
         self.root_forward_start: list[Any] = []
         # fn(step, t_end_ns): step ``step`` just ended (called on the thread that ended it).
         self.step_end: list[Any] = []
+        # True while the step in progress is a detailed one (the layers instrument samples it):
+        # listeners do optional per-call work (input signatures, autocast state) only then, since
+        # every Python line in a hook costs more right after torch has run (cold caches).
+        self.detail = True
 
 
 BUS = HotBus()

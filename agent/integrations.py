@@ -921,8 +921,9 @@ class TransformersInstrument:
     # -- mixed precision -----------------------------------------------------------------------
 
     def _on_root_forward_start(self, module: Any, t_start_ns: int, args: Any, kwargs: Any) -> None:
-        """Hot path (every root forward): read the autocast state; make an event only on change."""
-        if self._off_all or "precision" in self._off:
+        """Hot path (root forwards of detailed steps): read the autocast state; make an event only
+        on change."""
+        if self._off_all or not core.BUS.detail or "precision" in self._off:
             return
         try:
             torch = sys.modules["torch"]

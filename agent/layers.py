@@ -319,12 +319,15 @@ class LayersInstrument:
         self._cuda = self._cuda_ready()
         if not self._private:
             core.BUS.step_end.append(self._on_step_end)
+            core.BUS.detail = self._sampled
         self._installed = True
         self._add_global()
 
     def uninstall(self) -> None:
         self._installed = False
         self._unhook()
+        if not self._private:
+            core.BUS.detail = True
         try:
             core.BUS.step_end.remove(self._on_step_end)
         except ValueError:
@@ -952,13 +955,14 @@ class LayersInstrument:
             self._extra_ns = 0
             self.tracker_ns = 0
             self._overhead_last = own + self.agent_ns
-            if self._auto:
+            if self._auto and self.budget.due(self._sampled):
                 self.current_every = self.budget.update()
             self._cuda = self._cuda or self._cuda_ready()
             nxt = step + 1
             sampled = self.budget.sampled(nxt) if self._auto else nxt % self.current_every == 0
             if sampled != self._sampled:
                 self._sampled = sampled
+                core.BUS.detail = sampled
                 if sampled:
                     self._acc = _Acc(self._n)
                     self._add_global()

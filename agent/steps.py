@@ -524,7 +524,10 @@ class StepInstrument:
         t1 = _perf()
         try:
             st = self.stack
-            f = next((x for x in reversed(st) if x.phase == OPT), None)
+            if st and st[-1].phase == OPT:
+                f = st[-1]
+            else:
+                f = next((x for x in reversed(st) if x.phase == OPT), None)
             if f is not None:
                 self._pop(f, t1)
             self.opt_depth = max(0, self.opt_depth - 1)
@@ -694,7 +697,8 @@ class StepInstrument:
         self.samples = self.tokens = 0
         self.have_samples = self.have_tokens = False
         self.sample_module = None
-        self.opts_seen = set()
+        if self.opts_seen:
+            self.opts_seen = set()
         self.step += 1
         try:
             self.ctx.current_step = self.step
@@ -705,11 +709,8 @@ class StepInstrument:
         layers = self.layers
         r.layer_every = 1
         if layers is not None:
-            try:  # the rate the ending step ran under (step-end listeners may change it)
-                r.layer_every = int(getattr(layers, "current_every", 1) or 1)
-            except Exception:
-                pass
-        if layers is not None:
+            # the rate the ending step ran under (step-end listeners may change it)
+            r.layer_every = layers.current_every
             layers.tracker_ns = own  # a fixed cost for its budget
         for fn in core.BUS.step_end:
             try:

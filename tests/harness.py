@@ -45,9 +45,11 @@ class Collect:
 @pytest.fixture
 def clean_bus() -> Iterator[None]:
     """An empty hot bus for the test (instruments installed by other tests stay out of it)."""
-    saved = (core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end)
+    saved = (core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end, core.BUS.detail)
     core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end = [], [], []
+    core.BUS.detail = True
     try:
         yield
     finally:
-        core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end = saved
+        (core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end,
+         core.BUS.detail) = saved

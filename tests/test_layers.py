@@ -32,6 +32,9 @@ def started() -> Iterator[Any]:
     made: list[LayersInstrument] = []
 
     def start(**options: Any) -> tuple[LayersInstrument, Collect]:
+        # every step timed unless a test asks otherwise: with the automatic budget, which steps are
+        # sampled depends on how fast this machine runs them
+        options.setdefault("layer_every", 1)
         ctx = Collect(**options)
         inst = LayersInstrument(ctx.options)
         inst.install(ctx)
