@@ -11,8 +11,8 @@ Boundaries (see docs/ARCHITECTURE.md, "Steps and phases"):
 Phases are exclusive times on the step loop's thread, innermost wins (an h2d copy inside a data
 fetch is h2d): data (``DataLoader`` iterator ``__next__``), h2d (``Tensor.to``/``.cuda`` moving a CPU
 tensor to another device), forward (root forwards announced on ``core.BUS``), backward
-(``Tensor.backward`` / ``torch.autograd.backward``), optimizer (between the optimizer pre and post
-hooks); ``other`` is the remainder, so the phases sum to the step time.
+(``torch.autograd.backward``, which ``Tensor.backward`` calls), optimizer (between the optimizer
+pre and post hooks); ``other`` is the remainder, so the phases sum to the step time.
 
 Hot path: timestamps and integer adds into preallocated lists; the finished step goes into a
 deque as a raw tuple; ``poll`` (agent thread) resolves loss / grad norm / GPU time without a sync,
@@ -187,7 +187,8 @@ class StepInstrument:
         self._patch(dl._BaseDataLoaderIter, "__next__", self._wrap_next)
         self._patch(torch.Tensor, "to", self._wrap_to)
         self._patch(torch.Tensor, "cuda", self._wrap_to)
-        self._patch(torch.Tensor, "backward", self._wrap_backward)
+        # Tensor.backward calls torch.autograd.backward through the module attribute: one wrapper
+        # there sees both (a second one on Tensor.backward cost a hook entry per step)
         self._patch(torch.autograd, "backward", self._wrap_backward)
         import torch.nn.utils as nnu
         import torch.nn.utils.clip_grad as cg
@@ -428,8 +429,7 @@ class StepInstrument:
                 if f is not None and not tr.disabled:
                     try:
                         tr._pop(f, t2)
-                        # two wrappers run: Tensor.backward calls torch.autograd.backward
-                        tr.overhead += (t1 - t0) + (_perf() - t2) + 2 * tr.hook_ns
+                        tr.overhead += (t1 - t0) + (_perf() - t2) + tr.hook_ns
                     except Exception as exc:
                         tr._fail("backward hook", exc)
 
