@@ -3,9 +3,16 @@
     python bench/overhead.py            # full: several pairs per workload (minutes)
     python bench/overhead.py --quick    # smoke test: two pairs, short runs
 
-Workloads (step sizes on a small CPU): ``mlp`` (~2 ms), ``gpt-small`` (~20 ms), ``gpt-large``
-(~200 ms) and ``demo`` (the model of ``examples/train_tiny_gpt.py``). Modes: ``off`` (plain
-``python``), ``default`` (``llmtop attach --headless``) and ``every`` (the same with
+Workloads (step sizes on this 2-core CPU with one torch thread): ``mlp`` (~2 ms), ``gpt-small``
+(~20 ms), ``gpt-large`` (~200 ms) and ``demo`` (the model of ``examples/train_tiny_gpt.py``).
+
+One torch thread by default (``--threads``): on a 2-core machine torch's two intra-op threads and
+the agent thread oversubscribe the cores, so any Python work beside the step stalls a parallel
+region, and runs swing by ±5 % (a run now and then at 2× its neighbours). With one torch thread the
+agent thread has the other core, as it has on a training machine with cores to spare, and pairs
+agree more closely. ``--threads 0`` measures the oversubscribed case.
+
+Modes: ``off`` (plain ``python``), ``default`` (``llmtop attach --headless``) and ``every`` (the same with
 ``LLMTOP_LAYER_EVERY=1``: per-layer timing on every step). Runs alternate between modes
 (A/B/C, B/C/A, …) so drifting machine load hits every mode alike.
 
@@ -42,9 +49,9 @@ MODES = ("off", "default", "every")
 # name -> (description, steps, warm-up steps) for a full run; --quick divides the steps.
 # Pairs: short runs are cheap and this VM swings by ±4 % between runs, so they get more pairs.
 WORKLOADS: dict[str, dict[str, Any]] = {
-    "mlp": {"about": "MLP 6x256, batch 64", "steps": 1500, "warmup": 200, "pairs": 10},
-    "gpt-small": {"about": "GPT 3L/128d, seq 128, batch 4", "steps": 200, "warmup": 30, "pairs": 6},
-    "gpt-large": {"about": "GPT 6L/256d, seq 128, batch 8", "steps": 30, "warmup": 6, "pairs": 4},
+    "mlp": {"about": "MLP 6x160, batch 64", "steps": 1500, "warmup": 200, "pairs": 16},
+    "gpt-small": {"about": "GPT 3L/128d, seq 128, batch 2", "steps": 200, "warmup": 30, "pairs": 6},
+    "gpt-large": {"about": "GPT 6L/256d, seq 128, batch 4", "steps": 30, "warmup": 6, "pairs": 4},
     "demo": {"about": "train_tiny_gpt.py model (4L/192d, seq 128, batch 8)", "steps": 40, "warmup": 8,
              "pairs": 5},
 }
@@ -96,17 +103,20 @@ def _gpt_setup(n_layer: int, n_embd: int, n_head: int, seq_len: int, batch: int)
     return step
 
 
+WIDTH = 160  # the MLP's width: a step of about 2 ms with one torch thread here
+
+
 def _mlp_setup():
     import torch
     from torch import nn
 
     layers: list[nn.Module] = []
     for _ in range(6):
-        layers += [nn.Linear(256, 256), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(256, 10))
+        layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(WIDTH, 10))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(64, 256, generator=gen) for _ in range(16)]
+    xs = [torch.randn(64, WIDTH, generator=gen) for _ in range(16)]
     ys = [torch.randint(0, 10, (64,), generator=gen) for _ in range(16)]
     i = 0
 
@@ -126,9 +136,9 @@ def make_workload(name: str):
     if name == "mlp":
         return _mlp_setup()
     if name == "gpt-small":
-        return _gpt_setup(3, 128, 4, 128, 4)
+        return _gpt_setup(3, 128, 4, 128, 2)
     if name == "gpt-large":
-        return _gpt_setup(6, 256, 8, 128, 8)
+        return _gpt_setup(6, 256, 8, 128, 4)
     if name == "demo":
         return _gpt_setup(4, 192, 6, 128, 8)
     raise SystemExit(f"overhead.py: unknown workload {name!r}")
@@ -263,7 +273,8 @@ def table(results: list[dict[str, Any]], errors: list[str], load: list[float] | 
     ]
     for r in results:
         v = verdicts(r)
-        name = (f"{r['workload']} ({r['about']}, {r['module_calls_per_step']} module calls/step, "
+        threads = f", {r['threads']} torch thread{'s' if r.get('threads') != 1 else ''}" if r.get("threads") else ""
+        name = (f"{r['workload']} ({r['about']}{threads}, {r['module_calls_per_step']} module calls/step, "
                 f"{r['pairs']} pairs)")
         off_ms = r["off_step_us"] / 1e3
         lines.append(f"| {name} | {off_ms:.2f} | off | {off_ms:.2f} | 1 | 0 | 1 | 0 | | |")
@@ -308,13 +319,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="llmtop agent overhead, paired runs")
     p.add_argument("--quick", action="store_true", help="two pairs, shorter runs (smoke test)")
     p.add_argument("--pairs", type=int, default=None,
-                   help="pairs per workload (default: 10 for mlp down to 4 for gpt-large; quick 2)")
+                   help="pairs per workload (default: 16 for mlp down to 4 for gpt-large; quick 2)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset (off is always run)")
     p.add_argument("--json", default=str(OUT_DIR / "overhead.json"), help="where to write the results")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads in the workload (default: torch's own choice; 1 is "
-                        "steadier on a busy machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads in the workload (default 1; 0: torch's own choice)")
     # Child mode (internal): run one workload and write its step times.
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=100, help=argparse.SUPPRESS)
