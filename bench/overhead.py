@@ -228,7 +228,8 @@ def summarize(workload: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str,
                               "pairs": len(off), "module_calls_per_step": calls,
                               "off_step_us": statistics.median(med["off"]),
                               "off_cpu_us": statistics.median(cpu["off"]),
-                              "threads": off[0].get("threads") if off else None, "modes": {}}
+                              "threads": off[0].get("threads") if off else None,
+                              "run_medians_us": med, "modes": {}}
     for mode in MODES[1:]:
         if mode not in runs or len(runs[mode]) != len(off):
             continue
