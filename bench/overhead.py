@@ -300,7 +300,7 @@ def notes(results: list[dict[str, Any]], load: list[float]) -> list[str]:
     if load and max(load) > 0.75 * cores:
         out.append(f"- The machine was busy (load average up to {max(load):.1f} on {cores} cores): wall-clock "
                    "figures are dominated by other programs (and CPU time too: torch's threads spin while "
-                   "they wait for a core). `--threads 1` helps; a quiet machine is the real cure.")
+                   "they wait for a core). A quiet machine is the cure.")
     for r in results:
         for mode, verdict in verdicts(r).items():
             if not verdict.startswith("MISSED"):
