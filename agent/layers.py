@@ -40,10 +40,9 @@ from typing import Any
 from llmtop.protocol.events import Anomaly, Event, LayerStats, Metric, ModelTree
 
 from . import core
-from .budget import Budget
+from .budget import MAX_EVERY, Budget
 
 _now = time.perf_counter_ns
-_MAX_EVERY = 1000
 _by_seq = operator.attrgetter("seq")
 _HOLD = 1 << 40  # mute depth a muted() block adds: pre/post pairs inside never reach zero
 _SLOT = "llmtop.layers"  # our key in autograd nodes' metadata
@@ -235,7 +234,7 @@ class LayersInstrument:
         self.hook_call_ns = float(extra.get("hook_call_ns", 0) or _HOOK_CALL_NS)  # torch calling a hook
         self.budget = Budget(self.options.budget_pct)
         self.tracker_ns = 0  # the step tracker's own cost in the step now ending (it sets this)
-        self.agent_ns = 0  # the agent thread's CPU time per step, averaged over its last tick
+        self.agent_ns = 0  # the agent thread's CPU time per step (per tick, smoothed over ticks)
         self._agent_mark = (0, 0.0)  # (steps seen, agent thread CPU seconds) at the last tick seen
         self._root_calls = 0
         self._listeners_ns = 0  # root-call listeners on the bus (step tracker, FLOPs, …)
@@ -1095,7 +1094,7 @@ class LayersInstrument:
                 fwd_base.append(run_fwd())
                 probe.install(ctx)
                 sampled.append(run())
-                probe._auto, probe._sampled, probe.current_every = False, False, _MAX_EVERY
+                probe._auto, probe._sampled, probe.current_every = False, False, MAX_EVERY
                 unsampled.append(run_fwd())
                 probe.uninstall()
                 probe._sampled = True
