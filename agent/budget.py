@@ -29,7 +29,7 @@ from collections import deque
 MAX_EVERY = 1000
 OPS_RESERVE = 0.25  # share of the budget kept for the op profile windows (agent/ops.py)
 LAYER_FLOOR = 0.1  # share of the budget per-layer timing always gets
-MIN_TABLES_PER_S = 2.0  # however tight the budget, per-layer timing runs this often (live views)
+MIN_TABLES_PER_S = 2.0  # per-layer timing runs this often when that alone fits the budget (live views)
 WINDOW = 15  # recent steps per group
 UPDATE_EVERY = 8  # steps between rate updates (and at every sampled step): this runs on the hot path
 MIN_CONTROL = 3  # steps needed in each group before the control measurement counts
@@ -43,6 +43,8 @@ def _median(values: deque[int]) -> int:
 
 
 class Budget:
+    """Recent step durations and costs of one layers instrument, and the sampling rate they allow."""
+
     def __init__(self, budget_pct: float, window: int = WINDOW) -> None:
         self.share = max(budget_pct, 0.01) / 100.0
         self.unsampled_ns: deque[int] = deque(maxlen=window)  # step durations, control group
