@@ -15,7 +15,8 @@ and removed in alternation inside one process, and keeps the fastest of many rep
 - **per module call with per-layer timing on** (every layer, every step): an MLP of 6 × (Linear
   256→256 + ReLU) + Linear, 14 module calls a step, in training (forward and backward) and under
   ``no_grad``, next to the per-call cost the layers instrument calibrated at install;
-- torch's own cost of one no-op global hook pair per module call, the floor for any hook-based view.
+- torch's own cost of one no-op global hook pair per module call, and in training the same with one
+  no-op autograd pre-hook per module output: the floor of any view built like this one.
 
 The agent thread is not included (it runs beside the step); `bench/overhead.py` sees it.
 """
@@ -162,7 +163,38 @@ def per_call(quick: bool) -> dict[str, Any]:
         pre.remove()
         post.remove()
     out["noop_hook_pair_us"] = (hooked - base) * 1e6 / calls
+    out["floor_train_us"] = _floor(train, number, repeat) / calls
     return out
+
+
+def _floor(train: Any, number: int, repeat: int) -> float:
+    """µs per step that any view built on global module hooks plus one autograd node pre-hook per
+    module output pays in training, with hooks that do nothing at all."""
+    from torch.nn.modules import module as nn_module
+
+    def node_hook(grad_outputs: Any) -> None:
+        pass
+
+    def post(module: Any, args: Any, out: Any) -> None:
+        fn = getattr(out, "grad_fn", None)
+        if fn is not None:
+            fn.register_prehook(node_hook)
+
+    def best() -> float:
+        return min(timeit.repeat(train, timer=time.thread_time, number=number, repeat=repeat)) / number
+
+    base: list[float] = []
+    hooked: list[float] = []
+    for _ in range(3):
+        base.append(best())
+        handles = (nn_module.register_module_forward_pre_hook(lambda m, a: None),
+                   nn_module.register_module_forward_hook(post))
+        try:
+            hooked.append(best())
+        finally:
+            for h in handles:
+                h.remove()
+    return (min(hooked) - min(base)) * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{calls['calibrated_us']:.2f} per call (calibrated)" if name == "train" else ""))
     rows.append(("torch: a no-op global pre+post hook pair, per module call", "", "",
                  f"{calls['noop_hook_pair_us']:+.2f}", ""))
+    rows.append(("floor, train: no-op global hooks + a no-op node pre-hook per module output, per call",
+                 "", "", f"{calls['floor_train_us']:+.2f}", ""))
     print("| measure | without (µs) | with (µs) | cost (µs) | agent reports (µs) |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
