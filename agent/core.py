@@ -90,6 +90,15 @@ class HotBus:
 BUS = HotBus()
 
 
+def warn_safely(ctx: Any, source: str, message: str) -> None:
+    """``ctx.warn`` from an instrument's failure path: never raises, whatever the context."""
+    try:
+        if ctx is not None:
+            ctx.warn(source, message)
+    except Exception:
+        pass
+
+
 def wall() -> float:
     return time.time()
 

@@ -315,8 +315,4 @@ class FlopsInstrument:
             return None, dtype
 
     def _warn(self, message: str) -> None:
-        try:
-            if self.ctx is not None:
-                self.ctx.warn(self.name, message)
-        except Exception:
-            pass
+        core.warn_safely(self.ctx, self.name, message)

@@ -158,11 +158,7 @@ class OpsInstrument:
         self._prof, self._prof_step, self._thread = prof, step, threading.get_ident()
 
     def _warn(self, message: str) -> None:
-        try:
-            if self.ctx is not None:
-                self.ctx.warn(self.name, message)
-        except Exception:
-            pass
+        core.warn_safely(self.ctx, self.name, message)
 
 
 def summarize(events: Any, step: int, top_k: int = TOP_K) -> Ops:
