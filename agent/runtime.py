@@ -277,6 +277,9 @@ class Agent:
             # the requested socket writes the file.
             self._start_writer(opts.record)
         self._publish([self.session])
+        if self.server is not None:
+            # accepting only now: a viewer connecting at once still gets the session first
+            self.server.start()
         instruments = self._instruments_given
         if instruments is None:
             try:
@@ -323,7 +326,6 @@ class Agent:
                 last = exc
                 continue
             self.socket_path = path
-            self.server.start()
             return
         print(f"llmtop: agent running without a socket ({last})", file=sys.stderr)
 

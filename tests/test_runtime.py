@@ -128,6 +128,43 @@ def test_failing_instrument_is_disabled_reported_and_others_go_on(short_tmp: Pat
     assert oks >= 3  # and it kept being polled
 
 
+def test_a_viewer_connecting_as_the_agent_starts_gets_the_session_first(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The socket exists as soon as it is bound; the session is published a moment later (made
+    # long here). A viewer connecting in between must still get the session in its snapshot.
+    import threading
+
+    path = short_tmp / "s.sock"
+    publish = Agent._publish
+
+    def slow_publish(self: Agent, events: list, now: float | None = None) -> None:
+        if any(isinstance(e, Session) for e in events):
+            deadline = time.monotonic() + 10
+            while not path.exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.3)  # the viewer below connects meanwhile
+        publish(self, events, now)
+
+    monkeypatch.setattr(Agent, "_publish", slow_publish)
+    first: list[object] = []
+
+    def viewer() -> None:
+        while not path.exists():
+            time.sleep(0.005)
+        conn = Connection(path, timeout=10)
+        first.append(next(iter(conn.events())))
+        conn.close()
+
+    t = threading.Thread(target=viewer)
+    t.start()
+    agent = Agent(options_from_env({}, socket=str(path), tick_s=0.05), instruments=[]).start()
+    try:
+        t.join(15)
+    finally:
+        agent.stop()
+    assert len(first) == 1 and isinstance(first[0], Session)
+
+
 def test_emit_is_bounded_and_cheap_without_a_tick(short_tmp: Path) -> None:
     agent = Agent(options_from_env({}, socket=str(short_tmp / "q.sock"), tick_s=3600), instruments=[]).start()
     try:
