@@ -17,9 +17,9 @@ ends. One record per module call lives only in those hooks' closures, so it dies
 at the end of each backward (``queue_callback``) the records of that graph task are turned into
 inclusive and self times. See docs/ARCHITECTURE.md, "Layer hooks".
 
-Sampling: per-layer timing is taken on every Nth step. On the other steps the global hooks are in
-force only between root calls: a root call takes them off for its length (torch's hook slow path
-alone costs more than our hooks) and a one-shot hook on the root announces its end. Nothing stays
+Sampling: per-layer timing is taken on every Nth step; on the other steps no global hook is in
+force (torch's hook slow path alone would cost more than our hooks). Root calls, on every step,
+are seen by ``agent/roots.py`` instead, which also announces them on the bus. Nothing stays
 registered on the user's modules, so copying or pickling a model is unaffected.
 """
 
@@ -30,7 +30,6 @@ import operator
 import sys
 import threading
 import time
-import types
 import warnings
 import weakref
 from collections import deque
@@ -41,14 +40,13 @@ from llmtop.protocol.events import Anomaly, Event, LayerStats, Metric, ModelTree
 
 from . import core
 from .budget import MAX_EVERY, Budget
+from .roots import RootCalls
 
 _now = time.perf_counter_ns
 _by_seq = operator.attrgetter("seq")
 _HOLD = 1 << 40  # mute depth a muted() block adds: pre/post pairs inside never reach zero
 _SLOT = "llmtop.layers"  # our key in autograd nodes' metadata
-_NO_KWARGS: Any = types.MappingProxyType({})  # what start listeners get for kwargs (read-only)
-# until calibrated: a root call of an unsampled step (torch's hook slow path, the global hooks off
-# and on again, the one-shot end hook), and torch calling one Python hook
+# until calibrated: a root call of an unsampled step (agent/roots.py), torch calling a Python hook
 _ROOT_CALL_NS = 8000
 _HOOK_CALL_NS = 1500
 
@@ -75,40 +73,13 @@ class _Acc:
 
 
 class _ThreadState:
-    __slots__ = ("stack", "mute", "hold", "rt0", "rmod", "end_hook", "gen")
+    __slots__ = ("stack", "mute", "hold", "gen")
 
     def __init__(self, gen: int) -> None:
         self.stack: list[list[Any]] = []  # frames: [gid, t0, child_ns, mem0, rec, module]
         self.mute = 0  # >0 inside a forward re-run by autograd (activation checkpointing)
         self.hold = 0  # LayersInstrument.muted() depth on this thread
-        self.rt0 = 0  # start of the root call in progress
-        self.rmod: Any = None  # the root module whose call is in progress (held for that call)
-        self.end_hook: Any = None  # handle of the one-shot hook that ends an unsampled root call
         self.gen = gen
-
-
-class _EndHook:
-    """The one-shot forward hook on a root during an unsampled call.
-
-    It sits on the user's module only for the length of one call (or, when that call raised,
-    until the next root call); should the module be copied or pickled meanwhile, the copy gets
-    an inert hook instead of the agent.
-    """
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def __call__(self, *args: Any) -> None:
-        if self.fn is not None:
-            self.fn(*args)
-
-    def __deepcopy__(self, memo: Any) -> _EndHook:
-        return _EndHook(None)
-
-    def __reduce__(self) -> tuple[Any, tuple]:
-        return (_EndHook, (None,))
 
 
 class _Rec:
@@ -127,20 +98,6 @@ class _Rec:
         self.kids = 0
         self.task = -2
         self.params = False  # end also waits for this module's own parameter gradients
-
-
-class _Entry:
-    """A hook put straight into torch's hook dicts; ``remove()`` as ``RemovableHandle`` does."""
-
-    __slots__ = ("dicts", "key")
-
-    def __init__(self, dicts: tuple[dict, ...], key: int) -> None:
-        self.dicts = dicts
-        self.key = key
-
-    def remove(self) -> None:
-        for d in self.dicts:
-            d.pop(self.key, None)
 
 
 class _NullContext:
@@ -201,9 +158,7 @@ class LayersInstrument:
         self._root_of: list[int] = []  # gid -> gid of the root it was first seen under
         self._n = 0
         self._roots: dict[int, int] = {}  # gid of a root -> model id
-        self._end_hook = _EndHook(self._end_unsampled)
-        self._end_handles: set[Any] = set()  # one-shot hooks not yet removed
-        self._stale_end: list[Any] = []  # one-shot hooks of calls that raised, to remove
+        self._rc = RootCalls(self._root_start, self._root_done, self._root_error, bus=not _private)
         self._dirty: set[int] = set()  # root gids whose tree changed
         self._extra: dict[int, list[int]] = {}  # root gid -> modules called but not in named_modules
         self._extra_parent: dict[int, int] = {}
@@ -236,8 +191,6 @@ class LayersInstrument:
         self.tracker_ns = 0  # the step tracker's own cost in the step now ending (it sets this)
         self.agent_ns = 0  # the agent thread's CPU time per step (per tick, smoothed over ticks)
         self._agent_mark = (0, 0.0)  # (steps seen, agent thread CPU seconds) at the last tick seen
-        self._root_calls = 0
-        self._listeners_ns = 0  # root-call listeners on the bus (step tracker, FLOPs, …)
         self._param_fired = [0]  # calls of the persistent parameter hooks
         self._extra_ns = 0
         self._overhead_last = 0
@@ -271,7 +224,8 @@ class LayersInstrument:
         st.hold += 1
         st.mute += _HOLD
         try:
-            yield
+            with self._rc.muted():
+                yield
         finally:
             st.hold -= 1
             st.mute = max(st.hold * _HOLD, st.mute - _HOLD)
@@ -294,7 +248,6 @@ class LayersInstrument:
         _Tensor = torch.Tensor
         self._torch = torch
         self._nnm = torch.nn.modules.module
-        self._handle_cls = torch.utils.hooks.RemovableHandle
         # dynamo folds this to True while it traces a hook (no guard), so a compiled graph never
         # contains our hooks; eagerly it is one cheap call
         comp = getattr(torch, "compiler", None)
@@ -320,11 +273,14 @@ class LayersInstrument:
             core.BUS.step_end.append(self._on_step_end)
             core.BUS.detail = self._sampled
         self._installed = True
-        self._add_global()
+        self._rc.install(torch)
+        if self._sampled:
+            self._add_global()
 
     def uninstall(self) -> None:
         self._installed = False
         self._unhook()
+        self._rc.uninstall()
         if not self._private:
             core.BUS.detail = True
         try:
@@ -333,13 +289,10 @@ class LayersInstrument:
             pass
 
     def _unhook(self) -> None:
-        """Remove every torch hook (global, one-shot, per-parameter); the bus listener stays."""
+        """Remove every torch hook (global, per-parameter). Root calls are still announced (the step
+        tracker needs them) and the bus listener stays."""
         self._remove_global()
         self._global = None
-        for h in list(self._end_handles):
-            h.remove()
-        self._end_handles.clear()
-        self._stale_end.clear()
         for h in self._param_handles:
             h.remove()
         self._param_handles.clear()
@@ -418,8 +371,7 @@ class LayersInstrument:
             except AttributeError:
                 st = self._state()
             if not self._sampled:
-                self._begin_unsampled(module, args, st)
-                return
+                return  # the global hooks were on their way out as this call began
             stack = st.stack
             gid = self._by_addr.get(id(module))
             if gid is None or not stack or st.mute or st.gen != self._gen:
@@ -447,15 +399,15 @@ class LayersInstrument:
         stack = st.stack
         if stack:
             return self._new_module(module, stack[-1][0], stack[0][0]) if gid is None else gid
-        root = st.rmod
-        if root is not None:
-            # Inside a root whose call began unsampled, before these hooks were added (a step
-            # ended as this root started): open the root's frame from its own start, so this
-            # step's forward is timed after all (the root gets no backward row).
+        root, rt0 = self._rc.current()
+        if root is not None and root is not module:
+            # Inside a root whose call began before these hooks were added (a step ended as
+            # this root started): open the root's frame from its own start, so this step's
+            # forward is timed after all (the root gets no backward row).
             rgid = self._by_addr.get(id(root))
-            if rgid is None or root is module:
+            if rgid is None:
                 return None
-            stack.append([rgid, st.rt0, 0, -1, None, root])
+            stack.append([rgid, rt0, 0, -1, None, root])
             return self._new_module(module, rgid, rgid) if gid is None else gid
         if self._task_id() != -1:
             # a forward re-run inside backward (activation checkpointing): its cost belongs to
@@ -464,129 +416,46 @@ class LayersInstrument:
             return None
         if gid is None or gid not in self._roots:
             gid = self._new_root(module)
-        st.rmod = module
-        st.rt0 = _now()
-        self._announce_start(module, st.rt0, args)
         return gid
 
-    # ----------------------------------------------------------------- unsampled steps
+    # ----------------------------------------------------------------- root calls (agent/roots.py)
 
-    def _begin_unsampled(self, module: Any, args: tuple, st: _ThreadState) -> None:
-        """A module call seen between root calls of an unsampled step: the next root begins.
-
-        The global hooks come off for the length of this call (children then take torch's fast
-        path: nothing is paid for them) and a one-shot hook on the root ends it.
-        """
-        t_in = _now()
-        if self._stale_end:
-            self._drop_stale_end_hooks()
-        if st.rmod is not None or st.mute or self._task_id() != -1:
-            return  # a forward re-run by backward, a root already running here, or muted()
-        gid = self._by_addr.get(id(module))
-        if gid is None:
-            gid = self._new_root(module)
-        elif gid not in self._roots:
-            # a module of a known model at the top of the stack: most likely another thread's
-            # root call, begun while the hooks were off; it is not a root of its own
+    def _root_start(self, module: Any, t0: int) -> None:
+        """Every root call, sampled or not: a model seen for the first time sends its tree."""
+        if self._dead or id(module) in self._by_addr:
             return
-        self._remove_global()
-        handle = self._attach_end_hook(module)
-        st.end_hook = handle
-        self._end_handles.add(handle)
-        st.rmod = module
-        st.rt0 = _now()
-        self._extra_ns += st.rt0 - t_in
-        self._announce_start(module, st.rt0, args)
-
-    def _end_unsampled(self, module: Any, args: tuple, *rest: Any) -> None:
-        """The one-shot hook: the root call that began unsampled returned (or raised)."""
-        if self._compiling():
-            return
-        t1 = _now()
         try:
-            try:
-                st = self._tls.st
-            except AttributeError:
-                return
-            handle = st.end_hook
-            if handle is None or st.rmod is not module:
-                return
-            st.end_hook = None
-            # torch calls an always_call module hook with (kwargs, None) from inside its except
-            # block when forward raised
-            raised = len(rest) == 1 or (rest[-1] is None and sys.exc_info()[1] is not None)
-            if raised:
-                rest = (None,)
-            if raised:  # torch is iterating the module's hooks dict right now: remove it later
-                self._stale_end.append(handle)
-            else:
-                handle.remove()
-                self._end_handles.discard(handle)
-            st.rmod = None
-            if not self._sampled:
-                self._add_global()  # back on, to see the next root
-            self._extra_ns += _now() - t1
-            self._root_end(module, st.rt0, t1, args, rest)
+            self._new_root(module)
         except Exception as exc:
-            self._fail("root forward hook", exc)
+            self._fail("root call", exc)
 
-    def _attach_end_hook(self, module: Any) -> Any:
-        """The one-shot end hook, put straight into the module's hook dicts (cheap, see
-        ``_add_global``); a plain registration where this torch lacks those dicts."""
-        try:
-            dicts = (module._forward_hooks, module._forward_hooks_with_kwargs,
-                     module._forward_hooks_always_called)
-        except AttributeError:
-            return module.register_forward_hook(self._end_hook, with_kwargs=True, always_call=True)
-        handles = self._handle_cls
-        key = handles.next_id  # ids come from torch's own counter, so none collide
-        handles.next_id += 1
-        dicts[0][key] = self._end_hook
-        dicts[1][key] = True
-        dicts[2][key] = True
-        return _Entry(dicts, key)
-
-    def _drop_stale_end_hooks(self) -> None:
-        stale, self._stale_end = self._stale_end, []
-        for h in stale:
-            h.remove()
-            self._end_handles.discard(h)
-
-    # ----------------------------------------------------------------- root announcements
-
-    def _announce_start(self, module: Any, t: int, args: tuple) -> None:
-        self._root_calls += 1
-        if self._private or not core.BUS.root_forward_start:
-            return
-        # Global pre-hooks get no kwargs; the end announcement (``root_forward``) carries them.
-        t0 = _now()
-        for fn in core.BUS.root_forward_start:
-            try:
-                fn(module, t, args, _NO_KWARGS)
-            except Exception:
-                pass
-        self._listeners_ns += _now() - t0  # the listeners' cost is charged here, once
-
-    def _root_end(self, module: Any, t0: int, t1: int, args: tuple, rest: tuple) -> None:
-        if len(rest) == 1:  # forward raised
+    def _root_done(self, module: Any, t0: int, t1: int) -> None:
+        if self._sampled and module._compiled_call_impl is not None and not self._dead:
+            # compiled in place (module.compile()): no hook runs eagerly inside it, so its one row
+            # comes from the root call itself
             gid = self._by_addr.get(id(module))
             if gid is not None:
-                self._on_forward_error(module, gid)
-            return
-        if self._dirty:
+                acc = self._acc
+                acc.fwd[gid] += t1 - t0
+                acc.fwd_self[gid] += t1 - t0
+                acc.calls[gid] += 1
+        if self._dirty and not self._dead:
             gid = self._by_addr.get(id(module))
             if gid in self._dirty:
                 self._dirty.discard(gid)
-                self._emit_tree(gid, module)
-        if self._private:
-            return
-        t2 = _now()
-        for fn in core.BUS.root_forward:
-            try:
-                fn(module, t0, t1, args, rest[0])
-            except Exception:
-                pass
-        self._listeners_ns += _now() - t2
+                try:
+                    self._emit_tree(gid, module)
+                except Exception as exc:
+                    self._fail("root call", exc)
+
+    def _root_error(self, module: Any) -> None:
+        """A root call raised: an out-of-memory error is reported with the root, unless a module
+        inside it (a sampled step) named it already."""
+        gid = self._by_addr.get(id(module))
+        if gid is not None and not self._dead:
+            self._on_forward_error(module, gid)
+
+    # ----------------------------------------------------------------- per-layer records
 
     def _track(self, module: Any, gid: int, parent: _Rec | None, args: tuple) -> _Rec:
         """Grad is on: the record this call's backward will fill, hooked on its inputs' nodes."""
@@ -638,8 +507,6 @@ class LayersInstrument:
                 acc.act[gid] += self._torch.cuda.memory_allocated() - mem0
             if len(rest) == 1:  # always_call path: forward raised
                 self._on_forward_error(module, gid)
-                if not stack and st.end_hook is None:
-                    st.rmod = None
                 return
             if rec is not None:
                 out = rest[1]
@@ -660,9 +527,6 @@ class LayersInstrument:
                         if knodes:
                             rec.params = False
                             self._hook_nodes(knodes, rec, 1)
-            if not stack and st.end_hook is None:  # the root returned (else its end hook tells)
-                st.rmod = None
-                self._root_end(module, st.rt0, t1, args, rest)
         except Exception as exc:
             self._fail("forward hook", exc)
 
@@ -850,7 +714,8 @@ class LayersInstrument:
             for p in own:
                 key = str(p.dtype).removeprefix("torch.")
                 sizes[key] = sizes.get(key, 0) + p.numel()
-            is_compiled = isinstance(mod, optimized)
+            # torch.compile(module) wraps it; module.compile() compiles it in place
+            is_compiled = isinstance(mod, optimized) or getattr(mod, "_compiled_call_impl", None) is not None
             self._compiled_seen = self._compiled_seen or is_compiled
             ids.append(gid)
             paths.append(path)
@@ -936,9 +801,10 @@ class LayersInstrument:
             self._agent_share()
             fired = self._param_fired
             # paid on every step: the root-call listeners and the persistent parameter hooks
-            shared = self._listeners_ns + int(fired[0] * self.hook_call_ns)
-            roots = int(self._root_calls * self.root_call_ns)  # one-shot root hooks (unsampled)
-            self._root_calls = self._listeners_ns = fired[0] = 0
+            rc = self._rc
+            shared = rc.listeners_ns + int(fired[0] * self.hook_call_ns)
+            roots = int(rc.calls * self.root_call_ns)  # root-call detection (agent/roots.py)
+            rc.calls = rc.listeners_ns = fired[0] = 0
             fixed = self.tracker_ns + self.agent_ns + shared
             if self._sampled:
                 acc, self._acc = self._acc, _Acc(self._n)
@@ -966,7 +832,7 @@ class LayersInstrument:
                     self._acc = _Acc(self._n)
                     self._add_global()
                 else:
-                    self._unsampled_mid_call()
+                    self._remove_global()
         except Exception as exc:
             self._fail("step end", exc)
 
@@ -983,17 +849,6 @@ class LayersInstrument:
                 now = (cpu - cpu0) * 1e9 / n
                 self.agent_ns = int(now if not self.agent_ns else 0.75 * self.agent_ns + 0.25 * now)
             self._agent_mark = (self._steps_seen, cpu)
-
-    def _unsampled_mid_call(self) -> None:
-        """Sampling went off while a root call runs on this thread (the step ended as it began):
-        its children run without the global hooks and a one-shot hook on it announces its end."""
-        st = getattr(self._tls, "st", None)
-        if st is None or st.rmod is None or st.end_hook is not None:
-            return
-        self._remove_global()
-        handle = self._attach_end_hook(st.rmod)
-        st.end_hook = handle
-        self._end_handles.add(handle)
 
     def _cuda_ready(self) -> bool:
         try:
@@ -1095,6 +950,7 @@ class LayersInstrument:
                 probe.install(ctx)
                 sampled.append(run())
                 probe._auto, probe._sampled, probe.current_every = False, False, MAX_EVERY
+                probe._remove_global()
                 unsampled.append(run_fwd())
                 probe.uninstall()
                 probe._sampled = True
