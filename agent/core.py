@@ -34,6 +34,19 @@ class Options:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+YIELD_EVERY = 32  # items an agent-thread loop handles between two hand-overs of the GIL
+
+
+def let_script_run() -> None:
+    """Hand the GIL to the script's threads for a moment (agent thread, inside long loops).
+
+    A thread that wants the GIL waits up to ``sys.getswitchinterval()`` (5 ms) before the holder is
+    made to let go; a tick that encodes a few hundred events in one go stalled the script's steps
+    by up to that much. ``time.sleep(0)`` releases the GIL at once.
+    """
+    time.sleep(0)
+
+
 class Context(Protocol):
     """What the runtime offers instruments. All methods are safe from any thread and never block."""
 

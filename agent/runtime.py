@@ -412,6 +412,7 @@ class Agent:
             now = time.time()
             events = self._drain()
             for inst in list(self._instruments):
+                core.let_script_run()
                 try:
                     events.extend(inst.poll(now) or ())
                 except Exception as exc:
@@ -454,7 +455,9 @@ class Agent:
 
     def _publish(self, events: list[Event], now: float | None = None) -> None:
         pairs: list[tuple[Event, bytes]] = []
-        for ev in events:
+        for i, ev in enumerate(events):
+            if i % core.YIELD_EVERY == core.YIELD_EVERY - 1:
+                core.let_script_run()
             try:
                 pairs.append((ev, encode(ev)))
             except Exception as exc:

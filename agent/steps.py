@@ -735,11 +735,15 @@ class StepInstrument:
             self.scalars.prepare()
         gpu = self.gpu.resolve() if self.gpu.pending else {}
         done = self._done
+        n = 0
         while done:
             r = done[0]
             if not self._complete(r, gpu):
                 break
             done.popleft()
+            n += 1
+            if n % core.YIELD_EVERY == 0:
+                core.let_script_run()
             s = self._to_event(r)
             events.append(s)
             events.extend(self.detector.feed_step(s))

@@ -193,3 +193,19 @@ def test_encoding_failure_skips_the_event_with_one_warning(short_tmp: Path) -> N
     finally:
         agent.stop()
     assert [type(e).__name__ for e in got] == ["AgentWarning", "Metric"] and got[1].name == "good"
+
+
+def test_a_long_tick_hands_the_gil_over_between_batches(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a thread waiting for the GIL waits up to the switch interval (5 ms) unless the holder lets go:
+    # the agent thread lets go every YIELD_EVERY events it encodes and before every instrument poll
+    handovers: list[float] = []
+    monkeypatch.setattr(core, "let_script_run", lambda: handovers.append(time.monotonic()))
+    agent = Agent(options_from_env({}, socket=str(short_tmp / "g.sock"), tick_s=3600), instruments=[]).start()
+    try:
+        for i in range(1000):
+            agent.emit(Metric(name="m", value=float(i), t=0.0))
+        handovers.clear()
+        agent._tick()
+    finally:
+        agent.stop()
+    assert len(handovers) >= 1000 // core.YIELD_EVERY
