@@ -6,7 +6,7 @@ What a step costs the run is split in two:
 
 - the *fixed* cost every step pays: the step tracker's hooks, the root-call hooks of unsampled
   steps, the agent thread's CPU time per step; it cannot be sampled away;
-- the *extra* cost of a sampled step (global hooks on every module call, autograd node hooks).
+- the *extra* cost of a sampled step (timing around every module call, autograd node hooks).
 
 The extra cost is known two ways, and the larger one is trusted: the calibrated per-call estimate,
 and a control measurement: the median duration of recent sampled steps minus that of recent

@@ -266,7 +266,7 @@ class FlopsInstrument:
             # autocast runs the matmuls (most of the FLOPs and weight traffic) in its dtype; norms
             # and softmax stay fp32 in reality, a small part of the bytes
             clone = clone.to(autocast)
-        # The layers instrument's global hooks must not see the meta copy's module calls.
+        # The layers instrument must not see the meta copy's module calls.
         with layers.muted():
             prof = F.count(clone, tuple(args), kwargs)
         originals = dict(model.named_modules())

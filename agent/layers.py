@@ -1,7 +1,8 @@
-"""Per-layer forward/backward time and memory, from the global module hooks (no user code change).
+"""Per-layer forward/backward time and memory around every module call (no user code change).
 
-Hot path (every module call on a sampled step): the global pre/post forward hooks take a
-``perf_counter_ns`` timestamp, push/pop a per-thread stack of small frames and add into
+Hot path (every module call on a sampled step): ``_pre``/``_post``, called around each call by
+``nn.Module.__call__`` as agent/roots.py replaces it (no torch hook: any global module hook would
+send every call through torch's slow path), take a ``perf_counter_ns`` timestamp, push/pop a per-thread stack of small frames and add into
 preallocated per-module lists indexed by global module id. Nothing is locked, encoded or sent.
 
 Backward: when grad is enabled, the forward pre-hook puts an autograd node pre-hook on the
@@ -17,10 +18,9 @@ ends. One record per module call lives only in those hooks' closures, so it dies
 at the end of each backward (``queue_callback``) the records of that graph task are turned into
 inclusive and self times. See docs/ARCHITECTURE.md, "Layer hooks".
 
-Sampling: per-layer timing is taken on every Nth step; on the other steps no global hook is in
-force (torch's hook slow path alone would cost more than our hooks). Root calls, on every step,
-are seen by ``agent/roots.py`` instead, which also announces them on the bus. Nothing stays
-registered on the user's modules, so copying or pickling a model is unaffected.
+Sampling: per-layer timing is taken on every Nth step; on the other steps module calls cost only
+roots.py's depth count. Root calls, on every step, are announced on the bus by roots.py. Nothing
+stays registered on the user's modules, so copying or pickling a model is unaffected.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import operator
 import sys
 import threading
 import time
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -171,7 +170,6 @@ class LayersInstrument:
         # hooks and steps
         self._tls = threading.local()
         self._gen = 0
-        self._global: tuple[Any, Any, bool] | None = None  # (pre handle, post handle, with kwargs)
         self._hooks_on = False
         self._acc = _Acc(0)
         self._ready: deque[tuple[int, _Acc, bool]] = deque()
@@ -230,11 +228,6 @@ class LayersInstrument:
             st.hold -= 1
             st.mute = max(st.hold * _HOLD, st.mute - _HOLD)
 
-    @property
-    def _global_handles(self) -> list[Any]:
-        """The global hook handles in force (kept for tests written against earlier builds)."""
-        return [self._global[0], self._global[1]] if self._hooks_on and self._global else []
-
     def overhead_ns_last_step(self) -> int:
         """The hooks' estimated cost in the step that ended last (valid after ``BUS.step_end``)."""
         return self._overhead_last
@@ -248,11 +241,6 @@ class LayersInstrument:
         _Tensor = torch.Tensor
         self._torch = torch
         self._nnm = torch.nn.modules.module
-        # dynamo folds this to True while it traces a hook (no guard), so a compiled graph never
-        # contains our hooks; eagerly it is one cheap call
-        comp = getattr(torch, "compiler", None)
-        self._compiling = getattr(comp, "is_dynamo_compiling", None) or getattr(
-            comp, "is_compiling", None) or torch._dynamo.is_compiling
         self._grad_enabled = torch.is_grad_enabled
         self._task_id = torch._C._current_graph_task_id
         self._engine = torch.autograd.Variable._execution_engine
@@ -260,12 +248,6 @@ class LayersInstrument:
             torch.cuda, "OutOfMemoryError", RuntimeError
         )
         self.ctx = ctx
-        # torch warns on every compiled-module call while global hooks exist; the hooks are
-        # ours, so the warning must not reach the user's stderr
-        warnings.filterwarnings(
-            "ignore", message=r"Using `torch.compile\(module\)` when there are global hooks",
-            category=UserWarning,
-        )
         if not self._private and not self.call_cost_ns:
             self.call_cost_ns, self.root_call_ns, self.hook_call_ns = self._calibrate()
         self._cuda = self._cuda_ready()
@@ -289,10 +271,9 @@ class LayersInstrument:
             pass
 
     def _unhook(self) -> None:
-        """Remove every torch hook (global, per-parameter). Root calls are still announced (the step
-        tracker needs them) and the bus listener stays."""
+        """Per-layer timing off for good, per-parameter hooks removed. Root calls are still
+        announced (the step tracker needs them) and the bus listener stays."""
         self._remove_global()
-        self._global = None
         for h in self._param_handles:
             h.remove()
         self._param_handles.clear()
@@ -313,49 +294,22 @@ class LayersInstrument:
             events.extend(self._compile_metrics(now))
         return events
 
-    # ----------------------------------------------------------------- global hooks
+    # ----------------------------------------------------------------- per-call timing on/off
 
     def _add_global(self) -> None:
-        """Put the global hooks in force (again). Re-adding is direct dict inserts under the ids
-        of the first registration: unsampled steps switch them per root call, and a fresh
-        ``RemovableHandle`` (weakrefs, counters) each time costs several µs."""
+        """Per-layer timing on: ``_pre``/``_post`` around every module call (agent/roots.py)."""
         if self._hooks_on or self._dead or not self._installed:
             return
-        m = self._nnm
-        self._gen += 1
+        self._gen += 1  # frames left by an earlier period are stale
         self._hooks_on = True
-        if self._global is None:
-            pre = m.register_module_forward_pre_hook(self._pre)
-            try:
-                post = m.register_module_forward_hook(self._post, with_kwargs=True, always_call=True)
-                kw = True
-            except TypeError:  # an older torch: no kwargs, and no call when forward raises
-                post = m.register_module_forward_hook(lambda mod, args, out: self._post(mod, args, {}, out))
-                kw = False
-            self._global = (pre, post, kw)
-            self._post_fn = m._global_forward_hooks[post.id]
-            return
-        pre, post, kw = self._global
-        m._global_forward_pre_hooks[pre.id] = self._pre
-        m._global_forward_hooks[post.id] = self._post_fn
-        if kw:
-            m._global_forward_hooks_with_kwargs[post.id] = True
-            m._global_forward_hooks_always_called[post.id] = True
+        self._rc.each = (self._pre, self._post)
 
     def _remove_global(self) -> None:
-        """Take the global hooks out of force: direct dict pops under their ids (a
-        ``RemovableHandle.remove()`` walks weakrefs; this runs twice per root call)."""
+        """Per-layer timing off: module calls cost only root detection."""
         if not self._hooks_on:
             return
         self._hooks_on = False
-        if self._global is not None:
-            pre, post, kw = self._global
-            m = self._nnm
-            m._global_forward_pre_hooks.pop(pre.id, None)
-            m._global_forward_hooks.pop(post.id, None)
-            if kw:
-                m._global_forward_hooks_with_kwargs.pop(post.id, None)
-                m._global_forward_hooks_always_called.pop(post.id, None)
+        self._rc.each = None
 
     def _state(self) -> _ThreadState:
         st = _ThreadState(self._gen)
@@ -363,15 +317,13 @@ class LayersInstrument:
         return st
 
     def _pre(self, module: Any, args: tuple) -> None:
-        if self._compiling():  # dynamo is tracing this hook: leave the graph alone
-            return
         try:
             try:
                 st = self._tls.st
             except AttributeError:
                 st = self._state()
             if not self._sampled:
-                return  # the global hooks were on their way out as this call began
+                return  # per-layer timing went off as this call began
             stack = st.stack
             gid = self._by_addr.get(id(module))
             if gid is None or not stack or st.mute or st.gen != self._gen:
@@ -430,15 +382,6 @@ class LayersInstrument:
             self._fail("root call", exc)
 
     def _root_done(self, module: Any, t0: int, t1: int) -> None:
-        if self._sampled and module._compiled_call_impl is not None and not self._dead:
-            # compiled in place (module.compile()): no hook runs eagerly inside it, so its one row
-            # comes from the root call itself
-            gid = self._by_addr.get(id(module))
-            if gid is not None:
-                acc = self._acc
-                acc.fwd[gid] += t1 - t0
-                acc.fwd_self[gid] += t1 - t0
-                acc.calls[gid] += 1
         if self._dirty and not self._dead:
             gid = self._by_addr.get(id(module))
             if gid in self._dirty:
@@ -477,8 +420,6 @@ class LayersInstrument:
         return rec
 
     def _post(self, module: Any, args: tuple, *rest: Any) -> None:
-        if self._compiling():  # first: dynamo must not trace past this line
-            return
         t1 = _now()
         try:
             try:
@@ -505,7 +446,7 @@ class LayersInstrument:
                 stack[-1][2] += dt
             if mem0 >= 0:
                 acc.act[gid] += self._torch.cuda.memory_allocated() - mem0
-            if len(rest) == 1:  # always_call path: forward raised
+            if len(rest) == 1:  # forward raised
                 self._on_forward_error(module, gid)
                 return
             if rec is not None:
@@ -519,7 +460,7 @@ class LayersInstrument:
                 if nodes:
                     self._hook_nodes(nodes, rec, 0)
                     if rec.params and rest[0]:
-                        # inputs passed by keyword are only visible here (global pre-hooks get
+                        # inputs passed by keyword are only visible here (the pre-hook gets
                         # no kwargs); hook them late rather than not at all
                         knodes: list[Any] = []
                         _grad_nodes(rest[0], knodes)

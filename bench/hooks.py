@@ -15,8 +15,10 @@ and removed in alternation inside one process, and keeps the fastest of many rep
 - **per module call with per-layer timing on** (every layer, every step): an MLP of 6 × (Linear
   256→256 + ReLU) + Linear, 14 module calls a step, in training (forward and backward) and under
   ``no_grad``, next to the per-call cost the layers instrument calibrated at install;
-- torch's own cost of one no-op global hook pair per module call, and in training the same with one
-  no-op autograd pre-hook per module output: the floor of any view built like this one.
+- the floor of this design: the ``nn.Module.__call__`` replacement (agent/roots.py) calling no-op
+  pre/post callbacks around every module call, and in training the same with one no-op autograd
+  pre-hook per module output; next to torch's own cost of a no-op global hook pair per call, which
+  the design avoids.
 
 The agent thread is not included (it runs beside the step); `bench/overhead.py` sees it.
 """
@@ -163,37 +165,44 @@ def per_call(quick: bool) -> dict[str, Any]:
         pre.remove()
         post.remove()
     out["noop_hook_pair_us"] = (hooked - base) * 1e6 / calls
-    out["floor_train_us"] = _floor(train, number, repeat) / calls
+    out["noop_call_pair_us"] = _floor(infer, number, repeat, node_hooks=False) / calls
+    out["floor_train_us"] = _floor(train, number, repeat, node_hooks=True) / calls
     return out
 
 
-def _floor(train: Any, number: int, repeat: int) -> float:
-    """µs per step that any view built on global module hooks plus one autograd node pre-hook per
-    module output pays in training, with hooks that do nothing at all."""
-    from torch.nn.modules import module as nn_module
+def _floor(fn: Any, number: int, repeat: int, node_hooks: bool) -> float:
+    """µs per step that the layers instrument's design pays with callbacks that do nothing: the
+    ``nn.Module.__call__`` replacement (agent/roots.py) calling a no-op pre and post around every
+    module call, plus (``node_hooks``) one no-op autograd node pre-hook per module output."""
+    import torch
+    from llmtop.agent.roots import RootCalls
 
     def node_hook(grad_outputs: Any) -> None:
         pass
 
-    def post(module: Any, args: Any, out: Any) -> None:
-        fn = getattr(out, "grad_fn", None)
-        if fn is not None:
-            fn.register_prehook(node_hook)
+    def pre(module: Any, args: Any) -> None:
+        pass
+
+    def post(module: Any, args: Any, kwargs: Any, out: Any = None) -> None:
+        if node_hooks:
+            grad_fn = getattr(out, "grad_fn", None)
+            if grad_fn is not None:
+                grad_fn.register_prehook(node_hook)
 
     def best() -> float:
-        return min(timeit.repeat(train, timer=time.thread_time, number=number, repeat=repeat)) / number
+        return min(timeit.repeat(fn, timer=time.thread_time, number=number, repeat=repeat)) / number
 
     base: list[float] = []
     hooked: list[float] = []
     for _ in range(3):
         base.append(best())
-        handles = (nn_module.register_module_forward_pre_hook(lambda m, a: None),
-                   nn_module.register_module_forward_hook(post))
+        calls = RootCalls(lambda m, t0: None, lambda m, t0, t1: None, lambda m: None, bus=False)
+        calls.install(torch)
+        calls.each = (pre, post)
         try:
             hooked.append(best())
         finally:
-            for h in handles:
-                h.remove()
+            calls.uninstall()
     return (min(hooked) - min(base)) * 1e6
 
 
@@ -222,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"per-layer timing on, {name}: per module call ({n} calls)", f"{r['off_us']:.0f}",
                      f"{r['on_us']:.0f}", f"{r['per_call_us']:+.2f} per call",
                      f"{calls['calibrated_us']:.2f} per call (calibrated)" if name == "train" else ""))
-    rows.append(("torch: a no-op global pre+post hook pair, per module call", "", "",
+    rows.append(("for comparison, torch: a no-op global pre+post hook pair, per module call", "", "",
                  f"{calls['noop_hook_pair_us']:+.2f}", ""))
-    rows.append(("floor, train: no-op global hooks + a no-op node pre-hook per module output, per call",
+    rows.append(("floor, no_grad: our `__call__` with no-op pre/post callbacks, per module call", "", "",
+                 f"{calls['noop_call_pair_us']:+.2f}", ""))
+    rows.append(("floor, train: the same + a no-op node pre-hook per module output, per call",
                  "", "", f"{calls['floor_train_us']:+.2f}", ""))
     print("| measure | without (µs) | with (µs) | cost (µs) | agent reports (µs) |")
     print("|---|---:|---:|---:|---:|")
