@@ -16,6 +16,17 @@ VENV_BIN = Path(sys.executable).parent
 LLMTOP = str(VENV_BIN / "llmtop")
 
 
+@pytest.fixture(autouse=True)
+def module_call_restored() -> Iterator[None]:
+    """Every test leaves ``nn.Module.__call__`` as torch has it (agent/roots.py replaces it while an
+    agent runs): a replacement left behind would change every later test's module calls."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "nn"):
+        module_cls = torch.nn.Module
+        assert module_cls.__dict__["__call__"] is module_cls._wrapped_call_impl, "nn.Module.__call__ left replaced"
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A short temporary directory: Unix socket paths must stay under 108 bytes."""
