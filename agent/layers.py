@@ -170,7 +170,7 @@ class LayersInstrument:
         # hooks and steps
         self._tls = threading.local()
         self._gen = 0
-        self._hooks_on = False
+        self._timing = False
         self._acc = _Acc(0)
         self._ready: deque[tuple[int, _Acc, bool]] = deque()
         self._tasks: dict[int, list[_Rec]] = {}
@@ -257,7 +257,7 @@ class LayersInstrument:
         self._installed = True
         self._rc.install(torch)
         if self._sampled:
-            self._add_global()
+            self._timing_on()
 
     def uninstall(self) -> None:
         self._installed = False
@@ -273,7 +273,7 @@ class LayersInstrument:
     def _unhook(self) -> None:
         """Per-layer timing off for good, per-parameter hooks removed. Root calls are still
         announced (the step tracker needs them) and the bus listener stays."""
-        self._remove_global()
+        self._timing_off()
         for h in self._param_handles:
             h.remove()
         self._param_handles.clear()
@@ -296,19 +296,19 @@ class LayersInstrument:
 
     # ----------------------------------------------------------------- per-call timing on/off
 
-    def _add_global(self) -> None:
+    def _timing_on(self) -> None:
         """Per-layer timing on: ``_pre``/``_post`` around every module call (agent/roots.py)."""
-        if self._hooks_on or self._dead or not self._installed:
+        if self._timing or self._dead or not self._installed:
             return
         self._gen += 1  # frames left by an earlier period are stale
-        self._hooks_on = True
+        self._timing = True
         self._rc.each = (self._pre, self._post)
 
-    def _remove_global(self) -> None:
+    def _timing_off(self) -> None:
         """Per-layer timing off: module calls cost only root detection."""
-        if not self._hooks_on:
+        if not self._timing:
             return
-        self._hooks_on = False
+        self._timing = False
         self._rc.each = None
 
     def _state(self) -> _ThreadState:
@@ -771,9 +771,9 @@ class LayersInstrument:
                 core.BUS.detail = sampled
                 if sampled:
                     self._acc = _Acc(self._n)
-                    self._add_global()
+                    self._timing_on()
                 else:
-                    self._remove_global()
+                    self._timing_off()
         except Exception as exc:
             self._fail("step end", exc)
 
@@ -891,7 +891,7 @@ class LayersInstrument:
                 probe.install(ctx)
                 sampled.append(run())
                 probe._auto, probe._sampled, probe.current_every = False, False, MAX_EVERY
-                probe._remove_global()
+                probe._timing_off()
                 unsampled.append(run_fwd())
                 probe.uninstall()
                 probe._sampled = True

@@ -66,7 +66,8 @@ class RootCalls:
     # --------------------------------------------------------------------- per thread
 
     def current(self) -> tuple[Any, int]:
-        """(root module, start ns) of the root call in progress on this thread, or (None, 0)."""
+        """(root module, start ns) of the root call in progress on this thread; the module is None
+        when there is none."""
         tls = self._tls
         return tls.root, tls.t0
 

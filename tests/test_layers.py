@@ -368,7 +368,7 @@ def test_failing_forward_hook_disables_itself(started: Any, monkeypatch: pytest.
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), expected_grads, strict=True))
     assert len(ctx.warnings) == 1
     assert ctx.warnings[0][0] == "layers" and "injected" in ctx.warnings[0][1]
-    assert not inst._hooks_on
+    assert not inst._timing
     assert not any(getattr(h, "__self__", None) is inst for h in nn_module._global_forward_pre_hooks.values())
     assert not model._forward_pre_hooks and not model._forward_hooks
     model(x)  # nothing runs any more

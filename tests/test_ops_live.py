@@ -111,11 +111,12 @@ def test_generate_decode_steps_are_counted_once_without_warnings() -> None:
     assert head == 2 * 1 * 64 * 500  # one new token through the LM head
 
 
-def test_hooks_re_added_during_the_count_do_not_take_the_copy_for_a_model() -> None:
+def test_timing_switched_on_during_the_count_does_not_take_the_copy_for_a_model() -> None:
     ctx, layers, inst = flops_rig()
 
     class Toggles(torch.nn.Module):
-        """On meta (the agent's count) it re-adds the global hooks mid-forward, as sampling does."""
+        """On meta (the agent's count) it switches per-layer timing off and on mid-forward, as
+        sampling does."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -125,8 +126,8 @@ def test_hooks_re_added_during_the_count_do_not_take_the_copy_for_a_model() -> N
         def forward(self, x):
             x = self.a(x)
             if x.device.type == "meta":
-                layers._remove_global()
-                layers._add_global()
+                layers._timing_off()
+                layers._timing_on()
             return self.b(x)
 
     try:
@@ -142,19 +143,19 @@ def test_hooks_re_added_during_the_count_do_not_take_the_copy_for_a_model() -> N
     assert ctx.warnings == []
 
 
-def test_count_between_unsampled_steps_leaves_the_layers_hooks_alone() -> None:
+def test_count_between_unsampled_steps_leaves_per_layer_timing_alone() -> None:
     ctx, layers, inst = flops_rig(layer_every=3)
     try:
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
         model(torch.randn(4, 8))
-        end_step(1)  # step 2 is not sampled: no global hook is in force (roots.py sees root calls)
+        end_step(1)  # step 2 is not sampled: per-layer timing is off (roots.py sees root calls)
         model(torch.randn(4, 8))
         nnm = torch.nn.modules.module
-        hooks = (dict(nnm._global_forward_pre_hooks), dict(nnm._global_forward_hooks))
-        assert hooks == ({}, {})
+        assert layers._rc.each is None
         events = [e for _ in range(3) for e in inst.poll(time.time())]
-        # The count on this thread neither took them off nor put others in …
-        assert (dict(nnm._global_forward_pre_hooks), dict(nnm._global_forward_hooks)) == hooks
+        # The count on this thread neither switched per-layer timing on nor put torch hooks in …
+        assert layers._rc.each is None
+        assert not nnm._global_forward_pre_hooks and not nnm._global_forward_hooks
         # … and the next sampled step is still measured, module by module.
         end_step(2)
         model(torch.randn(4, 8))
