@@ -89,8 +89,7 @@ class HotBus:
     def __init__(self) -> None:
         # fn(module, t_start_ns, t_end_ns, args, kwargs): a root module's forward returned.
         self.root_forward: list[Any] = []
-        # fn(module, t_start_ns, args, kwargs): a root module's forward is about to run. ``kwargs`` is
-        # always empty here (torch gives global pre-hooks none); ``root_forward`` carries them.
+        # fn(module, t_start_ns, args, kwargs): a root module's forward is about to run.
         self.root_forward_start: list[Any] = []
         # fn(step, t_end_ns): step ``step`` just ended (called on the thread that ended it).
         self.step_end: list[Any] = []

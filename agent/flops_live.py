@@ -216,7 +216,7 @@ class FlopsInstrument:
 
     # --- hot path --------------------------------------------------------------------------------
     def _on_root(self, module: Any, t_start_ns: int, t_end_ns: int, args: tuple, kwargs: dict) -> None:
-        # BUS.root_forward (the call's end): the start announcement carries no kwargs. Only on
+        # BUS.root_forward (the call's end: a call that raised is not counted). Only on
         # detailed steps: a new input signature is still seen within a few steps, at a fraction
         # of the cost of reading every call's shapes.
         if self._dead or not core.BUS.detail:

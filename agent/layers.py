@@ -2,8 +2,9 @@
 
 Hot path (every module call on a sampled step): ``_pre``/``_post``, called around each call by
 ``nn.Module.__call__`` as agent/roots.py replaces it (no torch hook: any global module hook would
-send every call through torch's slow path), take a ``perf_counter_ns`` timestamp, push/pop a per-thread stack of small frames and add into
-preallocated per-module lists indexed by global module id. Nothing is locked, encoded or sent.
+send every call through torch's slow path), take a ``perf_counter_ns`` timestamp, push/pop a
+per-thread stack of small frames and add into preallocated per-module lists indexed by global
+module id. Nothing is locked, encoded or sent.
 
 Backward: when grad is enabled, the forward pre-hook puts an autograd node pre-hook on the
 ``grad_fn`` of every input that needs grad (the module's backward *ends* when that node is about

@@ -524,7 +524,7 @@ def test_copy_and_pickle_a_model_while_measured(started: Any) -> None:
 
 def test_sampled_step_that_starts_inside_a_root_call(started: Any) -> None:
     # A step tracker may end the previous step as the next root forward starts (a grad-enabled
-    # inference loop): the global hooks then come on while that root call is already running.
+    # inference loop): per-layer timing then comes on while that root call is already running.
     model = mlp()
     inst, ctx = started(layer_every=2)
     started_steps: list[int] = []

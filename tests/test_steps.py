@@ -15,6 +15,7 @@ import llmtop.agent
 import pytest
 import torch
 from llmtop.agent import core
+from llmtop.agent.roots import RootCalls
 from llmtop.agent.steps import StepInstrument, _input_shape
 from llmtop.protocol.events import PHASES, AgentWarning, Step
 from torch import nn
@@ -46,34 +47,19 @@ class Ctx:
 
 
 class Roots:
-    """Announces root-module forwards on the bus, as the layers instrument does."""
+    """Root-module forwards announced on the bus by the real mechanism (agent/roots.py), without
+    the layers instrument around it."""
 
     def __enter__(self) -> Roots:
-        from torch.nn.modules import module as m
+        def ignore(*args: Any) -> None:
+            pass
 
-        self.depth = 0
-        self.t0 = 0
-        self.handles = [m.register_module_forward_pre_hook(self._pre),
-                        m.register_module_forward_hook(self._post, always_call=True)]
+        self.calls = RootCalls(ignore, ignore, ignore)
+        self.calls.install(torch)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def _pre(self, mod: nn.Module, args: tuple) -> None:
-        self.depth += 1
-        if self.depth == 1:
-            self.t0 = time.perf_counter_ns()
-            for fn in core.BUS.root_forward_start:
-                fn(mod, self.t0, args, {})
-
-    def _post(self, mod: nn.Module, args: tuple, out: Any) -> None:
-        self.depth -= 1
-        if self.depth == 0:
-            t1 = time.perf_counter_ns()
-            for fn in core.BUS.root_forward:
-                fn(mod, self.t0, t1, args, {})
+        self.calls.uninstall()
 
 
 @pytest.fixture
