@@ -142,8 +142,11 @@ class LlmtopApp(App[int]):
             key = (model.version, self.active_view, self.window_s)
             if key == self._drawn and not force:
                 return
+            view = self.view_widget()
+            if not view.is_mounted:
+                return  # still composing its children (a start under load): a later frame draws it
             with self.batch_update():
-                self.view_widget().refresh_view(model, self.window_s)
+                view.refresh_view(model, self.window_s)
             self._drawn = key
         self.frames += 1
         self.last_frame_ms = (time.perf_counter() - started) * 1000.0
