@@ -14,8 +14,9 @@ Hooking the nodes captured before the forward ran keeps this right with in-place
 (``ReLU(inplace=True)`` rewrites its input's ``grad_fn``; the node captured earlier is still in
 the graph), and needs no ``BackwardHookFunction`` wrapper (full backward hooks break on in-place
 ops and register state even under ``no_grad``). Modules whose inputs need no grad end when
-their own parameters' gradients arrive (one persistent hook per parameter) or their last child
-ends. One record per module call lives only in those hooks' closures, so it dies with the graph;
+their own parameters' gradients arrive (one hook per parameter while timing is on) or their
+last child ends. One record per module call lives only in its nodes' slots, so it dies with the
+graph;
 at the end of each backward (``queue_callback``) the records of that graph task are turned into
 inclusive and self times. See docs/ARCHITECTURE.md, "Layer hooks".
 
@@ -27,6 +28,7 @@ stays registered on the user's modules, so copying or pickling a model is unaffe
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import sys
 import threading
@@ -91,12 +93,7 @@ class _Rec:
         self.gid = gid
         self.parent = parent
         self.seq = seq
-        self.start = 0
-        self.end = 0
-        self.kid_start = 0
-        self.kid_end = 0
-        self.kids = 0
-        self.task = -2
+        self.task = -2  # start, end, kid_start, kid_end and kids are set when its backward starts
         self.params = False  # end also waits for this module's own parameter gradients
 
 
@@ -190,7 +187,7 @@ class LayersInstrument:
         self.tracker_ns = 0  # the step tracker's own cost in the step now ending (it sets this)
         self.agent_ns = 0  # the agent thread's CPU time per step (per tick, smoothed over ticks)
         self._agent_mark = (0, 0.0)  # (steps seen, agent thread CPU seconds) at the last tick seen
-        self._param_fired = [0]  # calls of the persistent parameter hooks
+        self._param_fired = [0]  # calls of the parameter hooks since the last step end
         self._extra_ns = 0
         self._overhead_last = 0
         fixed = int(self.options.layer_every or 0)
@@ -272,13 +269,9 @@ class LayersInstrument:
             pass
 
     def _unhook(self) -> None:
-        """Per-layer timing off for good, per-parameter hooks removed. Root calls are still
-        announced (the step tracker needs them) and the bus listener stays."""
+        """Per-layer timing off for good. Root calls are still announced (the step tracker needs
+        them) and the bus listener stays."""
         self._timing_off()
-        for h in self._param_handles:
-            h.remove()
-        self._param_handles.clear()
-        self._param_hooked.clear()
 
     def poll(self, now: float) -> list[Event]:
         events: list[Event] = []
@@ -306,11 +299,16 @@ class LayersInstrument:
         self._rc.each = (self._pre, self._post)
 
     def _timing_off(self) -> None:
-        """Per-layer timing off: module calls cost only root detection."""
+        """Per-layer timing off: module calls cost only root detection, and the parameter hooks
+        go too (torch would call them on every unsampled backward); sampled steps re-add them."""
         if not self._timing:
             return
         self._timing = False
         self._rc.each = None
+        for h in self._param_handles:
+            h.remove()
+        self._param_handles.clear()
+        self._param_hooked.clear()
 
     def _state(self) -> _ThreadState:
         st = _ThreadState(self._gen)
@@ -333,7 +331,21 @@ class LayersInstrument:
                     return
             rec = None
             if self._grad_enabled():
-                rec = self._track(module, gid, stack[-1][4] if stack else None, args)
+                self._seq += 1
+                rec = _Rec(gid, stack[-1][4] if stack else None, self._seq)
+                if len(args) == 1 and isinstance(args[0], _Tensor):
+                    # the common case inline: one tensor, whose node the previous call's
+                    # post-hook has usually hooked already
+                    fn = args[0].grad_fn
+                    if fn is None:
+                        self._need_params(module, gid, rec)
+                    else:
+                        slot = fn.metadata.get(_SLOT)
+                        if slot is None:
+                            slot = self._new_slot(fn)
+                        slot[1].append(rec)
+                else:
+                    self._track(module, gid, rec, args)
             frame = [gid, 0, 0, self._torch.cuda.memory_allocated() if self._cuda else -1, rec, module]
             stack.append(frame)
             frame[1] = _now()  # last, so this hook's own work is not charged to the module
@@ -401,24 +413,15 @@ class LayersInstrument:
 
     # ----------------------------------------------------------------- per-layer records
 
-    def _track(self, module: Any, gid: int, parent: _Rec | None, args: tuple) -> _Rec:
-        """Grad is on: the record this call's backward will fill, hooked on its inputs' nodes."""
-        self._seq += 1
-        rec = _Rec(gid, parent, self._seq)
+    def _track(self, module: Any, gid: int, rec: _Rec, args: tuple) -> None:
+        """Grad is on: hook this call's record on its inputs' nodes (any arguments)."""
         nodes: list[Any] = []
         for a in args:
-            if isinstance(a, _Tensor):  # the common case, without a call
-                if a.requires_grad:
-                    fn = a.grad_fn
-                    if fn is not None and fn not in nodes:
-                        nodes.append(fn)
-            elif isinstance(a, (tuple, list, dict)):
-                _grad_nodes(a, nodes)
+            _grad_nodes(a, nodes)
         if nodes:
             self._hook_nodes(nodes, rec, 1)
         else:
             self._need_params(module, gid, rec)
-        return rec
 
     def _post(self, module: Any, args: tuple, *rest: Any) -> None:
         t1 = _now()
@@ -450,27 +453,38 @@ class LayersInstrument:
             if len(rest) == 1:  # forward raised
                 self._on_forward_error(module, gid)
                 return
-            if rec is not None:
-                out = rest[1]
-                if isinstance(out, _Tensor):
-                    fn = out.grad_fn if out.requires_grad else None
-                    nodes: list[Any] = [fn] if fn is not None else []
-                else:
-                    nodes = []
-                    _grad_nodes(out, nodes)
-                if nodes:
-                    self._hook_nodes(nodes, rec, 0)
-                    if rec.params and rest[0]:
-                        # inputs passed by keyword are only visible here (the pre-hook gets
-                        # no kwargs); hook them late rather than not at all
-                        knodes: list[Any] = []
-                        _grad_nodes(rest[0], knodes)
-                        knodes = [n for n in knodes if n not in nodes]
-                        if knodes:
-                            rec.params = False
-                            self._hook_nodes(knodes, rec, 1)
+            if rec is None:
+                return
+            out = rest[1]
+            if isinstance(out, _Tensor):  # the common case inline
+                fn = out.grad_fn
+                if fn is None:
+                    return
+                slot = fn.metadata.get(_SLOT)
+                if slot is None:
+                    slot = self._new_slot(fn)
+                slot[0].append(rec)
+                nodes: list[Any] = [fn]
+            else:
+                nodes = []
+                _grad_nodes(out, nodes)
+                if not nodes:
+                    return
+                self._hook_nodes(nodes, rec, 0)
+            if rec.params and rest[0]:
+                self._hook_kwargs(rec, rest[0], nodes)
         except Exception as exc:
             self._fail("forward hook", exc)
+
+    def _hook_kwargs(self, rec: _Rec, kwargs: dict, out_nodes: list[Any]) -> None:
+        """Inputs passed by keyword are only visible after the call (the pre-hook gets no
+        kwargs): hook them late rather than not at all."""
+        nodes: list[Any] = []
+        _grad_nodes(kwargs, nodes)
+        nodes = [n for n in nodes if n not in out_nodes]
+        if nodes:
+            rec.params = False
+            self._hook_nodes(nodes, rec, 1)
 
     def _resync(self, stack: list[list[Any]], module: Any) -> bool:
         """The top frame is not this module's (a hook was skipped): drop frames above its own."""
@@ -491,39 +505,42 @@ class LayersInstrument:
         ``kind`` 0: the module's backward starts at these nodes; 1: it ends there.
         """
         for node in nodes:
-            md = node.metadata
-            slot = md.get(_SLOT)
+            slot = node.metadata.get(_SLOT)
             if slot is None:
-                slot = md[_SLOT] = ([], [])
-                node.register_prehook(self._node_hook(slot))
+                slot = self._new_slot(node)
             slot[kind].append(rec)
 
-    def _node_hook(self, slot: tuple[list[_Rec], list[_Rec]]) -> Any:
-        def hook(grad_outputs: Any) -> None:
-            t = _now()
-            try:
-                if self._dead:
-                    return
-                starts, ends = slot
-                for r in ends:
-                    r.end = t
-                if starts:
-                    tid = self._task_id()
-                    for r in starts:
-                        if r.task == tid:
-                            continue
-                        r.task = tid
-                        r.start = t
-                        r.end = r.kid_start = r.kid_end = r.kids = 0
-                        lst = self._tasks.get(tid)
-                        if lst is None:
-                            lst = self._tasks[tid] = []
-                            self._engine.queue_callback(lambda: self._finish_task(tid))
-                        lst.append(r)
-            except Exception as exc:
-                self._fail("backward hook", exc)
+    def _new_slot(self, node: Any) -> tuple[list[_Rec], list[_Rec]]:
+        """The node's (starts, ends) records, kept in its own metadata, and its one pre-hook."""
+        slot: tuple[list[_Rec], list[_Rec]] = ([], [])
+        node.metadata[_SLOT] = slot
+        node.register_prehook(functools.partial(self._on_node, slot))
+        return slot
 
-        return hook
+    def _on_node(self, slot: tuple[list[_Rec], list[_Rec]], grad_outputs: Any) -> None:
+        """Autograd is about to run a hooked node: records ending here end, those starting start."""
+        t = _now()
+        try:
+            if self._dead:
+                return
+            starts, ends = slot
+            for r in ends:
+                r.end = t
+            if starts:
+                tid = self._task_id()
+                for r in starts:
+                    if r.task == tid:
+                        continue
+                    r.task = tid
+                    r.start = t
+                    r.end = r.kid_start = r.kid_end = r.kids = 0
+                    lst = self._tasks.get(tid)
+                    if lst is None:
+                        lst = self._tasks[tid] = []
+                        self._engine.queue_callback(lambda: self._finish_task(tid))
+                    lst.append(r)
+        except Exception as exc:
+            self._fail("backward hook", exc)
 
     def _need_params(self, module: Any, gid: int, rec: _Rec) -> None:
         """No input needs grad: this call's backward ends with its own parameters' gradients."""
@@ -536,7 +553,7 @@ class LayersInstrument:
 
     def _param_hook(self, gid: int) -> Any:
         param_end = self._param_end
-        fired = self._param_fired  # these hooks stay, so they cost on every step: counted
+        fired = self._param_fired  # torch's calls of these hooks are counted for the budget
 
         def hook(grad: Any) -> None:
             param_end[gid] = _now()
@@ -742,10 +759,10 @@ class LayersInstrument:
             self._last_end_ns = t_end_ns
             self._agent_share()
             fired = self._param_fired
-            # paid on every step: the root-call listeners and the persistent parameter hooks
             rc = self._rc
-            shared = rc.listeners_ns + int(fired[0] * self.hook_call_ns)
+            shared = rc.listeners_ns  # the root-call listeners: paid whatever the sampling
             roots = int(rc.calls * self.root_call_ns)  # root-call detection (agent/roots.py)
+            params = int(fired[0] * self.hook_call_ns)  # torch calling the parameter hooks
             rc.calls = rc.listeners_ns = fired[0] = 0
             fixed = self.tracker_ns + self.agent_ns + shared
             if self._sampled:
@@ -753,12 +770,13 @@ class LayersInstrument:
                 calls = sum(acc.calls)
                 if calls or acc.bwd_seen:
                     self._ready.append((step, acc, self._cuda))
-                estimate = int(calls * self.call_cost_ns) + self._extra_ns
+                estimate = int(calls * self.call_cost_ns) + self._extra_ns + params
                 self.budget.observe(step_ns, fixed, True, estimate)
                 own = shared + max(estimate, self.budget.control_ns())
             else:
-                self.budget.observe(step_ns, fixed + roots, False)
-                own = shared + roots
+                # (parameter hooks exist only while timing is on: a late backward of a sampled step)
+                self.budget.observe(step_ns, fixed + roots + params, False)
+                own = shared + roots + params
             self._extra_ns = 0
             self.tracker_ns = 0
             self._overhead_last = own + self.agent_ns

@@ -361,7 +361,7 @@ def test_failing_forward_hook_disables_itself(started: Any, monkeypatch: pytest.
         raise RuntimeError("injected")
 
     inst, ctx = started()
-    monkeypatch.setattr(inst, "_track", boom)
+    monkeypatch.setattr(inst, "_new_slot", boom)
     out = model(x)
     assert torch.equal(out, expected)
     out.sum().backward()
