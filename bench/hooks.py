@@ -13,8 +13,10 @@ and removed in alternation inside one process, and keeps the fastest of many rep
   user's thread but the op profiles, which the budget meters separately), next to what the agent
   itself reports for those steps (`Step.overhead_us`);
 - **per module call with per-layer timing on** (every layer, every step): an MLP of 6 × (Linear
-  256→256 + ReLU) + Linear, 14 module calls a step, in training (forward and backward) and under
-  ``no_grad``, next to the per-call cost the layers instrument calibrated at install;
+  + ReLU) + Linear, 14 module calls a step, at two widths (32: little compute between the
+  callbacks, so the least noise; 256: compute that evicts their code from the caches, as in real
+  models), in training (forward and backward) and under ``no_grad``, next to the per-call cost
+  the layers instrument calibrated at install;
 - the floor of this design: the ``nn.Module.__call__`` replacement (agent/roots.py) calling no-op
   pre/post callbacks around every module call, and in training the same with one no-op autograd
   pre-hook per module output; next to torch's own cost of a no-op global hook pair per call, which
@@ -26,6 +28,7 @@ The agent thread is not included (it runs beside the step); `bench/overhead.py` 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -117,93 +120,107 @@ def fixed_cost(quick: bool) -> dict[str, Any]:
 
 
 def per_call(quick: bool) -> dict[str, Any]:
+    """µs per module call of per-layer timing and of its floors, for two layer widths.
+
+    Each variant is timed against no instrument in the same round, rounds interleaved (the order
+    reversed every other round); the cost is the median of those paired differences. The narrow
+    model's steps are short, so its figure has the least noise; the wide one's compute sits
+    between the callbacks, as in real models, and evicts their code from the caches.
+    """
     import torch
-    from torch import nn
-    from torch.nn.modules import module as nn_module
-
-    layers: list[nn.Module] = []
-    for _ in range(6):
-        layers += [nn.Linear(256, 256), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(256, 10))
-    x = torch.randn(64, 256)
-    calls = 14
-
-    def train() -> None:
-        model(x).sum().backward()
-
-    def infer() -> None:
-        with torch.no_grad():
-            model(x)
-
-    number, repeat = (50, 3) if quick else (200, 5)
-    out: dict[str, Any] = {"module_calls": calls}
     from llmtop.agent.layers import LayersInstrument
 
     calib = LayersInstrument(_Ctx().options)
     calib.install(_Ctx())  # calibrates like the agent does at start
-    out["calibrated_us"] = calib.call_cost_ns / 1e3
+    out: dict[str, Any] = {"module_calls": 14, "calibrated_us": calib.call_cost_ns / 1e3}
     calib.uninstall()
-    for name, fn in (("train", train), ("no_grad", infer)):
-        for _ in range(5):
-            fn()
-        r = _paired(fn, ("layers",), _Ctx(layer_every=1, extra={"layer_call_ns": 1}), number, 3, repeat)
-        r["per_call_us"] = r["delta_us"] / calls
-        out[name] = r
+    rounds = 5 if quick else 11
+    for width, batch, number in ((32, 8, 100), (256, 64, 20)):
+        model = _mlp(width)
+        x = torch.randn(batch, width)
+
+        def train(model: Any = model, x: Any = x) -> None:
+            model(x).sum().backward()
+
+        def infer(model: Any = model, x: Any = x) -> None:
+            with torch.no_grad():
+                model(x)
+
+        out[f"w{width}"] = {
+            "train": _variants(train, ("real", "floor", "nodes"), number, rounds),
+            "no_grad": _variants(infer, ("real", "floor", "torch"), number, rounds),
+        }
+    return out
+
+
+def _mlp(width: int) -> Any:
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    for _ in range(6):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def _variants(fn: Any, kinds: tuple[str, ...], number: int, rounds: int) -> dict[str, float]:
+    """µs per module call (14 calls) that each kind adds to ``fn``:
+
+    - ``real``: the layers instrument timing every call (every layer, every step);
+    - ``floor``: the ``nn.Module.__call__`` replacement (agent/roots.py) with no-op pre/post;
+    - ``nodes``: the floor plus one no-op autograd node pre-hook per module output, as the
+      instrument registers them (one per node, the slot in the node's metadata);
+    - ``torch``: torch's own no-op global forward pre+post hook pair (which the design avoids).
+    """
+    import torch
+    from llmtop.agent.layers import LayersInstrument
+    from llmtop.agent.roots import RootCalls
+    from torch.nn.modules import module as nn_module
 
     def noop(*args: Any) -> None:
         pass
 
-    def dispatch() -> float:
-        return min(timeit.repeat(infer, timer=time.thread_time, number=number, repeat=repeat)) / number
+    def node_post(module: Any, args: Any, kwargs: Any, out: Any = None) -> None:
+        grad_fn = getattr(out, "grad_fn", None)
+        if grad_fn is not None:
+            md = grad_fn.metadata
+            if "bench" not in md:
+                md["bench"] = ([], [])
+                grad_fn.register_prehook(functools.partial(noop, md["bench"]))
 
-    base = dispatch()
-    pre = nn_module.register_module_forward_pre_hook(noop)
-    post = nn_module.register_module_forward_hook(noop)
-    try:
-        hooked = dispatch()
-    finally:
-        pre.remove()
-        post.remove()
-    out["noop_hook_pair_us"] = (hooked - base) * 1e6 / calls
-    out["noop_call_pair_us"] = _floor(infer, number, repeat, node_hooks=False) / calls
-    out["floor_train_us"] = _floor(train, number, repeat, node_hooks=True) / calls
-    return out
-
-
-def _floor(fn: Any, number: int, repeat: int, node_hooks: bool) -> float:
-    """µs per step that the layers instrument's design pays with callbacks that do nothing: the
-    ``nn.Module.__call__`` replacement (agent/roots.py) calling a no-op pre and post around every
-    module call, plus (``node_hooks``) one no-op autograd node pre-hook per module output."""
-    import torch
-    from llmtop.agent.roots import RootCalls
-
-    def node_hook(grad_outputs: Any) -> None:
-        pass
-
-    def pre(module: Any, args: Any) -> None:
-        pass
-
-    def post(module: Any, args: Any, kwargs: Any, out: Any = None) -> None:
-        if node_hooks:
-            grad_fn = getattr(out, "grad_fn", None)
-            if grad_fn is not None:
-                grad_fn.register_prehook(node_hook)
-
-    def best() -> float:
-        return min(timeit.repeat(fn, timer=time.thread_time, number=number, repeat=repeat)) / number
-
-    base: list[float] = []
-    hooked: list[float] = []
-    for _ in range(3):
-        base.append(best())
+    def install(kind: str) -> Any:
+        if kind == "real":
+            ctx = _Ctx(layer_every=1, extra={"layer_call_ns": 1})
+            inst = LayersInstrument(ctx.options)
+            inst.install(ctx)
+            return inst.uninstall
+        if kind == "torch":
+            handles = (nn_module.register_module_forward_pre_hook(noop),
+                       nn_module.register_module_forward_hook(noop))
+            return lambda: [h.remove() for h in handles]
         calls = RootCalls(lambda m, t0: None, lambda m, t0, t1: None, lambda m: None, bus=False)
         calls.install(torch)
-        calls.each = (pre, post)
-        try:
-            hooked.append(best())
-        finally:
-            calls.uninstall()
-    return (min(hooked) - min(base)) * 1e6
+        calls.each = (noop, node_post if kind == "nodes" else noop)
+        return calls.uninstall
+
+    def best() -> float:
+        return min(timeit.repeat(fn, timer=time.thread_time, number=number, repeat=3)) / number
+
+    for _ in range(20):
+        fn()
+    deltas: dict[str, list[float]] = {k: [] for k in kinds}
+    order = ("none", *kinds)
+    for r in range(rounds):
+        took: dict[str, float] = {}
+        for kind in order if r % 2 else order[::-1]:
+            remove = install(kind) if kind != "none" else None
+            try:
+                took[kind] = best()
+            finally:
+                if remove is not None:
+                    remove()
+        for kind in kinds:
+            deltas[kind].append(took[kind] - took["none"])
+    return {k: statistics.median(v) * 1e6 / 14 for k, v in deltas.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,29 +238,30 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
     rep = fixed["reported_us"]
-    n = calls["module_calls"]
-    rows = [
-        ("fixed cost per step (near-empty training step, unsampled)", f"{fixed['off_us']:.1f}",
-         f"{fixed['on_us']:.1f}", f"{fixed['delta_us']:+.1f}", f"{rep:.1f}" if rep is not None else ""),
-    ]
-    for name in ("train", "no_grad"):
-        r = calls[name]
-        rows.append((f"per-layer timing on, {name}: per module call ({n} calls)", f"{r['off_us']:.0f}",
-                     f"{r['on_us']:.0f}", f"{r['per_call_us']:+.2f} per call",
-                     f"{calls['calibrated_us']:.2f} per call (calibrated)" if name == "train" else ""))
-    rows.append(("for comparison, torch: a no-op global pre+post hook pair, per module call", "", "",
-                 f"{calls['noop_hook_pair_us']:+.2f}", ""))
-    rows.append(("floor, no_grad: our `__call__` with no-op pre/post callbacks, per module call", "", "",
-                 f"{calls['noop_call_pair_us']:+.2f}", ""))
-    rows.append(("floor, train: the same + a no-op node pre-hook per module output, per call",
-                 "", "", f"{calls['floor_train_us']:+.2f}", ""))
     print("| measure | without (µs) | with (µs) | cost (µs) | agent reports (µs) |")
     print("|---|---:|---:|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(f"| fixed cost per step (near-empty training step, unsampled) | {fixed['off_us']:.1f} | "
+          f"{fixed['on_us']:.1f} | {fixed['delta_us']:+.1f} | {f'{rep:.1f}' if rep is not None else ''} |")
     print()
-    print("CPU thread time of the user's thread, one torch thread, fastest of repeated runs with the "
-          "instruments installed and removed in alternation; the agent thread is not included.")
+    narrow, wide = calls["w32"], calls["w256"]
+    rows = [
+        ("every layer timed (the layers instrument), training", "train", "real"),
+        ("every layer timed (the layers instrument), no_grad", "no_grad", "real"),
+        ("floor: our `__call__` with no-op pre/post callbacks, training", "train", "floor"),
+        ("floor: the same + a no-op node pre-hook per module output, training", "train", "nodes"),
+        ("floor: our `__call__` with no-op pre/post callbacks, no_grad", "no_grad", "floor"),
+        ("for comparison, torch: a no-op global pre+post hook pair, no_grad", "no_grad", "torch"),
+    ]
+    print(f"| µs per module call ({calls['module_calls']} calls a step) | MLP width 32, batch 8 "
+          "| MLP width 256, batch 64 |")
+    print("|---|---:|---:|")
+    for label, mode, kind in rows:
+        print(f"| {label} | {narrow[mode][kind]:+.2f} | {wide[mode][kind]:+.2f} |")
+    print(f"| the layers instrument's own estimate, calibrated at start | {calls['calibrated_us']:.2f} | |")
+    print()
+    print("CPU thread time of the user's thread, one torch thread; the agent thread is not included. "
+          "Fixed cost: fastest of repeated runs, instruments installed and removed in alternation. "
+          "Per call: median over interleaved rounds of (variant − no instrument) in the same round.")
     return 0
 
 
