@@ -33,8 +33,12 @@ class Event:
         order = _ORDER.get(cls)
         if order is None:  # field order once per class: the agent encodes one Step per step
             order = _ORDER[cls] = tuple(f.name for f in dataclasses.fields(cls))
-        for name in order:
-            body[name] = getattr(self, name)
+        fields = self.__dict__
+        if len(fields) == len(order):  # exactly the fields, as __init__ set them: one C-level copy
+            body.update(fields)
+        else:
+            for name in order:
+                body[name] = getattr(self, name)
         return body
 
     @classmethod
