@@ -91,7 +91,7 @@ class OpsInstrument:
             step, prof = self._done.popleft()
             t0 = _now()
             try:
-                out.append(summarize(prof.function_events, step, self.top_k))
+                out.append(summarize_window(prof, step, self.top_k))
             finally:
                 del prof  # the trace is dropped once summarized
                 t1 = _now()
@@ -161,17 +161,86 @@ class OpsInstrument:
         core.warn_safely(self.ctx, self.name, message)
 
 
+def summarize_window(prof: Any, step: int, top_k: int = TOP_K) -> Ops:
+    """A finished window's Ops. A CPU-only window is read straight from the profiler's raw events
+    (about 20x cheaper than torch building its ``FunctionEvent`` tree: 9 ms against 177 ms for
+    a GPT-2 step's 3 000 events here, all of it agent-thread time that holds the GIL while the
+    script waits for it); a window with device events goes through torch's own parse."""
+    raw = getattr(prof, "kineto_results", None)
+    if raw is not None:
+        try:
+            rows = cpu_op_rows(raw.events())
+        except Exception:  # another torch's raw event API: torch's parse below
+            rows = None
+        if rows is not None:
+            return summarize_rows(rows, step, top_k)
+    return summarize(prof.function_events, step, top_k)
+
+
+def cpu_op_rows(events: Any) -> list[tuple[str, float, list, list]] | None:
+    """(name, self µs, input shapes, concrete inputs) of each aten op in raw profiler events, or
+    None when any event is not a CPU one (device time needs torch's correlation of kernels).
+
+    Self time is the op's duration less its direct children's, children being the events that
+    start and end inside it on the same thread, as torch computes ``self_cpu_time_total``; and as
+    torch does, an op whose only child has its own name (an overload calling another) is one op.
+    """
+    spans: list[tuple[int, int, int, int, Any]] = []  # (thread, start, -duration, index, event)
+    for i, e in enumerate(events):
+        if e.device_type().name != "CPU":
+            return None
+        if e.is_async():
+            continue
+        spans.append((e.start_thread_id(), e.start_ns(), -e.duration_ns(), i, e))
+    spans.sort(key=lambda x: x[:4])  # a parent before the children it contains
+    n = len(spans)
+    names = [sp[4].name() for sp in spans]
+    self_ns = [-sp[2] for sp in spans]
+    parent = [-1] * n
+    kids = [0] * n
+    stack: list[tuple[int, int, int]] = []  # (thread, end, position) of the open ancestors
+    for j, (tid, start, neg_dur, _, _) in enumerate(spans):
+        while stack and (stack[-1][0] != tid or stack[-1][1] <= start):
+            stack.pop()
+        if stack:
+            p = parent[j] = stack[-1][2]
+            self_ns[p] += neg_dur
+            kids[p] += 1
+        stack.append((tid, start - neg_dur, j))
+    gone = [False] * n
+    for j in range(n - 1, -1, -1):  # deepest first, so chains fold into their top
+        p = parent[j]
+        if p >= 0 and kids[p] == 1 and names[p] == names[j]:
+            self_ns[p] += self_ns[j]
+            kids[p] = kids[j]
+            gone[j] = True
+    rows = []
+    for j, sp in enumerate(spans):
+        if not gone[j] and names[j].startswith("aten::"):
+            e = sp[4]
+            rows.append((names[j], max(0, self_ns[j]) / 1e3, e.shapes() or [], e.concrete_inputs() or []))
+    return rows
+
+
 def summarize(events: Any, step: int, top_k: int = TOP_K) -> Ops:
-    """Group a window's aten events by (op, input shapes): self time, calls, FLOPs; top K by time."""
-    rows: dict[tuple[str, str], list[Any]] = {}
-    total = covered = 0.0
+    """Ops from torch's parsed ``FunctionEvent`` list (device self time when it has some)."""
+    rows = []
     for e in events:
         name = e.name
         if not name.startswith("aten::"):
             continue
         dev_us = getattr(e, "self_device_time_total", 0) or 0
-        self_us = float(dev_us or e.self_cpu_time_total)
-        shapes = [list(s) if s else None for s in (e.input_shapes or [])]
+        rows.append((name, float(dev_us or e.self_cpu_time_total), e.input_shapes or [],
+                     list(getattr(e, "concrete_inputs", None) or [])))
+    return summarize_rows(rows, step, top_k)
+
+
+def summarize_rows(ops: list[tuple[str, float, list, list]], step: int, top_k: int = TOP_K) -> Ops:
+    """Group a window's aten ops by (op, input shapes): self time, calls, FLOPs; top K by time."""
+    rows: dict[tuple[str, str], list[Any]] = {}
+    total = covered = 0.0
+    for name, self_us, input_shapes, values in ops:
+        shapes = [list(s) if s else None for s in input_shapes]
         key = (name, "; ".join("x".join(map(str, s)) for s in shapes if s))
         row = rows.get(key)
         if row is None:
@@ -179,8 +248,7 @@ def summarize(events: Any, step: int, top_k: int = TOP_K) -> Ops:
         row[0] += self_us
         row[1] += 1
         if name not in PARENT_OPS:
-            values = list(getattr(e, "concrete_inputs", None) or [])
-            fl = op_flops(name, [s if s else None for s in shapes], values)
+            fl = op_flops(name, [s if s else None for s in shapes], list(values))
             row[2] += fl or 0.0
         total += self_us
         if has_formula(name):

@@ -286,6 +286,66 @@ def test_ops_window_one_step_in_n_with_real_aten_names() -> None:
     assert ctx.warnings == []
 
 
+def test_cpu_window_read_from_raw_events_matches_torchs_parse() -> None:
+    """The fast path (raw profiler events, our own self-time sweep) gives what torch's
+    FunctionEvent parse gives, on a real GPT-2 training step: same ops, calls, shapes, FLOPs and
+    self times, nested same-name ops (an overload calling another) counted once, as torch does."""
+    from torch.autograd import profiler
+
+    from llmtop.agent.ops import cpu_op_rows, summarize, summarize_window
+
+    model = tiny_gpt2().train()
+    ids = torch.randint(0, 500, (2, 32))
+    model(input_ids=ids, labels=ids).loss.backward()
+    prof = profiler.profile(record_shapes=True, use_kineto=False)
+    prof.__enter__()
+    try:
+        model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        prof.__exit__(None, None, None)
+    assert cpu_op_rows(prof.kineto_results.events()) is not None  # a CPU window: the fast path
+    fast = summarize_window(prof, 5, top_k=1000)
+    slow = summarize(prof.function_events, 5, top_k=1000)
+    assert len(fast.names) > 20
+    by_key = lambda ev: {(n, sh): (ms, c, fl) for n, sh, ms, c, fl in  # noqa: E731
+                         zip(ev.names, ev.shapes, ev.self_ms, ev.calls, ev.flops, strict=True)}
+    f, s = by_key(fast), by_key(slow)
+    assert f.keys() == s.keys()
+    for key, (ms, calls, flops) in f.items():
+        assert calls == s[key][1], key
+        assert flops == s[key][2], key
+        assert ms == pytest.approx(s[key][0], abs=1e-6), key
+    assert fast.coverage == pytest.approx(slow.coverage)
+
+
+def test_raw_window_with_device_events_goes_through_torchs_parse() -> None:
+    class Raw:  # a raw profiler event as torch exposes it, from a GPU window
+        def __init__(self, device: str) -> None:
+            self.device = device
+
+        def device_type(self) -> Any:
+            return type("DeviceType", (), {"name": self.device})()
+
+        def is_async(self) -> bool:
+            return False
+
+        def start_thread_id(self) -> int:
+            return 1
+
+        def start_ns(self) -> int:
+            return 1000
+
+        def duration_ns(self) -> int:
+            return 500
+
+        def name(self) -> str:
+            return "aten::mm"
+
+    from llmtop.agent.ops import cpu_op_rows
+
+    assert cpu_op_rows([Raw("CPU"), Raw("CUDA")]) is None
+
+
 def test_ops_windows_keep_within_their_share_of_the_budget() -> None:
     """On short steps, one step in N would profile many times a second: each window waits until
     the previous one's measured cost (profiled step + parsing its trace) fits the budget share."""
