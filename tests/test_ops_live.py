@@ -290,9 +290,8 @@ def test_cpu_window_read_from_raw_events_matches_torchs_parse() -> None:
     """The fast path (raw profiler events, our own self-time sweep) gives what torch's
     FunctionEvent parse gives, on a real GPT-2 training step: same ops, calls, shapes, FLOPs and
     self times, nested same-name ops (an overload calling another) counted once, as torch does."""
-    from torch.autograd import profiler
-
     from llmtop.agent.ops import cpu_op_rows, summarize, summarize_window
+    from torch.autograd import profiler
 
     model = tiny_gpt2().train()
     ids = torch.randint(0, 500, (2, 32))
