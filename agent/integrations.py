@@ -58,7 +58,18 @@ WATCHED: dict[str, str] = {
 
 SPANS_PER_TICK = 32  # tokenizer calls sent one by one per tick; the rest are summed into one span
 
-_tl = threading.local()  # per thread: busy parts, generate stack, pipeline stack
+class _PerThread(threading.local):
+    """Busy parts, generate stack, pipeline stack of one thread. The attributes exist from the
+    start: a missing one costs ``getattr`` an exception, and the step tracker asks for ``gen`` on
+    every root forward."""
+
+    def __init__(self) -> None:
+        self.busy: dict | None = None
+        self.gen: list | None = None
+        self.pipe: list | None = None
+
+
+_tl = _PerThread()
 _CURRENT: TransformersInstrument | None = None  # the installed instrument (for LlmtopCallback)
 
 
