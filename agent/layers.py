@@ -16,9 +16,8 @@ the graph), and needs no ``BackwardHookFunction`` wrapper (full backward hooks b
 ops and register state even under ``no_grad``). Modules whose inputs need no grad end when
 their own parameters' gradients arrive (one hook per parameter while timing is on) or their
 last child ends. One record per module call lives only in its nodes' slots, so it dies with the
-graph;
-at the end of each backward (``queue_callback``) the records of that graph task are turned into
-inclusive and self times. See docs/ARCHITECTURE.md, "Layer hooks".
+graph; at the end of each backward (``queue_callback``) the records of that graph task are turned
+into inclusive and self times. See docs/ARCHITECTURE.md, "Layer hooks".
 
 Sampling: per-layer timing is taken on every Nth step; on the other steps module calls cost only
 roots.py's depth count. Root calls, on every step, are announced on the bus by roots.py. Nothing
