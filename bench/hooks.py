@@ -39,6 +39,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "hooks.json"
+MLP_CALLS = 14  # module calls a step of _mlp(): the Sequential root and its 13 layers
 
 
 class _Ctx:
@@ -132,7 +133,7 @@ def per_call(quick: bool) -> dict[str, Any]:
 
     calib = LayersInstrument(_Ctx().options)
     calib.install(_Ctx())  # calibrates like the agent does at start
-    out: dict[str, Any] = {"module_calls": 14, "calibrated_us": calib.call_cost_ns / 1e3}
+    out: dict[str, Any] = {"module_calls": MLP_CALLS, "calibrated_us": calib.call_cost_ns / 1e3}
     calib.uninstall()
     rounds = 5 if quick else 11
     for width, batch, number in ((32, 8, 100), (256, 64, 20)):
@@ -163,7 +164,7 @@ def _mlp(width: int) -> Any:
 
 
 def _variants(fn: Any, kinds: tuple[str, ...], number: int, rounds: int) -> dict[str, float]:
-    """µs per module call (14 calls) that each kind adds to ``fn``:
+    """µs per module call (``MLP_CALLS`` a step) that each kind adds to ``fn``:
 
     - ``real``: the layers instrument timing every call (every layer, every step);
     - ``floor``: the ``nn.Module.__call__`` replacement (agent/roots.py) with no-op pre/post;
@@ -220,7 +221,7 @@ def _variants(fn: Any, kinds: tuple[str, ...], number: int, rounds: int) -> dict
                     remove()
         for kind in kinds:
             deltas[kind].append(took[kind] - took["none"])
-    return {k: statistics.median(v) * 1e6 / 14 for k, v in deltas.items()}
+    return {k: statistics.median(v) * 1e6 / MLP_CALLS for k, v in deltas.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
