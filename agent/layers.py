@@ -50,6 +50,8 @@ _SLOT = "llmtop.layers"  # our key in autograd nodes' metadata
 # until calibrated: a root call of an unsampled step (agent/roots.py), torch calling a Python hook
 _ROOT_CALL_NS = 8000
 _HOOK_CALL_NS = 1500
+_OWN_KEPT = 4096  # accounted steps' costs kept for the step tracker
+_ACCOUNT_NS = 20_000_000  # the longest the sampling rate waits for the agent thread's accounting
 
 
 class _Acc:
@@ -189,6 +191,11 @@ class LayersInstrument:
         self._param_fired = [0]  # calls of the parameter hooks since the last step end
         self._extra_ns = 0
         self._overhead_last = 0
+        # steps ended and not yet accounted: the hot path only notes them (_on_step_end); the
+        # agent thread feeds the budget and works out each step's cost (_account)
+        self._marks: deque[tuple] = deque()
+        self._own_by_step: dict[int, int] = {}  # accounted steps' cost, until the step tracker asks
+        self._account_lock = threading.Lock()  # the step loop's thread or the agent thread accounts
         fixed = int(self.options.layer_every or 0)
         self._auto = fixed <= 0
         self.current_every = 1 if self._auto else fixed
@@ -226,8 +233,14 @@ class LayersInstrument:
             st.mute = max(st.hold * _HOLD, st.mute - _HOLD)
 
     def overhead_ns_last_step(self) -> int:
-        """The hooks' estimated cost in the step that ended last (valid after ``BUS.step_end``)."""
+        """The hooks' estimated cost in the last step accounted (agent thread, at each ``poll``)."""
         return self._overhead_last
+
+    def step_overhead_ns(self, step: int) -> int:
+        """Agent thread: the hooks' estimated cost in step ``step`` (0 if it was never noted)."""
+        with self._account_lock:
+            self._account()
+            return self._own_by_step.pop(step, 0)
 
     # ----------------------------------------------------------------- Instrument contract
 
@@ -274,6 +287,8 @@ class LayersInstrument:
 
     def poll(self, now: float) -> list[Event]:
         events: list[Event] = []
+        with self._account_lock:
+            self._account()
         if not (self._steps_seen or core.BUS.root_forward or self._dead) and any(self._acc.calls):
             # Nobody will end steps (no step tracker listening, none ever ended): flush per tick.
             acc, self._acc = self._acc, _Acc(self._n)
@@ -750,50 +765,79 @@ class LayersInstrument:
     # ----------------------------------------------------------------- steps and sampling
 
     def _on_step_end(self, step: int, t_end_ns: int) -> None:
+        """Hot path: note the step's costs for the agent thread; set the next step's sampling."""
         try:
             if self._dead:
                 return
-            self._steps_seen += 1
-            step_ns = t_end_ns - self._last_end_ns if self._last_end_ns else 0
-            self._last_end_ns = t_end_ns
-            self._agent_share()
-            fired = self._param_fired
             rc = self._rc
-            shared = rc.listeners_ns  # the root-call listeners: paid whatever the sampling
-            roots = int(rc.calls * self.root_call_ns)  # root-call detection (agent/roots.py)
-            params = int(fired[0] * self.hook_call_ns)  # torch calling the parameter hooks
-            rc.calls = rc.listeners_ns = fired[0] = 0
-            fixed = self.tracker_ns + self.agent_ns + shared
-            if self._sampled:
+            fired = self._param_fired
+            sampled = self._sampled
+            acc = None
+            if sampled:
                 acc, self._acc = self._acc, _Acc(self._n)
-                calls = sum(acc.calls)
-                if calls or acc.bwd_seen:
-                    self._ready.append((step, acc, self._cuda))
-                estimate = int(calls * self.call_cost_ns) + self._extra_ns + params
-                self.budget.observe(step_ns, fixed, True, estimate)
-                own = shared + max(estimate, self.budget.control_ns())
-            else:
-                # (parameter hooks exist only while timing is on: a late backward of a sampled step)
-                self.budget.observe(step_ns, fixed + roots + params, False)
-                own = shared + roots + params
-            self._extra_ns = 0
-            self.tracker_ns = 0
-            self._overhead_last = own + self.agent_ns
-            if self._auto and self.budget.due(self._sampled):
-                self.current_every = self.budget.update()
-            self._cuda = self._cuda or self._cuda_ready()
+            marks = self._marks
+            marks.append((step, t_end_ns, acc, rc.calls, rc.listeners_ns, fired[0], self.tracker_ns,
+                          self._extra_ns))
+            rc.calls = rc.listeners_ns = fired[0] = self._extra_ns = self.tracker_ns = 0
+            try:
+                oldest = marks[0][1]
+            except IndexError:  # the agent thread has just accounted for them all
+                oldest = t_end_ns
+            if t_end_ns - oldest >= _ACCOUNT_NS and self._account_lock.acquire(False):
+                try:  # the agent thread is behind (between ticks, or busy): account here, in a batch
+                    self._account()
+                finally:
+                    self._account_lock.release()
             nxt = step + 1
-            sampled = self.budget.sampled(nxt) if self._auto else nxt % self.current_every == 0
-            if sampled != self._sampled:
-                self._sampled = sampled
-                core.BUS.detail = sampled
-                if sampled:
+            sampled_next = self.budget.sampled(nxt) if self._auto else nxt % self.current_every == 0
+            if sampled_next != sampled:
+                self._sampled = sampled_next
+                core.BUS.detail = sampled_next
+                if sampled_next:
                     self._acc = _Acc(self._n)
                     self._timing_on()
                 else:
                     self._timing_off()
         except Exception as exc:
             self._fail("step end", exc)
+
+    def _account(self) -> None:
+        """Feed the budget the steps noted since the last call, work out what each cost, queue
+        the sampled ones' tables and set the sampling rate the hot path follows. Called with
+        ``_account_lock`` held: by the agent thread at each tick, or by the step loop once its
+        oldest unaccounted step is ``_ACCOUNT_NS`` old. Done in batches because every line run
+        right after torch has run costs several times more (cold caches) than in a loop."""
+        marks = self._marks
+        if not marks:
+            return
+        self._cuda = self._cuda or self._cuda_ready()
+        own_by_step = self._own_by_step
+        while marks:
+            step, t_end_ns, acc, calls, shared, fired, tracker_ns, extra_ns = marks.popleft()
+            self._steps_seen += 1
+            step_ns = t_end_ns - self._last_end_ns if self._last_end_ns else 0
+            self._last_end_ns = t_end_ns
+            params = int(fired * self.hook_call_ns)  # torch calling the parameter hooks
+            fixed = tracker_ns + self.agent_ns + shared  # shared: the root-call listeners, always paid
+            if acc is not None:
+                n_calls = sum(acc.calls)
+                if n_calls or acc.bwd_seen:
+                    self._ready.append((step, acc, self._cuda))
+                estimate = int(n_calls * self.call_cost_ns) + extra_ns + params
+                self.budget.observe(step_ns, fixed, True, estimate)
+                own = shared + max(estimate, self.budget.control_ns())
+            else:
+                # root-call detection (agent/roots.py); parameter hooks exist only while timing is
+                # on: a late backward of a sampled step
+                roots = int(calls * self.root_call_ns)
+                self.budget.observe(step_ns, fixed + roots + params, False)
+                own = shared + roots + params
+            self._overhead_last = own_by_step[step] = own + self.agent_ns
+            if self._auto and self.budget.due(acc is not None):
+                self.current_every = self.budget.update()
+        while len(own_by_step) > _OWN_KEPT:  # nobody asks when no step tracker runs
+            del own_by_step[next(iter(own_by_step))]
+        self._agent_share()
 
     def _agent_share(self) -> None:
         """The agent thread's CPU time per step since its previous tick (it counts per tick)."""

@@ -56,15 +56,29 @@ class _Frame:
 
 
 class _Raw:
-    """A finished step as captured on the hot path; completed into a ``Step`` by ``poll``."""
+    """A finished step, completed into a ``Step`` by ``poll`` (agent thread)."""
 
     __slots__ = ("step", "t_end", "dur", "phases", "mode", "losses", "grad", "lr", "samples", "tokens",
                  "overhead_ns", "layer_every", "mem", "gpu_ms", "loss_value", "grad_value", "born")
 
-    def __init__(self) -> None:
+    def __init__(self, captured: tuple) -> None:
+        """``captured``: the tuple ``_end_step`` queues (one tuple is the cheapest thing to build
+        on the hot path)."""
+        (self.step, self.t_end, self.dur, self.phases, self.mode, self.losses, self.grad, self.lr,
+         self.samples, self.tokens, self.mem, self.layer_every, self.overhead_ns) = captured
         self.gpu_ms: float | None = None
         self.loss_value: float | None = None
         self.grad_value: float | None = None
+        self.born = time.monotonic()
+
+
+def _lr_value(lr: Any) -> float | None:
+    """The learning rate as a float: a number, or a CPU tensor (capturable schedules; a host read)."""
+    if isinstance(lr, (int, float)):
+        return float(lr)
+    if getattr(lr, "device", None) is not None and lr.device.type == "cpu":
+        return float(lr)
+    return None
 
 
 def _input_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
@@ -116,7 +130,8 @@ class StepInstrument:
         self._installed = False
         self.disabled = False
         self._reset_state()
-        self._done: deque[_Raw] = deque(maxlen=max(4096, int(self.options.history)))
+        self._done: deque[tuple] = deque(maxlen=max(4096, int(self.options.history)))  # hot path -> poll
+        self._waiting: deque[_Raw] = deque(maxlen=max(4096, int(self.options.history)))  # poll only
         self.detector = AnomalyDetector()
         self.scalars = ScalarReader()
         self.gpu = GpuStepClock()
@@ -166,6 +181,7 @@ class StepInstrument:
         self.ctx = ctx
         self._grad_enabled = torch.is_grad_enabled
         _BOOL[0] = torch.bool
+        _TENSOR[0] = torch.Tensor
         self._pc0 = _perf()
         self._wall0 = time.time()
         self._find_layers()
@@ -409,14 +425,15 @@ class StepInstrument:
         tr = self
 
         def backward(*args: Any, **kwargs: Any) -> Any:
-            if tr.disabled or tr.bwd_depth or not tr._own(True):
+            if tr.disabled or tr.bwd_depth or (_ident() != tr.owner and not tr._own(True)):
                 # nested (Tensor.backward calls torch.autograd.backward): the outer call times it
                 return orig(*args, **kwargs)
             t0 = _perf()
             f = None
             try:
                 tr._on_backward_start(t0, args[0] if args else kwargs.get("tensors"))
-                f = tr._push(BWD, t0)
+                f = _Frame(BWD, t0)
+                tr.stack.append(f)
             except Exception as exc:
                 tr._fail("backward hook", exc)
             tr.bwd_depth += 1
@@ -436,21 +453,28 @@ class StepInstrument:
         return backward
 
     def _on_backward_start(self, t0: int, tensor: Any) -> None:
+        """A backward begins: it is training, and its tensor is the loss. Opens the step window
+        if none is open (the frame is pushed by the caller)."""
         if not self.training:
             self.training = True
             self.tentative = None  # the forward before this backward was training, not inference
-        self._training_activity(t0)
+        self.eval_pending = False  # see _training_activity
         if self.win_start is None:
             self.win_start = t0
-        torch = sys.modules["torch"]
-        if isinstance(tensor, (tuple, list)) and len(tensor) == 1:
-            tensor = tensor[0]
-        if isinstance(tensor, torch.Tensor) and tensor.numel() == 1 and len(self.losses) < 256:
+            self._arm_h2d()
+            self.gpu.restart()
+        if tensor.__class__ is not _TENSOR[0]:  # a Parameter, a subclass, a sequence of tensors
+            if isinstance(tensor, (tuple, list)) and len(tensor) == 1:
+                tensor = tensor[0]
+            if not isinstance(tensor, _TENSOR[0]):
+                return
+        if len(self.losses) < 256:
             sc = self.scaled
-            if sc is not None and sc[0] == id(tensor):
-                tensor = sc[1]  # GradScaler: report the unscaled loss
-            self.scaled = None
-            h = self.scalars.capture(tensor)
+            if sc is not None:
+                if sc[0] == id(tensor):
+                    tensor = sc[1]  # GradScaler: report the unscaled loss
+                self.scaled = None
+            h = self.scalars.capture(tensor)  # None unless it holds one value
             if h is not None:
                 self.losses.append(h)
 
@@ -661,34 +685,29 @@ class StepInstrument:
 
     def _end_step(self, t_end: int, mode: str, optimizer: Any, listener: bool = False) -> None:
         """``listener``: called from a root-forward listener, whose time the layers instrument
-        charges already (the root-call hooks on the bus are timed there, once)."""
+        charges already (the root-call hooks on the bus are timed there, once).
+
+        Hot path: it notes what the step was and starts the next; ``poll`` does the rest."""
         t_in = _perf()
-        r = _Raw()
-        r.step = self.step
-        r.t_end = t_end
-        start = self.win_start if self.win_start is not None else t_end
-        r.dur = max(0, t_end - start)
-        r.phases = self.acc
-        r.mode = mode
-        r.losses = self.losses
-        r.grad = self.grad
-        r.samples = self.samples if self.have_samples else None
-        r.tokens = self.tokens if self.have_tokens else None
-        r.lr = None
+        step = self.step
+        start = self.win_start
+        dur = t_end - start if start is not None and t_end > start else 0
+        lr = None
         if optimizer is not None:
             try:
                 lr = optimizer.param_groups[0]["lr"]
-                if isinstance(lr, (int, float)):
-                    r.lr = float(lr)
-                elif getattr(lr, "device", None) is not None and lr.device.type == "cpu":
-                    r.lr = float(lr)  # a CPU tensor (capturable schedules): a host read
+                if lr.__class__ is not float:
+                    lr = _lr_value(lr)  # read now: a tensor may change in place with the schedule
             except Exception:
-                pass
-        cuda = cuda_ready()
-        self.h2d_armed = self.h2d_armed or cuda
-        r.mem = self.memory.at_step_end(r.dur) if cuda else NONE3
-        r.born = time.monotonic()
-        self.gpu.end_step(r.step)
+                lr = None
+        mem = NONE3
+        if cuda_ready():
+            self.h2d_armed = True
+            mem = self.memory.at_step_end(dur)
+            self.gpu.end_step(step)
+        acc, losses, grad = self.acc, self.losses, self.grad
+        samples = self.samples if self.have_samples else None
+        tokens = self.tokens if self.have_tokens else None
         # the next step starts now; the stack keeps frames still open (a wrapper optimizer)
         self.acc = [0] * NPH
         self.win_start = t_end
@@ -699,31 +718,26 @@ class StepInstrument:
         self.sample_module = None
         if self.opts_seen:
             self.opts_seen = set()
-        self.step += 1
+        self.step = step + 1
         try:
-            self.ctx.current_step = self.step
+            self.ctx.current_step = step + 1
         except Exception:
             pass
         own = self.overhead + (0 if listener else _perf() - t_in)
         self.overhead = 0
         layers = self.layers
-        r.layer_every = 1
+        every = 1
         if layers is not None:
             # the rate the ending step ran under (step-end listeners may change it)
-            r.layer_every = layers.current_every
+            every = layers.current_every
             layers.tracker_ns = own  # a fixed cost for its budget
         for fn in core.BUS.step_end:
             try:
-                fn(r.step, t_end)
+                fn(step, t_end)
             except Exception:
                 pass
-        if layers is not None:
-            try:  # valid once the layers instrument has seen this step end
-                own += int(layers.overhead_ns_last_step())
-            except Exception:
-                pass
-        r.overhead_ns = own
-        self._done.append(r)
+        # the layers instrument's share of the cost is added by poll (it accounts for it there)
+        self._done.append((step, t_end, dur, acc, mode, losses, grad, lr, samples, tokens, mem, every, own))
 
     # --- agent thread ----------------------------------------------------------------------------
 
@@ -734,16 +748,23 @@ class StepInstrument:
         if not self.scalars.prepared and cuda_ready():
             self.scalars.prepare()
         gpu = self.gpu.resolve() if self.gpu.pending else {}
-        done = self._done
-        n = 0
+        done, waiting = self._done, self._waiting
         while done:
-            r = done[0]
+            waiting.append(_Raw(done.popleft()))
+        n = 0
+        while waiting:
+            r = waiting[0]
             if not self._complete(r, gpu):
                 break
-            done.popleft()
+            waiting.popleft()
             n += 1
             if n % core.YIELD_EVERY == 0:
                 core.let_script_run()
+            if self.layers is not None:
+                try:
+                    r.overhead_ns += int(self.layers.step_overhead_ns(r.step))
+                except Exception:
+                    pass
             s = self._to_event(r)
             events.append(s)
             events.extend(self.detector.feed_step(s))

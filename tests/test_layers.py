@@ -558,15 +558,40 @@ def test_automatic_sampling_keeps_the_budget(started: Any) -> None:
     assert inst.current_every == 1
     t = 1_000_000_000
     end_step(0, t)  # the first boundary opens step 1
+    got: list[LayerStats] = []
     for step in range(1, 10):
         model(x).sum().backward()
         t += 10_000_000
         end_step(step, t)
+        got += tables(inst)  # the agent thread's tick: the budget is kept there
         if step == 1:
             assert inst.overhead_ns_last_step() >= 6 * 50_000  # plus the root hooks and backward bookkeeping
             assert inst.current_every == 5
-    assert [t.step for t in tables(inst)] == [1, 5]
+    # the rate set by the tick after step 1 applies from the next boundary on: step 2 had begun
+    # under the old one
+    assert [t.step for t in got] == [1, 2, 5]
     assert inst.current_every == 5
+
+
+def test_sampling_rate_follows_the_budget_when_the_agent_thread_is_behind(started: Any) -> None:
+    """With no tick (the agent thread busy, or a tick not due yet), the step loop accounts for its
+    own steps once the oldest unaccounted one is 20 ms old, in one batch: the rate still adapts."""
+    model = mlp()
+    inst, ctx = started(layer_every=0, budget_pct=1.0, extra={"layer_call_ns": 50_000})
+    x = torch.randn(4, 8)
+    t = 1_000_000_000
+    end_step(0, t)
+    every = []
+    for step in range(1, 4):
+        model(x).sum().backward()
+        t += 10_000_000
+        end_step(step, t)
+        every.append(inst.current_every)
+    # steps 0 and 1 end 10 ms apart: nothing accounted yet; at step 2's end step 0 is 20 ms old,
+    # and steps 0-2 are accounted in one go (step 3's end is 10 ms after that: it waits)
+    assert every == [1, 5, 5]
+    assert [m[0] for m in inst._marks] == [3]
+    assert [t.step for t in tables(inst)] == [1, 2]  # queued by the step loop, sent by the tick
 
 
 def test_step_on_another_thread(started: Any) -> None:

@@ -17,7 +17,7 @@ import torch
 from llmtop.agent import core
 from llmtop.agent.roots import RootCalls
 from llmtop.agent.steps import StepInstrument, _input_shape
-from llmtop.protocol.events import PHASES, AgentWarning, Step
+from llmtop.protocol.events import PHASES, AgentWarning, LayerStats, Step
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -501,6 +501,8 @@ def test_end_to_end_with_layers_instrument() -> None:
             out.loss.backward()
             opt.step()
             losses.append(out.loss.item())
+        # the agent thread's tick: the layers instrument first (it accounts for the steps' costs)
+        tables = {e.step: e for e in layers.poll(time.time()) if isinstance(e, LayerStats)}
         steps = drain(st, ctx)
     finally:
         st.uninstall()
@@ -512,6 +514,8 @@ def test_end_to_end_with_layers_instrument() -> None:
         assert s.phases["forward"] > 0 and s.phases["backward"] > 0
         assert_phases_add_up(s)
         assert s.layer_every >= 1
+        # every step here is sampled: its reported cost includes each timed module call
+        assert s.overhead_us * 1e3 >= sum(tables[s.step].calls) * layers.call_cost_ns > 0
     assert not warnings_of(ctx)
 
 
