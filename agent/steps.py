@@ -90,7 +90,9 @@ def _input_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
             return None, None
         tensor = _TENSOR[0] = torch.Tensor
     x = kwargs.get("input_ids") if kwargs else None
-    if x is None or not isinstance(x, tensor):
+    if x is None and args and args[0].__class__ is tensor:
+        x = args[0]  # the common case: model(x)
+    elif x is None or not isinstance(x, tensor):
         x = None
         for a in args:
             if isinstance(a, tensor):
@@ -582,7 +584,7 @@ class StepInstrument:
         if self.disabled:
             return
         grad = self._grad_enabled()
-        if not self._own(True):
+        if _ident() != self.owner and not self._own(True):
             return
         try:
             st = self.stack
@@ -592,8 +594,11 @@ class StepInstrument:
             if self.tentative is not None and not self.manual and gen != "decode":
                 self._commit_tentative()  # (a decode forward continues its generate() step)
             if grad and self.training:
-                self._training_activity(t0)
-            self._push(FWD, t0)
+                self.eval_pending = False  # see _training_activity
+            if self.win_start is None:
+                self._push(FWD, t0)
+            else:
+                st.append(_Frame(FWD, t0))
         except Exception as exc:
             self._fail("root forward hook", exc)
 

@@ -17,7 +17,9 @@ Modes: ``off`` (plain ``python``), ``default`` (``llmtop attach --headless``) an
 (A/B/C, B/C/A, …) so drifting machine load hits every mode alike.
 
 Each run is a child process (this file with ``--child``) that times its own steps after a warm-up
-and writes them as JSON. Per pair we compare per-run median step times: the reported ratio is the
+and writes them as JSON. The warm-up lasts a number of steps and at least ``--warmup-s`` seconds
+(3 s), in every mode: the timed steps are the steady state, and the agent's one-off start-up work
+(its first FLOP count is ~0.6 s of agent-thread CPU in a new process) is not in them. Per pair we compare per-run median step times: the reported ratio is the
 median over pairs of mode/off, the µs per step the median over pairs of mode − off, and for
 ``every`` the µs per module call is that delta divided by the forward module calls per step.
 Ratios of per-run *mean* step times are reported too: they include rare costs (an op profile one
@@ -55,6 +57,8 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "demo": {"about": "train_tiny_gpt.py model (4L/192d, seq 128, batch 8)", "steps": 40, "warmup": 8,
              "pairs": 5},
 }
+
+WARMUP_S = 3.0  # the agent's start-up work ends well within this (see run_child)
 
 TARGETS = {  # issue 3: default-mode ratio limits by workload, and µs per module call for `every`
     "default_pct": {"gpt-large": 1.0, "mlp": 3.0},
@@ -170,8 +174,14 @@ def run_child(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     step = make_workload(args.child)
     calls = _count_module_calls(step)
-    for _ in range(args.warmup):
+    # warm up for a number of steps and a length of time, whichever is longer: the agent's start-up
+    # work (its first ticks, the first FLOP count: ~0.6 s of agent-thread CPU in a new process)
+    # is then done before the timed steps, in every mode alike
+    until = time.monotonic() + args.warmup_s
+    warm = 0
+    while warm < args.warmup or time.monotonic() < until:
         step()
+        warm += 1
     times = []
     cpu0 = time.process_time_ns()
     for _ in range(args.steps):
@@ -182,7 +192,8 @@ def run_child(args: argparse.Namespace) -> int:
     # than wall time to other programs competing for the cores.
     cpu_us = (time.process_time_ns() - cpu0) / 1e3 / args.steps
     Path(args.out).write_text(json.dumps({"workload": args.child, "step_us": times, "cpu_us": cpu_us,
-                                          "module_calls": calls, "threads": torch.get_num_threads()}))
+                                          "module_calls": calls, "threads": torch.get_num_threads(),
+                                          "warmup_steps": warm}))
     return 0
 
 
@@ -195,10 +206,11 @@ def _llmtop_bin() -> str:
     return str(local) if local.exists() else (shutil.which("llmtop") or "llmtop")
 
 
-def run_once(workload: str, mode: str, steps: int, warmup: int, tmp: Path, threads: int = 0) -> dict[str, Any]:
+def run_once(workload: str, mode: str, steps: int, warmup: int, tmp: Path, threads: int = 0,
+             warmup_s: float = 0.0) -> dict[str, Any]:
     out = tmp / f"{workload}-{mode}-{time.monotonic_ns()}.json"
     child = [str(Path(__file__).resolve()), "--child", workload, "--steps", str(steps),
-             "--warmup", str(warmup), "--out", str(out), "--threads", str(threads)]
+             "--warmup", str(warmup), "--warmup-s", str(warmup_s), "--out", str(out), "--threads", str(threads)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTOP")}
     if mode == "off":
         cmd = [sys.executable, *child]
@@ -313,6 +325,9 @@ def notes(results: list[dict[str, Any]], load: list[float]) -> list[str]:
     out.append("- Ratios are medians over pairs of per-run median step times (rare costs such as an op "
                "profile one step in N show in the ratio of means). Δ CPU is process CPU time per step, "
                "agent thread included.")
+    out.append(f"- Each run's timed steps follow a warm-up of at least {WARMUP_S:g} s in every mode, so the "
+               "agent's start-up work (its first FLOP count: ~0.6 s of agent-thread CPU in a new process) "
+               "is not in them.")
     return out
 
 
@@ -324,6 +339,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset (off is always run)")
     p.add_argument("--json", default=str(OUT_DIR / "overhead.json"), help="where to write the results")
+    p.add_argument("--warmup-s", type=float, default=WARMUP_S,
+                   help=f"seconds each run warms up at least before its timed steps (default {WARMUP_S:g})")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads in the workload (default 1; 0: torch's own choice)")
     # Child mode (internal): run one workload and write its step times.
@@ -364,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                     if mode in failed:
                         continue
                     try:
-                        runs[mode].append(run_once(name, mode, steps, warmup, tmp, args.threads))
+                        runs[mode].append(run_once(name, mode, steps, warmup, tmp, args.threads,
+                                                   0.5 if args.quick else args.warmup_s))
                     except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
                         failed.add(mode)
                         errors.append(f"- {name}/{mode}: {exc}")
