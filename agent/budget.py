@@ -15,10 +15,13 @@ unsampled ones (the unsampled steps are the control group; at a rate of 1 one st
 misses (torch's hook dispatch, cache effects, models unlike the calibration model); the estimate
 covers the start of a run, before both groups have enough steps.
 
-Per-layer timing then gets what is left of the budget after the fixed cost and a reserve for the op
-profile windows, but never less than ``LAYER_FLOOR`` of the budget; and it runs at least
-``MIN_TABLES_PER_S`` times a second when that alone fits the budget (on millisecond steps it is a tiny
-share of the run, and the Layers view stays live).
+Sampling aims at ``AIM`` (half) of the budget: the budget is a ceiling that must hold although the
+costs the rate is computed from are noisy (a control group of steps whose durations vary by a few
+per cent), and on long steps, where the fixed cost is small, that keeps the agent near 1 %. Per-layer
+timing then gets what is left of that aim after the fixed cost and a reserve for the op profile
+windows, but never less than ``LAYER_FLOOR`` of it; when the fixed cost leaves it only that floor
+(millisecond steps), it still runs ``MIN_TABLES_PER_S`` times a second if that alone fits the whole
+budget (a tiny share of the run, and the Layers view stays live).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 from collections import deque
 
 MAX_EVERY = 1000
+AIM = 0.5  # share of the budget the sampling rate aims at (the budget itself is the ceiling)
 OPS_RESERVE = 0.25  # share of the budget kept for the op profile windows (agent/ops.py)
 LAYER_FLOOR = 0.1  # share of the budget per-layer timing always gets
 MIN_TABLES_PER_S = 2.0  # per-layer timing runs this often when that alone fits the budget (live views)
@@ -102,11 +106,13 @@ class Budget:
         extra = self.extra_ns()
         if base <= 0 or extra <= 0:
             return self.every
-        allowed = self.share * base
+        allowed = self.share * AIM * base
         fixed = _median(self.fixed_ns) if self.fixed_ns else 0
-        spare = max(allowed * (1.0 - OPS_RESERVE) - fixed, allowed * LAYER_FLOOR, 1.0)
-        every = min(MAX_EVERY, max(1, math.ceil(extra / spare)))
-        if extra * MIN_TABLES_PER_S <= self.share * 1e9:  # that rate fits the budget by itself
+        left = allowed * (1.0 - OPS_RESERVE) - fixed
+        floor = allowed * LAYER_FLOOR
+        every = min(MAX_EVERY, max(1, math.ceil(extra / max(left, floor, 1.0))))
+        if left <= floor and extra * MIN_TABLES_PER_S <= self.share * 1e9:
+            # the fixed cost leaves layers their floor, but a few tables a second fit the budget
             every = min(every, max(1, int(1e9 / MIN_TABLES_PER_S / base)))
         self.every = every
         return every

@@ -32,8 +32,8 @@ def test_control_group_overrides_a_low_estimate() -> None:
         b.observe(3 * MS + 400 * US, fixed_ns=10 * US, sampled=True, estimate_ns=50 * US)
     assert b.control_ns() == 400 * US
     assert b.extra_ns() == 400 * US
-    spare = 0.02 * 3 * MS * (1 - B.OPS_RESERVE) - 10 * US  # 35 us
-    assert b.update() == math.ceil(400 * US / spare) == 12
+    spare = 0.02 * B.AIM * 3 * MS * (1 - B.OPS_RESERVE) - 10 * US  # 12.5 us
+    assert b.update() == math.ceil(400 * US / spare) == 32
 
 
 def test_a_high_estimate_is_kept_when_the_control_sees_less() -> None:
@@ -49,8 +49,8 @@ def test_fixed_cost_above_the_budget_leaves_layers_their_floor() -> None:
     for _ in range(6):
         b.observe(3 * MS, fixed_ns=80 * US, sampled=False)  # 2.7 %: more than the whole budget
     b.observe(3 * MS + 300 * US, fixed_ns=80 * US, sampled=True, estimate_ns=300 * US)
-    floor = 0.02 * 3 * MS * B.LAYER_FLOOR  # 6 us
-    assert b.update() == math.ceil(300 * US / floor) == 50
+    floor = 0.02 * B.AIM * 3 * MS * B.LAYER_FLOOR  # 3 us
+    assert b.update() == math.ceil(300 * US / floor) == 100
 
 
 def test_rate_is_capped_and_ignores_empty_steps() -> None:
@@ -80,8 +80,8 @@ def test_layers_sample_less_when_sampled_steps_are_measurably_slower(started: An
         end_step(step, t)
         got += tables(inst)  # the agent thread's tick: the budget is kept there
         reported.append((sampled, inst.overhead_ns_last_step()))
-    # 2 ms extra against 2 % of 10 ms less the op reserve (150 us): every 14th step at least
-    assert inst.current_every >= math.ceil(2 * MS / (0.02 * 10 * MS * (1 - B.OPS_RESERVE)))
+    # 2 ms extra against half of 2 % of 10 ms, less the op reserve (75 us): every 27th step at least
+    assert inst.current_every >= math.ceil(2 * MS / (0.02 * B.AIM * 10 * MS * (1 - B.OPS_RESERVE))) == 27
     late_sampled = [ns for s, ns in reported[60:] if s]  # once the control group has formed
     assert late_sampled and min(late_sampled) >= 2 * MS
     assert len(got) < 60
@@ -101,8 +101,8 @@ def test_no_minimum_rate_when_it_would_break_the_budget() -> None:
     for _ in range(6):
         b.observe(100 * MS, fixed_ns=0, sampled=False)
         b.observe(150 * MS, fixed_ns=0, sampled=True, estimate_ns=50 * MS)
-    # twice a second would cost 100 ms/s: the budget rules (2 % of 100 ms less the op reserve)
-    assert b.update() == math.ceil(50 * MS / (0.02 * 100 * MS * (1 - B.OPS_RESERVE))) == 34
+    # twice a second would cost 100 ms/s: the budget rules (half of 2 % of 100 ms, less the op reserve)
+    assert b.update() == math.ceil(50 * MS / (0.02 * B.AIM * 100 * MS * (1 - B.OPS_RESERVE))) == 67
 
 
 @pytest.mark.parametrize("pct", [0.5, 5.0])
@@ -111,5 +111,16 @@ def test_budget_setting_scales_the_rate(pct: float) -> None:
     for _ in range(6):
         b.observe(10 * MS, fixed_ns=0, sampled=False)
         b.observe(10 * MS + 1 * MS, fixed_ns=0, sampled=True, estimate_ns=1 * MS)
-    spare = pct / 100 * 10 * MS * (1 - B.OPS_RESERVE)
+    spare = pct / 100 * B.AIM * 10 * MS * (1 - B.OPS_RESERVE)
     assert b.update() == math.ceil(1 * MS / spare)
+
+
+def test_long_steps_spend_about_half_the_budget() -> None:
+    """200 ms steps whose per-layer timing costs 2 ms (1 %): a 2 % budget would allow it on every
+    step; aiming at half of it (less the op reserve) times one step in two, 0.5 % of the run."""
+    b = Budget(2.0)
+    for _ in range(6):
+        b.observe(200 * MS, fixed_ns=100 * US, sampled=False)
+        b.observe(202 * MS, fixed_ns=100 * US, sampled=True, estimate_ns=2 * MS)
+    left = 0.02 * B.AIM * 200 * MS * (1 - B.OPS_RESERVE) - 100 * US  # 1.4 ms
+    assert b.update() == math.ceil(2 * MS / left) == 2
