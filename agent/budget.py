@@ -31,9 +31,10 @@ from collections import deque
 
 MAX_EVERY = 1000
 AIM = 0.5  # share of the budget the sampling rate aims at (the budget itself is the ceiling)
-OPS_RESERVE = 0.25  # share of the budget kept for the op profile windows (agent/ops.py)
-LAYER_FLOOR = 0.1  # share of the budget per-layer timing always gets
-MIN_TABLES_PER_S = 2.0  # per-layer timing runs this often when that alone fits the budget (live views)
+OPS_RESERVE = 0.25  # share of the budget op profile windows may use (agent/ops.py); layers leave
+# that share of their aim free
+LAYER_FLOOR = 0.1  # share of the aim per-layer timing always gets
+MIN_TABLES_PER_S = 2.0  # sampled steps a second when layers are down to their floor and that fits
 WINDOW = 15  # recent steps per group
 UPDATE_EVERY = 8  # steps between rate updates (and at every sampled step): this runs on the hot path
 MIN_CONTROL = 3  # steps needed in each group before the control measurement counts

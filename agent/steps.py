@@ -156,7 +156,11 @@ class StepInstrument:
         self.win_start: int | None = None  # None: no step in progress (idle until the first activity)
         self.training = False  # a backward or an optimizer step was seen
         self.manual = False
-        self.eval_pending = False  # a no-grad root forward ran since the last training activity
+        # a no-grad root forward ran since the last training activity (a grad-enabled forward, a
+        # backward or an optimizer step, which clear it): only a batch fetched while it is set marks
+        # an evaluation, so a no-grad forward followed directly by training (a frozen teacher) stays
+        # in its step (see the data loader hook)
+        self.eval_pending = False
         self.losses: list[Any] = []
         self.grad: Any = None
         self.samples = 0
@@ -345,14 +349,6 @@ class StepInstrument:
         """Time ``Tensor.to`` only while a device is in use; on CPU-only runs h2d is 0 for free."""
         self.h2d_armed = self.h2d_armed or self._other_device or cuda_ready()
 
-    # --- training activity and the evaluation rule -----------------------------------------------
-
-    def _training_activity(self, t0: int) -> None:
-        """A grad-enabled forward, a backward or an optimizer step begins at ``t0``."""
-        # a no-grad forward followed directly by training (a frozen teacher) stays in the step;
-        # only a batch fetched in between marks it as evaluation (see the data loader hook)
-        self.eval_pending = False
-
     def _restart_window(self, t0: int) -> None:
         self.acc = [0] * NPH
         self.win_start = t0
@@ -460,7 +456,7 @@ class StepInstrument:
         if not self.training:
             self.training = True
             self.tentative = None  # the forward before this backward was training, not inference
-        self.eval_pending = False  # see _training_activity
+        self.eval_pending = False  # training activity
         if self.win_start is None:
             self.win_start = t0
             self._arm_h2d()
@@ -537,7 +533,7 @@ class StepInstrument:
             if self.opt_depth == 0:
                 self.training = True
                 self.tentative = None
-                self._training_activity(t0)
+                self.eval_pending = False  # training activity
             self.opt_depth += 1
             self._push(OPT, t0)
             self.overhead += _perf() - t0 + self.hook_ns
@@ -594,7 +590,7 @@ class StepInstrument:
             if self.tentative is not None and not self.manual and gen != "decode":
                 self._commit_tentative()  # (a decode forward continues its generate() step)
             if grad and self.training:
-                self.eval_pending = False  # see _training_activity
+                self.eval_pending = False  # training activity
             if self.win_start is None:
                 self._push(FWD, t0)
             else:

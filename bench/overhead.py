@@ -19,8 +19,10 @@ Modes: ``off`` (plain ``python``), ``default`` (``llmtop attach --headless``) an
 Each run is a child process (this file with ``--child``) that times its own steps after a warm-up
 and writes them as JSON. The warm-up lasts a number of steps and at least ``--warmup-s`` seconds
 (3 s), in every mode: the timed steps are the steady state, and the agent's one-off start-up work
-(its first FLOP count is ~0.6 s of agent-thread CPU in a new process) is not in them. Per pair we compare per-run median step times: the reported ratio is the
-median over pairs of mode/off, the µs per step the median over pairs of mode − off, and for
+(its first FLOP count is ~0.6 s of agent-thread CPU in a new process) is not in them.
+
+Per pair we compare per-run median step times: the reported ratio is the median over pairs of
+mode/off, the µs per step the median over pairs of mode − off, and for
 ``every`` the µs per module call is that delta divided by the forward module calls per step.
 Ratios of per-run *mean* step times are reported too: they include rare costs (an op profile one
 step in N) that a median hides.
