@@ -7,7 +7,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
-PTH = Path(__file__).resolve().parent / "agent" / "bootstrap" / "llmtop-autostart.pth"
+PTH = Path(__file__).resolve().parent / "agent" / "runtime" / "bootstrap" / "llmtop-autostart.pth"
 
 
 class BuildPyWithPth(build_py):

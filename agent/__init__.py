@@ -13,19 +13,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api import CATEGORIES, is_running, metric, span, step
+from llmtop.agent.runtime.api import CATEGORIES, is_running, metric, span, step
 
 
 def start(**options: Any) -> Any:
     """Start the agent in this process (idempotent). Returns the running agent."""
-    from .runtime import start_agent
+    from llmtop.agent.runtime.agent import start_agent
 
     return start_agent(**options)
 
 
 def stop() -> None:
     """Stop the agent: final flush, close the socket and the recording."""
-    from .runtime import stop_agent
+    from llmtop.agent.runtime.agent import stop_agent
 
     stop_agent()
 

@@ -46,7 +46,7 @@ class _Ctx:
     """The instrument contract (agent/core.py) keeping what is emitted: no agent thread, no I/O."""
 
     def __init__(self, **options: Any) -> None:
-        from llmtop.agent import core
+        from llmtop.agent.runtime import core
 
         self.options = core.Options(**options)
         self.current_step = 0
@@ -64,10 +64,10 @@ class _Ctx:
 
 
 def _instruments(which: tuple[str, ...], ctx: _Ctx) -> list[Any]:
-    from llmtop.agent.flops_live import FlopsInstrument
-    from llmtop.agent.integrations import TransformersInstrument
-    from llmtop.agent.layers import LayersInstrument
-    from llmtop.agent.steps import StepInstrument
+    from llmtop.agent.hf.instrument import TransformersInstrument
+    from llmtop.agent.instruments.flops_live import FlopsInstrument
+    from llmtop.agent.instruments.layers import LayersInstrument
+    from llmtop.agent.instruments.steps import StepInstrument
 
     made = {"layers": LayersInstrument, "steps": StepInstrument, "flops": FlopsInstrument,
             "transformers": TransformersInstrument}
@@ -129,7 +129,7 @@ def per_call(quick: bool) -> dict[str, Any]:
     between the callbacks, as in real models, and evicts their code from the caches.
     """
     import torch
-    from llmtop.agent.layers import LayersInstrument
+    from llmtop.agent.instruments.layers import LayersInstrument
 
     calib = LayersInstrument(_Ctx().options)
     calib.install(_Ctx())  # calibrates like the agent does at start
@@ -173,8 +173,8 @@ def _variants(fn: Any, kinds: tuple[str, ...], number: int, rounds: int) -> dict
     - ``torch``: torch's own no-op global forward pre+post hook pair (which the design avoids).
     """
     import torch
-    from llmtop.agent.layers import LayersInstrument
-    from llmtop.agent.roots import RootCalls
+    from llmtop.agent.instruments.layers import LayersInstrument
+    from llmtop.agent.instruments.roots import RootCalls
     from torch.nn.modules import module as nn_module
 
     def noop(*args: Any) -> None:

@@ -31,7 +31,7 @@ from llmtop.protocol.events import (
     encode,
 )
 from llmtop.protocol.recording import KeyframeBuilder, RecordingReader, RecordingWriter
-from llmtop.tui.model import SessionModel
+from llmtop.tui.session.model import SessionModel
 
 GPT2_BLOCK = ["ln_1", "attn", "attn.c_attn", "attn.c_proj", "attn.attn_dropout", "attn.resid_dropout",
               "ln_2", "mlp", "mlp.c_fc", "mlp.c_proj", "mlp.act", "mlp.dropout"]
@@ -115,7 +115,7 @@ def snapshot_keeper(history: int = 600) -> tuple[Callable[[bytes, Any], None], C
     """The agent's own late-joiner history (what ``LLMTOP_RECORD`` keyframes hold), else the
     recorder's frame-level builder when the agent package is not importable."""
     try:
-        from llmtop.agent.runtime import History
+        from llmtop.agent.runtime.agent import History
 
         h = History(history)
         return (lambda frame, event: h.add(event, frame)), h.snapshot

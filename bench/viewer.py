@@ -24,11 +24,11 @@ from pathlib import Path
 
 from llmtop.protocol.events import EventDecoder, LayerStats, encode
 from llmtop.protocol.frames import FrameDecoder
-from llmtop.tui.app import LlmtopApp
-from llmtop.tui.canned import T0, session_events
-from llmtop.tui.keys import VIEWS
-from llmtop.tui.model import SessionModel
-from llmtop.tui.source import EventsSource
+from llmtop.tui.session.canned import T0, session_events
+from llmtop.tui.session.model import SessionModel
+from llmtop.tui.session.source import EventsSource
+from llmtop.tui.views.app import LlmtopApp
+from llmtop.tui.views.keys import VIEWS
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -12,14 +12,14 @@ import sys
 
 COMMANDS: dict[str, str] = {
     "attach": "llmtop.launch",
-    "watch": "llmtop.tui.watch",
+    "watch": "llmtop.tui.commands.watch",
     "ls": "llmtop.ls",
-    "record": "llmtop.tui.record",
-    "replay": "llmtop.tui.replay",
-    "export": "llmtop.tui.export",
-    "report": "llmtop.tui.report",
-    "diff": "llmtop.tui.diff",
-    "graph": "llmtop.agent.graph",
+    "record": "llmtop.tui.commands.record",
+    "replay": "llmtop.tui.commands.replay",
+    "export": "llmtop.tui.commands.export",
+    "report": "llmtop.tui.commands.report",
+    "diff": "llmtop.tui.commands.diff",
+    "graph": "llmtop.agent.flops.graph",
 }
 
 SUMMARY = {

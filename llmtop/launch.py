@@ -61,7 +61,7 @@ def bootstrap_dir() -> Path:
     """The folder whose sitecustomize starts the agent (works for editable and regular installs)."""
     import importlib.util
 
-    spec = importlib.util.find_spec("llmtop.agent.bootstrap")
+    spec = importlib.util.find_spec("llmtop.agent.runtime.bootstrap")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("llmtop's agent bootstrap is missing from this installation")
     return Path(list(spec.submodule_search_locations)[0])
@@ -527,7 +527,7 @@ def run(args: argparse.Namespace) -> int:
     if args.headless:
         return run_headless(argv, env, sock, args.record)
     try:
-        from llmtop.tui.app import run_attached
+        from llmtop.tui.views.app import run_attached
     except ImportError as exc:
         print(f"llmtop: dashboard unavailable ({exc}); running headless", file=sys.stderr)
         return run_headless(argv, env, sock, args.record)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from llmtop.agent import core
+from llmtop.agent.runtime import core
 from llmtop.protocol.events import Event, ModelTree, Span
 
 

@@ -6,7 +6,7 @@ import math
 import time
 
 import torch
-from llmtop.agent.anomalies import (
+from llmtop.agent.instruments.anomalies import (
     AnomalyDetector,
     Creep,
     NonFinite,
@@ -15,7 +15,7 @@ from llmtop.agent.anomalies import (
     linear_slope,
     robust_z,
 )
-from llmtop.agent.steps import StepInstrument
+from llmtop.agent.instruments.steps import StepInstrument
 from llmtop.protocol.events import Anomaly, Step
 from torch import nn
 

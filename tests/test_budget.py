@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from llmtop.agent import budget as B
-from llmtop.agent.budget import Budget
+from llmtop.agent.instruments import budget as B
+from llmtop.agent.instruments.budget import Budget
 
 from tests.test_layers import end_step, mlp, started, tables  # noqa: F401  (fixture)
 

@@ -22,7 +22,7 @@ from llmtop.protocol.events import (
     Step,
 )
 from llmtop.protocol.recording import RecordingReader
-from llmtop.tui.export import csv_columns, events_from_json, iter_tracks
+from llmtop.tui.commands.export import csv_columns, events_from_json, iter_tracks
 
 from llmtop.cli import main
 from tests.test_recording import SESSION, run_events, write

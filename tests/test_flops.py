@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llmtop.agent import flops as F  # noqa: E402
+from llmtop.agent.flops import counting as F  # noqa: E402
 
 L = 128  # sequence length of the reference figures
 

@@ -14,7 +14,7 @@ DATALOADER = textwrap.dedent("""
     import torch
     from torch.utils.data import DataLoader, Dataset
     import llmtop.agent
-    from llmtop.agent import core
+    from llmtop.agent.runtime import core
 
     class Squares(Dataset):
         def __len__(self):
@@ -54,7 +54,7 @@ def test_dataloader_workers_run_no_agent(short_tmp: Path) -> None:
 FORK = textwrap.dedent("""
     import os, sys, time
     import llmtop.agent
-    from llmtop.agent import core
+    from llmtop.agent.runtime import core
     from llmtop.protocol.stream import Connection
 
     sock = os.environ["LLMTOP_SOCKET"]

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-from llmtop.agent.gpu_timing import EventPool, GpuStepClock, ScalarReader, cuda_ready
-from llmtop.agent.memory import StepMemory, host_rss, read_step_memory
+from llmtop.agent.instruments.gpu_timing import EventPool, GpuStepClock, ScalarReader, cuda_ready
+from llmtop.agent.instruments.memory import StepMemory, host_rss, read_step_memory
 
 
 class Clock:

@@ -6,7 +6,7 @@ import threading
 import time
 
 import psutil
-from llmtop.agent.host import HostSampler
+from llmtop.agent.instruments.host import HostSampler
 
 
 def test_sample_fields_match_the_process_and_system() -> None:

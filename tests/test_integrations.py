@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llmtop.agent import integrations as integ
+from llmtop.agent.hf import instrument as integ
 from llmtop.protocol.events import AgentWarning, Generation, Metric, Span, Step
 from llmtop.protocol.recording import RecordingReader
 
@@ -451,7 +451,7 @@ NO_TRANSFORMERS = """
 import sys
 sys.modules["transformers"] = None  # as if it were not installed: `import transformers` fails
 import llmtop.agent
-from llmtop.agent import integrations
+from llmtop.agent.hf import instrument as integrations
 import torch
 
 llmtop.agent.start(record=sys.argv[1])
@@ -487,7 +487,7 @@ def test_a_torch_script_runs_unchanged_without_transformers(short_tmp: Path) -> 
 
 
 def test_importing_the_integration_does_not_import_transformers() -> None:
-    code = ("import sys, llmtop.agent.integrations as m; "
+    code = ("import sys, llmtop.agent.hf.instrument as m; "
             "print('transformers' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -183,7 +183,7 @@ def test_llmtop_env_alone_starts_the_agent(project: Path) -> None:
 def test_python_children_of_the_script_get_no_agent_and_never_collide(project: Path) -> None:
     (project / "parent.py").write_text(textwrap.dedent(f"""
         import subprocess
-        from llmtop.agent import core
+        from llmtop.agent.runtime import core
         auto = "import llmtop.agent; print(llmtop.agent.is_running())"
         started = "import llmtop.agent; print(llmtop.agent.start().socket_path)"
         print(core.ACTIVE.socket_path)

@@ -43,7 +43,7 @@ def collect(child: Child, until, timeout: float = 30.0) -> list:
 
 def screen(lines: list) -> list[tuple[str, str]]:
     """What the dashboard shows for these lines: the viewer's own model applies them."""
-    from llmtop.tui.model import SessionModel
+    from llmtop.tui.session.model import SessionModel
 
     model = SessionModel()
     for line in lines:

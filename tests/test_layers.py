@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-from llmtop.agent import budget as B
-from llmtop.agent import core
-from llmtop.agent.layers import LayersInstrument
+from llmtop.agent.instruments import budget as B
+from llmtop.agent.instruments.layers import LayersInstrument
+from llmtop.agent.runtime import core
 from llmtop.protocol.events import Anomaly, LayerStats, Metric, ModelTree
 from torch.nn.modules import module as nn_module
 
@@ -744,6 +744,6 @@ def test_default_instruments() -> None:
     insts = default_instruments(core.Options())
     assert isinstance(insts[0], LayersInstrument)
     assert all(hasattr(i, "install") and hasattr(i, "poll") for i in insts)
-    code = "import sys, llmtop.agent.instruments, llmtop.agent.layers; print('torch' in sys.modules)"
+    code = "import sys, llmtop.agent.instruments, llmtop.agent.instruments.layers; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmtop.tui.logtail import LogTail, detached_log_path
+from llmtop.tui.session.logtail import LogTail, detached_log_path
 
 
 def test_complete_lines_only_and_partial_lines_wait(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ CHILD = textwrap.dedent(f"""
     from torch import nn
 
     import llmtop.agent
-    from llmtop.agent import core
+    from llmtop.agent.runtime import core
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -46,7 +46,7 @@ CHILD = textwrap.dedent(f"""
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llmtop.launch") is None
-                    or importlib.util.find_spec("llmtop.agent.runtime") is None,
+                    or importlib.util.find_spec("llmtop.agent.runtime.agent") is None,
                     reason="llmtop attach (llmtop/launch.py, agent/runtime.py) not built yet")
 def test_rss_flat_over_20000_steps(short_tmp: Path) -> None:
     script = short_tmp / "tiny_steps.py"

@@ -29,10 +29,10 @@ from llmtop.protocol.events import (
     encode,
 )
 from llmtop.protocol.frames import FrameDecoder
-from llmtop.tui import diagnoses
-from llmtop.tui import model as model_mod
-from llmtop.tui.canned import T0, gpt2_tree, session_events
-from llmtop.tui.model import ENDED, LIVE, LOST, SessionModel, roofline_bound
+from llmtop.tui.session import diagnoses
+from llmtop.tui.session import model as model_mod
+from llmtop.tui.session.canned import T0, gpt2_tree, session_events
+from llmtop.tui.session.model import ENDED, LIVE, LOST, SessionModel, roofline_bound
 
 GIB = 1024**3
 

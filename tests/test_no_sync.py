@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-from llmtop.agent import core
-from llmtop.agent.steps import StepInstrument
+from llmtop.agent.instruments.steps import StepInstrument
+from llmtop.agent.runtime import core
 from llmtop.protocol.events import Step
 from torch import nn
 from torch.utils.data import DataLoader
@@ -95,7 +95,7 @@ def test_spy_catches_a_planted_sync_from_llmtop_code() -> None:
 
 
 def test_no_synchronizing_call_during_training_steps() -> None:
-    layers_mod = pytest.importorskip("llmtop.agent.layers")
+    layers_mod = pytest.importorskip("llmtop.agent.instruments.layers")
     ctx = Ctx()
     layers = layers_mod.LayersInstrument(ctx.options)
     st = StepInstrument(ctx.options)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pynvml
 import pytest
-from llmtop.agent.nvml import NvmlSampler
+from llmtop.agent.instruments.nvml import NvmlSampler
 
 
 def err(code: int) -> pynvml.NVMLError:

@@ -13,12 +13,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llmtop.agent import core  # noqa: E402
-from llmtop.agent import flops as F  # noqa: E402
-from llmtop.agent.flops_live import FlopsInstrument, describe, signature  # noqa: E402
-from llmtop.agent.layers import LayersInstrument  # noqa: E402
-from llmtop.agent.ops import OpsInstrument  # noqa: E402
-from llmtop.agent.roofline import Device  # noqa: E402
+from llmtop.agent.flops import counting as F  # noqa: E402
+from llmtop.agent.flops.roofline import Device  # noqa: E402
+from llmtop.agent.instruments.flops_live import FlopsInstrument, describe, signature  # noqa: E402
+from llmtop.agent.instruments.layers import LayersInstrument  # noqa: E402
+from llmtop.agent.instruments.ops import OpsInstrument  # noqa: E402
+from llmtop.agent.runtime import core  # noqa: E402
 from llmtop.protocol.events import Event, LayerFlops, LayerStats, ModelTree, Ops  # noqa: E402
 from llmtop.protocol.stream import Connection  # noqa: E402
 
@@ -290,7 +290,7 @@ def test_cpu_window_read_from_raw_events_matches_torchs_parse() -> None:
     """The fast path (raw profiler events, our own self-time sweep) gives what torch's
     FunctionEvent parse gives, on a real GPT-2 training step: same ops, calls, shapes, FLOPs and
     self times, nested same-name ops (an overload calling another) counted once, as torch does."""
-    from llmtop.agent.ops import cpu_op_rows, summarize, summarize_window
+    from llmtop.agent.instruments.ops import cpu_op_rows, summarize, summarize_window
     from torch.autograd import profiler
 
     model = tiny_gpt2().train()
@@ -341,7 +341,7 @@ def test_raw_rows_refuse_a_window_with_device_events() -> None:
         def name(self) -> str:
             return "aten::mm"
 
-    from llmtop.agent.ops import cpu_op_rows
+    from llmtop.agent.instruments.ops import cpu_op_rows
 
     assert cpu_op_rows([Raw("CPU"), Raw("CUDA")]) is None
 

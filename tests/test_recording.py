@@ -34,7 +34,7 @@ from llmtop.protocol.recording import (
     append_exit,
     peek_kind,
 )
-from llmtop.tui.model import SessionModel
+from llmtop.tui.session.model import SessionModel
 
 SESSION = Session(pid=4242, argv=["train.py", "--lr", "3e-4"], cwd="/work", started=1000.0,
                   hostname="box", python="3.11", torch="2.13", devices=["cpu"])

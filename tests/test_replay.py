@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from llmtop.protocol.events import End
 from llmtop.protocol.recording import RecordingReader
-from llmtop.tui.help import HelpScreen
-from llmtop.tui.model import SessionModel
-from llmtop.tui.record import start_tui_recording
-from llmtop.tui.recording_source import MAX_SPEED, RecordingSource
-from llmtop.tui.replay import TRANSPORT_KEYS, ReplayApp, parse_target, position_bar
+from llmtop.tui.commands.record import start_tui_recording
+from llmtop.tui.session.model import SessionModel
+from llmtop.tui.session.recording_source import MAX_SPEED, RecordingSource
+from llmtop.tui.views.help import HelpScreen
+from llmtop.tui.views.replay import TRANSPORT_KEYS, ReplayApp, parse_target, position_bar
 
 from tests.conftest import LLMTOP, child_env
 from tests.test_e2e_headless import connect

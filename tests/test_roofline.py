@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from llmtop.agent import roofline as R
+from llmtop.agent.flops import roofline as R
+from llmtop.protocol.formulas import bound
 
 
 @pytest.mark.parametrize(
@@ -50,13 +51,13 @@ def test_reference_ridge_points() -> None:
 
 def test_bound_verdicts() -> None:
     pf, bw = 100e12, 1e12  # ridge 100 FLOP/B
-    assert R.bound(1e12, 1e9, None, pf, bw) == "compute"  # 1000 FLOP/B
-    assert R.bound(1e9, 1e9, None, pf, bw) == "memory"  # 1 FLOP/B
+    assert bound(1e12, 1e9, None, pf, bw) == "compute"  # 1000 FLOP/B
+    assert bound(1e9, 1e9, None, pf, bw) == "memory"  # 1 FLOP/B
     roof = 1e12 / pf  # 10 ms
-    assert R.bound(1e12, 1e9, 1.5 * roof, pf, bw) == "compute"  # near its roof
-    assert R.bound(1e12, 1e9, 50 * roof, pf, bw) == "overhead"  # far above both roofs
-    assert R.bound(1e9, 1e9, 2 * (1e9 / bw), pf, bw) == "memory"
-    assert R.bound(0, 0, 1e-3, pf, bw) == "overhead"  # time with no work at all
+    assert bound(1e12, 1e9, 1.5 * roof, pf, bw) == "compute"  # near its roof
+    assert bound(1e12, 1e9, 50 * roof, pf, bw) == "overhead"  # far above both roofs
+    assert bound(1e9, 1e9, 2 * (1e9 / bw), pf, bw) == "memory"
+    assert bound(0, 0, 1e-3, pf, bw) == "overhead"  # time with no work at all
 
 
 def test_cpu_calibration_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from llmtop.agent import core
-from llmtop.agent.roots import RootCalls
+from llmtop.agent.instruments.roots import RootCalls
+from llmtop.agent.runtime import core
 from torch import nn
 from torch.nn.modules import module as nn_module
 from torch.utils.checkpoint import checkpoint

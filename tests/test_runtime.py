@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from llmtop.agent import core
-from llmtop.agent.runtime import Agent, History, options_from_env, resolve_socket
+from llmtop.agent.runtime.agent import Agent, History, core, options_from_env, resolve_socket
 from llmtop.protocol.events import (
     AgentWarning,
     LayerFlops,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from llmtop.agent.runtime import Agent, options_from_env
+from llmtop.agent.runtime.agent import Agent, options_from_env
 from llmtop.protocol.events import (
     AgentWarning,
     End,

@@ -8,7 +8,7 @@ from typing import Any
 
 import llmtop.agent
 import pytest
-from llmtop.agent import core
+from llmtop.agent.runtime import core
 from llmtop.protocol.events import Span
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import llmtop.agent
 import pytest
 import torch
-from llmtop.agent import core
-from llmtop.agent.roots import RootCalls
-from llmtop.agent.steps import StepInstrument, _input_shape
+from llmtop.agent.instruments.roots import RootCalls
+from llmtop.agent.instruments.steps import StepInstrument, _input_shape
+from llmtop.agent.runtime import core
 from llmtop.protocol.events import PHASES, AgentWarning, LayerStats, Step
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -481,7 +481,7 @@ def test_uninstall_restores_torch() -> None:
 
 
 def test_end_to_end_with_layers_instrument() -> None:
-    layers_mod = pytest.importorskip("llmtop.agent.layers")
+    layers_mod = pytest.importorskip("llmtop.agent.instruments.layers")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     ctx = Ctx()
@@ -548,8 +548,8 @@ def test_host_to_device_copies_are_their_own_phase_innermost_wins(tracked) -> No
 
 
 def test_each_generate_call_is_one_inference_step() -> None:
-    layers_mod = pytest.importorskip("llmtop.agent.layers")
-    integrations = pytest.importorskip("llmtop.agent.integrations")
+    layers_mod = pytest.importorskip("llmtop.agent.instruments.layers")
+    integrations = pytest.importorskip("llmtop.agent.hf.instrument")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     ctx = Ctx()

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 from llmtop.protocol.events import Span, Step
-from llmtop.tui.app import LlmtopApp
-from llmtop.tui.canned import T0, session_events
-from llmtop.tui.help import HelpScreen, QuitScreen
-from llmtop.tui.keys import KEYS, VIEWS
-from llmtop.tui.layer_detail import LayerDetail
-from llmtop.tui.model import LIVE, LOST
-from llmtop.tui.source import EventsSource, SocketSource
-from llmtop.tui.tree_table import TreeTable
+from llmtop.tui.session.canned import T0, session_events
+from llmtop.tui.session.model import LIVE, LOST
+from llmtop.tui.session.source import EventsSource, SocketSource
+from llmtop.tui.views.app import LlmtopApp
+from llmtop.tui.views.help import HelpScreen, QuitScreen
+from llmtop.tui.views.keys import KEYS, VIEWS
+from llmtop.tui.views.layer_detail import LayerDetail
+from llmtop.tui.views.tree_table import TreeTable
 from textual.widgets import DataTable, Static
 
 from tests.conftest import LLMTOP, ROOT, child_env

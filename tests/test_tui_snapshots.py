@@ -7,10 +7,10 @@ look at the report before committing. Time is fixed (the app's clock) and the ev
 from __future__ import annotations
 
 import pytest
-from llmtop.tui.app import LlmtopApp
-from llmtop.tui.canned import T0, session_events
-from llmtop.tui.keys import VIEWS
-from llmtop.tui.source import EventsSource
+from llmtop.tui.session.canned import T0, session_events
+from llmtop.tui.session.source import EventsSource
+from llmtop.tui.views.app import LlmtopApp
+from llmtop.tui.views.keys import VIEWS
 
 SIZES = [(80, 24), (160, 50)]
 

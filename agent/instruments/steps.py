@@ -1,0 +1,841 @@
+"""Step tracker: step boundaries, phases that sum to the step time, training signals, anomalies.
+
+Boundaries (see docs/ARCHITECTURE.md, "Steps and phases"):
+
+- training: the outermost optimizer ``step()`` (global optimizer step post hook) ends a step;
+  gradient accumulation therefore gives one step per optimizer step;
+- inference (no backward or optimizer step seen yet): each root forward ends a step; a forward
+  with grad enabled ends its step only once the next root forward starts without a backward;
+- manual: after the first ``llmtop.agent.step()`` only manual calls end steps.
+
+Phases are exclusive times on the step loop's thread, innermost wins (an h2d copy inside a data
+fetch is h2d): data (``DataLoader`` iterator ``__next__``), h2d (``Tensor.to``/``.cuda`` moving a CPU
+tensor to another device), forward (root forwards announced on ``core.BUS``), backward
+(``torch.autograd.backward``, which ``Tensor.backward`` calls), optimizer (between the optimizer
+pre and post hooks); ``other`` is the remainder, so the phases sum to the step time.
+
+Hot path: timestamps and integer adds into preallocated lists; the finished step goes into a
+deque as a raw tuple; ``poll`` (agent thread) resolves loss / grad norm / GPU time without a sync,
+emits ``Step`` and ``Anomaly`` events.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from llmtop.agent.instruments.anomalies import AnomalyDetector
+from llmtop.agent.instruments.gpu_timing import GpuStepClock, ScalarReader, cuda_ready
+from llmtop.agent.instruments.memory import NONE3, StepMemory, host_rss
+from llmtop.agent.runtime import core
+from llmtop.protocol.events import Event, Step
+
+DATA, H2D, FWD, BWD, OPT = range(5)
+PHASE_NAMES = ("data", "h2d", "forward", "backward", "optimizer")
+NPH = 5
+
+_perf = time.perf_counter_ns
+_ident = threading.get_ident
+
+
+_INHERITED = object()  # marks a patched attribute that the class inherited rather than defined
+
+
+class _Frame:
+    __slots__ = ("phase", "t0", "child")
+
+    def __init__(self, phase: int, t0: int) -> None:
+        self.phase = phase
+        self.t0 = t0
+        self.child = 0
+
+
+class _Raw:
+    """A finished step, completed into a ``Step`` by ``poll`` (agent thread)."""
+
+    __slots__ = ("step", "t_end", "dur", "phases", "mode", "losses", "grad", "lr", "samples", "tokens",
+                 "overhead_ns", "layer_every", "mem", "gpu_ms", "loss_value", "grad_value", "born")
+
+    def __init__(self, captured: tuple) -> None:
+        """``captured``: the tuple ``_end_step`` queues (one tuple is the cheapest thing to build
+        on the hot path)."""
+        (self.step, self.t_end, self.dur, self.phases, self.mode, self.losses, self.grad, self.lr,
+         self.samples, self.tokens, self.mem, self.layer_every, self.overhead_ns) = captured
+        self.gpu_ms: float | None = None
+        self.loss_value: float | None = None
+        self.grad_value: float | None = None
+        self.born = time.monotonic()
+
+
+def _lr_value(lr: Any) -> float | None:
+    """The learning rate as a float: a number, or a CPU tensor (capturable schedules; a host read)."""
+    if isinstance(lr, (int, float)):
+        return float(lr)
+    if getattr(lr, "device", None) is not None and lr.device.type == "cpu":
+        return float(lr)
+    return None
+
+
+def _input_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
+    """(samples, tokens) from a root forward's inputs: ``input_ids`` or the first tensor argument."""
+    tensor = _TENSOR[0]
+    if tensor is None:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return None, None
+        tensor = _TENSOR[0] = torch.Tensor
+    x = kwargs.get("input_ids") if kwargs else None
+    if x is None and args and args[0].__class__ is tensor:
+        x = args[0]  # the common case: model(x)
+    elif x is None or not isinstance(x, tensor):
+        x = None
+        for a in args:
+            if isinstance(a, tensor):
+                x = a
+                break
+        else:
+            if kwargs:
+                for a in kwargs.values():
+                    if isinstance(a, tensor):
+                        x = a
+                        break
+    if x is None:
+        return None, None
+    shape = x.shape
+    if not shape:
+        return None, None
+    dtype = x.dtype
+    if len(shape) == 2 and not dtype.is_floating_point and not dtype.is_complex and dtype is not _BOOL[0]:
+        return shape[0], shape[0] * shape[1]
+    return shape[0], None
+
+
+_TENSOR: list[Any] = [None]
+_BOOL: list[Any] = [None]
+
+
+class StepInstrument:
+    """Implements ``core.Instrument``. One per process; hooks are global."""
+
+    name = "steps"
+
+    def __init__(self, options: core.Options | None = None) -> None:
+        self.options = options or core.Options()
+        self.ctx: Any = None
+        self._handles: list[Any] = []
+        self._patches: list[tuple[Any, str, Any, Any]] = []
+        self._installed = False
+        self.disabled = False
+        self._reset_state()
+        self._done: deque[tuple] = deque(maxlen=max(4096, int(self.options.history)))  # hot path -> poll
+        self._waiting: deque[_Raw] = deque(maxlen=max(4096, int(self.options.history)))  # poll only
+        self.detector = AnomalyDetector()
+        self.scalars = ScalarReader()
+        self.gpu = GpuStepClock()
+        self.memory = StepMemory()
+        self.layers: Any = None  # the layers instrument, for its overhead and sampling rate
+        # torch calling one of our hooks or wrappers, outside the time they measure themselves
+        # (calibrated by the layers instrument)
+        self.hook_ns = 1500
+        self.h2d_armed = False  # see _arm_h2d
+        self._gen_phase: Any = _no_generation  # integrations.generation_phase once installed
+        self._other_device = False  # a non-CUDA accelerator (MPS, XLA) is present
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        self.step = 0
+        self.owner: int | None = None  # thread id of the step loop
+        self.stack: list[_Frame] = []
+        self.acc = [0] * NPH
+        self.win_start: int | None = None  # None: no step in progress (idle until the first activity)
+        self.training = False  # a backward or an optimizer step was seen
+        self.manual = False
+        # a no-grad root forward ran since the last training activity (a grad-enabled forward, a
+        # backward or an optimizer step, which clear it): only a batch fetched while it is set marks
+        # an evaluation, so a no-grad forward followed directly by training (a frozen teacher) stays
+        # in its step (see the data loader hook)
+        self.eval_pending = False
+        self.losses: list[Any] = []
+        self.grad: Any = None
+        self.samples = 0
+        self.tokens = 0
+        self.have_samples = False
+        self.have_tokens = False
+        self.sample_module: int | None = None
+        self.overhead = 0
+        self.opt_depth = 0
+        self.boundary_opt: int | None = None
+        self.opts_seen: set[int] = set()
+        self.tentative: tuple | None = None  # an inference step waiting to learn it was not training
+        self.fwd_gen: str | None = None  # generate() phase when the running root forward started
+        self.bwd_depth = 0
+        self.scaled: tuple[int, Any] | None = None  # (id of GradScaler output, unscaled tensor)
+        self.opt_steps = 0
+
+    # --- install / uninstall ------------------------------------------------------------------
+
+    def install(self, ctx: core.Context) -> None:
+        import torch
+        import torch.utils.data.dataloader as dl
+
+        self.ctx = ctx
+        self._grad_enabled = torch.is_grad_enabled
+        _BOOL[0] = torch.bool
+        _TENSOR[0] = torch.Tensor
+        self._pc0 = _perf()
+        self._wall0 = time.time()
+        self._find_layers()
+        try:  # "prefill"/"decode" while transformers' generate() runs (the integrations instrument)
+            from llmtop.agent.hf.instrument import generation_phase
+
+            self._gen_phase = generation_phase
+        except Exception:
+            pass
+        try:
+            mps = getattr(torch.backends, "mps", None)
+            self._other_device = bool(mps is not None and mps.is_available()) or "torch_xla" in sys.modules
+        except Exception:
+            self._other_device = True
+        self._arm_h2d()
+        import torch.optim.optimizer as opt
+        self._handles.append(opt.register_optimizer_step_pre_hook(self._opt_pre))
+        self._handles.append(opt.register_optimizer_step_post_hook(self._opt_post))
+        self._patch(dl._BaseDataLoaderIter, "__next__", self._wrap_next)
+        self._patch(torch.Tensor, "to", self._wrap_to)
+        self._patch(torch.Tensor, "cuda", self._wrap_to)
+        # Tensor.backward calls torch.autograd.backward through the module attribute: one wrapper
+        # there sees both (a second one on Tensor.backward cost a hook entry per step)
+        self._patch(torch.autograd, "backward", self._wrap_backward)
+        import torch.nn.utils as nnu
+        import torch.nn.utils.clip_grad as cg
+
+        self._patch_same(nnu, cg, "clip_grad_norm_", self._wrap_clip)
+        try:
+            from torch.amp.grad_scaler import GradScaler
+
+            self._patch(GradScaler, "scale", self._wrap_scale)
+            self._patch(GradScaler, "step", self._wrap_scaler_step)
+        except Exception:
+            pass
+        core.BUS.root_forward_start.append(self._on_root_start)
+        core.BUS.root_forward.append(self._on_root_end)
+        try:
+            ctx.set_manual_step(self.manual_step)
+        except Exception:
+            pass
+        try:
+            os.register_at_fork(after_in_child=self._after_fork)
+        except Exception:
+            pass
+        self._installed = True
+
+    def _patch(self, owner: Any, attr: str, wrapper_factory: Any) -> None:
+        own = attr in owner.__dict__
+        orig = owner.__dict__[attr] if own else getattr(owner, attr)
+        new = wrapper_factory(orig)
+        new.__llmtop_orig__ = orig
+        setattr(owner, attr, new)
+        # an inherited attribute (Tensor.to lives on TensorBase) is restored by deleting ours
+        self._patches.append((owner, attr, orig if own else _INHERITED, new))
+
+    def _patch_same(self, mod_a: Any, mod_b: Any, attr: str, wrapper_factory: Any) -> None:
+        """Patch a function exported by two modules (``torch.nn.utils`` and its submodule) once."""
+        orig = getattr(mod_b, attr)
+        new = wrapper_factory(orig)
+        for mod in (mod_a, mod_b):
+            if getattr(mod, attr, None) is orig:
+                setattr(mod, attr, new)
+                self._patches.append((mod, attr, orig, new))
+
+    def uninstall(self) -> None:
+        if self.tentative is not None and not self.disabled:
+            try:  # the script ended after a grad-enabled forward with no backward: an inference step
+                self._commit_tentative()
+            except Exception:
+                pass
+        for h in self._handles:
+            try:
+                h.remove()
+            except Exception:
+                pass
+        self._handles.clear()
+        for owner, attr, orig, new in reversed(self._patches):
+            try:
+                if owner.__dict__.get(attr) is not new:
+                    continue  # someone wrapped ours since: leave the chain, ours passes through
+                if orig is _INHERITED:
+                    delattr(owner, attr)
+                else:
+                    setattr(owner, attr, orig)
+            except Exception:
+                pass
+        self._patches.clear()
+        self.disabled = True  # wrappers still referenced elsewhere go straight to the originals
+        for lst, fn in ((core.BUS.root_forward_start, self._on_root_start),
+                        (core.BUS.root_forward, self._on_root_end)):
+            try:
+                lst.remove(fn)
+            except ValueError:
+                pass
+        self._installed = False
+
+    def _after_fork(self) -> None:
+        # a forked child (DataLoader worker) measures nothing: its hooks go straight to the originals
+        self.disabled = True
+
+    def _fail(self, where: str, exc: BaseException) -> None:
+        """Fail open: turn the tracker off, tell the user through a warning event."""
+        if self.disabled:
+            return
+        self.disabled = True
+        try:
+            self.ctx.warn(self.name, f"step tracking disabled after an error in {where}: {exc!r}")
+        except Exception:
+            pass
+
+    def _find_layers(self) -> None:
+        """The layers instrument listens to step ends on the bus; its listener leads to it."""
+        for fn in list(core.BUS.step_end):
+            inst = getattr(fn, "__self__", None)
+            if inst is not None and inst is not self and hasattr(inst, "overhead_ns_last_step"):
+                self.layers = inst
+                self.hook_ns = int(getattr(inst, "hook_call_ns", self.hook_ns))
+                return
+
+    # --- the exclusive-time stack (step loop thread only) ----------------------------------------
+
+    def _own(self, claim: bool) -> bool:
+        """Is the current thread the step loop's? ``claim``: training activity moves ownership here."""
+        tid = _ident()
+        if tid == self.owner:
+            return True
+        if self.owner is None or (claim and not self.stack):
+            self.owner = tid
+            self.stack = []
+            return True
+        return False
+
+    def _push(self, phase: int, t0: int) -> _Frame:
+        if self.win_start is None:
+            self.win_start = t0
+            self._arm_h2d()
+            self.gpu.restart()
+        f = _Frame(phase, t0)
+        self.stack.append(f)
+        return f
+
+    def _pop(self, f: _Frame, t1: int) -> int:
+        """Close frame ``f`` at ``t1``; returns its inclusive duration."""
+        st = self.stack
+        if st and st[-1] is f:
+            st.pop()
+        elif f in st:  # inner frames never closed (an exception skipped their hooks): drop them
+            del st[st.index(f):]
+        else:
+            return 0
+        dur = t1 - f.t0
+        if st:
+            st[-1].child += dur
+        self.acc[f.phase] += dur - f.child
+        return dur
+
+    def _arm_h2d(self) -> None:
+        """Time ``Tensor.to`` only while a device is in use; on CPU-only runs h2d is 0 for free."""
+        self.h2d_armed = self.h2d_armed or self._other_device or cuda_ready()
+
+    def _restart_window(self, t0: int) -> None:
+        self.acc = [0] * NPH
+        self.win_start = t0
+        self.losses = []
+        self.grad = None
+        self.samples = self.tokens = 0
+        self.have_samples = self.have_tokens = False
+        self.sample_module = None
+        self.overhead = 0
+        self.gpu.restart()
+
+    # --- hooks: data loader ---------------------------------------------------------------------
+
+    def _wrap_next(self, orig: Any) -> Any:
+        tr = self
+
+        def __next__(it: Any) -> Any:  # noqa: N807
+            if tr.disabled or not tr._own(False):
+                return orig(it)
+            t0 = _perf()
+            f = tr._push(DATA, t0)
+            ok = False
+            try:
+                out = orig(it)
+                ok = True
+                return out
+            finally:
+                t1 = _perf()
+                try:
+                    dur = tr._pop(f, t1)
+                    if ok and tr.eval_pending and tr.training and not tr.manual:
+                        # a batch fetched after evaluation starts the next training step
+                        tr._restart_window(t0)
+                        tr.acc[DATA] = dur
+                    tr.overhead += _perf() - t1 + tr.hook_ns
+                except Exception as exc:
+                    tr._fail("data loader hook", exc)
+
+        return __next__
+
+    # --- hooks: host-to-device copies ------------------------------------------------------------
+
+    def _wrap_to(self, orig: Any) -> Any:
+        tr = self
+        compiling = _compiling_check()
+
+        def to(t: Any, *args: Any, **kwargs: Any) -> Any:
+            if not tr.h2d_armed or tr.disabled or not t.is_cpu or tr.win_start is None or compiling():
+                # no device in use, already on a device, no step in progress, or traced by dynamo
+                return orig(t, *args, **kwargs)
+            t0 = _perf()
+            out = orig(t, *args, **kwargs)
+            t1 = _perf()
+            try:
+                if not out.is_cpu and _ident() == tr.owner:
+                    # a copy is a leaf: nothing we measure runs inside it, so no frame is needed
+                    dur = t1 - t0
+                    st = tr.stack
+                    if st:
+                        st[-1].child += dur
+                    tr.acc[H2D] += dur
+                tr.overhead += _perf() - t1 + tr.hook_ns
+            except Exception as exc:
+                tr._fail("tensor copy hook", exc)
+            return out
+
+        return to
+
+    # --- hooks: backward, loss, gradient norm ---------------------------------------------------
+
+    def _wrap_backward(self, orig: Any) -> Any:
+        tr = self
+
+        def backward(*args: Any, **kwargs: Any) -> Any:
+            if tr.disabled or tr.bwd_depth or (_ident() != tr.owner and not tr._own(True)):
+                # nested (Tensor.backward calls torch.autograd.backward): the outer call times it
+                return orig(*args, **kwargs)
+            t0 = _perf()
+            f = None
+            try:
+                tr._on_backward_start(t0, args[0] if args else kwargs.get("tensors"))
+                f = _Frame(BWD, t0)
+                tr.stack.append(f)
+            except Exception as exc:
+                tr._fail("backward hook", exc)
+            tr.bwd_depth += 1
+            t1 = _perf()
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                t2 = _perf()
+                tr.bwd_depth -= 1
+                if f is not None and not tr.disabled:
+                    try:
+                        tr._pop(f, t2)
+                        tr.overhead += (t1 - t0) + (_perf() - t2) + tr.hook_ns
+                    except Exception as exc:
+                        tr._fail("backward hook", exc)
+
+        return backward
+
+    def _on_backward_start(self, t0: int, tensor: Any) -> None:
+        """A backward begins: it is training, and its tensor is the loss. Opens the step window
+        if none is open (the frame is pushed by the caller)."""
+        if not self.training:
+            self.training = True
+            self.tentative = None  # the forward before this backward was training, not inference
+        self.eval_pending = False  # training activity
+        if self.win_start is None:
+            self.win_start = t0
+            self._arm_h2d()
+            self.gpu.restart()
+        if tensor.__class__ is not _TENSOR[0]:  # a Parameter, a subclass, a sequence of tensors
+            if isinstance(tensor, (tuple, list)) and len(tensor) == 1:
+                tensor = tensor[0]
+            if not isinstance(tensor, _TENSOR[0]):
+                return
+        if len(self.losses) < 256:
+            sc = self.scaled
+            if sc is not None:
+                if sc[0] == id(tensor):
+                    tensor = sc[1]  # GradScaler: report the unscaled loss
+                self.scaled = None
+            h = self.scalars.capture(tensor)  # None unless it holds one value
+            if h is not None:
+                self.losses.append(h)
+
+    def _wrap_clip(self, orig: Any) -> Any:
+        tr = self
+
+        def clip_grad_norm_(*args: Any, **kwargs: Any) -> Any:
+            out = orig(*args, **kwargs)
+            if not tr.disabled:
+                t0 = _perf()
+                try:
+                    torch = sys.modules["torch"]
+                    if isinstance(out, torch.Tensor) and _ident() == tr.owner:
+                        tr.grad = tr.scalars.capture(out)
+                    tr.overhead += _perf() - t0 + tr.hook_ns
+                except Exception as exc:
+                    tr._fail("clip_grad_norm_ hook", exc)
+            return out
+
+        return clip_grad_norm_
+
+    def _wrap_scale(self, orig: Any) -> Any:
+        tr = self
+
+        def scale(scaler: Any, outputs: Any) -> Any:
+            out = orig(scaler, outputs)
+            if not tr.disabled and out is not outputs:
+                torch = sys.modules["torch"]
+                if isinstance(outputs, torch.Tensor) and isinstance(out, torch.Tensor):
+                    tr.scaled = (id(out), outputs.detach())
+            return out
+
+        return scale
+
+    def _wrap_scaler_step(self, orig: Any) -> Any:
+        tr = self
+
+        def step(scaler: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            before = tr.opt_steps
+            out = orig(scaler, optimizer, *args, **kwargs)
+            if not tr.disabled and tr.opt_steps == before and not tr.manual and _ident() == tr.owner:
+                # GradScaler skipped the optimizer (inf/NaN gradients): the iteration still ends a step
+                try:
+                    tr._end_step(_perf(), "train", optimizer)
+                except Exception as exc:
+                    tr._fail("GradScaler hook", exc)
+            return out
+
+        return step
+
+    # --- hooks: optimizer ----------------------------------------------------------------------
+
+    def _opt_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.disabled or not self._own(True):
+            return
+        t0 = _perf()
+        try:
+            if self.opt_depth == 0:
+                self.training = True
+                self.tentative = None
+                self.eval_pending = False  # training activity
+            self.opt_depth += 1
+            self._push(OPT, t0)
+            self.overhead += _perf() - t0 + self.hook_ns
+        except Exception as exc:
+            self._fail("optimizer pre hook", exc)
+
+    def _opt_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.disabled or _ident() != self.owner:
+            return
+        t1 = _perf()
+        try:
+            st = self.stack
+            if st and st[-1].phase == OPT:
+                f = st[-1]
+            else:
+                f = next((x for x in reversed(st) if x.phase == OPT), None)
+            if f is not None:
+                self._pop(f, t1)
+            self.opt_depth = max(0, self.opt_depth - 1)
+            if self.opt_depth:
+                return  # a wrapper optimizer (accelerate, ZeRO) is still inside its step
+            self.opt_steps += 1
+            if self.manual:
+                self.overhead += _perf() - t1 + self.hook_ns
+                return
+            oid = id(optimizer)
+            if self.boundary_opt is None:
+                self.boundary_opt = oid
+            elif oid != self.boundary_opt:
+                if oid not in self.opts_seen:
+                    # another optimizer in the same iteration (GAN): its time is optimizer time
+                    self.opts_seen.add(oid)
+                    self.overhead += _perf() - t1 + self.hook_ns
+                    return
+                self.boundary_opt = oid  # stepped twice without the old one: it replaced it
+            self.overhead += _perf() - t1 + self.hook_ns
+            self._end_step(t1, "train", optimizer)
+        except Exception as exc:
+            self._fail("optimizer post hook", exc)
+
+    # --- hooks: root forwards (from the layers instrument) -----------------------------------------
+
+    def _on_root_start(self, module: Any, t0: int, args: Any, kwargs: Any) -> None:
+        if self.disabled:
+            return
+        grad = self._grad_enabled()
+        if _ident() != self.owner and not self._own(True):
+            return
+        try:
+            st = self.stack
+            while st and st[-1].phase == FWD:
+                st.pop()  # a previous root forward raised: its end never came
+            gen = self.fwd_gen = self._gen_phase()  # at the start: generate() updates it at the end
+            if self.tentative is not None and not self.manual and gen != "decode":
+                self._commit_tentative()  # (a decode forward continues its generate() step)
+            if grad and self.training:
+                self.eval_pending = False  # training activity
+            if self.win_start is None:
+                self._push(FWD, t0)
+            else:
+                st.append(_Frame(FWD, t0))
+        except Exception as exc:
+            self._fail("root forward hook", exc)
+
+    def _on_root_end(self, module: Any, t0: int, t1: int, args: Any, kwargs: Any) -> None:
+        if self.disabled or _ident() != self.owner:
+            return
+        try:
+            grad = self._grad_enabled()
+            st = self.stack
+            f = st[-1] if st and st[-1].phase == FWD and st[-1].t0 == t0 else None
+            if f is None:  # no start announced: account the forward as a leaf
+                if self.win_start is None:
+                    self.win_start = t0
+                    self.gpu.restart()
+                f = _Frame(FWD, t0)
+                st.append(f)
+            self._pop(f, t1)
+            counts = grad or not self.training
+            gen = self.fwd_gen if not self.training else None
+            self.fwd_gen = None
+            if counts and self.sample_module in (None, id(module)):
+                self.sample_module = id(module)
+                samples, tokens = _input_shape(args, kwargs)
+                if gen == "decode":
+                    samples = None  # the batch was counted by the prefill forward
+                if samples is not None:
+                    self.samples += samples
+                    self.have_samples = True
+                if tokens is not None:
+                    self.tokens += tokens
+                    self.have_tokens = True
+            if self.manual:
+                pass
+            elif self.training:
+                if not grad:
+                    self.eval_pending = True  # evaluation (or a no-grad teacher) forward
+            elif gen is not None:
+                # inside generate(): the whole call is one inference step; it ends at the last
+                # forward, committed when the next call (or any other root forward) starts
+                self.tentative = (t1, list(self.acc), self.samples, self.tokens,
+                                  self.have_samples, self.have_tokens)
+            elif not grad:
+                self._end_step(t1, "infer", None, listener=True)
+                return
+            else:
+                # grad enabled but no backward yet: inference unless a backward follows
+                self.tentative = (t1, list(self.acc), self.samples, self.tokens,
+                                  self.have_samples, self.have_tokens)
+        except Exception as exc:
+            self._fail("root forward hook", exc)
+
+    def _commit_tentative(self) -> None:
+        t1, acc, samples, tokens, hs, ht = self.tentative  # type: ignore[misc]
+        self.tentative = None
+        after = [a - b for a, b in zip(self.acc, acc, strict=True)]
+        s2, t2 = self.samples - samples, self.tokens - tokens
+        self.acc = acc
+        self.samples, self.tokens, self.have_samples, self.have_tokens = samples, tokens, hs, ht
+        self._end_step(t1, "infer", None)
+        self.acc = after
+        self.samples, self.tokens = s2, t2
+        self.have_samples, self.have_tokens = s2 > 0, t2 > 0
+
+    # --- manual steps ------------------------------------------------------------------------
+
+    def manual_step(self) -> None:
+        """``llmtop.agent.step()``: from now on only manual calls end steps."""
+        if self.disabled:
+            return
+        t1 = _perf()
+        try:
+            self.manual = True
+            self.tentative = None
+            if self.owner is None:
+                self.owner = _ident()
+            if self.win_start is None:
+                # the first manual call with no activity seen: it opens the first step
+                self.win_start = t1
+                self.gpu.restart()
+                return
+            self._end_step(t1, "train" if self.training_in_step() else "infer", None)
+        except Exception as exc:
+            self._fail("manual step", exc)
+
+    def training_in_step(self) -> bool:
+        return self.acc[BWD] > 0 or self.acc[OPT] > 0 or bool(self.losses)
+
+    # --- step end (hot path) ---------------------------------------------------------------------
+
+    def _end_step(self, t_end: int, mode: str, optimizer: Any, listener: bool = False) -> None:
+        """``listener``: called from a root-forward listener, whose time the layers instrument
+        charges already (the root-call hooks on the bus are timed there, once).
+
+        Hot path: it notes what the step was and starts the next; ``poll`` does the rest."""
+        t_in = _perf()
+        step = self.step
+        start = self.win_start
+        dur = t_end - start if start is not None and t_end > start else 0
+        lr = None
+        if optimizer is not None:
+            try:
+                lr = optimizer.param_groups[0]["lr"]
+                if lr.__class__ is not float:
+                    lr = _lr_value(lr)  # read now: a tensor may change in place with the schedule
+            except Exception:
+                lr = None
+        mem = NONE3
+        if cuda_ready():
+            self.h2d_armed = True
+            mem = self.memory.at_step_end(dur)
+            self.gpu.end_step(step)
+        acc, losses, grad = self.acc, self.losses, self.grad
+        samples = self.samples if self.have_samples else None
+        tokens = self.tokens if self.have_tokens else None
+        # the next step starts now; the stack keeps frames still open (a wrapper optimizer)
+        self.acc = [0] * NPH
+        self.win_start = t_end
+        self.losses = []
+        self.grad = None
+        self.samples = self.tokens = 0
+        self.have_samples = self.have_tokens = False
+        self.sample_module = None
+        if self.opts_seen:
+            self.opts_seen = set()
+        self.step = step + 1
+        try:
+            self.ctx.current_step = step + 1
+        except Exception:
+            pass
+        own = self.overhead + (0 if listener else _perf() - t_in)
+        self.overhead = 0
+        layers = self.layers
+        every = 1
+        if layers is not None:
+            # the rate the ending step ran under (step-end listeners may change it)
+            every = layers.current_every
+            layers.tracker_ns = own  # a fixed cost for its budget
+        for fn in core.BUS.step_end:
+            try:
+                fn(step, t_end)
+            except Exception:
+                pass
+        # the layers instrument's share of the cost is added by poll (it accounts for it there)
+        self._done.append((step, t_end, dur, acc, mode, losses, grad, lr, samples, tokens, mem, every, own))
+
+    # --- agent thread ----------------------------------------------------------------------------
+
+    def poll(self, now: float) -> list[Event]:
+        events: list[Event] = []
+        if self.layers is None:
+            self._find_layers()
+        if not self.scalars.prepared and cuda_ready():
+            self.scalars.prepare()
+        gpu = self.gpu.resolve() if self.gpu.pending else {}
+        done, waiting = self._done, self._waiting
+        while done:
+            waiting.append(_Raw(done.popleft()))
+        n = 0
+        while waiting:
+            r = waiting[0]
+            if not self._complete(r, gpu):
+                break
+            waiting.popleft()
+            n += 1
+            if n % core.YIELD_EVERY == 0:
+                core.let_script_run()
+            if self.layers is not None:
+                try:
+                    r.overhead_ns += int(self.layers.step_overhead_ns(r.step))
+                except Exception:
+                    pass
+            s = self._to_event(r)
+            events.append(s)
+            events.extend(self.detector.feed_step(s))
+        rss = host_rss()
+        if rss is not None and self.step > 0:
+            events.extend(self.detector.feed_memory("host RSS", self.step, now, rss))
+        return events
+
+    def _complete(self, r: _Raw, gpu: dict[int, float]) -> bool:
+        """Resolve what the GPU still owes this step; False while something is not ready yet."""
+        if r.step in gpu:
+            r.gpu_ms = gpu[r.step]
+        stale = time.monotonic() - r.born > 10.0  # give up on values that never become ready
+        ready = True
+        if r.losses:
+            vals = []
+            for h in r.losses:
+                ok, v = self.scalars.read(h)
+                if not ok:
+                    ready = False
+                    break
+                if v is not None:
+                    vals.append(v)
+            if ready:
+                # with gradient accumulation the step's loss is the sum of the micro-batch losses
+                # that went into its gradient: the mean when the script divides each by the number
+                # of micro-batches, and the figure transformers' Trainer logs when it does not
+                r.loss_value = sum(vals) if vals else None
+                r.losses = []
+        if r.grad is not None:
+            ok, v = self.scalars.read(r.grad)
+            if ok:
+                r.grad_value = v
+                r.grad = None
+            else:
+                ready = False
+        if not ready and stale:
+            r.losses = []
+            r.grad = None
+            return True
+        return ready
+
+    def _to_event(self, r: _Raw) -> Step:
+        dur_ms = r.dur / 1e6
+        phases = [p / 1e6 for p in r.phases]
+        measured = sum(phases)
+        if measured > dur_ms > 0:
+            # a frame opened before the window began (rare): scale so the parts still add up
+            k = dur_ms / measured
+            phases = [p * k for p in phases]
+            measured = dur_ms
+        ph = dict(zip(PHASE_NAMES, phases, strict=True))
+        ph["other"] = max(0.0, dur_ms - measured)
+        wall = self._wall0 + (r.t_end - self._pc0) / 1e9
+        alloc, reserved, peak = r.mem
+        return Step(step=r.step, t=wall, dur_ms=dur_ms, mode=r.mode, phases=ph, loss=r.loss_value,
+                    grad_norm=r.grad_value, lr=r.lr, samples=r.samples, tokens=r.tokens,
+                    overhead_us=r.overhead_ns / 1e3, layer_every=r.layer_every,
+                    cuda_allocated=alloc, cuda_reserved=reserved, cuda_peak=peak, gpu_ms=r.gpu_ms)
+
+
+def _no_generation() -> None:
+    return None
+
+
+def _compiling_check() -> Any:
+    """A cheap ``is_compiling()`` so that dynamo traces straight through our wrappers."""
+    try:
+        import torch
+
+        fn = torch.compiler.is_compiling
+        return fn
+    except Exception:
+        return lambda: False

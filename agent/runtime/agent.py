@@ -1,0 +1,652 @@
+"""The running agent: options, the agent thread, history for late joiners, clean exit, fork safety.
+
+Hooks (instruments) call ``emit()`` from any thread; it only appends to a bounded deque. Every
+tick the agent thread polls the instruments, samples the host and the GPUs, encodes each event
+once, keeps it in the history rings and hands the bytes to the socket server and the recording.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from llmtop.agent.instruments.host import HostSampler
+from llmtop.agent.instruments.nvml import NvmlSampler
+from llmtop.agent.runtime import core
+from llmtop.agent.runtime.core import Options
+from llmtop.protocol.events import (
+    AgentWarning,
+    Anomaly,
+    End,
+    Event,
+    LayerFlops,
+    ModelTree,
+    Session,
+    Step,
+    encode,
+)
+from llmtop.protocol.paths import socket_dir, socket_path_for
+
+QUEUE_MAX = 200_000  # events waiting for the next tick; beyond this the oldest are lost
+EXIT_BUDGET_S = 2.0
+EXIT_HARD_LIMIT_S = 15.0  # the longest the exit waits for a tick that is inside torch
+
+# Launchers whose own process is not the interesting one: they keep their pid socket.
+_LAUNCHERS = ("torch.distributed.run", "torchrun", "accelerate", "deepspeed")
+
+# --- options ---------------------------------------------------------------------------------------
+
+_ENV: dict[str, tuple[str, type]] = {
+    "LLMTOP_TICK": ("tick_s", float),
+    "LLMTOP_BUDGET": ("budget_pct", float),
+    "LLMTOP_LAYER_EVERY": ("layer_every", int),
+    "LLMTOP_OPS_EVERY": ("ops_every", int),
+    "LLMTOP_FLOPS": ("flops", bool),
+    "LLMTOP_HISTORY": ("history", int),
+    "LLMTOP_CLIENT_BUFFER": ("client_buffer", int),
+    "LLMTOP_RECORD": ("record", str),
+}
+_EXTRA_ENV: dict[str, tuple[str, type]] = {
+    "LLMTOP_SOCKET": ("socket", str),
+    "LLMTOP_STALL_S": ("stall_s", float),
+}
+
+
+def _parse(kind: type, raw: str) -> Any:
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(raw)
+    value = kind(raw)
+    if kind in (int, float) and value < 0:
+        raise ValueError(raw)
+    return value
+
+
+def options_from_env(env: dict[str, str] | None = None, **overrides: Any) -> Options:
+    """``Options`` from ``LLMTOP_*`` variables, then keyword overrides. A bad value is ignored with a
+    one-line note on stderr (the agent must not stop the script over a typo)."""
+    env = os.environ if env is None else env
+    opts = Options()
+    for table, target in ((_ENV, None), (_EXTRA_ENV, opts.extra)):
+        for var, (name, kind) in table.items():
+            raw = env.get(var)
+            if raw is None or (kind is str and raw == ""):
+                continue
+            try:
+                value = _parse(kind, raw)
+            except ValueError:
+                print(f"llmtop: ignoring {var}={raw!r} (expected {kind.__name__} >= 0)", file=sys.stderr)
+                continue
+            if target is None:
+                setattr(opts, name, value)
+            else:
+                target[name] = value
+    if opts.tick_s <= 0:
+        opts.tick_s = Options.tick_s
+    opts.history = max(1, opts.history)
+    known = {f.name for f in dataclasses.fields(Options)} - {"extra"}
+    for key, value in overrides.items():
+        if key in known:
+            setattr(opts, key, value)
+        else:
+            opts.extra[key] = value
+    return opts
+
+
+def resolve_socket(opts: Options, env: dict[str, str] | None = None, pid: int | None = None) -> Path:
+    """Which socket this process listens on.
+
+    ``LLMTOP_SOCKET`` (or ``socket=``) is claimed by one process only: under ``llmtop attach
+    script.py`` the direct child of the attach process (``LLMTOP_PARENT_PID``); otherwise the first
+    process to bind it, except launcher processes and non-zero ranks. Everyone else gets a pid path
+    beside it, so Python processes started with the same environment never collide.
+    """
+    env = os.environ if env is None else env
+    pid = os.getpid() if pid is None else pid
+    chosen = opts.extra.get("socket")
+    if not chosen:
+        return socket_path_for(pid)
+    path = Path(str(chosen))
+    beside = path.parent / f"{pid}.sock"
+    parent = env.get("LLMTOP_PARENT_PID", "")
+    if parent:
+        return path if parent.isdigit() and int(parent) == os.getppid() else beside
+    cmdline = " ".join(getattr(sys, "orig_argv", sys.argv))
+    if any(name in cmdline for name in _LAUNCHERS) or env.get("RANK", "0") not in ("", "0"):
+        return beside
+    return path
+
+
+# --- history -------------------------------------------------------------------------------------
+
+
+class History:
+    """Bounded rings of encoded frames for a late joiner's snapshot, in publication order."""
+
+    SMALL = {"ops": 20, "warning": 100, "anomaly": 200}
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.seq = 0
+        self.session: bytes | None = None
+        self.trees: dict[int, tuple[int, bytes]] = {}
+        self.flops: dict[str, tuple[int, bytes]] = {}
+        self.rings: dict[str, deque[tuple[int, bytes]]] = {}
+
+    def add(self, event: Event, frame: bytes) -> None:
+        self.seq += 1
+        if isinstance(event, Session):
+            self.session = frame
+        elif isinstance(event, ModelTree):
+            self.trees[event.model] = (self.seq, frame)
+        elif isinstance(event, LayerFlops):
+            self.flops[event.signature] = (self.seq, frame)
+        elif event.KIND in ("stats", "snapshot_done", "hello"):
+            return  # per-connection, not history
+        else:
+            ring = self.rings.get(event.KIND)
+            if ring is None:
+                ring = self.rings[event.KIND] = deque(maxlen=min(self.size, self.SMALL.get(event.KIND, self.size)))
+            ring.append((self.seq, frame))
+
+    def snapshot(self) -> list[bytes]:
+        frames = [self.session] if self.session is not None else []
+        frames += [f for _, f in sorted(self.trees.values(), key=lambda x: x[0])]
+        rest = list(self.flops.values())
+        for ring in self.rings.values():
+            rest.extend(ring)
+        rest.sort(key=lambda x: x[0])
+        frames += [f for _, f in rest]
+        return frames
+
+
+# --- the agent -------------------------------------------------------------------------------------
+
+
+def _load_instruments(opts: Options) -> list[Any]:
+    try:
+        from llmtop.agent.instruments import default_instruments
+    except ImportError:
+        return []
+    return list(default_instruments(opts))
+
+
+def _load_writer() -> Any:
+    try:
+        from llmtop.protocol.recording import RecordingWriter
+    except ImportError:
+        return None
+    return RecordingWriter
+
+
+class Agent:
+    """Implements ``core.Context`` for instruments and the calls ``llmtop.agent`` makes."""
+
+    def __init__(self, options: Options | None = None, instruments: list[Any] | None = None) -> None:
+        self.options = options or options_from_env()
+        self.pid = os.getpid()
+        self.current_step = 0
+        self.started = time.time()
+        self.socket_path: Path | None = None
+        self.server: Any = None
+        self.writer: Any = None
+        self.ticks = 0
+        self.cpu_s = 0.0  # agent thread CPU time (the server thread keeps its own)
+        self.exc_text: str | None = None
+        self._instruments_given = instruments
+        self._instruments: list[Any] = []
+        self._queue: deque[Event] = deque(maxlen=QUEUE_MAX)
+        self._lock = threading.Lock()
+        # Held for the length of a tick. fork() waits for it (at most FORK_WAIT_S), so a child is
+        # not forked while the agent thread is inside torch holding its internal locks.
+        self._tick_lock = threading.RLock()
+        self._history = History(self.options.history)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._manual: Any = None
+        self._manual_last: float | None = None
+        self._stopped = False
+        self._abandoned = False
+        self._bad_kinds: set[str] = set()
+        self._cpu_mark = (time.monotonic(), 0.0)
+        self._cpu_pct: float | None = None
+        self._host: HostSampler | None = None
+        self._nvml: NvmlSampler | None = None
+        self._versions = ("", "")
+        self.session = self._make_session()
+
+    # --- Context (any thread, never blocks) -------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        self._queue.append(event)
+
+    def warn(self, source: str, message: str) -> None:
+        self._queue.append(AgentWarning(t=time.time(), source=source, message=message))
+
+    @property
+    def stopping(self) -> bool:
+        """True once the agent is shutting down: instruments should not start expensive work."""
+        return self._stop.is_set()
+
+    def set_manual_step(self, fn: Any) -> None:
+        self._manual = fn
+
+    def manual_step(self) -> None:
+        fn = self._manual
+        if fn is not None:
+            fn()
+            return
+        # No step tracker installed: still count steps and time them wall-clock.
+        now = time.perf_counter()
+        last, self._manual_last = self._manual_last, now
+        self.current_step += 1
+        if last is not None:
+            dur = (now - last) * 1e3
+            self.emit(Step(step=self.current_step, t=time.time(), dur_ms=dur, phases={"other": dur}))
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> Agent:
+        opts = self.options
+        try:
+            self._host = HostSampler()
+        except Exception as exc:
+            self.warn("host", f"host sampling disabled: {exc}")
+        self._nvml = NvmlSampler()
+        if self._nvml.enabled:
+            self.session.devices = list(self._nvml.names)
+        self._start_server()
+        requested = opts.extra.get("socket")
+        if opts.record and (not requested or self.socket_path == Path(str(requested))):
+            # LLMTOP_RECORD is inherited by the script's Python children: only the process that owns
+            # the requested socket writes the file.
+            self._start_writer(opts.record)
+        self._publish([self.session])
+        if self.server is not None:
+            # accepting only now: a viewer connecting at once still gets the session first
+            self.server.start()
+        instruments = self._instruments_given
+        if instruments is None:
+            try:
+                instruments = _load_instruments(opts)
+            except Exception as exc:
+                self.warn("instruments", f"could not load instruments: {type(exc).__name__}: {exc}")
+                instruments = []
+        for inst in instruments:
+            try:
+                inst.install(self)
+            except Exception as exc:
+                self._report(inst, "install", exc)
+                self._safe_uninstall(inst)
+                continue
+            self._instruments.append(inst)
+        self._thread = threading.Thread(target=self._run, name="llmtop-agent", daemon=True)
+        self._thread.start()
+        return self
+
+    def _start_server(self) -> None:
+        from llmtop.agent.runtime.server import AddressInUse, Server
+
+        opts = self.options
+        wanted = resolve_socket(opts)
+        candidates = [wanted]
+        fallback = wanted.parent / f"{self.pid}.sock"
+        if fallback != wanted:
+            candidates.append(fallback)
+        if socket_path_for(self.pid) not in candidates:
+            candidates.append(socket_path_for(self.pid))
+        last: Exception | None = None
+        for path in candidates:
+            try:
+                self.server = Server(
+                    path, self._lock, self._history.snapshot, self.warn,
+                    client_buffer=opts.client_buffer, stall_s=float(opts.extra.get("stall_s", 30.0)),
+                    cpu_pct=lambda: self._cpu_pct, started=self.started,
+                    private_dir=path.parent == socket_dir(),
+                )
+            except AddressInUse as exc:
+                last = exc
+                continue
+            except OSError as exc:
+                last = exc
+                continue
+            self.socket_path = path
+            return
+        print(f"llmtop: agent running without a socket ({last})", file=sys.stderr)
+
+    def _start_writer(self, path: str) -> None:
+        cls = _load_writer()
+        if cls is None:
+            self.warn("recording", "recording is not available in this llmtop build")
+            return
+        try:
+            self.writer = cls(path, self.session)
+        except Exception as exc:
+            print(f"llmtop: cannot record to {path}: {exc}", file=sys.stderr)
+            self.warn("recording", f"cannot record to {path}: {exc}")
+
+    def stop(self, reason: str = "exit", traceback_text: str | None = None,
+             timeout: float = EXIT_BUDGET_S) -> None:
+        """Final poll, flush and ``End``; close the socket and the recording. Idempotent."""
+        if self._stopped or self._abandoned:
+            return
+        self._stopped = True
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        thread = self._thread
+        clean = True
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout * 0.5)
+            if thread.is_alive():
+                # A tick is still running, maybe inside torch (a FLOP count, an op profile). Wait
+                # for it: a daemon thread that is in C++ with the GIL released when the interpreter
+                # finalizes is killed by pthread_exit through C++ frames, and the process aborts
+                # ("terminate called without an active exception"), losing the exit code.
+                thread.join(EXIT_HARD_LIMIT_S)
+            clean = not thread.is_alive()
+        end = End(t=time.time(), traceback=traceback_text, reason=reason if not traceback_text else "exception")
+        if clean:
+            self._tick()
+        for inst in self._instruments:
+            self._safe_uninstall(inst)
+        self._instruments = []
+        try:
+            frame = encode(end)
+        except Exception:
+            frame = encode(End(t=end.t, reason=end.reason))
+        with self._lock:
+            self._history.add(end, frame)
+        if self.server is not None:
+            self.server.close([frame], timeout=max(0.1, deadline - time.monotonic() - 0.3))
+        if self.writer is not None:
+            try:
+                self.writer.close(end)
+            except Exception:
+                pass
+            self.writer = None
+        if self._nvml is not None:
+            self._nvml.close()
+
+    def abandon(self) -> None:
+        """In a forked child: drop the agent silently, leaving the parent's socket and files alone."""
+        self._abandoned = True
+        self._stop.set()
+        self._instruments = []
+        if self.server is not None:
+            try:
+                self.server.abandon()
+            except Exception:
+                pass
+        self.server = None
+        self.writer = None  # the parent owns the file; never flush or close it here
+
+    # --- agent thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        tick = self.options.tick_s
+        while not self._stop.wait(tick):
+            self._tick()
+
+    def _tick(self, final: bool = False) -> None:
+        with self._tick_lock:
+            self._tick_locked()
+
+    def _tick_locked(self) -> None:
+        t0 = time.thread_time()
+        try:
+            now = time.time()
+            events = self._drain()
+            for inst in list(self._instruments):
+                core.let_script_run()
+                try:
+                    events.extend(inst.poll(now) or ())
+                except Exception as exc:
+                    self._report(inst, "poll", exc)
+                    self._instruments.remove(inst)
+                    self._safe_uninstall(inst)
+            if self._host is not None:
+                try:
+                    events.append(self._host.sample(now))
+                except Exception as exc:
+                    self._host = None
+                    self.warn("host", f"host sampling stopped: {type(exc).__name__}: {exc}")
+            if self._nvml is not None and self._nvml.enabled:
+                try:
+                    events.extend(self._nvml.sample(now))
+                except Exception as exc:
+                    self._nvml.enabled = False
+                    self.warn("nvml", f"GPU sampling stopped: {type(exc).__name__}: {exc}")
+            if self._refresh_versions():
+                events.append(self.session)
+            events.extend(self._drain())
+            self._publish(events, now)
+        except Exception as exc:  # the agent thread must survive anything
+            try:
+                self.warn("agent", f"tick failed: {type(exc).__name__}: {exc}")
+            except Exception:
+                pass
+        self.ticks += 1
+        self.cpu_s += time.thread_time() - t0
+        self._update_cpu_pct()
+
+    def _drain(self) -> list[Event]:
+        out: list[Event] = []
+        q = self._queue
+        try:
+            while True:
+                out.append(q.popleft())
+        except IndexError:
+            return out
+
+    def _publish(self, events: list[Event], now: float | None = None) -> None:
+        pairs: list[tuple[Event, bytes]] = []
+        for i, ev in enumerate(events):
+            if i % core.YIELD_EVERY == core.YIELD_EVERY - 1:
+                core.let_script_run()
+            try:
+                pairs.append((ev, encode(ev)))
+            except Exception as exc:
+                if ev.KIND not in self._bad_kinds:
+                    self._bad_kinds.add(ev.KIND)
+                    warning = AgentWarning(t=time.time(), source="encode",
+                                           message=f"a {ev.KIND!r} event could not be encoded and was skipped "
+                                                   f"(further ones are skipped silently): {exc}")
+                    pairs.append((warning, encode(warning)))
+        if not pairs:
+            return
+        with self._lock:
+            for ev, frame in pairs:
+                self._history.add(ev, frame)
+            if self.server is not None:
+                self.server.broadcast([f for _, f in pairs])
+        writer = self.writer
+        if writer is not None:
+            try:
+                for ev, frame in pairs:
+                    writer.append(frame, ev)
+                mono = time.monotonic()
+                if writer.wants_keyframe(mono):
+                    with self._lock:
+                        snap = self._history.snapshot()
+                    writer.keyframe(snap)
+                maybe_flush = getattr(writer, "maybe_flush", None)
+                if maybe_flush is not None:
+                    maybe_flush(mono)  # the writer groups frames into blocks at most flush_s old
+                else:
+                    writer.flush()
+            except Exception as exc:
+                self.writer = None
+                self.warn("recording", f"recording stopped: {type(exc).__name__}: {exc}")
+
+    def _update_cpu_pct(self) -> None:
+        t_mark, cpu_mark = self._cpu_mark
+        now = time.monotonic()
+        cpu = self.total_cpu_s
+        if now - t_mark >= 1.0:
+            self._cpu_pct = 100.0 * (cpu - cpu_mark) / (now - t_mark)
+            self._cpu_mark = (now, cpu)
+
+    @property
+    def total_cpu_s(self) -> float:
+        """CPU time of the agent thread and the server thread together."""
+        return self.cpu_s + (self.server.cpu_s if self.server is not None else 0.0)
+
+    def _report(self, inst: Any, where: str, exc: BaseException) -> None:
+        name = getattr(inst, "name", type(inst).__name__)
+        self.warn(str(name), f"{where} failed, instrument disabled: {type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _safe_uninstall(inst: Any) -> None:
+        try:
+            inst.uninstall()
+        except Exception:
+            pass
+
+    # --- session -------------------------------------------------------------------------------------
+
+    def _make_session(self) -> Session:
+        argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:])
+        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.options).items()
+                   if k != "extra"}
+        options.update({k: str(v) for k, v in self.options.extra.items()})
+        return Session(pid=self.pid, argv=argv, cwd=os.getcwd(), started=self.started,
+                       hostname=socket.gethostname(), python=platform.python_version(),
+                       devices=["cpu"], options=options)
+
+    def _refresh_versions(self) -> bool:
+        """Torch and transformers are imported after the agent starts; send their versions once known."""
+        found = tuple(getattr(sys.modules.get(m), "__version__", "") or "" for m in ("torch", "transformers"))
+        found = tuple(str(v) for v in found)
+        if found == self._versions:
+            return False
+        self._versions = found
+        self.session.torch, self.session.transformers = found
+        return True
+
+
+# --- process-wide start/stop ---------------------------------------------------------------------
+
+_start_lock = threading.Lock()
+_hooks_installed = False
+_orig_excepthook: Any = None
+_orig_thread_excepthook: Any = None
+
+
+def start_agent(**options: Any) -> Agent:
+    """Start the agent in this process (idempotent); returns the running agent."""
+    with _start_lock:
+        agent = core.ACTIVE
+        if agent is not None and getattr(agent, "pid", None) == os.getpid():
+            return agent
+        instruments = options.pop("instruments", None)
+        agent = Agent(options_from_env(**options), instruments=instruments)
+        _install_process_hooks()
+        core.ACTIVE = agent  # before start(): instruments may check it while installing
+        try:
+            agent.start()
+        except Exception as exc:
+            core.ACTIVE = None
+            print(f"llmtop: agent could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return agent
+
+
+def stop_agent() -> None:
+    agent = core.ACTIVE
+    if agent is None or getattr(agent, "pid", None) != os.getpid():
+        return
+    core.ACTIVE = None
+    agent.stop(reason="stopped", traceback_text=agent.exc_text)
+
+
+def _at_exit() -> None:
+    agent = core.ACTIVE
+    if agent is None or agent.pid != os.getpid():
+        return
+    core.ACTIVE = None
+    try:
+        agent.stop(reason="exit", traceback_text=agent.exc_text)
+    except Exception:
+        pass
+
+
+def _excepthook(tp: type[BaseException], value: BaseException, tb: Any) -> None:
+    agent = core.ACTIVE
+    if agent is not None and getattr(agent, "pid", None) == os.getpid():
+        try:
+            agent.exc_text = "".join(traceback.format_exception(tp, value, tb))
+        except Exception:
+            pass
+    (_orig_excepthook or sys.__excepthook__)(tp, value, tb)
+
+
+def _thread_excepthook(args: Any) -> None:
+    agent = core.ACTIVE
+    if agent is not None and getattr(agent, "pid", None) == os.getpid() and args.exc_type is not SystemExit:
+        try:
+            name = getattr(args.thread, "name", "?")
+            last = traceback.format_exception_only(args.exc_type, args.exc_value)[-1].strip()
+            agent.emit(Anomaly(t=time.time(), what="thread_exception", severity="error",
+                               message=f"uncaught exception in thread {name}: {last}", step=agent.current_step))
+        except Exception:
+            pass
+    (_orig_thread_excepthook or threading.__excepthook__)(args)
+
+
+FORK_WAIT_S = 2.0
+_fork_held: Any = None
+
+
+def _before_fork() -> None:
+    global _fork_held
+    agent = core.ACTIVE
+    if agent is not None and getattr(agent, "pid", None) == os.getpid():
+        lock = agent._tick_lock
+        if lock.acquire(timeout=FORK_WAIT_S):
+            _fork_held = lock
+
+
+def _after_fork_in_parent() -> None:
+    global _fork_held
+    lock, _fork_held = _fork_held, None
+    if lock is not None:
+        lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _fork_held
+    _fork_held = None  # the child's copy of the lock dies with its agent
+    agent = core.ACTIVE
+    core.ACTIVE = None
+    if agent is not None:
+        try:
+            agent.abandon()
+        except Exception:
+            pass
+
+
+def _install_process_hooks() -> None:
+    global _hooks_installed, _orig_excepthook, _orig_thread_excepthook
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(_at_exit)
+    _orig_excepthook = sys.excepthook
+    sys.excepthook = _excepthook
+    _orig_thread_excepthook = threading.excepthook
+    threading.excepthook = _thread_excepthook
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)

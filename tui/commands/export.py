@@ -1,0 +1,464 @@
+"""`llmtop export FILE --format chrome|csv|json -o OUT`: a recording in the tools people already use.
+
+- ``chrome``: a Chrome / Perfetto trace (JSON object format, ``traceEvents``); load it in
+  https://ui.perfetto.dev or ``chrome://tracing``.
+- ``csv``: one row per step with every ``Step`` field (phases flattened to ``phase_<name>_ms``).
+- ``json``: every event, grouped by kind, plus the ``llmtop report`` summary.
+
+``docs/EXPORT.md`` documents each format's fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
+
+from llmtop.protocol.events import (
+    PHASES,
+    REGISTRY,
+    AgentWarning,
+    Anomaly,
+    DeviceSample,
+    End,
+    Event,
+    Generation,
+    HostSample,
+    LayerStats,
+    LogLine,
+    Metric,
+    ModelTree,
+    Session,
+    Span,
+    Step,
+)
+from llmtop.protocol.recording import RecordingError, RecordingReader
+from llmtop.tui.commands.report import LayerMerger
+
+HELP = "Export a recording as a Chrome/Perfetto trace, CSV (one row per step) or JSON (everything)."
+FORMATS = ("chrome", "csv", "json")
+JSON_FORMAT = "llmtop-export"
+JSON_VERSION = 1
+DEFAULT_LAYER_STEPS = 2000  # layer slices for at most this many steps (evenly spread), unless --all-layers
+
+# Chrome trace tracks (thread ids inside the run's process).
+TID_STEPS, TID_PHASES, TID_FWD, TID_BWD, TID_GEN, TID_EVENTS, TID_LOGS = 1, 2, 3, 4, 5, 6, 7
+TID_SPANS = 100  # + one per span category
+TRACK_NAMES = {TID_STEPS: "steps", TID_PHASES: "phases", TID_FWD: "layers (forward)",
+               TID_BWD: "layers (backward)", TID_GEN: "generate", TID_EVENTS: "anomalies & warnings",
+               TID_LOGS: "logs"}
+
+
+# --- shared helpers ----------------------------------------------------------------------------------
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: non-finite floats become the strings "NaN", "Infinity", "-Infinity"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _restore(value: Any) -> Any:
+    if isinstance(value, str) and value in _NONFINITE:
+        return _NONFINITE[value]
+    if isinstance(value, dict):
+        return {k: _restore(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restore(v) for v in value]
+    return value
+
+
+def event_fields(event: Event) -> dict[str, Any]:
+    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+
+
+# --- CSV ---------------------------------------------------------------------------------------------
+
+STEP_FIELDS = [f.name for f in dataclasses.fields(Step)]
+
+
+def csv_columns(extra_phases: Iterable[str] = ()) -> list[str]:
+    """Every Step field in schema order; ``phases`` becomes one ``phase_<name>_ms`` column per phase."""
+    phases = list(PHASES) + [p for p in extra_phases if p not in PHASES]
+    cols: list[str] = []
+    for name in STEP_FIELDS:
+        if name == "phases":
+            cols += [f"phase_{p}_ms" for p in phases]
+        else:
+            cols.append(name)
+    return cols
+
+
+def write_csv(reader: RecordingReader, out: TextIO) -> int:
+    steps = [e for e in reader.events() if isinstance(e, Step)]
+    extra = sorted({p for s in steps for p in s.phases if p not in PHASES})
+    cols = csv_columns(extra)
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(cols)
+    for s in steps:
+        row = event_fields(s)
+        phases = row.pop("phases") or {}
+        for p in list(PHASES) + extra:
+            row[f"phase_{p}_ms"] = phases.get(p)
+        w.writerow(["" if row[c] is None else row[c] for c in cols])
+    return len(steps)
+
+
+# --- JSON --------------------------------------------------------------------------------------------
+
+
+def export_json(reader: RecordingReader) -> dict[str, Any]:
+    from llmtop.tui.commands.report import summarize
+
+    events: dict[str, list[dict[str, Any]]] = {}
+    end: End | None = None
+    for event in reader.events():
+        if isinstance(event, Session):
+            continue
+        if isinstance(event, End):
+            end = event
+        events.setdefault(event.KIND, []).append(_clean(event_fields(event)))
+    summary = summarize(reader).to_json()
+    return {
+        "format": JSON_FORMAT,
+        "version": JSON_VERSION,
+        "recording": {"file": os.path.abspath(reader.path), "format": list(reader.format),
+                      "start": reader.start, "duration_s": reader.duration, "steps": reader.steps,
+                      "warning": reader.warning},
+        "session": _clean(event_fields(reader.session)),
+        "events": events,
+        "end": _clean(event_fields(end)) if end is not None else None,
+        "summary": _clean(summary),
+    }
+
+
+def events_from_json(data: dict[str, Any]) -> list[Event]:
+    """Back from an export to event objects (grouped by kind, each kind in recorded order)."""
+    if data.get("format") != JSON_FORMAT:
+        raise ValueError("not an llmtop JSON export")
+    out: list[Event] = [Session(**_restore(data["session"]))]
+    for kind, rows in data["events"].items():
+        cls = REGISTRY.get(kind)
+        if cls is None:
+            continue
+        out += [cls(**_restore(row)) for row in rows]
+    return out
+
+
+# --- Chrome / Perfetto trace ---------------------------------------------------------------------------
+
+
+class ChromeTrace:
+    """Builds trace events. Times are µs from the recording's start; every track is sorted at the end
+    so timestamps never go backwards within one (pid, tid)."""
+
+    def __init__(self, reader: RecordingReader, *, all_layers: bool = False) -> None:
+        self.reader = reader
+        self.start = min(reader.start, reader.session.started or reader.start)
+        self.pid = int(reader.session.pid or 1)
+        self.events: list[dict[str, Any]] = []
+        self.meta: list[dict[str, Any]] = []
+        self.tracks: dict[int, str] = {}
+        self.span_tids: dict[str, int] = {}
+        self.trees: dict[int, ModelTree] = {}
+        self.children: dict[int, list[int]] = {}
+        self.parents: dict[int, int] = {}
+        self.paths: dict[int, str] = {}
+        self.step_start: dict[int, tuple[float, Step]] = {}
+        self.merger = LayerMerger()
+        total = reader.steps
+        self.layer_every = 1 if all_layers or total <= DEFAULT_LAYER_STEPS else math.ceil(total / DEFAULT_LAYER_STEPS)
+
+    def us(self, t: float) -> float:
+        return round((t - self.start) * 1e6, 3)
+
+    def _track(self, tid: int, name: str) -> int:
+        if tid not in self.tracks:
+            self.tracks[tid] = name
+        return tid
+
+    def slice(self, tid: int, name: str, ts: float, dur: float, cat: str, args: dict[str, Any] | None = None) -> None:
+        ev = {"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": max(0.0, round(dur, 3)),
+              "pid": self.pid, "tid": tid}
+        if args:
+            ev["args"] = _json_args(args)
+        self.events.append(ev)
+
+    def counter(self, name: str, t: float, values: dict[str, Any]) -> None:
+        vals = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if vals:
+            self.events.append({"name": name, "ph": "C", "ts": self.us(t), "pid": self.pid, "tid": 0,
+                                "args": vals})
+
+    def instant(self, tid: int, name: str, t: float, cat: str, args: dict[str, Any]) -> None:
+        self.events.append({"name": name, "cat": cat, "ph": "i", "s": "t", "ts": self.us(t),
+                            "pid": self.pid, "tid": tid, "args": _json_args(args)})
+
+    # -- per kind
+
+    def add(self, e: Event) -> None:
+        if isinstance(e, Step):
+            self._step(e)
+        elif isinstance(e, LayerStats):
+            self._layers(e)
+        elif isinstance(e, ModelTree):
+            self.trees[e.model] = e
+            for i, (mid, parent) in enumerate(zip(e.ids, e.parents, strict=False)):
+                self.children.setdefault(mid, [])
+                self.parents[mid] = parent
+                self.paths[mid] = e.paths[i] or e.name
+                if parent >= 0:
+                    self.children.setdefault(parent, []).append(mid)
+        elif isinstance(e, Span):
+            cat = e.category or "other"
+            tid = self.span_tids.get(cat)
+            if tid is None:
+                tid = self.span_tids[cat] = self._track(TID_SPANS + len(self.span_tids), f"spans: {cat}")
+            self.slice(tid, e.name, self.us(e.start), e.dur_ms * 1000.0, cat,
+                       {"step": e.step, "depth": e.depth, **e.attrs})
+        elif isinstance(e, HostSample):
+            self.counter("host cpu %", e.t, {"cpu_pct": e.cpu_pct})
+            self.counter("host memory (bytes)", e.t, {"rss": e.rss, "sys_used": e.sys_used})
+        elif isinstance(e, DeviceSample):
+            self.counter(f"gpu{e.index} utilization %", e.t, {"util_pct": e.util_pct})
+            self.counter(f"gpu{e.index} memory (bytes)", e.t, {"mem_used": e.mem_used})
+            self.counter(f"gpu{e.index} power (W)", e.t, {"power_w": e.power_w})
+        elif isinstance(e, Metric):
+            self.counter(f"metric {e.name}", e.t, {e.name: e.value})
+        elif isinstance(e, Generation):
+            tid = self._track(TID_GEN, TRACK_NAMES[TID_GEN])
+            total_ms = e.total_ms or (e.ttft_ms + sum(e.decode_ms))
+            start = self.us(e.t) - total_ms * 1000.0
+            self.slice(tid, "generate", start, total_ms * 1000.0, "generate",
+                       {"batch": e.batch, "prompt_tokens": e.prompt_tokens, "new_tokens": e.new_tokens,
+                        "ttft_ms": e.ttft_ms})
+            self.slice(tid, "first token", start, e.ttft_ms * 1000.0, "generate")
+        elif isinstance(e, (Anomaly, AgentWarning)):
+            tid = self._track(TID_EVENTS, TRACK_NAMES[TID_EVENTS])
+            name = e.what if isinstance(e, Anomaly) else f"warning: {e.source}"
+            self.instant(tid, name, e.t, e.KIND, {"message": e.message})
+        elif isinstance(e, LogLine):
+            self.instant(self._track(TID_LOGS, TRACK_NAMES[TID_LOGS]), e.text[:80], e.t, "log",
+                         {"stream": e.stream, "text": e.text})
+        elif isinstance(e, End):
+            self.instant(self._track(TID_EVENTS, TRACK_NAMES[TID_EVENTS]), f"end ({e.reason or 'exit'})",
+                         e.t, "end", {"exit_code": e.exit_code, "signal": e.signal})
+
+    def _step(self, s: Step) -> None:
+        end = self.us(s.t)
+        start = end - s.dur_ms * 1000.0
+        self.step_start[s.step] = (start, s)
+        for table in self.merger.ready(s.step):
+            hit = self.step_start.get(table.step)
+            if hit is not None:
+                self._lay_step(table, *hit)
+        tid = self._track(TID_STEPS, TRACK_NAMES[TID_STEPS])
+        self.slice(tid, f"step {s.step}", start, s.dur_ms * 1000.0, "step",
+                   {k: v for k, v in event_fields(s).items() if k not in ("t", "phases") and v is not None})
+        # Phases are laid out back to back in their canonical order: the agent measures how long each
+        # took in the step, not when it began.
+        at = start
+        ptid = self._track(TID_PHASES, TRACK_NAMES[TID_PHASES])
+        for name in [p for p in PHASES if p in s.phases] + [p for p in s.phases if p not in PHASES]:
+            ms = s.phases[name]
+            if ms and math.isfinite(ms) and ms > 0:
+                self.slice(ptid, name, at, ms * 1000.0, "phase", {"step": s.step})
+                at += ms * 1000.0
+        if s.samples or s.tokens:
+            secs = s.dur_ms / 1000.0 if s.dur_ms > 0 else None
+            if secs:
+                self.counter("throughput", s.t, {"samples_per_s": (s.samples or 0) / secs,
+                                                 "tokens_per_s": (s.tokens or 0) / secs})
+        self.counter("loss", s.t, {"loss": s.loss, "grad_norm": s.grad_norm})
+        self.counter("cuda memory (bytes)", s.t, {"allocated": s.cuda_allocated, "reserved": s.cuda_reserved,
+                                                  "peak": s.cuda_peak})
+        self.counter("step time (ms)", s.t, {"dur_ms": s.dur_ms, "gpu_ms": s.gpu_ms})
+
+    def _phase_start(self, s: Step, phase: str, start: float) -> float:
+        at = start
+        for name in PHASES:
+            if name == phase:
+                return at
+            at += (s.phases.get(name) or 0.0) * 1000.0
+        return at
+
+    def _layers(self, e: LayerStats) -> None:
+        if self.layer_every > 1 and e.step % self.layer_every:
+            return
+        # The agent sends a step's layer tables (one per tick it spans) before the step record: they
+        # are merged per module and laid out when the step arrives.
+        self.merger.add(e)
+
+    def _lay_step(self, e: LayerStats, start: float, step: Step) -> None:
+        index = {mid: i for i, mid in enumerate(e.ids)}
+        roots = [mid for mid in e.ids if not self._has_timed_ancestor(mid, index)]
+        fwd_tid = self._track(TID_FWD, TRACK_NAMES[TID_FWD])
+        at = self._phase_start(step, "forward", start)
+        for root in roots:
+            at = self._lay(fwd_tid, e, index, root, at, e.fwd_ms, e.fwd_self_ms, "forward", reverse=False)
+        if len(e.bwd_ms) == len(e.ids):
+            bwd_tid = self._track(TID_BWD, TRACK_NAMES[TID_BWD])
+            at = self._phase_start(step, "backward", start)
+            for root in roots:
+                at = self._lay(bwd_tid, e, index, root, at, e.bwd_ms, e.bwd_self_ms, "backward", reverse=True)
+
+    def _lay(self, tid: int, e: LayerStats, index: dict[int, int], mid: int, at: float, total: list[float],
+             self_ms: list[float], cat: str, reverse: bool) -> float:
+        """Lay ``mid`` out at ``at`` with its children back to back inside it (reverse order for
+        backward); returns where the next sibling starts. Children are clipped to their parent."""
+        i = index[mid]
+        dur = max(0.0, total[i] * 1000.0)
+        kids = self._timed_children(mid, index)
+        if reverse:
+            kids.reverse()
+        if dur <= 0.0:
+            # Not timed itself (a container never called, e.g. a root whose submodules are called
+            # directly): its children go back to back where it would have been.
+            for k in kids:
+                at = self._lay(tid, e, index, k, at, total, self_ms, cat, reverse)
+            return at
+        tree_path = self._path(mid)
+        args = {"path": tree_path, "calls": e.calls[i] if i < len(e.calls) else None, "step": e.step}
+        if i < len(self_ms):
+            args["self_ms"] = self_ms[i]
+        self.slice(tid, tree_path.rsplit(".", 1)[-1] or tree_path, at, dur, cat, args)
+        end = at + dur
+        child_at = at
+        for k in kids:
+            if child_at >= end:
+                break
+            child_at = min(end, self._lay(tid, e, index, k, child_at, total, self_ms, cat, reverse))
+        return end
+
+    def _has_timed_ancestor(self, mid: int, index: dict[int, int]) -> bool:
+        p = self.parents.get(mid, -1)
+        while p >= 0:
+            if p in index:
+                return True
+            p = self.parents.get(p, -1)
+        return False
+
+    def _timed_children(self, mid: int, index: dict[int, int]) -> list[int]:
+        """Children in the table; a child missing from it (a ModuleList is never called) is replaced
+        by its own children, so the blocks of ``transformer.h`` still nest inside ``transformer``."""
+        out: list[int] = []
+        for k in self.children.get(mid, []):
+            if k in index:
+                out.append(k)
+            else:
+                out += self._timed_children(k, index)
+        return out
+
+    def _path(self, mid: int) -> str:
+        return self.paths.get(mid, f"#{mid}")
+
+    def trace(self) -> dict[str, Any]:
+        session = self.reader.session
+        script = next((os.path.basename(a) for a in session.argv if a.endswith(".py")),
+                      session.argv[0] if session.argv else "llmtop")
+        meta = [{"name": "process_name", "ph": "M", "ts": 0, "pid": self.pid, "tid": 0,
+                 "args": {"name": f"{script} (pid {session.pid})"}},
+                {"name": "thread_name", "ph": "M", "ts": 0, "pid": self.pid, "tid": 0,
+                 "args": {"name": "counters"}}]
+        for tid, name in sorted(self.tracks.items()):
+            meta.append({"name": "thread_name", "ph": "M", "ts": 0, "pid": self.pid, "tid": tid,
+                         "args": {"name": name}})
+            meta.append({"name": "thread_sort_index", "ph": "M", "ts": 0, "pid": self.pid, "tid": tid,
+                         "args": {"sort_index": tid}})
+        # Per track by time; at equal times the longer slice first, so parents enclose children.
+        body = sorted(self.events, key=lambda ev: (ev["tid"], ev["ts"], -ev.get("dur", 0.0)))
+        return {
+            "traceEvents": meta + body,
+            "displayTimeUnit": "ms",
+            "otherData": {"llmtop_recording": os.path.abspath(self.reader.path),
+                          "session_argv": " ".join(session.argv), "hostname": session.hostname,
+                          "time_origin_unix_s": self.start, "layer_steps_every": self.layer_every},
+        }
+
+
+def _json_args(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: _clean(v) for k, v in args.items() if v is not None}
+
+
+def export_chrome(reader: RecordingReader, *, all_layers: bool = False) -> dict[str, Any]:
+    trace = ChromeTrace(reader, all_layers=all_layers)
+    for event in reader.events():
+        trace.add(event)
+    return trace.trace()
+
+
+# --- command -----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a recording")
+    parser.add_argument("--format", "-f", choices=FORMATS, required=True, help="chrome, csv or json")
+    parser.add_argument("-o", "--output", metavar="OUT", help="output file (default: standard output)")
+    parser.add_argument("--all-layers", action="store_true",
+                        help=f"chrome: layer slices for every step (default: at most {DEFAULT_LAYER_STEPS} "
+                             "steps, evenly spread)")
+
+
+def _write(out: TextIO, fmt: str, reader: RecordingReader, all_layers: bool) -> None:
+    if fmt == "csv":
+        write_csv(reader, out)
+    elif fmt == "json":
+        json.dump(export_json(reader), out, allow_nan=False)
+        out.write("\n")
+    else:
+        json.dump(export_chrome(reader, all_layers=all_layers), out, allow_nan=False)
+        out.write("\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        reader = RecordingReader(args.file)
+    except RecordingError as exc:
+        print(f"llmtop export: {exc}", file=sys.stderr)
+        return 1
+    if reader.warning:
+        print(f"llmtop export: {reader.warning}", file=sys.stderr)
+    try:
+        if args.output:
+            tmp = f"{args.output}.tmp"
+            try:
+                with open(tmp, "w", encoding="utf-8", newline="") as out:
+                    _write(out, args.format, reader, args.all_layers)
+                os.replace(tmp, args.output)  # never leave a half-written export under the real name
+            except OSError as exc:
+                print(f"llmtop export: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
+        else:
+            buf = io.StringIO()
+            _write(buf, args.format, reader, args.all_layers)
+            sys.stdout.write(buf.getvalue())
+    except RecordingError as exc:
+        print(f"llmtop export: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        reader.close()
+    return 0
+
+
+def iter_tracks(trace: dict[str, Any]) -> Iterator[tuple[tuple[int, int], list[dict[str, Any]]]]:
+    """(pid, tid) → that track's non-metadata events in file order (tests and tools)."""
+    tracks: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for ev in trace["traceEvents"]:
+        if ev.get("ph") != "M":
+            tracks.setdefault((ev["pid"], ev["tid"]), []).append(ev)
+    yield from tracks.items()

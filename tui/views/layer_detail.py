@@ -1,0 +1,72 @@
+"""Layer detail (`enter` on a layer): what the module is and its recent history."""
+
+from __future__ import annotations
+
+from llmtop.tui.session import fmt
+from llmtop.tui.session.model import SessionModel
+from llmtop.tui.views.widgets import SparkRow
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+
+class LayerDetail(Screen):
+    BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="detail.back")]
+    DEFAULT_CSS = """
+    LayerDetail #detail-info { height: auto; padding: 0 1; }
+    LayerDetail VerticalScroll { padding: 0 1; }
+    """
+
+    def __init__(self, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self._seen = -1
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Static(id="detail-info")
+            yield SparkRow("fwd ms", id="detail-fwd")
+            yield SparkRow("bwd ms", id="detail-bwd")
+            yield SparkRow("act mem", id="detail-act")
+            yield Static(id="detail-children")
+        yield Footer()
+
+    def refresh_view(self, model: SessionModel, window_s: float) -> None:
+        if model.version == self._seen or not self.query("#detail-children"):
+            return  # nothing new, or not composed yet (the next frame draws it)
+        self._seen = model.version
+        layer = model.layers.get(self.layer_id)
+        info = self.query_one("#detail-info", Static)
+        if layer is None:
+            info.update(Text("this module is no longer in the model tree", style="dim"))
+            return
+        t = Text()
+        t.append(layer.path or "(root)", style="bold")
+        t.append(f"  {layer.cls}\n")
+        t.append(f"params {fmt.count(layer.total_params)} ({fmt.count(layer.params)} own) · "
+                 f"dtype {layer.dtype or fmt.DASH} · {'trainable' if layer.trainable else 'frozen'}"
+                 f"{' · compiled' if layer.compiled else ''}\n")
+        t.append(f"forward {fmt.ms(layer.fwd_ema)} ms (self {fmt.ms(layer.fwd_self_ms)}) · "
+                 f"backward {fmt.ms(layer.bwd_ema)} ms · {fmt.pct(model.layer_share(layer))} of step · "
+                 f"calls {fmt.DASH if layer.calls is None else layer.calls}\n")
+        t.append(f"FLOPs/call {fmt.flops(layer.flops)} · bytes/call {fmt.nbytes(layer.bytes)} · "
+                 f"achieved {fmt.flops(layer.achieved_flops)} FLOP/s · bound {layer.bound or fmt.DASH}")
+        if layer.intensity is not None:
+            t.append(f" · intensity {layer.intensity:.1f} FLOP/B")
+        info.update(t)
+        hist = list(layer.history)
+        fwd = [h[1] for h in hist]
+        bwd = [h[2] for h in hist if h[2] is not None]
+        act = [float(h[3]) for h in hist if h[3] is not None]
+        self.query_one("#detail-fwd", SparkRow).show(fwd, fmt.ms(fwd[-1]) if fwd else fmt.DASH)
+        self.query_one("#detail-bwd", SparkRow).show(bwd, fmt.ms(bwd[-1]) if bwd else fmt.DASH)
+        self.query_one("#detail-act", SparkRow).show(act, fmt.nbytes(act[-1]) if act else fmt.DASH)
+        kids = Text("children\n", style="bold") if layer.children else Text("no children", style="dim")
+        for cid in layer.children[:40]:
+            child = model.layers.get(cid)
+            if child is not None:
+                kids.append(f"  {child.name:<20} {child.cls:<24} {fmt.ms(child.time_ms):>8} ms\n")
+        self.query_one("#detail-children", Static).update(kids)

@@ -1,0 +1,44 @@
+"""Ops: the hot aten ops of the latest profiled step (self time, calls, shapes, FLOPs)."""
+
+from __future__ import annotations
+
+from llmtop.tui.session import fmt
+from llmtop.tui.session.model import SessionModel
+from llmtop.tui.views.widgets import KeyedTable
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import DataTable, Static
+
+COLUMNS = (("name", "op"), ("self", "self ms"), ("share", "%"), ("calls", "calls"), ("flops", "FLOPs"),
+           ("rate", "FLOP/s"), ("shapes", "shapes"))
+
+
+class OpsView(Vertical):
+    DEFAULT_CSS = """
+    OpsView #ops-info { height: 1; color: $text-muted; padding: 0 1; }
+    OpsView DataTable { height: 1fr; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="ops-info")
+        yield DataTable(id="ops-table", cursor_type="row")
+
+    def on_mount(self) -> None:
+        self._keyed = KeyedTable(self.query_one(DataTable), COLUMNS)
+
+    def refresh_view(self, model: SessionModel, window_s: float) -> None:
+        if model.ops_step is None:
+            info = "no op profile yet (the agent profiles one step in N)"
+        else:
+            info = f"profile of step {model.ops_step} · {len(model.ops)} ops"
+            if model.ops_coverage is not None:
+                info += f" · FLOP formulas cover {model.ops_coverage * 100:.0f} % of op time"
+        self.query_one("#ops-info", Static).update(info)
+        total = sum(op.self_ms for op in model.ops) or 1.0
+        self._keyed.sync(
+            (op.name,
+             (op.name, fmt.ms(op.self_ms, 2), f"{op.self_ms / total * 100:.1f}", str(op.calls), fmt.flops(op.flops),
+              fmt.flops(op.flops / (op.self_ms / 1000.0)) if op.flops and op.self_ms > 0 else fmt.DASH,
+              op.shapes or fmt.DASH))
+            for op in model.ops
+        )

@@ -1,0 +1,171 @@
+"""Overview: the run at a glance: sparklines, phase bar, diagnoses, hottest layers and ops."""
+
+from __future__ import annotations
+
+import math
+
+from llmtop.tui.session import fmt
+from llmtop.tui.session.diagnoses import diagnose
+from llmtop.tui.session.model import SessionModel
+from llmtop.tui.views.widgets import PhaseBar, SparkRow, heat_style
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Static
+
+MAX_METRIC_ROWS = 6
+SEVERITY_MARK = {"error": ("✖", "bold red"), "warning": ("▲", "yellow"), "info": ("·", "")}
+
+
+class OverviewView(VerticalScroll):
+    DEFAULT_CSS = """
+    OverviewView { padding: 0 1; }
+    OverviewView #ov-gpus { height: auto; }
+    OverviewView #ov-metrics { height: auto; }
+    OverviewView #ov-sparks { height: auto; }
+    OverviewView .section { height: auto; margin: 1 0 0 0; }
+    OverviewView #ov-hot { height: auto; layout: horizontal; }
+    OverviewView.narrow #ov-hot { layout: vertical; }
+    OverviewView #ov-hot > Static { width: 1fr; height: auto; text-wrap: nowrap; text-overflow: ellipsis; }
+    OverviewView.narrow #ov-hot-ops { margin: 1 0 0 0; }
+    """
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="ov-sparks"):
+            yield SparkRow("step ms", id="ov-step")
+            yield SparkRow("steps/s", id="ov-rate")
+            yield SparkRow("loss", id="ov-loss")
+            yield SparkRow("CPU %", id="ov-cpu")
+            yield SparkRow("RSS", id="ov-rss")
+            yield Vertical(id="ov-gpus")
+            yield Vertical(id="ov-metrics")
+        yield PhaseBar(id="ov-phases")
+        yield Static(id="ov-diag", classes="section")
+        with Horizontal(id="ov-hot", classes="section"):
+            yield Static(id="ov-hot-layers")
+            yield Static(id="ov-hot-ops")
+
+    def refresh_view(self, model: SessionModel, window_s: float) -> None:
+        self.set_class(self.size.width < 120, "narrow")
+        steps = model.recent_steps(window_s)
+        step_ms = [s.dur_ms for s in steps]
+        last = model.last_step
+        self.query_one("#ov-step", SparkRow).show(step_ms, f"{fmt.ms(last.dur_ms)} ms" if last else fmt.DASH)
+
+        rate_row = self.query_one("#ov-rate", SparkRow)
+        if any(s.tokens for s in steps):
+            rate_row.set_label("tokens/s")
+            series = [s.tokens / (s.dur_ms / 1000.0) for s in steps if s.tokens and s.dur_ms > 0]
+            rate_row.show(series, fmt.rate(model.tokens_per_s(), " tok/s"))
+        else:
+            rate_row.set_label("steps/s")
+            series = [1000.0 / s.dur_ms for s in steps if s.dur_ms > 0]
+            rate_row.show(series, fmt.rate(model.steps_per_s(), " /s"))
+
+        losses = [s.loss for s in steps if s.loss is not None and math.isfinite(s.loss)]
+        loss_text = fmt.value(last.loss) if last is not None and last.loss is not None else fmt.DASH
+        self.query_one("#ov-loss", SparkRow).show(losses, loss_text)
+
+        host = model.recent_host(window_s)
+        h = host[-1] if host else None
+        self.query_one("#ov-cpu", SparkRow).show([x.cpu_pct for x in host],
+                                                 f"{h.cpu_pct:.0f} %" if h else fmt.DASH)
+        self.query_one("#ov-rss", SparkRow).show([float(x.rss) for x in host], fmt.nbytes(h.rss) if h else fmt.DASH)
+        self._gpus(model, window_s)
+        self._metrics(model, window_s)
+
+        self.query_one("#ov-phases", PhaseBar).show(model.phase_totals(window_s))
+        self.query_one("#ov-diag", Static).update(diagnoses_text(model, window_s))
+        self.query_one("#ov-hot-layers", Static).update(hot_layers_text(model))
+        self.query_one("#ov-hot-ops", Static).update(hot_ops_text(model))
+
+    def _gpus(self, model: SessionModel, window_s: float) -> None:
+        box = self.query_one("#ov-gpus", Vertical)
+        for index in sorted(model.devices):
+            util_id, mem_id = f"ov-gpu{index}-util", f"ov-gpu{index}-mem"
+            if not box.query(f"#{util_id}"):
+                box.mount(SparkRow(f"GPU{index} util", id=util_id), SparkRow(f"GPU{index} mem", id=mem_id))
+                continue  # the new rows compose on the next frame
+            samples = model.recent_device(index, window_s)
+            last = samples[-1] if samples else None
+            util = [s.util_pct for s in samples if s.util_pct is not None]
+            mem = [float(s.mem_used) for s in samples if s.mem_used is not None]
+            util_text = f"{last.util_pct:.0f} %" if last and last.util_pct is not None else fmt.DASH
+            if last and last.mem_used is not None:
+                mem_text = fmt.nbytes(last.mem_used)
+                if last.mem_total:
+                    mem_text += f" / {fmt.nbytes(last.mem_total)}"
+            else:
+                mem_text = fmt.DASH
+            self.query_one(f"#{util_id}", SparkRow).show(util, util_text)
+            self.query_one(f"#{mem_id}", SparkRow).show(mem, mem_text)
+
+
+    def _metrics(self, model: SessionModel, window_s: float) -> None:
+        """Custom series (``llmtop.agent.metric``, Trainer's logs): the first few, by name."""
+        box = self.query_one("#ov-metrics", Vertical)
+        cutoff = model.now - window_s
+        for i, name in enumerate(sorted(model.metrics)[:MAX_METRIC_ROWS]):
+            row_id = f"ov-metric-{i}"
+            rows = box.query(f"#{row_id}")
+            if not rows:
+                box.mount(SparkRow(name[-12:], id=row_id))
+                continue
+            row = rows.first(SparkRow)
+            row.set_label(name[-12:])
+            ring = model.metrics[name]
+            values = [v for t, v in ring if t >= cutoff and math.isfinite(v)]
+            row.show(values, fmt.value(ring[-1][1]) if ring else fmt.DASH)
+
+
+def diagnoses_text(model: SessionModel, window_s: float) -> Text:
+    text = Text("Diagnoses\n", style="bold", no_wrap=True, overflow="ellipsis")
+    found = diagnose(model, window_s)
+    if not found:
+        text.append("  nothing to report yet" if not model.steps else "  nothing unusual", style="dim")
+        return text
+    for i, d in enumerate(found[:6]):
+        mark, style = SEVERITY_MARK.get(d.severity, ("·", ""))
+        text.append(f"  {mark} ", style=style)
+        text.append(d.text)
+        if i < min(len(found), 6) - 1:
+            text.append("\n")
+    return text
+
+
+def hot_layers_text(model: SessionModel, n: int = 5) -> Text:
+    text = Text("Hottest layers\n", style="bold", no_wrap=True, overflow="ellipsis")
+    hot = model.hottest_layers(n)
+    if not hot:
+        text.append("  no layer timing yet", style="dim")
+        return text
+    lines = []
+    for layer in hot:
+        share = model.layer_share(layer)
+        line = Text(no_wrap=True, overflow="ellipsis")
+        line.append(f"{fmt.pct(share):>6} ", style=heat_style(share))
+        line.append(f"{fmt.ms(layer.time_ms):>6} ms  ")
+        line.append(layer.path or layer.cls)
+        line.append(f"  {layer.cls}", style="dim")
+        lines.append(line)
+    text.append_text(Text("\n").join(lines))
+    return text
+
+
+def hot_ops_text(model: SessionModel, n: int = 5) -> Text:
+    text = Text("Hottest ops", style="bold", no_wrap=True, overflow="ellipsis")
+    if model.ops_step is not None:
+        text.append(f" (step {model.ops_step})", style="dim")
+    text.append("\n")
+    if not model.ops:
+        text.append("  no op profile yet", style="dim")
+        return text
+    total = sum(op.self_ms for op in model.ops) or 1.0
+    lines = []
+    for op in model.ops[:n]:
+        line = Text(no_wrap=True, overflow="ellipsis")
+        line.append(f"{op.self_ms / total * 100:5.1f}% {fmt.ms(op.self_ms):>6} ms  ×{op.calls:<4} ")
+        line.append(op.name)
+        lines.append(line)
+    text.append_text(Text("\n").join(lines))
+    return text
