@@ -1,5 +1,16 @@
 """The agent's memory stays flat: 20 000 tiny training steps under `llmtop attach --headless` with
-per-layer timing on every step, RSS read by the child itself at step 2 000 and at step 20 000."""
+per-layer timing on every step, RSS read by the child itself every 1 000 steps.
+
+What is measured is the steady state: the growth between step 10 000 and step 20 000, against the
+same per-step rate the test always allowed (20 MB over 18 000 steps, ~1.1 KB a step). The agent's
+start-up work is one-time: measuring the CPU's peaks (16 MiB buffers, with a cold cache), the first
+FLOP count and op profile run on the agent thread in its first seconds and leave the allocator's
+high-water mark up by 10-30 MB. Sampled every 250 steps with a cold cache (2026-12-07, this 2-core
+VM, under load), one run jumped +28 MB at step 500, settled 12 MB above its start and then stayed
+within 0.7 MB for 19 000 steps; in another the jump came before step 250. Where that work lands
+depends on how fast the steps run, so the old 2 000 → 20 000 comparison failed when it landed after
+step 2 000 (1 run in 9, +23.4 MB). A real leak keeps growing, and the second half sees it at the
+same per-step rate."""
 
 from __future__ import annotations
 
@@ -13,8 +24,8 @@ import pytest
 
 from tests.conftest import LLMTOP, ROOT, child_env
 
-STEPS, FIRST = 20_000, 2_000
-LIMIT_MB = 20
+STEPS, FIRST, EVERY = 20_000, 10_000, 1_000
+LIMIT_MB = 20 * (STEPS - FIRST) / 18_000  # the old limit's rate: 20 MB over 18 000 steps
 
 CHILD = textwrap.dedent(f"""
     import json
@@ -37,7 +48,7 @@ CHILD = textwrap.dedent(f"""
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i in ({FIRST}, {STEPS}):
+        if i % {EVERY} == 0:
             rss[i] = proc.memory_info().rss
     print(json.dumps({{"rss": rss, "running": llmtop.agent.is_running(),
                        "agent_step": getattr(core.ACTIVE, "current_step", None)}}))
@@ -60,4 +71,6 @@ def test_rss_flat_over_20000_steps(short_tmp: Path) -> None:
     assert report["running"] is True
     assert report["agent_step"] is not None and report["agent_step"] >= STEPS - 1
     growth_mb = (report["rss"][str(STEPS)] - report["rss"][str(FIRST)]) / 2**20
-    assert growth_mb < LIMIT_MB, f"RSS grew {growth_mb:.1f} MB between step {FIRST} and {STEPS}"
+    series = {int(k) // EVERY: round(v / 2**20, 1) for k, v in report["rss"].items()}
+    assert growth_mb < LIMIT_MB, (f"RSS grew {growth_mb:.1f} MB between step {FIRST} and {STEPS} "
+                                  f"(MB per thousand steps: {series})")
