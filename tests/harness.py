@@ -15,7 +15,7 @@ class Collect:
     """The instrument contract of ``agent/core.py``, keeping what is emitted and warned."""
 
     def __init__(self, **options: Any) -> None:
-        options.setdefault("extra", {"layer_call_ns": 3000})  # skip the layers' calibration unless asked
+        options.setdefault("layer_call_ns", 3000)  # skip the layers' calibration unless asked
         self.options = core.Options(**options)
         self.events: list[Event] = []
         self.warnings: list[tuple[str, str]] = []

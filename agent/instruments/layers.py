@@ -121,10 +121,10 @@ class LayersInstrument(LayerRegistry, LayerCosts):
         self._cuda = False
         self._oom_seen: int | None = None
         # cost accounting (ns); the costs are calibrated at install (see _calibrate)
-        extra = self.options.extra
-        self.call_cost_ns = float(extra.get("layer_call_ns", 0) or 0)  # one module call, sampled
-        self.root_call_ns = float(extra.get("root_call_ns", 0) or _ROOT_CALL_NS)  # one root call, unsampled
-        self.hook_call_ns = float(extra.get("hook_call_ns", 0) or _HOOK_CALL_NS)  # torch calling a hook
+        opts = self.options
+        self.call_cost_ns = float(opts.layer_call_ns or 0)  # one module call, sampled
+        self.root_call_ns = float(opts.root_call_ns or _ROOT_CALL_NS)  # one root call, unsampled
+        self.hook_call_ns = float(opts.hook_call_ns or _HOOK_CALL_NS)  # torch calling a hook
         self.budget = Budget(self.options.budget_pct)
         self.tracker_ns = 0  # the step tracker's own cost in the step now ending (it sets this)
         self.agent_ns = 0  # the agent thread's CPU time per step (per tick, smoothed over ticks)
