@@ -172,14 +172,6 @@ class History:
 # --- the agent -------------------------------------------------------------------------------------
 
 
-def _load_writer() -> Any:
-    try:
-        from llmtop.protocol.recording import RecordingWriter
-    except ImportError:
-        return None
-    return RecordingWriter
-
-
 class Agent:
     """Implements ``core.Context`` for instruments and the calls ``llmtop.agent`` makes."""
 
@@ -315,12 +307,10 @@ class Agent:
         print(f"llmtop: agent running without a socket ({last})", file=sys.stderr)
 
     def _start_writer(self, path: str) -> None:
-        cls = _load_writer()
-        if cls is None:
-            self.warn("recording", "recording is not available in this llmtop build")
-            return
+        from llmtop.protocol.recording import RecordingWriter  # only a recording agent needs it
+
         try:
-            self.writer = cls(path, self.session)
+            self.writer = RecordingWriter(path, self.session)
         except Exception as exc:
             print(f"llmtop: cannot record to {path}: {exc}", file=sys.stderr)
             self.warn("recording", f"cannot record to {path}: {exc}")
@@ -387,7 +377,7 @@ class Agent:
         while not self._stop.wait(tick):
             self._tick()
 
-    def _tick(self, final: bool = False) -> None:
+    def _tick(self) -> None:
         with self._tick_lock:
             self._tick_locked()
 
@@ -469,11 +459,7 @@ class Agent:
                     with self._lock:
                         snap = self._history.snapshot()
                     writer.keyframe(snap)
-                maybe_flush = getattr(writer, "maybe_flush", None)
-                if maybe_flush is not None:
-                    maybe_flush(mono)  # the writer groups frames into blocks at most flush_s old
-                else:
-                    writer.flush()
+                writer.maybe_flush(mono)  # the writer groups frames into blocks at most flush_s old
             except Exception as exc:
                 self.writer = None
                 self.warn("recording", f"recording stopped: {type(exc).__name__}: {exc}")
