@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from llmtop.agent.hf.wrapping import Patcher, config_dtype, dtype_name
+from llmtop.agent.instruments.gpu_timing import cuda_ready
 
 _PROC: Any = None
 
@@ -24,10 +25,9 @@ def _rss() -> int | None:
 
 
 def _cuda_allocated() -> int | None:
-    torch = sys.modules.get("torch")
     try:
-        if torch is not None and torch.cuda.is_initialized():
-            return int(torch.cuda.memory_allocated())  # a counter read: no synchronisation
+        if cuda_ready():
+            return int(sys.modules["torch"].cuda.memory_allocated())  # a counter read: no synchronisation
     except Exception:
         pass
     return None

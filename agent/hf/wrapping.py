@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from llmtop.agent.runtime import api
+from llmtop.agent.runtime import api, core
 from llmtop.protocol.events import Span
 
 
@@ -78,10 +78,7 @@ class Patcher:
     # -- reporting -----------------------------------------------------------------------------
 
     def warn(self, part: str, exc: BaseException) -> None:
-        try:
-            self.ctx.warn(f"transformers.{part}", f"{type(exc).__name__}: {exc}")
-        except Exception:
-            pass
+        core.warn_safely(self.ctx, f"transformers.{part}", f"{type(exc).__name__}: {exc}")
 
     def fail(self, part: str, exc: BaseException) -> None:
         self.off.add(part)
@@ -138,25 +135,22 @@ class Patcher:
             depth = _enter_depth()
             wall0 = time.time()
             t0 = time.perf_counter_ns()
+            result: Any = None
+            error: BaseException | None = None
             try:
                 result = fn(*args, **kwargs)
+                return result
             except BaseException as err:
+                error = err
+                raise  # unchanged, after ``after`` has seen it (below)
+            finally:
                 dur = time.perf_counter_ns() - t0
                 _exit_depth()
                 busy[part] -= 1
                 try:
-                    after(state, None, err, wall0, dur, depth)
+                    after(state, result, error, wall0, dur, depth)
                 except Exception as exc:
                     instr.fail(part, exc)
-                raise
-            dur = time.perf_counter_ns() - t0
-            _exit_depth()
-            busy[part] -= 1
-            try:
-                after(state, result, None, wall0, dur, depth)
-            except Exception as exc:
-                instr.fail(part, exc)
-            return result
 
         wrapper.__llmtop_wrapped__ = fn  # type: ignore[attr-defined]
         wrapper.__llmtop_owner__ = self  # type: ignore[attr-defined]

@@ -165,6 +165,9 @@ class LayerRegistry:
                 compiled=compiled,
             )
         )
+
+    # ----------------------------------------------------------------- torch.compile
+
     def _compile_metrics(self, now: float) -> list[Event]:
         """torch.compile's total compile time and recompilations (frames compiled again)."""
         try:

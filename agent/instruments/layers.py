@@ -45,6 +45,7 @@ from typing import Any
 
 from llmtop.agent.instruments import layer_costs
 from llmtop.agent.instruments.budget import Budget
+from llmtop.agent.instruments.gpu_timing import cuda_ready
 from llmtop.agent.instruments.layer_costs import _HOOK_CALL_NS, _ROOT_CALL_NS, LayerCosts
 from llmtop.agent.instruments.layer_registry import LayerRegistry
 from llmtop.agent.instruments.layer_state import _Acc, _Rec, _ThreadState
@@ -142,6 +143,7 @@ class LayersInstrument(LayerRegistry, LayerCosts):
         self.current_every = 1 if self._auto else fixed
 
     # ----------------------------------------------------------------- public, for other helpers
+
     @contextlib.contextmanager
     def muted(self) -> Iterator[None]:
         """Module calls on this thread are not seen while inside (another instrument running a
@@ -533,16 +535,10 @@ class LayersInstrument(LayerRegistry, LayerCosts):
             self._unhook()
         except Exception:
             pass
-        try:
-            if self.ctx is not None:
-                self.ctx.warn("layers", f"per-layer hooks disabled after an error in the {where}: {exc!r}")
-        except Exception:
-            pass
+        core.warn_safely(self.ctx, "layers", f"per-layer hooks disabled after an error in the {where}: {exc!r}")
+
     def _cuda_ready(self) -> bool:
-        try:
-            return bool(self._torch.cuda.is_initialized())
-        except Exception:
-            return False
+        return cuda_ready()
 
     def _ctx_step(self) -> int:
         return int(getattr(self.ctx, "current_step", 0) or 0)
