@@ -190,7 +190,7 @@ def _variants(fn: Any, kinds: tuple[str, ...], number: int, rounds: int) -> dict
 
     def install(kind: str) -> Any:
         if kind == "real":
-            ctx = _Ctx(layer_every=1, extra={"layer_call_ns": 1})
+            ctx = _Ctx(layer_every=1, layer_call_ns=1)
             inst = LayersInstrument(ctx.options)
             inst.install(ctx)
             return inst.uninstall

@@ -12,15 +12,17 @@ from llmtop.protocol.events import Event, ModelTree, Span
 
 
 class Collect:
-    """The instrument contract of ``agent/core.py``, keeping what is emitted and warned."""
+    """The instrument contract of ``agent/runtime/core.py`` (and the running agent's part that
+    ``llmtop.agent`` uses), keeping what is emitted and warned. The one fake context of the tests."""
 
     def __init__(self, **options: Any) -> None:
-        options.setdefault("extra", {"layer_call_ns": 3000})  # skip the layers' calibration unless asked
+        options.setdefault("layer_call_ns", 3000)  # skip the layers' calibration unless asked
         self.options = core.Options(**options)
         self.events: list[Event] = []
         self.warnings: list[tuple[str, str]] = []
         self.current_step = 0
         self.stopping = False  # the runtime's Agent.stopping: set once the agent shuts down
+        self._manual: Any = None
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
@@ -29,7 +31,11 @@ class Collect:
         self.warnings.append((source, message))
 
     def set_manual_step(self, fn: Any) -> None:
-        pass
+        self._manual = fn
+
+    def manual_step(self) -> None:
+        """What ``llmtop.agent.step()`` calls on the running agent (set ``core.ACTIVE`` to this)."""
+        self._manual()
 
     def of(self, kind: type) -> list[Any]:
         return [e for e in self.events if isinstance(e, kind)]

@@ -19,7 +19,8 @@ from llmtop.agent.instruments.steps import StepInstrument
 from llmtop.protocol.events import Anomaly, Step
 from torch import nn
 
-from .test_steps import Ctx, Roots
+from .harness import Collect
+from .test_steps import Roots
 
 MiB = 2**20
 
@@ -154,7 +155,7 @@ def test_helpers() -> None:
 
 
 def test_tracker_emits_planted_nan_loss_once() -> None:
-    ctx = Ctx()
+    ctx = Collect()
     st = StepInstrument(ctx.options)
     st.install(ctx)
     events = []

@@ -67,7 +67,7 @@ def test_layers_sample_less_when_sampled_steps_are_measurably_slower(started: An
     unlike the calibration model, or torch's dispatch, may do): the control group shows it, the
     rate follows and the reported overhead of a sampled step includes it."""
     model = mlp()
-    inst, ctx = started(layer_every=0, budget_pct=2.0, extra={"layer_call_ns": 1_000})
+    inst, ctx = started(layer_every=0, budget_pct=2.0, layer_call_ns=1_000)
     x = torch.randn(4, 8)
     t = 1_000_000_000
     end_step(0, t)

@@ -19,7 +19,11 @@ from typing import Any
 
 import pytest
 from llmtop.agent.hf import instrument as integ
+from llmtop.agent.hf import tokenizers as tokenizing
+from llmtop.agent.hf.generate import cache_nbytes
+from llmtop.agent.hf.tokenizers import SPANS_PER_TICK, token_counts
 from llmtop.protocol.events import AgentWarning, Generation, Metric, Span, Step
+from llmtop.protocol.formulas import percentile
 from llmtop.protocol.recording import RecordingReader
 
 from .conftest import LLMTOP, ROOT, child_env
@@ -178,11 +182,11 @@ def test_token_counts_equal_the_tokenizers_output(ctx: Collect, bert_dir: Path) 
 def test_many_small_tokenizer_calls_are_summed_not_lost(ctx: Collect, bert_dir: Path) -> None:
     tok = transformers.AutoTokenizer.from_pretrained(bert_dir)
     ctx.events.clear()
-    n = integ.SPANS_PER_TICK + 25
+    n = SPANS_PER_TICK + 25
     expected = sum(len(tok(f"sentence number {i} of the batch")["input_ids"]) for i in range(n))
     ctx.events.extend(ctx.instrument.poll(time.time()))  # type: ignore[attr-defined]
     spans = ctx.spans("tokenize")
-    assert len(spans) == integ.SPANS_PER_TICK + 1
+    assert len(spans) == SPANS_PER_TICK + 1
     assert spans[-1].attrs["summed"] is True and spans[-1].attrs["calls"] == 25
     assert sum(s.attrs["calls"] for s in spans) == n
     assert sum(s.attrs["tokens"] for s in spans) == expected
@@ -322,7 +326,7 @@ def test_an_instrument_error_disables_that_part_only(ctx: Collect, bert_dir: Pat
 
     with pytest.raises(ValueError, match="text input must be of type"):
         tok(12345)  # the library's own errors pass through unchanged
-    monkeypatch.setattr(integ, "token_counts", broken)
+    monkeypatch.setattr(tokenizing, "token_counts", broken)
     ctx.events.clear()
     assert tok(["alpha beta", "gamma"], padding=True) == expected  # the user's result is untouched
     assert ctx.warnings == [("transformers.tokenize", "RuntimeError: boom")]
@@ -364,15 +368,15 @@ def test_a_restarted_agent_measures_loads_again(gpt_dir: Path) -> None:
 
 
 def test_pure_helpers() -> None:
-    assert integ.percentile([], 50) is None
-    assert integ.percentile([3.0, 1.0, 2.0], 50) == 2.0
-    assert integ.percentile([float(i) for i in range(1, 101)], 95) == 95.0
-    assert integ.token_counts([[1, 2, 0], [3, 0, 0]], [[1, 1, 0], [1, 0, 0]]) == (2, 6, 3)
-    assert integ.token_counts([1, 2, 3], None) == (1, 3, None)
-    assert integ.token_counts(torch.ones(2, 5), torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])) == (2, 10, 3)
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([float(i) for i in range(1, 101)], 95) == 95.0
+    assert token_counts([[1, 2, 0], [3, 0, 0]], [[1, 1, 0], [1, 0, 0]]) == (2, 6, 3)
+    assert token_counts([1, 2, 3], None) == (1, 3, None)
+    assert token_counts(torch.ones(2, 5), torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])) == (2, 10, 3)
     legacy = ((torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)),)
-    assert integ.cache_nbytes(legacy) == 2 * 24 * 4
-    assert integ.cache_nbytes(None) is None
+    assert cache_nbytes(legacy) == 2 * 24 * 4
+    assert cache_nbytes(None) is None
 
 
 # --- child processes: the examples under `llmtop attach --headless --record` ------------------------

@@ -565,7 +565,7 @@ def test_automatic_sampling_keeps_the_budget(started: Any) -> None:
     # 6 module calls at 50 us each (300 us, and the backward bookkeeping as measured) in a 10 ms
     # step; sampling aims at half of a 1 % budget (about 48 us of the step without them), a quarter
     # of which is kept for op profiles: 36 us -> every 9th step at least
-    inst, ctx = started(layer_every=0, budget_pct=1.0, extra={"layer_call_ns": 50_000})
+    inst, ctx = started(layer_every=0, budget_pct=1.0, layer_call_ns=50_000)
     x = torch.randn(4, 8)
     assert inst.current_every == 1
     t = 1_000_000_000
@@ -592,7 +592,7 @@ def test_sampling_rate_follows_the_budget_when_the_agent_thread_is_behind(starte
     """With no tick (the agent thread busy, or a tick not due yet), the step loop accounts for its
     own steps once the oldest unaccounted one is 20 ms old, in one batch: the rate still adapts."""
     model = mlp()
-    inst, ctx = started(layer_every=0, budget_pct=1.0, extra={"layer_call_ns": 50_000})
+    inst, ctx = started(layer_every=0, budget_pct=1.0, layer_call_ns=50_000)
     x = torch.randn(4, 8)
     t = 1_000_000_000
     end_step(0, t)
@@ -668,7 +668,7 @@ def test_flush_per_tick_without_steps(started: Any) -> None:
 
 
 def test_calibration_is_private(started: Any) -> None:
-    inst, ctx = started(extra={})
+    inst, ctx = started(layer_call_ns=0)  # 0: calibrate
     assert inst.call_cost_ns > 0
     assert ctx.events == []  # the probe model sent nothing
     # the probe's own Module.__call__ replacement is gone: the one in force is the instrument's

@@ -23,7 +23,8 @@ from llmtop.protocol.events import Step
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .test_steps import Ctx, Roots, SleepySet
+from .harness import Collect
+from .test_steps import Roots, SleepySet
 
 
 def _from_llmtop(depth: int = 2) -> bool:
@@ -96,7 +97,7 @@ def test_spy_catches_a_planted_sync_from_llmtop_code() -> None:
 
 def test_no_synchronizing_call_during_training_steps() -> None:
     layers_mod = pytest.importorskip("llmtop.agent.instruments.layers")
-    ctx = Ctx()
+    ctx = Collect(layer_call_ns=0)  # 0: the layers instrument calibrates
     layers = layers_mod.LayersInstrument(ctx.options)
     st = StepInstrument(ctx.options)
     events: list[Any] = []
@@ -147,7 +148,7 @@ def test_no_synchronizing_call_during_training_steps() -> None:
 
 
 def test_no_sync_with_the_roots_announcer_and_manual_steps() -> None:
-    ctx = Ctx()
+    ctx = Collect()
     st = StepInstrument(ctx.options)
     with SyncSpy() as spy:
         st.install(ctx)
@@ -171,7 +172,7 @@ def test_no_sync_with_the_roots_announcer_and_manual_steps() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 def test_no_sync_on_a_real_gpu() -> None:
-    ctx = Ctx()
+    ctx = Collect()
     st = StepInstrument(ctx.options)
     dev = torch.device("cuda")
     torch.manual_seed(0)

@@ -27,11 +27,14 @@ def test_options_from_env_and_overrides(capsys: pytest.CaptureFixture[str]) -> N
     env = {"LLMTOP_TICK": "0.25", "LLMTOP_LAYER_EVERY": "4", "LLMTOP_BUDGET": "1.5", "LLMTOP_OPS_EVERY": "0",
            "LLMTOP_FLOPS": "off", "LLMTOP_HISTORY": "50", "LLMTOP_CLIENT_BUFFER": "1024",
            "LLMTOP_RECORD": "/tmp/x.llmtop", "LLMTOP_SOCKET": "/tmp/s.sock", "LLMTOP_STALL_S": "3"}
-    o = options_from_env(env, history=7, custom="yes")
+    o = options_from_env(env, history=7, layer_call_ns=3.0)
     assert (o.tick_s, o.layer_every, o.budget_pct, o.ops_every, o.flops) == (0.25, 4, 1.5, 0, False)
     assert (o.history, o.client_buffer, o.record) == (7, 1024, "/tmp/x.llmtop")
-    assert o.extra == {"socket": "/tmp/s.sock", "stall_s": 3.0, "custom": "yes"}
+    assert (o.socket, o.stall_s, o.layer_call_ns) == ("/tmp/s.sock", 3.0, 3.0)
     assert capsys.readouterr().err == ""
+    o = options_from_env({}, custom="yes")  # no such option: ignored, with one line
+    assert o == core.Options()
+    assert capsys.readouterr().err == "llmtop: ignoring unknown option custom='yes'\n"
 
 
 def test_bad_env_values_are_ignored_with_one_line_each(capsys: pytest.CaptureFixture[str]) -> None:
@@ -125,6 +128,64 @@ def test_failing_instrument_is_disabled_reported_and_others_go_on(short_tmp: Pat
     assert bad_poll.uninstalled and bad_install.uninstalled
     assert not good_uninstalled_while_running and good.uninstalled  # the healthy one: only at stop
     assert oks >= 3  # and it kept being polled
+
+
+PLANTED = """
+import sys
+if "broken" in __name__:
+    raise ImportError("planted: this instrument cannot be imported")
+
+
+class Planted:
+    name = "planted"
+
+    def __init__(self, options):
+        pass
+
+    def install(self, ctx):
+        raise RuntimeError("planted: this instrument cannot install")
+
+    def poll(self, now):
+        return []
+
+    def uninstall(self):
+        pass
+"""
+
+
+def test_an_instrument_that_fails_to_import_or_install_is_reported_once_on_stderr_and_to_viewers(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from llmtop.agent import instruments
+
+    (short_tmp / "planted_broken.py").write_text(PLANTED)
+    (short_tmp / "planted_ok.py").write_text(PLANTED)
+    monkeypatch.syspath_prepend(str(short_tmp))
+    monkeypatch.setattr(instruments, "INSTRUMENTS", (("planted_broken", "Planted"), ("planted_ok", "Planted")))
+    for name in ("planted_broken", "planted_ok"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    agent = Agent(options_from_env({}, socket=str(short_tmp / "p.sock"), tick_s=0.05)).start()
+    try:
+        conn = Connection(agent.socket_path, timeout=5)
+        warnings: list[AgentWarning] = []
+        for ev in conn.events():
+            if isinstance(ev, AgentWarning):
+                warnings.append(ev)
+            if len(warnings) >= 2 and agent.ticks >= 3:  # a few ticks more: nothing is repeated
+                break
+        conn.close()
+        running = list(agent._instruments)
+    finally:
+        agent.stop()
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("llmtop: ")]
+    assert err == [
+        "llmtop: planted_broken: instrument Planted not loaded: ImportError: planted: this instrument cannot be imported",
+        "llmtop: planted: install failed, instrument disabled: RuntimeError: planted: this instrument cannot install",
+    ]
+    assert [(w.source, w.message) for w in warnings] == [(line.split(": ", 2)[1], line.split(": ", 2)[2])
+                                                         for line in err]
+    assert running == []  # neither one runs
 
 
 def test_a_viewer_connecting_as_the_agent_starts_gets_the_session_first(

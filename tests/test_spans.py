@@ -11,21 +11,19 @@ import pytest
 from llmtop.agent.runtime import core
 from llmtop.protocol.events import Span
 
+from .harness import Collect
 
-class Recorder:
+
+def recorder() -> Collect:
     """The part of the running agent that spans use: ``emit`` and ``current_step``."""
-
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-        self.current_step = 7
-
-    def emit(self, event: Any) -> None:
-        self.events.append(event)
+    rec = Collect()
+    rec.current_step = 7
+    return rec
 
 
 @pytest.fixture
 def agent():
-    rec = Recorder()
+    rec = recorder()
     core.ACTIVE = rec
     try:
         yield rec
@@ -33,7 +31,7 @@ def agent():
         core.ACTIVE = None
 
 
-def spans(rec: Recorder) -> dict[str, Span]:
+def spans(rec: Collect) -> dict[str, Span]:
     return {e.name: e for e in rec.events if isinstance(e, Span)}
 
 
@@ -137,7 +135,7 @@ def test_no_op_without_an_agent() -> None:
 
 
 def test_span_started_without_agent_ignores_one_appearing_midway() -> None:
-    rec = Recorder()
+    rec = recorder()
     with llmtop.agent.span("before") as s:
         core.ACTIVE = rec
     core.ACTIVE = None

@@ -21,29 +21,9 @@ from llmtop.protocol.events import PHASES, AgentWarning, LayerStats, Step
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .harness import Collect
+
 # --- harness ------------------------------------------------------------------------------------
-
-
-class Ctx:
-    """The instrument contract of ``agent/core.py``, collecting what is emitted."""
-
-    def __init__(self) -> None:
-        self.options = core.Options()
-        self.events: list[Any] = []
-        self.current_step = 0
-        self._manual: Any = None
-
-    def emit(self, event: Any) -> None:
-        self.events.append(event)
-
-    def warn(self, source: str, message: str) -> None:
-        self.events.append(AgentWarning(t=time.time(), source=source, message=message))
-
-    def set_manual_step(self, fn: Any) -> None:
-        self._manual = fn
-
-    def manual_step(self) -> None:
-        self._manual()
 
 
 class Roots:
@@ -64,7 +44,7 @@ class Roots:
 
 @pytest.fixture
 def tracked():
-    ctx = Ctx()
+    ctx = Collect()
     st = StepInstrument(ctx.options)
     st.install(ctx)
     core.ACTIVE = ctx
@@ -77,13 +57,13 @@ def tracked():
         st.uninstall()
 
 
-def drain(st: StepInstrument, ctx: Ctx) -> list[Step]:
+def drain(st: StepInstrument, ctx: Collect) -> list[Step]:
     ctx.events.extend(st.poll(time.time()))
     return [e for e in ctx.events if isinstance(e, Step)]
 
 
-def warnings_of(ctx: Ctx) -> list[AgentWarning]:
-    return [e for e in ctx.events if isinstance(e, AgentWarning)]
+def warnings_of(ctx: Collect) -> list[AgentWarning]:
+    return [AgentWarning(t=0.0, source=source, message=message) for source, message in ctx.warnings]
 
 
 class SleepySet(Dataset):
@@ -468,7 +448,7 @@ def test_uninstall_restores_torch() -> None:
     originals = (torch.Tensor.to, torch.Tensor.backward, torch.autograd.backward,
                  torch.nn.utils.clip_grad_norm_)
     st = StepInstrument()
-    st.install(Ctx())
+    st.install(Collect())
     assert torch.autograd.backward is not originals[2]
     assert torch.Tensor.backward is originals[1]  # it calls torch.autograd.backward: one wrapper
     st.uninstall()
@@ -484,7 +464,7 @@ def test_end_to_end_with_layers_instrument() -> None:
     layers_mod = pytest.importorskip("llmtop.agent.instruments.layers")
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    ctx = Ctx()
+    ctx = Collect(layer_call_ns=0)  # 0: the layers instrument calibrates
     layers = layers_mod.LayersInstrument(ctx.options)
     st = StepInstrument(ctx.options)
     layers.install(ctx)
@@ -552,7 +532,7 @@ def test_each_generate_call_is_one_inference_step() -> None:
     integrations = pytest.importorskip("llmtop.agent.hf.instrument")
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    ctx = Ctx()
+    ctx = Collect(layer_call_ns=0)  # 0: the layers instrument calibrates
     insts = [layers_mod.LayersInstrument(ctx.options), integrations.TransformersInstrument(ctx.options),
              StepInstrument(ctx.options)]
     for inst in insts:

@@ -190,7 +190,7 @@ class FlopsInstrument:
         """Count at most one queued signature per call, and at most once per MIN_INTERVAL_S."""
         if not self._queue or time.monotonic() - self._last < self.min_interval_s:
             return []
-        if getattr(self.ctx, "stopping", False):
+        if self.ctx.stopping:
             return []  # a count holds the GIL for a while: the script's exit must not wait for it
         retry = []
         out: list[Event] = []

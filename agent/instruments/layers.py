@@ -22,6 +22,13 @@ into inclusive and self times. See docs/ARCHITECTURE.md, "Layer hooks".
 Sampling: per-layer timing is taken on every Nth step; on the other steps module calls cost only
 roots.py's depth count. Root calls, on every step, are announced on the bus by roots.py. Nothing
 stays registered on the user's modules, so copying or pickling a model is unaffected.
+
+Split by concern: this module is the instrument and its hot path (forward frames, autograd node
+hooks, the backward's records); the module registry and model trees are in layer_registry.py, cost
+accounting, sampling and calibration in layer_costs.py (both mixins of ``LayersInstrument``), the
+accumulators and records in layer_state.py. It stays above 500 lines because the forward and
+backward halves are one hot path sharing one thread state and one record per call: split, every
+per-call hook would read its state through one more object.
 """
 
 from __future__ import annotations
@@ -32,87 +39,23 @@ import operator
 import sys
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from llmtop.agent.instruments.budget import MAX_EVERY, Budget
-from llmtop.agent.instruments.roots import RootCalls
+from llmtop.agent.instruments import layer_costs
+from llmtop.agent.instruments.budget import Budget
+from llmtop.agent.instruments.gpu_timing import cuda_ready
+from llmtop.agent.instruments.layer_costs import _HOOK_CALL_NS, _ROOT_CALL_NS, LayerCosts
+from llmtop.agent.instruments.layer_registry import LayerRegistry
+from llmtop.agent.instruments.layer_state import _Acc, _Rec, _ThreadState
+from llmtop.agent.instruments.roots import HOLD, RootCalls
 from llmtop.agent.runtime import core
-from llmtop.protocol.events import Anomaly, Event, LayerStats, Metric, ModelTree
+from llmtop.protocol.events import Anomaly, Event, LayerStats
 
 _now = time.perf_counter_ns
 _by_seq = operator.attrgetter("seq")
-_HOLD = 1 << 40  # mute depth a muted() block adds: pre/post pairs inside never reach zero
 _SLOT = "llmtop.layers"  # our key in autograd nodes' metadata
-# until calibrated: a root call of an unsampled step (agent/roots.py), torch calling a Python hook
-_ROOT_CALL_NS = 8000
-_HOOK_CALL_NS = 1500
-_OWN_KEPT = 4096  # accounted steps' costs kept for the step tracker
-_ACCOUNT_NS = 20_000_000  # the longest the sampling rate waits for the agent thread's accounting
-
-
-class _Acc:
-    """One step's per-module accumulators, indexed by global module id."""
-
-    __slots__ = ("fwd", "fwd_self", "calls", "bwd", "bwd_self", "act", "bwd_seen")
-
-    def __init__(self, n: int) -> None:
-        self.fwd = [0] * n
-        self.fwd_self = [0] * n
-        self.calls = [0] * n
-        self.bwd = [0] * n
-        self.bwd_self = [0] * n
-        self.act = [0] * n
-        self.bwd_seen = False
-
-    def grow(self, n: int) -> None:
-        extra = n - len(self.fwd)
-        if extra > 0:
-            for arr in (self.fwd, self.fwd_self, self.calls, self.bwd, self.bwd_self, self.act):
-                arr.extend([0] * extra)
-
-
-class _ThreadState:
-    __slots__ = ("stack", "mute", "hold", "gen")
-
-    def __init__(self, gen: int) -> None:
-        self.stack: list[list[Any]] = []  # frames: [gid, t0, child_ns, mem0, rec, module]
-        self.mute = 0  # >0 inside a forward re-run by autograd (activation checkpointing)
-        self.hold = 0  # LayersInstrument.muted() depth on this thread
-        self.gen = gen
-
-
-class _Rec:
-    """One module call's backward bookkeeping; referenced only by its autograd hooks."""
-
-    __slots__ = ("gid", "parent", "seq", "start", "end", "kid_start", "kid_end", "kids", "task", "params")
-
-    def __init__(self, gid: int, parent: _Rec | None, seq: int) -> None:
-        self.gid = gid
-        self.parent = parent
-        self.seq = seq
-        self.task = -2  # start, end, kid_start, kid_end and kids are set when its backward starts
-        self.params = False  # end also waits for this module's own parameter gradients
-
-
-class _NullContext:
-    """Context for the private calibration instance: drops everything."""
-
-    def __init__(self, options: core.Options) -> None:
-        self.options = options
-        self.current_step = 0
-
-    def emit(self, event: Event) -> None:
-        pass
-
-    def warn(self, source: str, message: str) -> None:
-        pass
-
-    def set_manual_step(self, fn: Any) -> None:
-        pass
-
 
 _Tensor: Any = type(None)  # torch.Tensor once installed (torch is imported lazily)
 
@@ -136,7 +79,7 @@ def _grad_nodes(obj: Any, out: list[Any], depth: int = 0) -> None:
                 _grad_nodes(item, out, depth + 1)
 
 
-class LayersInstrument:
+class LayersInstrument(LayerRegistry, LayerCosts):
     """Global module hooks: model trees, per-layer forward/backward time, activation memory."""
 
     name = "layers"
@@ -179,10 +122,10 @@ class LayersInstrument:
         self._cuda = False
         self._oom_seen: int | None = None
         # cost accounting (ns); the costs are calibrated at install (see _calibrate)
-        extra = self.options.extra
-        self.call_cost_ns = float(extra.get("layer_call_ns", 0) or 0)  # one module call, sampled
-        self.root_call_ns = float(extra.get("root_call_ns", 0) or _ROOT_CALL_NS)  # one root call, unsampled
-        self.hook_call_ns = float(extra.get("hook_call_ns", 0) or _HOOK_CALL_NS)  # torch calling a hook
+        opts = self.options
+        self.call_cost_ns = float(opts.layer_call_ns or 0)  # one module call, sampled
+        self.root_call_ns = float(opts.root_call_ns or _ROOT_CALL_NS)  # one root call, unsampled
+        self.hook_call_ns = float(opts.hook_call_ns or _HOOK_CALL_NS)  # torch calling a hook
         self.budget = Budget(self.options.budget_pct)
         self.tracker_ns = 0  # the step tracker's own cost in the step now ending (it sets this)
         self.agent_ns = 0  # the agent thread's CPU time per step (per tick, smoothed over ticks)
@@ -201,19 +144,6 @@ class LayersInstrument:
 
     # ----------------------------------------------------------------- public, for other helpers
 
-    def module_ids(self) -> weakref.WeakKeyDictionary:
-        """``nn.Module -> global id`` for every module seen so far (live modules only)."""
-        out: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        for gid, ref in enumerate(list(self._mods)):
-            mod = ref()
-            if mod is not None:
-                out[mod] = gid
-        return out
-
-    def module_paths(self) -> dict[int, str]:
-        """``global id -> module path`` (path inside its model, "" for a root)."""
-        return dict(enumerate(list(self._paths)))
-
     @contextlib.contextmanager
     def muted(self) -> Iterator[None]:
         """Module calls on this thread are not seen while inside (another instrument running a
@@ -223,24 +153,13 @@ class LayersInstrument:
         except AttributeError:
             st = self._state()
         st.hold += 1
-        st.mute += _HOLD
+        st.mute += HOLD
         try:
             with self._rc.muted():
                 yield
         finally:
             st.hold -= 1
-            st.mute = max(st.hold * _HOLD, st.mute - _HOLD)
-
-    def overhead_ns_last_step(self) -> int:
-        """The hooks' estimated cost in the last step accounted (agent thread, at each ``poll``)."""
-        return self._overhead_last
-
-    def step_overhead_ns(self, step: int) -> int:
-        """Agent thread: the hooks' estimated cost in step ``step`` (0 if it was never noted)."""
-        with self._account_lock:
-            self._account()
-            return self._own_by_step.pop(step, 0)
-
+            st.mute = max(st.hold * HOLD, st.mute - HOLD)
     # ----------------------------------------------------------------- Instrument contract
 
     def install(self, ctx: core.Context) -> None:
@@ -369,7 +288,7 @@ class LayersInstrument:
         """New module, model root, stale or muted thread state. None: do not time this call."""
         if st.gen != self._gen:  # hooks were re-added: frames of the old period are stale
             st.stack.clear()
-            st.mute = st.hold * _HOLD
+            st.mute = st.hold * HOLD
             st.gen = self._gen
         if st.mute:
             st.mute += 1
@@ -395,35 +314,6 @@ class LayersInstrument:
         if gid is None or gid not in self._roots:
             gid = self._new_root(module)
         return gid
-
-    # ----------------------------------------------------------------- root calls (agent/roots.py)
-
-    def _root_start(self, module: Any, t0: int) -> None:
-        """Every root call, sampled or not: a model seen for the first time sends its tree."""
-        if self._dead or id(module) in self._by_addr:
-            return
-        try:
-            self._new_root(module)
-        except Exception as exc:
-            self._fail("root call", exc)
-
-    def _root_done(self, module: Any, t0: int, t1: int) -> None:
-        if self._dirty and not self._dead:
-            gid = self._by_addr.get(id(module))
-            if gid in self._dirty:
-                self._dirty.discard(gid)
-                try:
-                    self._emit_tree(gid, module)
-                except Exception as exc:
-                    self._fail("root call", exc)
-
-    def _root_error(self, module: Any) -> None:
-        """A root call raised: an out-of-memory error is reported with the root, unless a module
-        inside it (a sampled step) named it already."""
-        gid = self._by_addr.get(id(module))
-        if gid is not None and not self._dead:
-            self._on_forward_error(module, gid)
-
     # ----------------------------------------------------------------- per-layer records
 
     def _track(self, module: Any, gid: int, rec: _Rec, args: tuple) -> None:
@@ -613,116 +503,6 @@ class LayersInstrument:
             self._fail("backward", exc)
         finally:
             self._extra_ns += _now() - t0
-
-    # ----------------------------------------------------------------- model discovery
-
-    def _assign(self, module: Any, path: str, root_gid: int) -> int:
-        gid = self._n
-        self._n += 1
-        addr = id(module)
-        by_addr = self._by_addr
-
-        def gone(_ref: Any, addr: int = addr, gid: int = gid) -> None:
-            if by_addr.get(addr) == gid:
-                del by_addr[addr]
-
-        self._mods.append(weakref.ref(module, gone))
-        self._paths.append(path)
-        self._classes.append(type(module).__name__)
-        self._root_of.append(root_gid if root_gid >= 0 else gid)
-        self._param_end.append(0)
-        by_addr[addr] = gid
-        self._acc.grow(self._n)
-        return gid
-
-    def _new_module(self, module: Any, parent_gid: int, root_gid: int) -> int:
-        """A module called inside a model but not in its tree (created late or held elsewhere)."""
-        name = f"{self._paths[parent_gid]}.({type(module).__name__})".lstrip(".")
-        gid = self._assign(module, name, root_gid)
-        self._extra.setdefault(root_gid, []).append(gid)
-        self._extra_parent[gid] = parent_gid
-        self._dirty.add(root_gid)
-        return gid
-
-    def _new_root(self, module: Any) -> int:
-        gid = self._by_addr.get(id(module))
-        known = gid is not None  # part of a model already sent: no second tree for it
-        if gid is None:
-            gid = self._assign(module, "", -1)
-        self._roots[gid] = self._next_model
-        self._next_model += 1
-        if not self._private and not known:
-            self._emit_tree(gid, module)
-        return gid
-
-    def _emit_tree(self, root_gid: int, root: Any) -> None:
-        # no torch.compile'd module can exist before dynamo is imported (importing it takes seconds)
-        optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
-
-        ids: list[int] = []
-        paths: list[str] = []
-        classes: list[str] = []
-        params: list[int] = []
-        parents: list[int] = []
-        trainable: list[bool] = []
-        dtypes: list[str] = []
-        compiled: list[bool] = []
-        by_path: dict[str, int] = {}
-        for path, mod in root.named_modules():
-            gid = self._by_addr.get(id(mod))
-            if gid is None:
-                gid = self._assign(mod, path, root_gid)
-            elif gid in self._extra_parent and path:
-                # first seen being called before it was in the tree: now it has a real path
-                del self._extra_parent[gid]
-                for extras in self._extra.values():
-                    if gid in extras:
-                        extras.remove(gid)
-                self._paths[gid] = path
-            by_path[path] = gid
-            parent = -1 if path == "" else by_path.get(path.rpartition(".")[0], root_gid)
-            own = list(mod.parameters(recurse=False))
-            sizes: dict[str, int] = {}
-            for p in own:
-                key = str(p.dtype).removeprefix("torch.")
-                sizes[key] = sizes.get(key, 0) + p.numel()
-            # torch.compile(module) wraps it; module.compile() compiles it in place
-            is_compiled = isinstance(mod, optimized) or getattr(mod, "_compiled_call_impl", None) is not None
-            self._compiled_seen = self._compiled_seen or is_compiled
-            ids.append(gid)
-            paths.append(path)
-            classes.append(type(mod).__name__)
-            params.append(sum(p.numel() for p in own))
-            parents.append(parent)
-            trainable.append(any(p.requires_grad for p in own))
-            dtypes.append(max(sizes, key=sizes.__getitem__) if sizes else "")
-            compiled.append(is_compiled)
-        for gid in self._extra.get(root_gid, []):
-            if gid in ids:
-                continue
-            ids.append(gid)
-            paths.append(self._paths[gid])
-            classes.append(self._classes[gid])
-            params.append(0)
-            parents.append(self._extra_parent.get(gid, root_gid))
-            trainable.append(False)
-            dtypes.append("")
-            compiled.append(False)
-        self.ctx.emit(
-            ModelTree(
-                model=self._roots[root_gid],
-                name=type(root).__name__,
-                ids=ids,
-                paths=paths,
-                classes=classes,
-                params=params,
-                parents=parents,
-                trainable=trainable,
-                dtypes=dtypes,
-                compiled=compiled,
-            )
-        )
-
     # ----------------------------------------------------------------- errors
 
     def _on_forward_error(self, module: Any, gid: int) -> None:
@@ -755,108 +535,10 @@ class LayersInstrument:
             self._unhook()
         except Exception:
             pass
-        try:
-            if self.ctx is not None:
-                self.ctx.warn("layers", f"per-layer hooks disabled after an error in the {where}: {exc!r}")
-        except Exception:
-            pass
-
-    # ----------------------------------------------------------------- steps and sampling
-
-    def _on_step_end(self, step: int, t_end_ns: int) -> None:
-        """Hot path: note the step's costs for the agent thread; set the next step's sampling."""
-        try:
-            if self._dead:
-                return
-            rc = self._rc
-            fired = self._param_fired
-            sampled = self._sampled
-            acc = None
-            if sampled:
-                acc, self._acc = self._acc, _Acc(self._n)
-            marks = self._marks
-            marks.append((step, t_end_ns, acc, rc.calls, rc.listeners_ns, fired[0], self.tracker_ns,
-                          self._extra_ns))
-            rc.calls = rc.listeners_ns = fired[0] = self._extra_ns = self.tracker_ns = 0
-            try:
-                oldest = marks[0][1]
-            except IndexError:  # the agent thread has just accounted for them all
-                oldest = t_end_ns
-            if t_end_ns - oldest >= _ACCOUNT_NS and self._account_lock.acquire(False):
-                try:  # the agent thread is behind (between ticks, or busy): account here, in a batch
-                    self._account()
-                finally:
-                    self._account_lock.release()
-            nxt = step + 1
-            sampled_next = self.budget.sampled(nxt) if self._auto else nxt % self.current_every == 0
-            if sampled_next != sampled:
-                self._sampled = sampled_next
-                core.BUS.detail = sampled_next
-                if sampled_next:
-                    self._acc = _Acc(self._n)
-                    self._timing_on()
-                else:
-                    self._timing_off()
-        except Exception as exc:
-            self._fail("step end", exc)
-
-    def _account(self) -> None:
-        """Feed the budget the steps noted since the last call, work out what each cost, queue
-        the sampled ones' tables and set the sampling rate the hot path follows. Called with
-        ``_account_lock`` held: by the agent thread at each tick, or by the step loop once its
-        oldest unaccounted step is ``_ACCOUNT_NS`` old. Done in batches because every line run
-        right after torch has run costs several times more (cold caches) than in a loop."""
-        marks = self._marks
-        if not marks:
-            return
-        self._cuda = self._cuda or self._cuda_ready()
-        own_by_step = self._own_by_step
-        while marks:
-            step, t_end_ns, acc, calls, shared, fired, tracker_ns, extra_ns = marks.popleft()
-            self._steps_seen += 1
-            step_ns = t_end_ns - self._last_end_ns if self._last_end_ns else 0
-            self._last_end_ns = t_end_ns
-            params = int(fired * self.hook_call_ns)  # torch calling the parameter hooks
-            fixed = tracker_ns + self.agent_ns + shared  # shared: the root-call listeners, always paid
-            if acc is not None:
-                n_calls = sum(acc.calls)
-                if n_calls or acc.bwd_seen:
-                    self._ready.append((step, acc, self._cuda))
-                estimate = int(n_calls * self.call_cost_ns) + extra_ns + params
-                self.budget.observe(step_ns, fixed, True, estimate)
-                own = shared + max(estimate, self.budget.control_ns())
-            else:
-                # root-call detection (agent/roots.py); parameter hooks exist only while timing is
-                # on: a late backward of a sampled step
-                roots = int(calls * self.root_call_ns)
-                self.budget.observe(step_ns, fixed + roots + params, False)
-                own = shared + roots + params
-            self._overhead_last = own_by_step[step] = own + self.agent_ns
-            if self._auto and self.budget.due(acc is not None):
-                self.current_every = self.budget.update()
-        while len(own_by_step) > _OWN_KEPT:  # nobody asks when no step tracker runs
-            del own_by_step[next(iter(own_by_step))]
-        self._agent_share()
-
-    def _agent_share(self) -> None:
-        """The agent thread's CPU time per step since its previous tick (it counts per tick)."""
-        cpu = getattr(self.ctx, "cpu_s", None)
-        if not isinstance(cpu, float):
-            return
-        steps0, cpu0 = self._agent_mark
-        if cpu != cpu0:
-            n = self._steps_seen - steps0
-            if n > 0:
-                # smoothed over ticks: a one-off (a FLOP count, an op profile parsed) is spread out
-                now = (cpu - cpu0) * 1e9 / n
-                self.agent_ns = int(now if not self.agent_ns else 0.75 * self.agent_ns + 0.25 * now)
-            self._agent_mark = (self._steps_seen, cpu)
+        core.warn_safely(self.ctx, "layers", f"per-layer hooks disabled after an error in the {where}: {exc!r}")
 
     def _cuda_ready(self) -> bool:
-        try:
-            return bool(self._torch.cuda.is_initialized())
-        except Exception:
-            return False
+        return cuda_ready()
 
     def _ctx_step(self) -> int:
         return int(getattr(self.ctx, "current_step", 0) or 0)
@@ -880,93 +562,5 @@ class LayersInstrument:
             act_bytes=[acc.act[g] for g in ids] if cuda else [],
         )
 
-    def _compile_metrics(self, now: float) -> list[Event]:
-        """torch.compile's total compile time and recompilations (frames compiled again)."""
-        try:
-            from torch._dynamo.utils import compilation_time_metrics
-        except Exception:
-            return []
-        compile_s = float(sum(sum(v) for v in list(compilation_time_metrics.values())))
-        try:  # per-frame compile counts: a count above one is a recompilation
-            from torch._dynamo.convert_frame import FRAME_COMPILE_COUNTER
 
-            recompiles = float(sum(n - 1 for n in list(FRAME_COMPILE_COUNTER.values()) if n > 1))
-        except Exception:
-            recompiles = -1.0
-        if (compile_s, recompiles) == self._compile_last:
-            return []
-        self._compile_last = (compile_s, recompiles)
-        step = self._ctx_step()
-        out: list[Event] = [Metric(name="compile_time_s", value=compile_s, t=now, step=step)]
-        if recompiles >= 0:
-            out.append(Metric(name="recompilations", value=recompiles, t=now, step=step))
-        return out
-
-    def _calibrate(self) -> tuple[float, float, float]:
-        """What these hooks cost on this machine, in ns, from paired runs of a tiny model:
-        (one module call on a sampled step, forward and backward; one root call on an unsampled
-        step; torch calling one Python hook). CPU time of this thread, so other programs on the
-        machine do not count; each side keeps its fastest run."""
-        import torch
-
-        probe = LayersInstrument(self.options, _private=True)
-        model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(16)])
-        one = torch.nn.Linear(4, 4)
-        x = torch.randn(2, 4, requires_grad=True)
-        reps, calls = 6, 17
-
-        def run() -> int:
-            t = time.thread_time_ns()
-            for _ in range(reps):
-                model(x).sum().backward()
-            return time.thread_time_ns() - t
-
-        def run_fwd() -> int:
-            model(x)  # warm: the first call after a switch pays for it
-            t = time.thread_time_ns()
-            for _ in range(20):
-                model(x)
-            return time.thread_time_ns() - t
-
-        def run_one() -> int:
-            t = time.thread_time_ns()
-            for _ in range(100):
-                one(x)
-            return time.thread_time_ns() - t
-
-        def noop(module: Any, args: Any) -> None:
-            pass
-
-        base: list[int] = []
-        sampled: list[int] = []
-        fwd_base: list[int] = []
-        unsampled: list[int] = []
-        plain: list[int] = []
-        hooked: list[int] = []
-        ctx = _NullContext(self.options)
-        try:
-            run()
-            for _ in range(3):  # interleaved, so that a slow spell hits every side
-                base.append(run())
-                fwd_base.append(run_fwd())
-                probe.install(ctx)
-                sampled.append(run())
-                probe._auto, probe._sampled, probe.current_every = False, False, MAX_EVERY
-                probe._timing_off()
-                unsampled.append(run_fwd())
-                probe.uninstall()
-                probe._sampled = True
-                plain.append(run_one())
-                handle = self._nnm.register_module_forward_pre_hook(noop)
-                try:
-                    hooked.append(run_one())
-                finally:
-                    handle.remove()
-        except Exception:
-            return 3000.0, float(_ROOT_CALL_NS), float(_HOOK_CALL_NS)
-        finally:
-            probe.uninstall()
-        per_call = (min(sampled) - min(base)) / (reps * calls)
-        root = (min(unsampled) - min(fwd_base)) / 20
-        hook = (min(hooked) - min(plain)) / 100
-        return max(per_call, 500.0), max(root, 1000.0), max(hook, 300.0)
+layer_costs.LayersInstrument = LayersInstrument  # the calibration runs a private one

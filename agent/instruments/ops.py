@@ -36,7 +36,7 @@ class OpsInstrument:
     def __init__(self, options: core.Options | None = None) -> None:
         self.options = options or core.Options()
         self.every = int(self.options.ops_every or 0)
-        self.top_k = int(self.options.extra.get("ops_top_k", TOP_K) or TOP_K)
+        self.top_k = int(self.options.ops_top_k or TOP_K)
         self.ctx: Any = None
         self._prof: Any = None  # the window in progress (user's thread owns start/stop)
         self._prof_step = -1

@@ -27,7 +27,8 @@ from typing import Any
 from llmtop.agent.runtime import core
 
 _now = time.perf_counter_ns
-_HOLD = 1 << 40  # depth a muted() block adds: nothing inside reaches depth 0
+# depth a muted() block adds: nothing inside reaches depth 0 (roots here, layer frames in layers.py)
+HOLD = 1 << 40
 
 
 class _Depth(threading.local):
@@ -75,11 +76,11 @@ class RootCalls:
     def muted(self) -> Iterator[None]:
         """Module calls on this thread are no roots while inside. Nestable."""
         d = self._tls.d
-        d[0] += _HOLD
+        d[0] += HOLD
         try:
             yield
         finally:
-            d[0] -= _HOLD
+            d[0] -= HOLD
 
     # --------------------------------------------------------------------- install
 

@@ -32,10 +32,10 @@ from llmtop.agent.instruments.anomalies import AnomalyDetector
 from llmtop.agent.instruments.gpu_timing import GpuStepClock, ScalarReader, cuda_ready
 from llmtop.agent.instruments.memory import NONE3, StepMemory, host_rss
 from llmtop.agent.runtime import core
-from llmtop.protocol.events import Event, Step
+from llmtop.protocol.events import PHASES, Event, Step
 
 DATA, H2D, FWD, BWD, OPT = range(5)
-PHASE_NAMES = ("data", "h2d", "forward", "backward", "optimizer")
+PHASE_NAMES = PHASES[: PHASES.index("other")]  # the measured ones, in the protocol's order; "other" is the rest
 NPH = 5
 
 _perf = time.perf_counter_ns

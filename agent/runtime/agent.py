@@ -46,7 +46,8 @@ _LAUNCHERS = ("torch.distributed.run", "torchrun", "accelerate", "deepspeed")
 
 # --- options ---------------------------------------------------------------------------------------
 
-_ENV: dict[str, tuple[str, type]] = {
+# Every option with an environment variable (the others are set by keyword: tests, benchmarks).
+ENV: dict[str, tuple[str, type]] = {
     "LLMTOP_TICK": ("tick_s", float),
     "LLMTOP_BUDGET": ("budget_pct", float),
     "LLMTOP_LAYER_EVERY": ("layer_every", int),
@@ -55,8 +56,6 @@ _ENV: dict[str, tuple[str, type]] = {
     "LLMTOP_HISTORY": ("history", int),
     "LLMTOP_CLIENT_BUFFER": ("client_buffer", int),
     "LLMTOP_RECORD": ("record", str),
-}
-_EXTRA_ENV: dict[str, tuple[str, type]] = {
     "LLMTOP_SOCKET": ("socket", str),
     "LLMTOP_STALL_S": ("stall_s", float),
 }
@@ -77,33 +76,29 @@ def _parse(kind: type, raw: str) -> Any:
 
 
 def options_from_env(env: dict[str, str] | None = None, **overrides: Any) -> Options:
-    """``Options`` from ``LLMTOP_*`` variables, then keyword overrides. A bad value is ignored with a
-    one-line note on stderr (the agent must not stop the script over a typo)."""
+    """``Options`` from ``LLMTOP_*`` variables, then keyword overrides. A bad value or an unknown
+    option is ignored with a one-line note on stderr (the agent must not stop the script over a typo)."""
     env = os.environ if env is None else env
     opts = Options()
-    for table, target in ((_ENV, None), (_EXTRA_ENV, opts.extra)):
-        for var, (name, kind) in table.items():
-            raw = env.get(var)
-            if raw is None or (kind is str and raw == ""):
-                continue
-            try:
-                value = _parse(kind, raw)
-            except ValueError:
-                print(f"llmtop: ignoring {var}={raw!r} (expected {kind.__name__} >= 0)", file=sys.stderr)
-                continue
-            if target is None:
-                setattr(opts, name, value)
-            else:
-                target[name] = value
+    for var, (name, kind) in ENV.items():
+        raw = env.get(var)
+        if raw is None or (kind is str and raw == ""):
+            continue
+        try:
+            value = _parse(kind, raw)
+        except ValueError:
+            print(f"llmtop: ignoring {var}={raw!r} (expected {kind.__name__} >= 0)", file=sys.stderr)
+            continue
+        setattr(opts, name, value)
     if opts.tick_s <= 0:
         opts.tick_s = Options.tick_s
     opts.history = max(1, opts.history)
-    known = {f.name for f in dataclasses.fields(Options)} - {"extra"}
+    known = {f.name for f in dataclasses.fields(Options)}
     for key, value in overrides.items():
         if key in known:
             setattr(opts, key, value)
         else:
-            opts.extra[key] = value
+            print(f"llmtop: ignoring unknown option {key}={value!r}", file=sys.stderr)
     return opts
 
 
@@ -117,7 +112,7 @@ def resolve_socket(opts: Options, env: dict[str, str] | None = None, pid: int | 
     """
     env = os.environ if env is None else env
     pid = os.getpid() if pid is None else pid
-    chosen = opts.extra.get("socket")
+    chosen = opts.socket
     if not chosen:
         return socket_path_for(pid)
     path = Path(str(chosen))
@@ -175,22 +170,6 @@ class History:
 
 
 # --- the agent -------------------------------------------------------------------------------------
-
-
-def _load_instruments(opts: Options) -> list[Any]:
-    try:
-        from llmtop.agent.instruments import default_instruments
-    except ImportError:
-        return []
-    return list(default_instruments(opts))
-
-
-def _load_writer() -> Any:
-    try:
-        from llmtop.protocol.recording import RecordingWriter
-    except ImportError:
-        return None
-    return RecordingWriter
 
 
 class Agent:
@@ -270,7 +249,7 @@ class Agent:
         if self._nvml.enabled:
             self.session.devices = list(self._nvml.names)
         self._start_server()
-        requested = opts.extra.get("socket")
+        requested = opts.socket
         if opts.record and (not requested or self.socket_path == Path(str(requested))):
             # LLMTOP_RECORD is inherited by the script's Python children: only the process that owns
             # the requested socket writes the file.
@@ -281,16 +260,15 @@ class Agent:
             self.server.start()
         instruments = self._instruments_given
         if instruments is None:
-            try:
-                instruments = _load_instruments(opts)
-            except Exception as exc:
-                self.warn("instruments", f"could not load instruments: {type(exc).__name__}: {exc}")
-                instruments = []
+            from llmtop.agent.instruments import default_instruments
+
+            instruments = default_instruments(opts, self._instrument_lost)
         for inst in instruments:
             try:
                 inst.install(self)
             except Exception as exc:
-                self._report(inst, "install", exc)
+                name = str(getattr(inst, "name", type(inst).__name__))
+                self._instrument_lost(name, f"install failed, instrument disabled: {type(exc).__name__}: {exc}")
                 self._safe_uninstall(inst)
                 continue
             self._instruments.append(inst)
@@ -314,7 +292,7 @@ class Agent:
             try:
                 self.server = Server(
                     path, self._lock, self._history.snapshot, self.warn,
-                    client_buffer=opts.client_buffer, stall_s=float(opts.extra.get("stall_s", 30.0)),
+                    client_buffer=opts.client_buffer, stall_s=float(opts.stall_s),
                     cpu_pct=lambda: self._cpu_pct, started=self.started,
                     private_dir=path.parent == socket_dir(),
                 )
@@ -329,12 +307,10 @@ class Agent:
         print(f"llmtop: agent running without a socket ({last})", file=sys.stderr)
 
     def _start_writer(self, path: str) -> None:
-        cls = _load_writer()
-        if cls is None:
-            self.warn("recording", "recording is not available in this llmtop build")
-            return
+        from llmtop.protocol.recording import RecordingWriter  # only a recording agent needs it
+
         try:
-            self.writer = cls(path, self.session)
+            self.writer = RecordingWriter(path, self.session)
         except Exception as exc:
             print(f"llmtop: cannot record to {path}: {exc}", file=sys.stderr)
             self.warn("recording", f"cannot record to {path}: {exc}")
@@ -401,7 +377,7 @@ class Agent:
         while not self._stop.wait(tick):
             self._tick()
 
-    def _tick(self, final: bool = False) -> None:
+    def _tick(self) -> None:
         with self._tick_lock:
             self._tick_locked()
 
@@ -483,11 +459,7 @@ class Agent:
                     with self._lock:
                         snap = self._history.snapshot()
                     writer.keyframe(snap)
-                maybe_flush = getattr(writer, "maybe_flush", None)
-                if maybe_flush is not None:
-                    maybe_flush(mono)  # the writer groups frames into blocks at most flush_s old
-                else:
-                    writer.flush()
+                writer.maybe_flush(mono)  # the writer groups frames into blocks at most flush_s old
             except Exception as exc:
                 self.writer = None
                 self.warn("recording", f"recording stopped: {type(exc).__name__}: {exc}")
@@ -505,6 +477,12 @@ class Agent:
         """CPU time of the agent thread and the server thread together."""
         return self.cpu_s + (self.server.cpu_s if self.server is not None else 0.0)
 
+    def _instrument_lost(self, source: str, message: str) -> None:
+        """An instrument that could not be loaded or installed: the run goes on without it, and the
+        user is told once, on stderr (one line) and as an ``AgentWarning`` for the viewers."""
+        print(f"llmtop: {source}: {message}", file=sys.stderr)
+        self.warn(source, message)
+
     def _report(self, inst: Any, where: str, exc: BaseException) -> None:
         name = getattr(inst, "name", type(inst).__name__)
         self.warn(str(name), f"{where} failed, instrument disabled: {type(exc).__name__}: {exc}")
@@ -520,9 +498,7 @@ class Agent:
 
     def _make_session(self) -> Session:
         argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:])
-        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.options).items()
-                   if k != "extra"}
-        options.update({k: str(v) for k, v in self.options.extra.items()})
+        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.options).items()}
         return Session(pid=self.pid, argv=argv, cwd=os.getcwd(), started=self.started,
                        hostname=socket.gethostname(), python=platform.python_version(),
                        devices=["cpu"], options=options)

@@ -13,7 +13,7 @@ instrument that raises from any of them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from llmtop.protocol.events import Event
@@ -21,17 +21,26 @@ from llmtop.protocol.events import Event
 
 @dataclass
 class Options:
-    """Agent settings, read from ``LLMTOP_*`` environment variables by the runtime."""
+    """Agent settings: every one a field here. The runtime reads those with an ``LLMTOP_*`` variable
+    from the environment (agent/runtime/agent.py, ``ENV``); keyword arguments of
+    ``llmtop.agent.start()`` override them."""
 
-    tick_s: float = 0.5  # how often the agent thread polls instruments and samples the host
-    budget_pct: float = 2.0  # overhead budget; above it per-layer timing is sampled every Nth step
-    layer_every: int = 0  # 0: automatic (budget-driven); N: force per-layer timing every Nth step
-    ops_every: int = 50  # profile aten ops one step in N (0 disables)
-    flops: bool = True  # compute FLOPs once per input-shape signature
-    history: int = 600  # recent steps/samples kept for late joiners' snapshot
-    client_buffer: int = 4 * 1024 * 1024  # bytes queued per viewer before frames are dropped
-    record: str | None = None  # path of a recording written by the agent itself
-    extra: dict[str, Any] = field(default_factory=dict)
+    tick_s: float = 0.5  # LLMTOP_TICK: how often the agent thread polls instruments and samples the host
+    budget_pct: float = 2.0  # LLMTOP_BUDGET: overhead budget; above it per-layer timing is sampled
+    layer_every: int = 0  # LLMTOP_LAYER_EVERY: 0 automatic (budget-driven); N: every Nth step
+    ops_every: int = 50  # LLMTOP_OPS_EVERY: profile aten ops one step in N (0 disables)
+    flops: bool = True  # LLMTOP_FLOPS: compute FLOPs once per input-shape signature
+    history: int = 600  # LLMTOP_HISTORY: recent steps/samples kept for late joiners' snapshot
+    client_buffer: int = 4 * 1024 * 1024  # LLMTOP_CLIENT_BUFFER: bytes queued per viewer, then dropped
+    record: str | None = None  # LLMTOP_RECORD: path of a recording written by the agent itself
+    socket: str | None = None  # LLMTOP_SOCKET: the socket to claim (see resolve_socket); else per pid
+    stall_s: float = 30.0  # LLMTOP_STALL_S: a viewer whose buffer stays full this long is dropped
+    ops_top_k: int = 0  # aten ops kept per profiled step (0: the ops instrument's default)
+    # What the layer hooks cost, in ns (0: measured at install). Set by tests and benchmarks, which
+    # want no calibration run or a known cost.
+    layer_call_ns: float = 0.0  # one module call on a sampled step
+    root_call_ns: float = 0.0  # one root call on an unsampled step
+    hook_call_ns: float = 0.0  # torch calling one Python hook
 
 
 YIELD_EVERY = 32  # items an agent-thread loop handles between two hand-overs of the GIL
@@ -61,6 +70,8 @@ class Context(Protocol):
     # The step tracker instrument owns step numbering: it writes ``current_step`` and registers the
     # callable behind the public ``llmtop.agent.step()`` with ``set_manual_step``.
     current_step: int
+    # True once the agent is shutting down: instruments should not start expensive work.
+    stopping: bool
 
     def set_manual_step(self, fn: Any) -> None:
         """Route ``llmtop.agent.step()`` to ``fn()``."""
