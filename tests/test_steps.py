@@ -580,3 +580,18 @@ def test_each_generate_call_is_one_inference_step() -> None:
         assert (s.samples, s.tokens) == (3, 30 + 4 * 3)
         assert_phases_add_up(s)
     assert (steps[2].samples, steps[2].tokens) == (3, 30)
+
+
+def test_patched_functions_carry_one_marker_and_inherited_ones_are_deleted_on_undo() -> None:
+    from llmtop.agent.instruments import patching
+
+    st = StepInstrument()
+    st.install(Ctx())
+    try:
+        assert "to" in torch.Tensor.__dict__  # ours, on the class that only inherited it
+        assert patching.wrapped(torch.Tensor.to) is torch._C.TensorBase.to
+        assert patching.wrapped(torch.autograd.backward) is not None
+        assert not any(hasattr(torch.autograd.backward, m) for m in ("__llmtop_orig__",))
+    finally:
+        st.uninstall()
+    assert "to" not in torch.Tensor.__dict__ and patching.wrapped(torch.Tensor.to) is None

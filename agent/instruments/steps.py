@@ -31,6 +31,7 @@ from typing import Any
 from llmtop.agent.instruments.anomalies import AnomalyDetector
 from llmtop.agent.instruments.gpu_timing import GpuStepClock, ScalarReader, cuda_ready
 from llmtop.agent.instruments.memory import NONE3, StepMemory, host_rss
+from llmtop.agent.instruments.patching import Patches
 from llmtop.agent.runtime import core
 from llmtop.protocol.events import Event, Step
 
@@ -40,9 +41,6 @@ NPH = 5
 
 _perf = time.perf_counter_ns
 _ident = threading.get_ident
-
-
-_INHERITED = object()  # marks a patched attribute that the class inherited rather than defined
 
 
 class _Frame:
@@ -127,7 +125,7 @@ class StepInstrument:
         self.options = options or core.Options()
         self.ctx: Any = None
         self._handles: list[Any] = []
-        self._patches: list[tuple[Any, str, Any, Any]] = []
+        self._patches = Patches()
         self._installed = False
         self.disabled = False
         self._reset_state()
@@ -205,21 +203,21 @@ class StepInstrument:
         import torch.optim.optimizer as opt
         self._handles.append(opt.register_optimizer_step_pre_hook(self._opt_pre))
         self._handles.append(opt.register_optimizer_step_post_hook(self._opt_post))
-        self._patch(dl._BaseDataLoaderIter, "__next__", self._wrap_next)
-        self._patch(torch.Tensor, "to", self._wrap_to)
-        self._patch(torch.Tensor, "cuda", self._wrap_to)
+        self._patches.patch(dl._BaseDataLoaderIter, "__next__", self._wrap_next)
+        self._patches.patch(torch.Tensor, "to", self._wrap_to)
+        self._patches.patch(torch.Tensor, "cuda", self._wrap_to)
         # Tensor.backward calls torch.autograd.backward through the module attribute: one wrapper
         # there sees both (a second one on Tensor.backward cost a hook entry per step)
-        self._patch(torch.autograd, "backward", self._wrap_backward)
+        self._patches.patch(torch.autograd, "backward", self._wrap_backward)
         import torch.nn.utils as nnu
         import torch.nn.utils.clip_grad as cg
 
-        self._patch_same(nnu, cg, "clip_grad_norm_", self._wrap_clip)
+        self._patches.patch_same(nnu, cg, "clip_grad_norm_", self._wrap_clip)
         try:
             from torch.amp.grad_scaler import GradScaler
 
-            self._patch(GradScaler, "scale", self._wrap_scale)
-            self._patch(GradScaler, "step", self._wrap_scaler_step)
+            self._patches.patch(GradScaler, "scale", self._wrap_scale)
+            self._patches.patch(GradScaler, "step", self._wrap_scaler_step)
         except Exception:
             pass
         core.BUS.root_forward_start.append(self._on_root_start)
@@ -234,24 +232,6 @@ class StepInstrument:
             pass
         self._installed = True
 
-    def _patch(self, owner: Any, attr: str, wrapper_factory: Any) -> None:
-        own = attr in owner.__dict__
-        orig = owner.__dict__[attr] if own else getattr(owner, attr)
-        new = wrapper_factory(orig)
-        new.__llmtop_orig__ = orig
-        setattr(owner, attr, new)
-        # an inherited attribute (Tensor.to lives on TensorBase) is restored by deleting ours
-        self._patches.append((owner, attr, orig if own else _INHERITED, new))
-
-    def _patch_same(self, mod_a: Any, mod_b: Any, attr: str, wrapper_factory: Any) -> None:
-        """Patch a function exported by two modules (``torch.nn.utils`` and its submodule) once."""
-        orig = getattr(mod_b, attr)
-        new = wrapper_factory(orig)
-        for mod in (mod_a, mod_b):
-            if getattr(mod, attr, None) is orig:
-                setattr(mod, attr, new)
-                self._patches.append((mod, attr, orig, new))
-
     def uninstall(self) -> None:
         if self.tentative is not None and not self.disabled:
             try:  # the script ended after a grad-enabled forward with no backward: an inference step
@@ -264,17 +244,7 @@ class StepInstrument:
             except Exception:
                 pass
         self._handles.clear()
-        for owner, attr, orig, new in reversed(self._patches):
-            try:
-                if owner.__dict__.get(attr) is not new:
-                    continue  # someone wrapped ours since: leave the chain, ours passes through
-                if orig is _INHERITED:
-                    delattr(owner, attr)
-                else:
-                    setattr(owner, attr, orig)
-            except Exception:
-                pass
-        self._patches.clear()
+        self._patches.undo()
         self.disabled = True  # wrappers still referenced elsewhere go straight to the originals
         for lst, fn in ((core.BUS.root_forward_start, self._on_root_start),
                         (core.BUS.root_forward, self._on_root_end)):
