@@ -595,3 +595,37 @@ def test_patched_functions_carry_one_marker_and_inherited_ones_are_deleted_on_un
     finally:
         st.uninstall()
     assert "to" not in torch.Tensor.__dict__ and patching.wrapped(torch.Tensor.to) is None
+
+
+def test_tracker_reaches_layers_and_generate_only_through_the_bus() -> None:
+    # issue 14: no scan of BUS.step_end for the layers instrument, no lazy import of the HF integration
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from llmtop.agent.instruments.steps import StepInstrument\n"
+            "from tests.test_steps import Ctx\n"
+            "st = StepInstrument(); st.install(Ctx()); st.uninstall()\n"
+            "print(sorted(m for m in sys.modules if m.startswith('llmtop.agent.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=__file__.rsplit("/tests/", 1)[0]).stdout
+    assert "llmtop.agent.hf" not in out and "llmtop.agent.instruments.layers" not in out
+    assert "llmtop.agent.instruments.patching" in out
+    # what the layers instrument declares on the bus is what the step record carries
+    ctx = Ctx()
+    st = StepInstrument(ctx.options)
+    st.install(ctx)
+    costs = core.BUS.costs
+    saved = (costs.every, costs.of_step)
+    costs.every, costs.of_step = 7, lambda step: 5000
+    try:
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Roots():
+            model(torch.ones(2, 8)).sum().backward()
+            opt.step()
+        steps = drain(st, ctx)
+        assert costs.tracker_ns > 0  # the tracker's own cost, left for the layers instrument
+    finally:
+        costs.every, costs.of_step = saved
+        st.uninstall()
+    assert [(s.layer_every, s.overhead_us >= 5.0) for s in steps] == [(7, True)]

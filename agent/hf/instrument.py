@@ -390,6 +390,7 @@ class TransformersInstrument:
             except ValueError:
                 pass
             self._bus_fn = None
+            core.BUS.generation_phase = core.no_generation
         if _CURRENT is self:
             _CURRENT = None
 
@@ -434,6 +435,7 @@ class TransformersInstrument:
             self._is_compiling = compiling
         self._bus_fn = self._on_root_forward_start
         core.BUS.root_forward_start.append(self._bus_fn)
+        core.BUS.generation_phase = generation_phase
 
     def _warn(self, part: str, exc: BaseException) -> None:
         try:

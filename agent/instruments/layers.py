@@ -184,7 +184,6 @@ class LayersInstrument:
         self.root_call_ns = float(extra.get("root_call_ns", 0) or _ROOT_CALL_NS)  # one root call, unsampled
         self.hook_call_ns = float(extra.get("hook_call_ns", 0) or _HOOK_CALL_NS)  # torch calling a hook
         self.budget = Budget(self.options.budget_pct)
-        self.tracker_ns = 0  # the step tracker's own cost in the step now ending (it sets this)
         self.agent_ns = 0  # the agent thread's CPU time per step (per tick, smoothed over ticks)
         self._agent_mark = (0, 0.0)  # (steps seen, agent thread CPU seconds) at the last tick seen
         self._param_fired = [0]  # calls of the parameter hooks since the last step end
@@ -263,6 +262,9 @@ class LayersInstrument:
         if not self._private:
             core.BUS.step_end.append(self._on_step_end)
             core.BUS.detail = self._sampled
+            costs = core.BUS.costs
+            costs.every, costs.hook_ns = self.current_every, int(self.hook_call_ns)
+            costs.of_step = self.step_overhead_ns
         self._installed = True
         self._rc.install(torch)
         if self._sampled:
@@ -274,6 +276,7 @@ class LayersInstrument:
         self._rc.uninstall()
         if not self._private:
             core.BUS.detail = True
+            core.BUS.costs.of_step = None
         try:
             core.BUS.step_end.remove(self._on_step_end)
         except ValueError:
@@ -775,9 +778,10 @@ class LayersInstrument:
             if sampled:
                 acc, self._acc = self._acc, _Acc(self._n)
             marks = self._marks
-            marks.append((step, t_end_ns, acc, rc.calls, rc.listeners_ns, fired[0], self.tracker_ns,
+            costs = core.BUS.costs
+            marks.append((step, t_end_ns, acc, rc.calls, rc.listeners_ns, fired[0], costs.tracker_ns,
                           self._extra_ns))
-            rc.calls = rc.listeners_ns = fired[0] = self._extra_ns = self.tracker_ns = 0
+            rc.calls = rc.listeners_ns = fired[0] = self._extra_ns = costs.tracker_ns = 0
             try:
                 oldest = marks[0][1]
             except IndexError:  # the agent thread has just accounted for them all
@@ -833,7 +837,7 @@ class LayersInstrument:
                 own = shared + roots + params
             self._overhead_last = own_by_step[step] = own + self.agent_ns
             if self._auto and self.budget.due(acc is not None):
-                self.current_every = self.budget.update()
+                self.current_every = core.BUS.costs.every = self.budget.update()
         while len(own_by_step) > _OWN_KEPT:  # nobody asks when no step tracker runs
             del own_by_step[next(iter(own_by_step))]
         self._agent_share()

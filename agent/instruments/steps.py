@@ -135,12 +135,10 @@ class StepInstrument:
         self.scalars = ScalarReader()
         self.gpu = GpuStepClock()
         self.memory = StepMemory()
-        self.layers: Any = None  # the layers instrument, for its overhead and sampling rate
         # torch calling one of our hooks or wrappers, outside the time they measure themselves
-        # (calibrated by the layers instrument)
-        self.hook_ns = 1500
+        # (calibrated by the layers instrument, shared through core.BUS.costs)
+        self.hook_ns = core.BUS.costs.hook_ns
         self.h2d_armed = False  # see _arm_h2d
-        self._gen_phase: Any = _no_generation  # integrations.generation_phase once installed
         self._other_device = False  # a non-CUDA accelerator (MPS, XLA) is present
 
     # --- state ----------------------------------------------------------------------------------
@@ -187,13 +185,7 @@ class StepInstrument:
         _TENSOR[0] = torch.Tensor
         self._pc0 = _perf()
         self._wall0 = time.time()
-        self._find_layers()
-        try:  # "prefill"/"decode" while transformers' generate() runs (the integrations instrument)
-            from llmtop.agent.hf.instrument import generation_phase
-
-            self._gen_phase = generation_phase
-        except Exception:
-            pass
+        self.hook_ns = core.BUS.costs.hook_ns
         try:
             mps = getattr(torch.backends, "mps", None)
             self._other_device = bool(mps is not None and mps.is_available()) or "torch_xla" in sys.modules
@@ -267,15 +259,6 @@ class StepInstrument:
             self.ctx.warn(self.name, f"step tracking disabled after an error in {where}: {exc!r}")
         except Exception:
             pass
-
-    def _find_layers(self) -> None:
-        """The layers instrument listens to step ends on the bus; its listener leads to it."""
-        for fn in list(core.BUS.step_end):
-            inst = getattr(fn, "__self__", None)
-            if inst is not None and inst is not self and hasattr(inst, "overhead_ns_last_step"):
-                self.layers = inst
-                self.hook_ns = int(getattr(inst, "hook_call_ns", self.hook_ns))
-                return
 
     # --- the exclusive-time stack (step loop thread only) ----------------------------------------
 
@@ -555,7 +538,9 @@ class StepInstrument:
             st = self.stack
             while st and st[-1].phase == FWD:
                 st.pop()  # a previous root forward raised: its end never came
-            gen = self.fwd_gen = self._gen_phase()  # at the start: generate() updates it at the end
+            # "prefill"/"decode" inside transformers' generate(), read at the start: the call
+            # updates it at the end
+            gen = self.fwd_gen = core.BUS.generation_phase()
             if self.tentative is not None and not self.manual and gen != "decode":
                 self._commit_tentative()  # (a decode forward continues its generate() step)
             if grad and self.training:
@@ -695,12 +680,9 @@ class StepInstrument:
             pass
         own = self.overhead + (0 if listener else _perf() - t_in)
         self.overhead = 0
-        layers = self.layers
-        every = 1
-        if layers is not None:
-            # the rate the ending step ran under (step-end listeners may change it)
-            every = layers.current_every
-            layers.tracker_ns = own  # a fixed cost for its budget
+        costs = core.BUS.costs
+        every = costs.every  # the rate the ending step ran under (step-end listeners may change it)
+        costs.tracker_ns = own  # a fixed cost for the layers instrument's budget
         for fn in core.BUS.step_end:
             try:
                 fn(step, t_end)
@@ -713,8 +695,8 @@ class StepInstrument:
 
     def poll(self, now: float) -> list[Event]:
         events: list[Event] = []
-        if self.layers is None:
-            self._find_layers()
+        costs = core.BUS.costs
+        self.hook_ns = costs.hook_ns
         if not self.scalars.prepared and cuda_ready():
             self.scalars.prepare()
         gpu = self.gpu.resolve() if self.gpu.pending else {}
@@ -730,9 +712,9 @@ class StepInstrument:
             n += 1
             if n % core.YIELD_EVERY == 0:
                 core.let_script_run()
-            if self.layers is not None:
+            if costs.of_step is not None:
                 try:
-                    r.overhead_ns += int(self.layers.step_overhead_ns(r.step))
+                    r.overhead_ns += int(costs.of_step(r.step))
                 except Exception:
                     pass
             s = self._to_event(r)
@@ -794,10 +776,6 @@ class StepInstrument:
                     grad_norm=r.grad_value, lr=r.lr, samples=r.samples, tokens=r.tokens,
                     overhead_us=r.overhead_ns / 1e3, layer_every=r.layer_every,
                     cuda_allocated=alloc, cuda_reserved=reserved, cuda_peak=peak, gpu_ms=r.gpu_ms)
-
-
-def _no_generation() -> None:
-    return None
 
 
 def _compiling_check() -> Any:
