@@ -172,9 +172,15 @@ def test_validation_loader_is_not_charged_to_training(tracked) -> None:
             model(x)
     eval_ms = (time.perf_counter() - t_eval) * 1e3
     train_epoch()
-    steps = drain(st, ctx)
-    assert len(steps) == 6
-    assert all(s.mode == "train" for s in steps)
+    records = drain(st, ctx)
+    # the evaluation is a record of its own, numbered as the training step it precedes
+    assert [(s.mode, s.step) for s in records] == [("train", 0), ("train", 1), ("train", 2), ("eval", 3),
+                                                   ("train", 3), ("train", 4), ("train", 5)]
+    ev = records[3]
+    assert_phases_add_up(ev)
+    assert ev.dur_ms >= eval_ms and ev.phases["data"] >= 3 * val_sleep * 1e3
+    assert ev.samples == 3  # three validation batches of one
+    steps = [s for s in records if s.mode == "train"]
     after_eval = steps[3]
     assert_phases_add_up(after_eval)
     # the step after evaluation starts at its own batch's fetch, not at the previous step's end
@@ -567,7 +573,7 @@ def test_each_generate_call_is_one_inference_step() -> None:
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
                                  min_new_tokens=5, do_sample=False, pad_token_id=0)
         assert out.shape == (3, 15)
-        assert len(drain(st, ctx)) == 1  # the second call ends when something else starts
+        assert len(drain(st, ctx)) == 2  # each call's step ends when the call returns (issue 15)
         with torch.no_grad():
             model(prompt)  # a plain forward after generate: the second call's step ends
     finally:

@@ -786,6 +786,9 @@ class TransformersInstrument:
             stack = _tl.gen
             if stack and stack[-1] is st:
                 stack.pop()
+            if not stack:
+                for fn in core.BUS.generate_end:  # the step tracker ends the call's step now
+                    fn(t_end)
             if err is not None:
                 return
             self._emit_generation(st, args, kwargs, result, wall0, t_end, depth)

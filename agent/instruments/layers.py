@@ -265,6 +265,7 @@ class LayersInstrument:
             costs = core.BUS.costs
             costs.every, costs.hook_ns = self.current_every, int(self.hook_call_ns)
             costs.of_step = self.step_overhead_ns
+            core.BUS.eval_end.append(self._on_eval_end)
         self._installed = True
         self._rc.install(torch)
         if self._sampled:
@@ -279,6 +280,10 @@ class LayersInstrument:
             core.BUS.costs.of_step = None
         try:
             core.BUS.step_end.remove(self._on_step_end)
+        except ValueError:
+            pass
+        try:
+            core.BUS.eval_end.remove(self._on_eval_end)
         except ValueError:
             pass
 
@@ -765,6 +770,12 @@ class LayersInstrument:
             pass
 
     # ----------------------------------------------------------------- steps and sampling
+
+    def _on_eval_end(self, step: int, t_end_ns: int) -> None:
+        """An evaluation between training steps ended (step tracker): its module times are no
+        training step's, so a sampled step's table starts again."""
+        if self._sampled and not self._dead:
+            self._acc = _Acc(self._n)
 
     def _on_step_end(self, step: int, t_end_ns: int) -> None:
         """Hot path: note the step's costs for the agent thread; set the next step's sampling."""

@@ -125,6 +125,11 @@ class HotBus:
         # "prefill" / "decode" while a transformers ``generate`` call runs on this thread, else None:
         # set by the Hugging Face integration while installed (the step tracker makes one step per call)
         self.generation_phase: Callable[[], str | None] = no_generation
+        # fn(t_end_ns): the outermost generate() call returned on this thread (the HF integration)
+        self.generate_end: list[Any] = []
+        # fn(step, t_end_ns): an evaluation between training steps just ended (the step tracker);
+        # what was accumulated since the last step end is no training step's (``step`` is the next's)
+        self.eval_end: list[Any] = []
 
 
 BUS = HotBus()
