@@ -884,7 +884,8 @@ class StepInstrument:
                     pass
             s = self._to_event(r)
             events.append(s)
-            events.extend(self.detector.feed_step(s))
+            if r.mode != "eval" and r.merged == 1:  # an evaluation or a folded run is no step to judge
+                events.extend(self.detector.feed_step(s))
         rss = host_rss()
         if rss is not None and self.step > 0:
             events.extend(self.detector.feed_memory("host RSS", self.step, now, rss))
