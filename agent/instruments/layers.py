@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from llmtop.agent.instruments.budget import MAX_EVERY, Budget
-from llmtop.agent.instruments.roots import RootCalls
+from llmtop.agent.instruments.roots import RootCalls, is_model
 from llmtop.agent.runtime import core
 from llmtop.protocol.events import Anomaly, Event, LayerStats, Metric, ModelTree
 
@@ -134,6 +134,11 @@ def _grad_nodes(obj: Any, out: list[Any], depth: int = 0) -> None:
         elif isinstance(obj, dict):
             for item in obj.values():
                 _grad_nodes(item, out, depth + 1)
+
+
+def _child_of(parent: Any, module: Any) -> bool:
+    """Is ``module`` registered under ``parent`` (not a module the forward builds and drops)?"""
+    return any(m is module for m in parent._modules.values())
 
 
 class LayersInstrument:
@@ -384,6 +389,9 @@ class LayersInstrument:
             return None
         stack = st.stack
         if stack:
+            if gid is None and not is_model(module) and not _child_of(stack[-1][5], module):
+                st.mute = 1  # a loss module made in each forward: no tree row per call (agent/roots.py)
+                return None
             return self._new_module(module, stack[-1][0], stack[0][0]) if gid is None else gid
         root, rt0 = self._rc.current()
         if root is not None and root is not module:
@@ -401,6 +409,9 @@ class LayersInstrument:
             st.mute = 1
             return None
         if gid is None or gid not in self._roots:
+            if not is_model(module):
+                st.mute = 1  # a loss module called on its own: no model, no tree (agent/roots.py)
+                return None
             gid = self._new_root(module)
         return gid
 

@@ -87,8 +87,23 @@ def _lr_value(lr: Any) -> float | None:
     return None
 
 
-def _input_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
-    """(samples, tokens) from a root forward's inputs: ``input_ids`` or the first tensor argument."""
+def batch_dim(module: Any) -> int:
+    """Where a model's inputs hold the batch: 1 when its first module with a ``batch_first`` flag
+    (``nn.LSTM``/``GRU``/``RNN``, ``nn.Transformer`` and its layers, ``nn.MultiheadAttention``)
+    takes sequence-first inputs, as torch's default is; else 0."""
+    try:
+        for m in module.modules():
+            bf = getattr(m, "batch_first", None)
+            if bf.__class__ is bool and m.__class__.__module__.startswith("torch.nn."):
+                return 0 if bf else 1
+    except Exception:
+        pass
+    return 0
+
+
+def _input_shape(args: tuple, kwargs: dict, bdim: int = 0) -> tuple[int | None, int | None]:
+    """(samples, tokens) from a root forward's inputs: ``input_ids`` or the first tensor argument.
+    ``bdim``: the batch's dimension (1 for sequence-first models)."""
     tensor = _TENSOR[0]
     if tensor is None:
         torch = sys.modules.get("torch")
@@ -116,9 +131,10 @@ def _input_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
     if not shape:
         return None, None
     dtype = x.dtype
+    n = shape[bdim] if bdim < len(shape) else shape[0]
     if len(shape) == 2 and not dtype.is_floating_point and not dtype.is_complex and dtype is not _BOOL[0]:
-        return shape[0], shape[0] * shape[1]
-    return shape[0], None
+        return n, shape[0] * shape[1]
+    return n, None
 
 
 _TENSOR: list[Any] = [None]
@@ -155,6 +171,8 @@ class StepInstrument:
         self.hook_ns = core.BUS.costs.hook_ns
         self.h2d_armed = False  # see _arm_h2d
         self._other_device = False  # a non-CUDA accelerator (MPS, XLA) is present
+        self.flushed = False
+        self._bdim: dict[int, int] = {}  # root module id -> its batch dimension (see batch_dim)
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -255,7 +273,7 @@ class StepInstrument:
         self._installed = True
 
     def uninstall(self) -> None:
-        if not self.disabled:
+        if not self.disabled and not self.flushed:
             try:
                 self.flush()
             except Exception:
@@ -620,7 +638,12 @@ class StepInstrument:
             self.fwd_gen = None
             if counts and self.sample_module in (None, id(module)):
                 self.sample_module = id(module)
-                samples, tokens = _input_shape(args, kwargs)
+                bdim = self._bdim.get(id(module))
+                if bdim is None:  # once per model root
+                    if len(self._bdim) > 256:
+                        self._bdim.clear()
+                    bdim = self._bdim[id(module)] = batch_dim(module)
+                samples, tokens = _input_shape(args, kwargs, bdim)
                 if gen == "decode":
                     samples = None  # the batch was counted by the prefill forward
                 if samples is not None:
@@ -733,8 +756,11 @@ class StepInstrument:
     def flush(self) -> None:
         """The script is ending: what is still open becomes a step (a generate call, an inference
         forward with grad on, an optimizer-free loop's last iteration). Step loop thread, or at exit."""
-        if self.manual:
+        if self.manual or self.disabled:
             return
+        self.flushed = True
+        if self.in_eval:
+            self._end_eval(_perf())
         if self.tentative is not None:
             self._commit_tentative()
         if self.held:
@@ -852,6 +878,11 @@ class StepInstrument:
 
     def poll(self, now: float) -> list[Event]:
         events: list[Event] = []
+        if not self.flushed and getattr(self.ctx, "stopping", False):
+            try:  # the agent's last tick, the script done: what is still open is its last step
+                self.flush()
+            except Exception as exc:
+                self._fail("flush", exc)
         costs = core.BUS.costs
         self.hook_ns = costs.hook_ns
         if not self.scalars.prepared and cuda_ready():
