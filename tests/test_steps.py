@@ -635,3 +635,71 @@ def test_tracker_reaches_layers_and_generate_only_through_the_bus() -> None:
         costs.every, costs.of_step = saved
         st.uninstall()
     assert [(s.layer_every, s.overhead_us >= 5.0) for s in steps] == [(7, True)]
+
+
+def _fast_loop(st: StepInstrument, ctx: Ctx, n: int) -> None:
+    """``n`` steps of a 0.1 ms loop (a tiny model forward each), no tick in between."""
+    model = nn.Linear(4, 4)
+    x = torch.ones(2, 4)
+    ctx.manual_step()  # manual steps: the loop's boundaries, whatever the forward is
+    with torch.no_grad():  # root calls are announced by the fixture's Roots
+        for _ in range(n):
+            model(x)
+            ctx.manual_step()
+
+
+def test_a_fast_loop_between_two_slow_ticks_loses_no_step(tracked) -> None:
+    st, ctx = tracked
+    n = 10_000  # 1 s of 0.1 ms steps: what LLMTOP_TICK=1.0 leaves between two ticks
+    _fast_loop(st, ctx, n)
+    steps = drain(st, ctx)
+    assert [s.step for s in steps] == list(range(n))
+    assert all(s.merged == 1 and s.samples == 2 for s in steps)
+
+
+def test_steps_beyond_the_queue_are_folded_with_exact_count_and_totals(tracked) -> None:
+    from llmtop.tui.session import diagnoses
+    from llmtop.tui.session.model import SessionModel
+
+    st, ctx = tracked
+    st.done_max = 300  # the agent thread far behind: the rest is folded into running totals
+    t0 = time.perf_counter_ns()
+    _fast_loop(st, ctx, 1000)
+    records = drain(st, ctx)
+    assert [(s.step, s.merged) for s in records[-2:]] == [(299, 1), (999, 700)]
+    assert sum(s.merged for s in records) == 1000
+    assert sum(s.samples for s in records) == 2 * 1000
+    total_ms = sum(s.dur_ms for s in records)
+    assert total_ms <= (time.perf_counter_ns() - t0) / 1e6
+    folded = records[-1]
+    assert math.isclose(sum(folded.phases.values()), folded.dur_ms, rel_tol=1e-6)
+    # a second batch after a poll: queued again one by one, numbering goes on
+    _fast_loop(st, ctx, 10)
+    more = drain(st, ctx)[len(records):]
+    assert [(s.step, s.merged) for s in more] == [(s, 1) for s in range(1000, 1011)]
+    # the viewer counts every step and says some arrived folded
+    model = SessionModel()
+    model.apply_all(drain(st, ctx))
+    assert model.step_count == 1011 and model.steps_folded == 700
+    assert any(d.what == "folded_steps" and "700" in d.text for d in diagnoses.diagnose(model))
+
+
+def test_sequence_first_models_count_the_batch_on_dimension_1(tracked) -> None:
+    st, ctx = tracked
+    lstm = nn.LSTM(8, 8)  # batch_first=False
+    enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with torch.no_grad():
+        lstm(torch.randn(5, 3, 8))  # (seq, batch, feature)
+        enc(torch.randn(3, 5, 8))  # (batch, seq, feature)
+    assert [s.samples for s in drain(st, ctx)] == [3, 3]
+
+
+def test_loss_modules_built_each_step_are_not_model_roots(tracked) -> None:
+    st, ctx = tracked
+    model = mlp()
+    with torch.no_grad():
+        for _ in range(3):
+            out = model(torch.ones(2, 8))
+            nn.MSELoss()(out, torch.zeros(2, 1))  # a new loss module each time, called on its own
+    steps = drain(st, ctx)
+    assert len(steps) == 3 and all(s.samples == 2 for s in steps)

@@ -161,6 +161,7 @@ class StepInstrument:
         # difference from what it saw last, so count and totals stay exact
         self._folded = [0] * 12
         self._folded_seen = [0] * 12
+        self._folded_mode = "train"
         self._waiting: deque[_Raw] = deque()  # poll only
         self.detector = AnomalyDetector()
         self.scalars = ScalarReader()
@@ -859,11 +860,12 @@ class StepInstrument:
                 pass
         # the layers instrument's share of the cost is added by poll (it accounts for it there)
         done = self._done
-        if len(done) < self.done_max:
+        if len(done) < self.done_max or evaluation:  # (an evaluation is never folded into steps)
             done.append((step, t_end, dur, acc, mode, losses, grad, lr, samples, tokens, mem, every, own))
             return
         # the agent thread is far behind: fold into running totals (no record lost, no loss read)
         f = self._folded
+        self._folded_mode = mode
         f[0] += 1
         f[1] = step
         f[2] = t_end
@@ -930,7 +932,7 @@ class StepInstrument:
             return None
         d = [a - b for a, b in zip(now, seen, strict=True)]
         self._folded_seen = now
-        r = _Raw((now[1], now[2], d[3], d[4:9], "train", [], None, None, d[9] or None, d[10] or None,
+        r = _Raw((now[1], now[2], d[3], d[4:9], self._folded_mode, [], None, None, d[9] or None, d[10] or None,
                   NONE3, 1, d[11]))
         r.merged = d[0]
         return r
