@@ -167,7 +167,9 @@ class Step(Event):
     step: int
     t: float  # wall-clock end time
     dur_ms: float
-    mode: str = "train"  # train | infer
+    # train | infer | eval: an evaluation between training steps (no-grad or eval-mode forwards), numbered
+    # as the training step it precedes; not a step (never counted, charged, nor diagnosed as one)
+    mode: str = "train"
     phases: dict[str, float] = field(default_factory=dict)
     loss: float | None = None
     grad_norm: float | None = None
@@ -180,6 +182,11 @@ class Step(Event):
     cuda_reserved: int | None = None
     cuda_peak: int | None = None
     gpu_ms: float | None = None  # device time from CUDA events, resolved later
+    # consecutive steps this record stands for: >1 when the agent folded them while its thread was
+    # behind (times, samples and tokens are their sums, ``step`` the last one's, no loss)
+    merged: int = 1
+    # backward() losses summed into ``loss`` (gradient accumulation's micro-batches); 0: none seen
+    losses: int = 0
 
 
 @dataclass

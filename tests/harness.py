@@ -51,11 +51,15 @@ class Collect:
 @pytest.fixture
 def clean_bus() -> Iterator[None]:
     """An empty hot bus for the test (instruments installed by other tests stay out of it)."""
-    saved = (core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end, core.BUS.detail)
-    core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end = [], [], []
-    core.BUS.detail = True
+    bus = core.BUS
+    saved = dict(vars(bus))
+    for name, value in saved.items():
+        if isinstance(value, list):
+            setattr(bus, name, [])
+    bus.detail = True
+    bus.costs = core.StepCosts()
+    bus.generation_phase = core.no_generation
     try:
         yield
     finally:
-        (core.BUS.root_forward, core.BUS.root_forward_start, core.BUS.step_end,
-         core.BUS.detail) = saved
+        vars(bus).update(saved)

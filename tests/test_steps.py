@@ -152,9 +152,15 @@ def test_validation_loader_is_not_charged_to_training(tracked) -> None:
             model(x)
     eval_ms = (time.perf_counter() - t_eval) * 1e3
     train_epoch()
-    steps = drain(st, ctx)
-    assert len(steps) == 6
-    assert all(s.mode == "train" for s in steps)
+    records = drain(st, ctx)
+    # the evaluation is a record of its own, numbered as the training step it precedes
+    assert [(s.mode, s.step) for s in records] == [("train", 0), ("train", 1), ("train", 2), ("eval", 3),
+                                                   ("train", 3), ("train", 4), ("train", 5)]
+    ev = records[3]
+    assert_phases_add_up(ev)
+    assert ev.dur_ms >= eval_ms and ev.phases["data"] >= 3 * val_sleep * 1e3
+    assert ev.samples == 3  # three validation batches of one
+    steps = [s for s in records if s.mode == "train"]
     after_eval = steps[3]
     assert_phases_add_up(after_eval)
     # the step after evaluation starts at its own batch's fetch, not at the previous step's end
@@ -547,7 +553,7 @@ def test_each_generate_call_is_one_inference_step() -> None:
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
                                  min_new_tokens=5, do_sample=False, pad_token_id=0)
         assert out.shape == (3, 15)
-        assert len(drain(st, ctx)) == 1  # the second call ends when something else starts
+        assert len(drain(st, ctx)) == 2  # each call's step ends when the call returns (issue 15)
         with torch.no_grad():
             model(prompt)  # a plain forward after generate: the second call's step ends
     finally:
@@ -560,3 +566,120 @@ def test_each_generate_call_is_one_inference_step() -> None:
         assert (s.samples, s.tokens) == (3, 30 + 4 * 3)
         assert_phases_add_up(s)
     assert (steps[2].samples, steps[2].tokens) == (3, 30)
+
+
+def test_patched_functions_carry_one_marker_and_inherited_ones_are_deleted_on_undo() -> None:
+    from llmtop.agent.instruments import patching
+
+    st = StepInstrument()
+    st.install(Collect())
+    try:
+        assert "to" in torch.Tensor.__dict__  # ours, on the class that only inherited it
+        assert patching.wrapped(torch.Tensor.to) is torch._C.TensorBase.to
+        assert patching.wrapped(torch.autograd.backward) is not None
+        assert not any(hasattr(torch.autograd.backward, m) for m in ("__llmtop_orig__",))
+    finally:
+        st.uninstall()
+    assert "to" not in torch.Tensor.__dict__ and patching.wrapped(torch.Tensor.to) is None
+
+
+def test_tracker_reaches_layers_and_generate_only_through_the_bus() -> None:
+    # issue 14: no scan of BUS.step_end for the layers instrument, no lazy import of the HF integration
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from llmtop.agent.instruments.steps import StepInstrument\n"
+            "from tests.harness import Collect\n"
+            "st = StepInstrument(); st.install(Collect()); st.uninstall()\n"
+            "print(sorted(m for m in sys.modules if m.startswith('llmtop.agent.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=__file__.rsplit("/tests/", 1)[0]).stdout
+    assert "llmtop.agent.hf" not in out and "llmtop.agent.instruments.layers" not in out
+    assert "llmtop.agent.instruments.patching" in out
+    # what the layers instrument declares on the bus is what the step record carries
+    ctx = Collect()
+    st = StepInstrument(ctx.options)
+    st.install(ctx)
+    costs = core.BUS.costs
+    saved = (costs.every, costs.of_step)
+    costs.every, costs.of_step = 7, lambda step: 5000
+    try:
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Roots():
+            model(torch.ones(2, 8)).sum().backward()
+            opt.step()
+        steps = drain(st, ctx)
+        assert costs.tracker_ns > 0  # the tracker's own cost, left for the layers instrument
+    finally:
+        costs.every, costs.of_step = saved
+        st.uninstall()
+    assert [(s.layer_every, s.overhead_us >= 5.0) for s in steps] == [(7, True)]
+
+
+def _fast_loop(st: StepInstrument, ctx: Collect, n: int) -> None:
+    """``n`` steps of a 0.1 ms loop (a tiny model forward each), no tick in between."""
+    model = nn.Linear(4, 4)
+    x = torch.ones(2, 4)
+    ctx.manual_step()  # manual steps: the loop's boundaries, whatever the forward is
+    with torch.no_grad():  # root calls are announced by the fixture's Roots
+        for _ in range(n):
+            model(x)
+            ctx.manual_step()
+
+
+def test_a_fast_loop_between_two_slow_ticks_loses_no_step(tracked) -> None:
+    st, ctx = tracked
+    n = 10_000  # 1 s of 0.1 ms steps: what LLMTOP_TICK=1.0 leaves between two ticks
+    _fast_loop(st, ctx, n)
+    steps = drain(st, ctx)
+    assert [s.step for s in steps] == list(range(n))
+    assert all(s.merged == 1 and s.samples == 2 for s in steps)
+
+
+def test_steps_beyond_the_queue_are_folded_with_exact_count_and_totals(tracked) -> None:
+    from llmtop.tui.session import diagnoses
+    from llmtop.tui.session.model import SessionModel
+
+    st, ctx = tracked
+    st.done_max = 300  # the agent thread far behind: the rest is folded into running totals
+    t0 = time.perf_counter_ns()
+    _fast_loop(st, ctx, 1000)
+    records = drain(st, ctx)
+    assert [(s.step, s.merged) for s in records[-2:]] == [(299, 1), (999, 700)]
+    assert sum(s.merged for s in records) == 1000
+    assert sum(s.samples for s in records) == 2 * 1000
+    total_ms = sum(s.dur_ms for s in records)
+    assert total_ms <= (time.perf_counter_ns() - t0) / 1e6
+    folded = records[-1]
+    assert math.isclose(sum(folded.phases.values()), folded.dur_ms, rel_tol=1e-6)
+    # a second batch after a poll: queued again one by one, numbering goes on
+    _fast_loop(st, ctx, 10)
+    more = drain(st, ctx)[len(records):]
+    assert [(s.step, s.merged) for s in more] == [(s, 1) for s in range(1000, 1011)]
+    # the viewer counts every step and says some arrived folded
+    model = SessionModel()
+    model.apply_all(drain(st, ctx))
+    assert model.step_count == 1011 and model.steps_folded == 700
+    assert any(d.what == "folded_steps" and "700" in d.text for d in diagnoses.diagnose(model))
+
+
+def test_sequence_first_models_count_the_batch_on_dimension_1(tracked) -> None:
+    st, ctx = tracked
+    lstm = nn.LSTM(8, 8)  # batch_first=False
+    enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with torch.no_grad():
+        lstm(torch.randn(5, 3, 8))  # (seq, batch, feature)
+        enc(torch.randn(3, 5, 8))  # (batch, seq, feature)
+    assert [s.samples for s in drain(st, ctx)] == [3, 3]
+
+
+def test_loss_modules_built_each_step_are_not_model_roots(tracked) -> None:
+    st, ctx = tracked
+    model = mlp()
+    with torch.no_grad():
+        for _ in range(3):
+            out = model(torch.ones(2, 8))
+            nn.MSELoss()(out, torch.zeros(2, 1))  # a new loss module each time, called on its own
+    steps = drain(st, ctx)
+    assert len(steps) == 3 and all(s.samples == 2 for s in steps)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llmtop.agent.hf.wrapping import Patcher, is_tensor, tl
+from llmtop.agent.runtime import core
 from llmtop.protocol.events import Generation
 from llmtop.protocol.formulas import percentile
 
@@ -88,12 +89,15 @@ class Generate:
         compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
         if compiling is not None:
             self._is_compiling = compiling
+        core.BUS.generation_phase = generation_phase
 
     def uninstall(self) -> None:
         for entry in list(self._hooked.values()):
             for h in entry[1:]:
                 h.remove()
         self._hooked = weakref.WeakKeyDictionary()
+        if core.BUS.generation_phase is generation_phase:
+            core.BUS.generation_phase = core.no_generation
 
     def patch(self, module: Any) -> None:
         cls = module.GenerationMixin
@@ -117,6 +121,9 @@ class Generate:
             stack = tl.gen
             if stack and stack[-1] is st:
                 stack.pop()
+            if not stack:
+                for fn in core.BUS.generate_end:  # the step tracker ends the call's step now
+                    fn(t_end)
             if err is not None:
                 return
             self._emit_generation(st, args, kwargs, result, wall0, t_end, depth)

@@ -62,6 +62,12 @@ class LayerCosts:
             return self._own_by_step.pop(step, 0)
     # ----------------------------------------------------------------- steps and sampling
 
+    def _on_eval_end(self, step: int, t_end_ns: int) -> None:
+        """An evaluation between training steps ended (step tracker): its module times are no
+        training step's, so a sampled step's table starts again."""
+        if self._sampled and not self._dead:
+            self._acc = _Acc(self._n)
+
     def _on_step_end(self, step: int, t_end_ns: int) -> None:
         """Hot path: note the step's costs for the agent thread; set the next step's sampling."""
         try:
@@ -74,9 +80,10 @@ class LayerCosts:
             if sampled:
                 acc, self._acc = self._acc, _Acc(self._n)
             marks = self._marks
-            marks.append((step, t_end_ns, acc, rc.calls, rc.listeners_ns, fired[0], self.tracker_ns,
+            costs = core.BUS.costs
+            marks.append((step, t_end_ns, acc, rc.calls, rc.listeners_ns, fired[0], costs.tracker_ns,
                           self._extra_ns))
-            rc.calls = rc.listeners_ns = fired[0] = self._extra_ns = self.tracker_ns = 0
+            rc.calls = rc.listeners_ns = fired[0] = self._extra_ns = costs.tracker_ns = 0
             try:
                 oldest = marks[0][1]
             except IndexError:  # the agent thread has just accounted for them all
@@ -132,7 +139,7 @@ class LayerCosts:
                 own = shared + roots + params
             self._overhead_last = own_by_step[step] = own + self.agent_ns
             if self._auto and self.budget.due(acc is not None):
-                self.current_every = self.budget.update()
+                self.current_every = core.BUS.costs.every = self.budget.update()
         while len(own_by_step) > _OWN_KEPT:  # nobody asks when no step tracker runs
             del own_by_step[next(iter(own_by_step))]
         self._agent_share()

@@ -49,7 +49,7 @@ from llmtop.agent.instruments.gpu_timing import cuda_ready
 from llmtop.agent.instruments.layer_costs import _HOOK_CALL_NS, _ROOT_CALL_NS, LayerCosts
 from llmtop.agent.instruments.layer_registry import LayerRegistry
 from llmtop.agent.instruments.layer_state import _Acc, _Rec, _ThreadState
-from llmtop.agent.instruments.roots import HOLD, RootCalls
+from llmtop.agent.instruments.roots import HOLD, RootCalls, is_model
 from llmtop.agent.runtime import core
 from llmtop.protocol.events import Anomaly, Event, LayerStats
 
@@ -77,6 +77,11 @@ def _grad_nodes(obj: Any, out: list[Any], depth: int = 0) -> None:
         elif isinstance(obj, dict):
             for item in obj.values():
                 _grad_nodes(item, out, depth + 1)
+
+
+def _child_of(parent: Any, module: Any) -> bool:
+    """Is ``module`` registered under ``parent`` (not a module the forward builds and drops)?"""
+    return any(m is module for m in parent._modules.values())
 
 
 class LayersInstrument(LayerRegistry, LayerCosts):
@@ -127,7 +132,6 @@ class LayersInstrument(LayerRegistry, LayerCosts):
         self.root_call_ns = float(opts.root_call_ns or _ROOT_CALL_NS)  # one root call, unsampled
         self.hook_call_ns = float(opts.hook_call_ns or _HOOK_CALL_NS)  # torch calling a hook
         self.budget = Budget(self.options.budget_pct)
-        self.tracker_ns = 0  # the step tracker's own cost in the step now ending (it sets this)
         self.agent_ns = 0  # the agent thread's CPU time per step (per tick, smoothed over ticks)
         self._agent_mark = (0, 0.0)  # (steps seen, agent thread CPU seconds) at the last tick seen
         self._param_fired = [0]  # calls of the parameter hooks since the last step end
@@ -182,6 +186,10 @@ class LayersInstrument(LayerRegistry, LayerCosts):
         if not self._private:
             core.BUS.step_end.append(self._on_step_end)
             core.BUS.detail = self._sampled
+            costs = core.BUS.costs
+            costs.every, costs.hook_ns = self.current_every, int(self.hook_call_ns)
+            costs.of_step = self.step_overhead_ns
+            core.BUS.eval_end.append(self._on_eval_end)
         self._installed = True
         self._rc.install(torch)
         if self._sampled:
@@ -193,8 +201,13 @@ class LayersInstrument(LayerRegistry, LayerCosts):
         self._rc.uninstall()
         if not self._private:
             core.BUS.detail = True
+            core.BUS.costs.of_step = None
         try:
             core.BUS.step_end.remove(self._on_step_end)
+        except ValueError:
+            pass
+        try:
+            core.BUS.eval_end.remove(self._on_eval_end)
         except ValueError:
             pass
 
@@ -295,6 +308,9 @@ class LayersInstrument(LayerRegistry, LayerCosts):
             return None
         stack = st.stack
         if stack:
+            if gid is None and not is_model(module) and not _child_of(stack[-1][5], module):
+                st.mute = 1  # a loss module made in each forward: no tree row per call (agent/roots.py)
+                return None
             return self._new_module(module, stack[-1][0], stack[0][0]) if gid is None else gid
         root, rt0 = self._rc.current()
         if root is not None and root is not module:
@@ -312,6 +328,9 @@ class LayersInstrument(LayerRegistry, LayerCosts):
             st.mute = 1
             return None
         if gid is None or gid not in self._roots:
+            if not is_model(module):
+                st.mute = 1  # a loss module called on its own: no model, no tree (agent/roots.py)
+                return None
             gid = self._new_root(module)
         return gid
     # ----------------------------------------------------------------- per-layer records

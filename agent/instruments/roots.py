@@ -9,7 +9,9 @@ count: a call at depth 0 is a root and is announced on the bus; deeper calls pay
 Replacing torch's function rather than wrapping it keeps tracebacks as deep as before.
 
 Not roots: calls while dynamo traces (they pass straight through), a forward re-run inside a
-backward (activation checkpointing: that is backward time) and calls inside ``muted()``.
+backward (activation checkpointing: that is backward time), calls inside ``muted()``, and leaf
+modules of torch's with no parameters (``nn.CrossEntropyLoss()`` built and called each step: one tree,
+and one root row, per step otherwise; nor is a loss call a model forward for the step tracker).
 
 Per-layer timing (the layers instrument's sampled steps) uses the same function: while ``each`` is
 set, its pre/post callbacks run around every module call, so no global hook ever sends calls
@@ -27,8 +29,15 @@ from typing import Any
 from llmtop.agent.runtime import core
 
 _now = time.perf_counter_ns
+_TORCH_NN = "torch.nn.modules."  # torch's own module classes live here
 # depth a muted() block adds: nothing inside reaches depth 0 (roots here, layer frames in layers.py)
 HOLD = 1 << 40
+
+
+def is_model(mod: Any) -> bool:
+    """Can ``mod`` be a model root: anything but one of torch's parameter-free leaves (the test that
+    ``__call__`` below makes inline)."""
+    return bool(mod._modules or mod._parameters or not mod.__class__.__module__.startswith(_TORCH_NN))
 
 
 class _Depth(threading.local):
@@ -101,7 +110,10 @@ class RootCalls:
         def __call__(mod: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
             if not compiling() and rc.active:  # dynamo folds this: traced code never sees the rest
                 d = tls.d
-                root = not d[0] and task_id() == -1  # not nested, muted, nor re-run inside backward
+                # not nested, muted, nor re-run inside backward; and a model, not one of torch's
+                # parameter-free leaves (a loss module made each step would add a tree per step)
+                root = not d[0] and task_id() == -1 and (mod._modules or mod._parameters
+                                                         or not mod.__class__.__module__.startswith(_TORCH_NN))
                 if root:
                     t0 = enter(mod, args, kwargs)
                 else:

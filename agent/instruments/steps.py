@@ -31,18 +31,22 @@ from typing import Any
 from llmtop.agent.instruments.anomalies import AnomalyDetector
 from llmtop.agent.instruments.gpu_timing import GpuStepClock, ScalarReader, cuda_ready
 from llmtop.agent.instruments.memory import NONE3, StepMemory, host_rss
+from llmtop.agent.instruments.patching import Patches
 from llmtop.agent.runtime import core
 from llmtop.protocol.events import PHASES, Event, Step
 
 DATA, H2D, FWD, BWD, OPT = range(5)
 PHASE_NAMES = PHASES[: PHASES.index("other")]  # the measured ones, in the protocol's order; "other" is the rest
 NPH = 5
+# Finished steps queued for the agent thread before the hot path folds further ones into running
+# totals (a 0.1 ms step loop fills this in 1.6 s; each entry is a few hundred bytes)
+DONE_MAX = 16384
+# Iterations with a backward and no optimizer held back before the loop counts as optimizer-free
+# (until then they could be gradient accumulation's micro-batches, one step once the optimizer runs)
+HOLD = 16
 
 _perf = time.perf_counter_ns
 _ident = threading.get_ident
-
-
-_INHERITED = object()  # marks a patched attribute that the class inherited rather than defined
 
 
 class _Frame:
@@ -58,7 +62,8 @@ class _Raw:
     """A finished step, completed into a ``Step`` by ``poll`` (agent thread)."""
 
     __slots__ = ("step", "t_end", "dur", "phases", "mode", "losses", "grad", "lr", "samples", "tokens",
-                 "overhead_ns", "layer_every", "mem", "gpu_ms", "loss_value", "grad_value", "born")
+                 "overhead_ns", "layer_every", "mem", "gpu_ms", "loss_value", "grad_value", "born", "merged",
+                 "micro")
 
     def __init__(self, captured: tuple) -> None:
         """``captured``: the tuple ``_end_step`` queues (one tuple is the cheapest thing to build
@@ -69,6 +74,8 @@ class _Raw:
         self.loss_value: float | None = None
         self.grad_value: float | None = None
         self.born = time.monotonic()
+        self.merged = 1  # steps this record stands for (>1: folded while the agent thread was behind)
+        self.micro = len(self.losses) if self.losses else 0
 
 
 def _lr_value(lr: Any) -> float | None:
@@ -80,8 +87,23 @@ def _lr_value(lr: Any) -> float | None:
     return None
 
 
-def _input_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
-    """(samples, tokens) from a root forward's inputs: ``input_ids`` or the first tensor argument."""
+def batch_dim(module: Any) -> int:
+    """Where a model's inputs hold the batch: 1 when its first module with a ``batch_first`` flag
+    (``nn.LSTM``/``GRU``/``RNN``, ``nn.Transformer`` and its layers, ``nn.MultiheadAttention``)
+    takes sequence-first inputs, as torch's default is; else 0."""
+    try:
+        for m in module.modules():
+            bf = getattr(m, "batch_first", None)
+            if bf.__class__ is bool and m.__class__.__module__.startswith("torch.nn."):
+                return 0 if bf else 1
+    except Exception:
+        pass
+    return 0
+
+
+def _input_shape(args: tuple, kwargs: dict, bdim: int = 0) -> tuple[int | None, int | None]:
+    """(samples, tokens) from a root forward's inputs: ``input_ids`` or the first tensor argument.
+    ``bdim``: the batch's dimension (1 for sequence-first models)."""
     tensor = _TENSOR[0]
     if tensor is None:
         torch = sys.modules.get("torch")
@@ -109,9 +131,10 @@ def _input_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
     if not shape:
         return None, None
     dtype = x.dtype
+    n = shape[bdim] if bdim < len(shape) else shape[0]
     if len(shape) == 2 and not dtype.is_floating_point and not dtype.is_complex and dtype is not _BOOL[0]:
-        return shape[0], shape[0] * shape[1]
-    return shape[0], None
+        return n, shape[0] * shape[1]
+    return n, None
 
 
 _TENSOR: list[Any] = [None]
@@ -127,23 +150,30 @@ class StepInstrument:
         self.options = options or core.Options()
         self.ctx: Any = None
         self._handles: list[Any] = []
-        self._patches: list[tuple[Any, str, Any, Any]] = []
+        self._patches = Patches()
         self._installed = False
         self.disabled = False
         self._reset_state()
-        self._done: deque[tuple] = deque(maxlen=max(4096, int(self.options.history)))  # hot path -> poll
-        self._waiting: deque[_Raw] = deque(maxlen=max(4096, int(self.options.history)))  # poll only
+        self._done: deque[tuple] = deque()  # hot path -> poll; at most done_max, then folded
+        self.done_max = DONE_MAX
+        # steps folded while ``_done`` was full, as running totals the hot path only adds to:
+        # [count, last step, last end, dur, 5 phases, samples, tokens, overhead]; poll emits the
+        # difference from what it saw last, so count and totals stay exact
+        self._folded = [0] * 12
+        self._folded_seen = [0] * 12
+        self._folded_mode = "train"
+        self._waiting: deque[_Raw] = deque()  # poll only
         self.detector = AnomalyDetector()
         self.scalars = ScalarReader()
         self.gpu = GpuStepClock()
         self.memory = StepMemory()
-        self.layers: Any = None  # the layers instrument, for its overhead and sampling rate
         # torch calling one of our hooks or wrappers, outside the time they measure themselves
-        # (calibrated by the layers instrument)
-        self.hook_ns = 1500
+        # (calibrated by the layers instrument, shared through core.BUS.costs)
+        self.hook_ns = core.BUS.costs.hook_ns
         self.h2d_armed = False  # see _arm_h2d
-        self._gen_phase: Any = _no_generation  # integrations.generation_phase once installed
         self._other_device = False  # a non-CUDA accelerator (MPS, XLA) is present
+        self.flushed = False
+        self._bdim: dict[int, int] = {}  # root module id -> its batch dimension (see batch_dim)
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -176,6 +206,20 @@ class StepInstrument:
         self.bwd_depth = 0
         self.scaled: tuple[int, Any] | None = None  # (id of GradScaler output, unscaled tensor)
         self.opt_steps = 0
+        # evaluation between training steps: no-grad or eval-mode forwards of the trained model, or
+        # no-grad forwards followed by a batch fetch, make an "eval" record of their own (see _end_eval)
+        self.grad_root: int | None = None  # root module of the last grad-enabled forward
+        self.train_root: int | None = None  # the root module whose forward fed a backward
+        self.trained = False  # training activity in the step window now open
+        self.in_eval = False
+        self.eval_fwd_end = 0  # end of the last no-grad forward while training
+        self.eval_fetch: tuple[int, int] | None = None  # (start, duration) of the last batch fetched in eval
+        self.train_steps = 0
+        # loops with no optimizer: a step per backward, ending where the next iteration starts
+        self.loop_bwd = False  # a backward ended since the last loop boundary
+        self.no_opt = False  # the loop showed it has no optimizer (HOLD iterations without one)
+        self.held: list[tuple] = []  # boundaries held while that is not yet known
+        self.bwd_end = 0
 
     # --- install / uninstall ------------------------------------------------------------------
 
@@ -189,13 +233,7 @@ class StepInstrument:
         _TENSOR[0] = torch.Tensor
         self._pc0 = _perf()
         self._wall0 = time.time()
-        self._find_layers()
-        try:  # "prefill"/"decode" while transformers' generate() runs (the integrations instrument)
-            from llmtop.agent.hf.instrument import generation_phase
-
-            self._gen_phase = generation_phase
-        except Exception:
-            pass
+        self.hook_ns = core.BUS.costs.hook_ns
         try:
             mps = getattr(torch.backends, "mps", None)
             self._other_device = bool(mps is not None and mps.is_available()) or "torch_xla" in sys.modules
@@ -205,25 +243,26 @@ class StepInstrument:
         import torch.optim.optimizer as opt
         self._handles.append(opt.register_optimizer_step_pre_hook(self._opt_pre))
         self._handles.append(opt.register_optimizer_step_post_hook(self._opt_post))
-        self._patch(dl._BaseDataLoaderIter, "__next__", self._wrap_next)
-        self._patch(torch.Tensor, "to", self._wrap_to)
-        self._patch(torch.Tensor, "cuda", self._wrap_to)
+        self._patches.patch(dl._BaseDataLoaderIter, "__next__", self._wrap_next)
+        self._patches.patch(torch.Tensor, "to", self._wrap_to)
+        self._patches.patch(torch.Tensor, "cuda", self._wrap_to)
         # Tensor.backward calls torch.autograd.backward through the module attribute: one wrapper
         # there sees both (a second one on Tensor.backward cost a hook entry per step)
-        self._patch(torch.autograd, "backward", self._wrap_backward)
+        self._patches.patch(torch.autograd, "backward", self._wrap_backward)
         import torch.nn.utils as nnu
         import torch.nn.utils.clip_grad as cg
 
-        self._patch_same(nnu, cg, "clip_grad_norm_", self._wrap_clip)
+        self._patches.patch_same(nnu, cg, "clip_grad_norm_", self._wrap_clip)
         try:
             from torch.amp.grad_scaler import GradScaler
 
-            self._patch(GradScaler, "scale", self._wrap_scale)
-            self._patch(GradScaler, "step", self._wrap_scaler_step)
+            self._patches.patch(GradScaler, "scale", self._wrap_scale)
+            self._patches.patch(GradScaler, "step", self._wrap_scaler_step)
         except Exception:
             pass
         core.BUS.root_forward_start.append(self._on_root_start)
         core.BUS.root_forward.append(self._on_root_end)
+        core.BUS.generate_end.append(self._on_generate_end)
         try:
             ctx.set_manual_step(self.manual_step)
         except Exception:
@@ -234,28 +273,10 @@ class StepInstrument:
             pass
         self._installed = True
 
-    def _patch(self, owner: Any, attr: str, wrapper_factory: Any) -> None:
-        own = attr in owner.__dict__
-        orig = owner.__dict__[attr] if own else getattr(owner, attr)
-        new = wrapper_factory(orig)
-        new.__llmtop_orig__ = orig
-        setattr(owner, attr, new)
-        # an inherited attribute (Tensor.to lives on TensorBase) is restored by deleting ours
-        self._patches.append((owner, attr, orig if own else _INHERITED, new))
-
-    def _patch_same(self, mod_a: Any, mod_b: Any, attr: str, wrapper_factory: Any) -> None:
-        """Patch a function exported by two modules (``torch.nn.utils`` and its submodule) once."""
-        orig = getattr(mod_b, attr)
-        new = wrapper_factory(orig)
-        for mod in (mod_a, mod_b):
-            if getattr(mod, attr, None) is orig:
-                setattr(mod, attr, new)
-                self._patches.append((mod, attr, orig, new))
-
     def uninstall(self) -> None:
-        if self.tentative is not None and not self.disabled:
-            try:  # the script ended after a grad-enabled forward with no backward: an inference step
-                self._commit_tentative()
+        if not self.disabled and not self.flushed:
+            try:
+                self.flush()
             except Exception:
                 pass
         for h in self._handles:
@@ -264,20 +285,11 @@ class StepInstrument:
             except Exception:
                 pass
         self._handles.clear()
-        for owner, attr, orig, new in reversed(self._patches):
-            try:
-                if owner.__dict__.get(attr) is not new:
-                    continue  # someone wrapped ours since: leave the chain, ours passes through
-                if orig is _INHERITED:
-                    delattr(owner, attr)
-                else:
-                    setattr(owner, attr, orig)
-            except Exception:
-                pass
-        self._patches.clear()
+        self._patches.undo()
         self.disabled = True  # wrappers still referenced elsewhere go straight to the originals
         for lst, fn in ((core.BUS.root_forward_start, self._on_root_start),
-                        (core.BUS.root_forward, self._on_root_end)):
+                        (core.BUS.root_forward, self._on_root_end),
+                        (core.BUS.generate_end, self._on_generate_end)):
             try:
                 lst.remove(fn)
             except ValueError:
@@ -297,15 +309,6 @@ class StepInstrument:
             self.ctx.warn(self.name, f"step tracking disabled after an error in {where}: {exc!r}")
         except Exception:
             pass
-
-    def _find_layers(self) -> None:
-        """The layers instrument listens to step ends on the bus; its listener leads to it."""
-        for fn in list(core.BUS.step_end):
-            inst = getattr(fn, "__self__", None)
-            if inst is not None and inst is not self and hasattr(inst, "overhead_ns_last_step"):
-                self.layers = inst
-                self.hook_ns = int(getattr(inst, "hook_call_ns", self.hook_ns))
-                return
 
     # --- the exclusive-time stack (step loop thread only) ----------------------------------------
 
@@ -348,17 +351,6 @@ class StepInstrument:
         """Time ``Tensor.to`` only while a device is in use; on CPU-only runs h2d is 0 for free."""
         self.h2d_armed = self.h2d_armed or self._other_device or cuda_ready()
 
-    def _restart_window(self, t0: int) -> None:
-        self.acc = [0] * NPH
-        self.win_start = t0
-        self.losses = []
-        self.grad = None
-        self.samples = self.tokens = 0
-        self.have_samples = self.have_tokens = False
-        self.sample_module = None
-        self.overhead = 0
-        self.gpu.restart()
-
     # --- hooks: data loader ---------------------------------------------------------------------
 
     def _wrap_next(self, orig: Any) -> Any:
@@ -368,6 +360,8 @@ class StepInstrument:
             if tr.disabled or not tr._own(False):
                 return orig(it)
             t0 = _perf()
+            if tr.loop_bwd and not tr.stack:
+                tr._loop_boundary(t0)  # no optimizer: the next batch starts the next iteration
             f = tr._push(DATA, t0)
             ok = False
             try:
@@ -378,10 +372,11 @@ class StepInstrument:
                 t1 = _perf()
                 try:
                     dur = tr._pop(f, t1)
-                    if ok and tr.eval_pending and tr.training and not tr.manual:
-                        # a batch fetched after evaluation starts the next training step
-                        tr._restart_window(t0)
-                        tr.acc[DATA] = dur
+                    if ok and (tr.in_eval or tr.eval_pending) and tr.training and not tr.manual:
+                        # a batch fetched after no-grad forwards: an evaluation's (its loader) or
+                        # the next training step's; the last one before training resumes is the latter
+                        tr.in_eval = True
+                        tr.eval_fetch = (t0, dur)
                     tr.overhead += _perf() - t1 + tr.hook_ns
                 except Exception as exc:
                     tr._fail("data loader hook", exc)
@@ -443,6 +438,8 @@ class StepInstrument:
                 if f is not None and not tr.disabled:
                     try:
                         tr._pop(f, t2)
+                        tr.bwd_end = t2
+                        tr.loop_bwd = not tr.opt_steps and not tr.manual
                         tr.overhead += (t1 - t0) + (_perf() - t2) + tr.hook_ns
                     except Exception as exc:
                         tr._fail("backward hook", exc)
@@ -452,10 +449,15 @@ class StepInstrument:
     def _on_backward_start(self, t0: int, tensor: Any) -> None:
         """A backward begins: it is training, and its tensor is the loss. Opens the step window
         if none is open (the frame is pushed by the caller)."""
+        if self.in_eval:
+            self._end_eval(t0)
         if not self.training:
-            self.training = True
+            self._training_begins()
             self.tentative = None  # the forward before this backward was training, not inference
         self.eval_pending = False  # training activity
+        self.trained = True
+        if self.grad_root is not None:
+            self.train_root = self.grad_root
         if self.win_start is None:
             self.win_start = t0
             self._arm_h2d()
@@ -530,9 +532,15 @@ class StepInstrument:
         t0 = _perf()
         try:
             if self.opt_depth == 0:
-                self.training = True
+                if self.in_eval:
+                    self._end_eval(t0)
+                if not self.training:
+                    self._training_begins()
                 self.tentative = None
                 self.eval_pending = False  # training activity
+                self.trained = True
+                self.loop_bwd = self.no_opt = False  # an optimizer after all: it ends the steps
+                self.held = []  # (boundaries held so far were micro-batches of this step)
             self.opt_depth += 1
             self._push(OPT, t0)
             self.overhead += _perf() - t0 + self.hook_ns
@@ -585,11 +593,26 @@ class StepInstrument:
             st = self.stack
             while st and st[-1].phase == FWD:
                 st.pop()  # a previous root forward raised: its end never came
-            gen = self.fwd_gen = self._gen_phase()  # at the start: generate() updates it at the end
+            # "prefill"/"decode" inside transformers' generate(), read at the start: the call
+            # updates it at the end
+            gen = self.fwd_gen = core.BUS.generation_phase()
             if self.tentative is not None and not self.manual and gen != "decode":
                 self._commit_tentative()  # (a decode forward continues its generate() step)
-            if grad and self.training:
-                self.eval_pending = False  # training activity
+            if self.training and not self.manual:
+                if grad and module.training:
+                    if self.in_eval:
+                        self._end_eval(t0)
+                    elif self.loop_bwd and id(module) == self.train_root and not st:
+                        self._loop_boundary(t0)  # no optimizer: the next forward starts the next iteration
+                    self.grad_root = id(module)
+                    self.eval_pending = False  # training activity
+                    self.trained = True
+                elif not self.in_eval and not self.trained and id(module) == self.train_root:
+                    self.in_eval = True  # the trained model, no grad or eval mode, between steps
+            elif grad:
+                self.grad_root = id(module)
+                if self.training:
+                    self.eval_pending = False  # training activity
             if self.win_start is None:
                 self._push(FWD, t0)
             else:
@@ -611,12 +634,17 @@ class StepInstrument:
                 f = _Frame(FWD, t0)
                 st.append(f)
             self._pop(f, t1)
-            counts = grad or not self.training
+            counts = grad or not self.training or self.in_eval
             gen = self.fwd_gen if not self.training else None
             self.fwd_gen = None
             if counts and self.sample_module in (None, id(module)):
                 self.sample_module = id(module)
-                samples, tokens = _input_shape(args, kwargs)
+                bdim = self._bdim.get(id(module))
+                if bdim is None:  # once per model root
+                    if len(self._bdim) > 256:
+                        self._bdim.clear()
+                    bdim = self._bdim[id(module)] = batch_dim(module)
+                samples, tokens = _input_shape(args, kwargs, bdim)
                 if gen == "decode":
                     samples = None  # the batch was counted by the prefill forward
                 if samples is not None:
@@ -628,7 +656,8 @@ class StepInstrument:
             if self.manual:
                 pass
             elif self.training:
-                if not grad:
+                if self.in_eval or not grad:
+                    self.eval_fwd_end = t1
                     self.eval_pending = True  # evaluation (or a no-grad teacher) forward
             elif gen is not None:
                 # inside generate(): the whole call is one inference step; it ends at the last
@@ -656,6 +685,90 @@ class StepInstrument:
         self.acc = after
         self.samples, self.tokens = s2, t2
         self.have_samples, self.have_tokens = s2 > 0, t2 > 0
+
+    def _on_generate_end(self, t_end: int) -> None:
+        """The outermost ``generate`` call returned (HF integration, on the bus): its step ends now,
+        not when something else starts."""
+        if self.disabled or self.tentative is None or self.manual or _ident() != self.owner:
+            return
+        try:
+            self.tentative = (max(t_end, self.tentative[0]),) + self.tentative[1:]
+            self._commit_tentative()
+        except Exception as exc:
+            self._fail("generate end", exc)
+
+    def _training_begins(self) -> None:
+        """The first backward or optimizer step: earlier steps were inference. When they were
+        evaluation before training (no-grad forwards), training steps still count from 0, so step
+        N is the loop's iteration N; the viewer files the earlier inference records as evaluation."""
+        self.training = True
+        if not self.train_steps and self.step and not self.manual:
+            self.step = 0
+            try:
+                self.ctx.current_step = 0
+            except Exception:
+                pass
+
+    def _end_eval(self, t: int) -> None:
+        """Training resumes at ``t``: the window since the last step end was an evaluation. A batch
+        fetched after its last forward belongs to the training step that starts (its data time
+        moves there)."""
+        self.in_eval = self.eval_pending = False
+        fetch, self.eval_fetch = self.eval_fetch, None
+        carry = 0
+        if fetch is not None and fetch[0] >= self.eval_fwd_end:
+            t, carry = fetch
+            self.acc[DATA] -= carry
+        self._end_step(t, "eval", None)
+        self.acc[DATA] += carry
+
+    def _loop_boundary(self, t: int) -> None:
+        """No optimizer seen: an iteration ends where the next one starts (its batch fetch or the
+        trained model's next grad-enabled forward) after a backward. Until HOLD such iterations
+        passed without an optimizer they could be micro-batches, so their boundaries are held."""
+        self.loop_bwd = False
+        if self.manual or self.opt_steps:
+            return
+        if self.no_opt:
+            self._end_step(t, "train", None)
+            return
+        self.held.append((t, list(self.acc), self.samples, self.tokens, len(self.losses)))
+        if len(self.held) >= HOLD:
+            self._commit_held()
+
+    def _commit_held(self) -> None:
+        """Turn the held loop boundaries into steps (their phases, samples and losses split)."""
+        held, self.held = self.held, []
+        self.no_opt = True
+        acc, samples, tokens, losses = self.acc, self.samples, self.tokens, self.losses
+        pa, ps, pt, pl = [0] * NPH, 0, 0, 0
+        for t, a, s, k, nl in held:
+            self.acc = [x - y for x, y in zip(a, pa, strict=True)]
+            self.samples, self.tokens = s - ps, k - pt
+            self.have_samples, self.have_tokens = self.samples > 0, self.tokens > 0
+            self.losses = losses[pl:nl]
+            self._end_step(t, "train", None)
+            pa, ps, pt, pl = a, s, k, nl
+        self.acc = [x - y for x, y in zip(acc, pa, strict=True)]
+        self.samples, self.tokens = samples - ps, tokens - pt
+        self.have_samples, self.have_tokens = self.samples > 0, self.tokens > 0
+        self.losses = losses[pl:]
+
+    def flush(self) -> None:
+        """The script is ending: what is still open becomes a step (a generate call, an inference
+        forward with grad on, an optimizer-free loop's last iteration). Step loop thread, or at exit."""
+        if self.manual or self.disabled:
+            return
+        self.flushed = True
+        if self.in_eval:
+            self._end_eval(_perf())
+        if self.tentative is not None:
+            self._commit_tentative()
+        if self.held:
+            self._commit_held()
+        if self.no_opt and self.loop_bwd and self.bwd_end:
+            self.loop_bwd = False
+            self._end_step(self.bwd_end, "train", None)
 
     # --- manual steps ------------------------------------------------------------------------
 
@@ -690,6 +803,7 @@ class StepInstrument:
         Hot path: it notes what the step was and starts the next; ``poll`` does the rest."""
         t_in = _perf()
         step = self.step
+        evaluation = mode == "eval"  # numbered as the training step it precedes; not a step itself
         start = self.win_start
         dur = t_end - start if start is not None and t_end > start else 0
         lr = None
@@ -704,7 +818,10 @@ class StepInstrument:
         if cuda_ready():
             self.h2d_armed = True
             mem = self.memory.at_step_end(dur)
-            self.gpu.end_step(step)
+            if evaluation:
+                self.gpu.restart()  # its device time is not the training step's of that number
+            else:
+                self.gpu.end_step(step)
         acc, losses, grad = self.acc, self.losses, self.grad
         samples = self.samples if self.have_samples else None
         tokens = self.tokens if self.have_tokens else None
@@ -718,66 +835,113 @@ class StepInstrument:
         self.sample_module = None
         if self.opts_seen:
             self.opts_seen = set()
-        self.step = step + 1
-        try:
-            self.ctx.current_step = step + 1
-        except Exception:
-            pass
-        own = self.overhead + (0 if listener else _perf() - t_in)
+        self.trained = False
+        costs = core.BUS.costs
+        every = costs.every  # the rate the ending step ran under (step-end listeners may change it)
+        if evaluation:
+            own = self.overhead + _perf() - t_in
+            listeners = core.BUS.eval_end
+        else:
+            self.step = step + 1
+            if mode == "train":
+                self.train_steps += 1
+            try:
+                self.ctx.current_step = step + 1
+            except Exception:
+                pass
+            own = self.overhead + (0 if listener else _perf() - t_in)
+            costs.tracker_ns = own  # a fixed cost for the layers instrument's budget
+            listeners = core.BUS.step_end
         self.overhead = 0
-        layers = self.layers
-        every = 1
-        if layers is not None:
-            # the rate the ending step ran under (step-end listeners may change it)
-            every = layers.current_every
-            layers.tracker_ns = own  # a fixed cost for its budget
-        for fn in core.BUS.step_end:
+        for fn in listeners:
             try:
                 fn(step, t_end)
             except Exception:
                 pass
         # the layers instrument's share of the cost is added by poll (it accounts for it there)
-        self._done.append((step, t_end, dur, acc, mode, losses, grad, lr, samples, tokens, mem, every, own))
+        done = self._done
+        if len(done) < self.done_max or evaluation:  # (an evaluation is never folded into steps)
+            done.append((step, t_end, dur, acc, mode, losses, grad, lr, samples, tokens, mem, every, own))
+            return
+        # the agent thread is far behind: fold into running totals (no record lost, no loss read)
+        f = self._folded
+        self._folded_mode = mode
+        f[0] += 1
+        f[1] = step
+        f[2] = t_end
+        f[3] += dur
+        for i in range(NPH):
+            f[4 + i] += acc[i]
+        f[9] += samples or 0
+        f[10] += tokens or 0
+        f[11] += own
 
     # --- agent thread ----------------------------------------------------------------------------
 
     def poll(self, now: float) -> list[Event]:
         events: list[Event] = []
-        if self.layers is None:
-            self._find_layers()
+        if not self.flushed and getattr(self.ctx, "stopping", False):
+            try:  # the agent's last tick, the script done: what is still open is its last step
+                self.flush()
+            except Exception as exc:
+                self._fail("flush", exc)
+        costs = core.BUS.costs
+        self.hook_ns = costs.hook_ns
         if not self.scalars.prepared and cuda_ready():
             self.scalars.prepare()
         gpu = self.gpu.resolve() if self.gpu.pending else {}
         done, waiting = self._done, self._waiting
+        folded = self._take_folded()
         while done:
-            waiting.append(_Raw(done.popleft()))
+            captured = done.popleft()
+            if folded is not None and captured[0] > folded.step:
+                waiting.append(folded)  # in step order: the folded run came before this one
+                folded = None
+            waiting.append(_Raw(captured))
+        if folded is not None:
+            waiting.append(folded)
         n = 0
         while waiting:
             r = waiting[0]
-            if not self._complete(r, gpu):
+            # far behind (values that never become ready): give up on them rather than grow
+            if not self._complete(r, gpu, len(waiting) > self.done_max):
                 break
             waiting.popleft()
             n += 1
             if n % core.YIELD_EVERY == 0:
                 core.let_script_run()
-            if self.layers is not None:
+            if costs.of_step is not None:
                 try:
-                    r.overhead_ns += int(self.layers.step_overhead_ns(r.step))
+                    r.overhead_ns += int(costs.of_step(r.step))
                 except Exception:
                     pass
             s = self._to_event(r)
             events.append(s)
-            events.extend(self.detector.feed_step(s))
+            if r.mode != "eval" and r.merged == 1:  # an evaluation or a folded run is no step to judge
+                events.extend(self.detector.feed_step(s))
         rss = host_rss()
         if rss is not None and self.step > 0:
             events.extend(self.detector.feed_memory("host RSS", self.step, now, rss))
         return events
 
-    def _complete(self, r: _Raw, gpu: dict[int, float]) -> bool:
+    def _take_folded(self) -> _Raw | None:
+        """The steps folded into running totals since the last poll, as one record (or None)."""
+        f, seen = self._folded, self._folded_seen
+        now = list(f)  # the hot path may add meanwhile: what it adds later is taken next time
+        if now[0] == seen[0]:
+            return None
+        d = [a - b for a, b in zip(now, seen, strict=True)]
+        self._folded_seen = now
+        r = _Raw((now[1], now[2], d[3], d[4:9], self._folded_mode, [], None, None, d[9] or None, d[10] or None,
+                  NONE3, 1, d[11]))
+        r.merged = d[0]
+        return r
+
+    def _complete(self, r: _Raw, gpu: dict[int, float], stale: bool = False) -> bool:
         """Resolve what the GPU still owes this step; False while something is not ready yet."""
         if r.step in gpu:
             r.gpu_ms = gpu[r.step]
-        stale = time.monotonic() - r.born > 10.0  # give up on values that never become ready
+        stale = stale or time.monotonic() - r.born > 10.0  # give up on values that never become ready
         ready = True
         if r.losses:
             vals = []
@@ -823,11 +987,8 @@ class StepInstrument:
         return Step(step=r.step, t=wall, dur_ms=dur_ms, mode=r.mode, phases=ph, loss=r.loss_value,
                     grad_norm=r.grad_value, lr=r.lr, samples=r.samples, tokens=r.tokens,
                     overhead_us=r.overhead_ns / 1e3, layer_every=r.layer_every,
-                    cuda_allocated=alloc, cuda_reserved=reserved, cuda_peak=peak, gpu_ms=r.gpu_ms)
-
-
-def _no_generation() -> None:
-    return None
+                    cuda_allocated=alloc, cuda_reserved=reserved, cuda_peak=peak, gpu_ms=r.gpu_ms,
+                    merged=r.merged, losses=r.micro)
 
 
 def _compiling_check() -> Any:

@@ -13,6 +13,7 @@ instrument that raises from any of them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -90,6 +91,29 @@ class Instrument(Protocol):
         """Remove hooks (agent stopping, or this instrument disabled after an error)."""
 
 
+@dataclass
+class StepCosts:
+    """What the step tracker and the layers instrument tell each other about a step's cost.
+
+    Plain attributes, read and written on the hot path (one attribute access each, no call).
+    """
+
+    # the step tracker's own cost in the step now ending: the tracker writes it just before the
+    # step-end listeners run; the layers instrument takes it (and zeroes it) for its budget
+    tracker_ns: int = 0
+    # per-layer timing runs every Nth step: written by the layers instrument when its rate changes,
+    # read by the tracker into the ending step's record
+    every: int = 1
+    # torch calling one of our hooks or wrappers (the layers instrument calibrates it)
+    hook_ns: int = 1500
+    # agent thread: the layers instrument's share of step ``step``'s cost; None while none runs
+    of_step: Callable[[int], int] | None = None
+
+
+def no_generation() -> str | None:
+    return None
+
+
 class HotBus:
     """Synchronous callbacks between instruments on the hot path (no allocation, no I/O).
 
@@ -108,6 +132,15 @@ class HotBus:
         # listeners do optional per-call work (input signatures, autocast state) only then, since
         # every Python line in a hook costs more right after torch has run (cold caches).
         self.detail = True
+        self.costs = StepCosts()
+        # "prefill" / "decode" while a transformers ``generate`` call runs on this thread, else None:
+        # set by the Hugging Face integration while installed (the step tracker makes one step per call)
+        self.generation_phase: Callable[[], str | None] = no_generation
+        # fn(t_end_ns): the outermost generate() call returned on this thread (the HF integration)
+        self.generate_end: list[Any] = []
+        # fn(step, t_end_ns): an evaluation between training steps just ended (the step tracker);
+        # what was accumulated since the last step end is no training step's (``step`` is the next's)
+        self.eval_end: list[Any] = []
 
 
 BUS = HotBus()

@@ -144,7 +144,37 @@ def script_end(model: SessionModel, window_s: float) -> list[Diagnosis]:
     return [Diagnosis("error", f"the script ended ({model.exit_text()}){detail}", "script_end")]
 
 
-RULES = (script_end, nonfinite_loss, input_bound, memory_creep, slow_steps, dropped_frames, agent_reports, agent_overhead)
+NO_STEP_S = 30.0  # host samples this long with no step: the hooks cannot see the loop
+
+
+def no_steps_seen(model: SessionModel, window_s: float) -> list[Diagnosis]:
+    if model.end is not None or not model.host:
+        return []
+    last = model.last_step.t if model.last_step is not None else None
+    started = model.session.started if model.session is not None else 0.0
+    since = last if last is not None else (started or model.host[0].t)
+    quiet = model.host[-1].t - since
+    if quiet < NO_STEP_S:
+        return []
+    what = "no step seen yet" if last is None else f"no step has ended for {quiet:.0f} s"
+    return [Diagnosis(
+        "info",
+        f"{what}: steps end at optimizer.step(), a backward() or a model's forward; if your loop has "
+        "none llmtop can see, call llmtop.agent.step() once per iteration",
+        "no_steps",
+    )]
+
+
+def folded_steps(model: SessionModel, window_s: float) -> list[Diagnosis]:
+    if not model.steps_folded:
+        return []
+    return [Diagnosis("info", f"{model.steps_folded} steps arrived folded into aggregate records (the agent's "
+                      "thread fell behind a very fast loop): counts and times are exact, losses missing",
+                      "folded_steps")]
+
+
+RULES = (script_end, nonfinite_loss, input_bound, memory_creep, slow_steps, dropped_frames, agent_reports, agent_overhead,
+         no_steps_seen, folded_steps)
 
 
 def diagnose(model: SessionModel, window_s: float = 120.0) -> list[Diagnosis]:

@@ -202,6 +202,13 @@ class SessionModel:
         self.steps: deque[Step] = deque(maxlen=STEP_HISTORY)
         self.step_count = 0
         self.last_step: Step | None = None
+        # evaluations between training steps (Step records with mode "eval"): shown and timed apart,
+        # never in ``steps`` (so never in the step diagnoses, rates or sparklines)
+        self.evals: deque[Step] = deque(maxlen=EVENTS_KEPT)
+        self.eval_count = 0
+        self.eval_ms_total = 0.0
+        self.train_count = 0
+        self.steps_folded = 0  # steps the agent folded into aggregate records (its thread was behind)
         self.step_ema_ms: float | None = None
         self.nonfinite_since: int | None = None
         self.tokens_total = 0
@@ -299,10 +306,19 @@ class SessionModel:
         self.tree_version += 1
 
     def _step(self, e: Step) -> None:
+        if e.mode == "eval":
+            self._eval(e)
+            return
+        if e.mode == "train":
+            if not self.train_count:
+                self._pretraining_evals()
+            self.train_count += e.merged
         self.steps.append(e)
-        self.step_count += 1
+        self.step_count += e.merged
+        if e.merged > 1:
+            self.steps_folded += e.merged
         self.last_step = e
-        self.step_ema_ms = _ema(self.step_ema_ms, e.dur_ms)
+        self.step_ema_ms = _ema(self.step_ema_ms, e.dur_ms / max(1, e.merged))
         if e.tokens:
             self.tokens_total += e.tokens
         if e.samples:
@@ -313,6 +329,39 @@ class SessionModel:
         elif e.loss is not None:
             self.nonfinite_since = None
         self._see(e.t)
+
+    def _eval(self, e: Step) -> None:
+        self.evals.append(e)
+        self.eval_count += 1
+        self.eval_ms_total += e.dur_ms
+        self._see(e.t)
+
+    def _pretraining_evals(self) -> None:
+        """The first training step: inference records before it were an evaluation before training
+        (the agent counts training steps from 0 again), filed as one evaluation."""
+        before = [s for s in self.steps if s.mode == "infer"]
+        if not before or len(before) != len(self.steps):
+            return
+        self.steps.clear()
+        self.step_count = 0
+        self.last_step = None
+        self.step_ema_ms = None
+        self.samples_total -= sum(s.samples or 0 for s in before)
+        self.tokens_total -= sum(s.tokens or 0 for s in before)
+        dur = sum(s.dur_ms for s in before)
+        phases = {k: sum(s.phases.get(k, 0.0) for s in before) for k in before[-1].phases}
+        self._eval(Step(step=0, t=before[-1].t, dur_ms=dur, mode="eval", phases=phases,
+                        samples=sum(s.samples or 0 for s in before) or None,
+                        tokens=sum(s.tokens or 0 for s in before) or None))
+
+    def loss_note(self) -> str:
+        """How the last step's loss was made, for where the loss is shown: with gradient
+        accumulation it is the sum of the micro-batch losses backward() saw (their mean when the
+        script divides each by their count, as Trainer and most loops do)."""
+        last = self.last_step
+        if last is None or last.loss is None or last.losses <= 1:
+            return ""
+        return f"sum of {last.losses} micro-batch losses"
 
     def _layers(self, e: LayerStats) -> None:
         layers = self.layers
