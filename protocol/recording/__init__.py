@@ -10,9 +10,9 @@ from .codec import compact_layers, expand_layers, peek_kind, trim_snapshot
 from .layout import (
     BLOCK,
     CRC,
-    FILE_HEADER,
     DEFAULT_FLUSH_S,
     DEFAULT_KEYFRAME_S,
+    FILE_HEADER,
     FORMAT_MAJOR,
     FORMAT_MINOR,
     MAGIC,
