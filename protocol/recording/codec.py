@@ -19,7 +19,7 @@ from llmtop.protocol.frames import HEADER, ProtocolError, pack_map, unpack_map
 # "enc": "ns2"; the reader turns them back into LayerStats with millisecond floats. Lossless for
 # times measured in whole nanoseconds (perf_counter_ns / 1e6), within 0.5 ns otherwise.
 
-_LAYER_ENC = "ns2"  # "ns1" (zigzag-coded words) was written by early builds; still read
+_LAYER_ENC = "ns2"
 _WORD = 8
 _LIMIT = 1 << 62
 
@@ -32,16 +32,16 @@ def _shuffle(ints: list[int]) -> bytes:
     return b"".join(raw[i::_WORD] for i in range(_WORD))
 
 
-def _unshuffle(data: bytes, zigzag: bool = False) -> list[int]:
+def _unshuffle(data: bytes) -> list[int]:
+    if type(data) is not bytes or len(data) % _WORD:
+        raise ValueError("a layer array is not a whole number of 8-byte words")
     n = len(data) // _WORD
     raw = bytearray(len(data))
     for i in range(_WORD):
         raw[i::_WORD] = data[i * n:(i + 1) * n]
-    words = array("Q" if zigzag else "q", bytes(raw))
+    words = array("q", bytes(raw))
     if sys.byteorder == "big":
         words.byteswap()
-    if zigzag:
-        return [(w >> 1) ^ -(w & 1) for w in words]
     return words.tolist()
 
 
@@ -86,12 +86,24 @@ def _decode_ns(fwd: list[int], bwd: list[int], fwd_self: list[int], bwd_self: li
 
 
 def expand_layers(body: dict[str, Any]) -> dict[str, Any]:
-    zigzag = body.pop("enc", None) == "ns1"
-    decoded = _decode_ns(*(_unshuffle(body[name], zigzag) for name in _LAYER_ARRAYS))
-    for name, patch in (body.pop("exact", None) or {}).items():
-        values = decoded[name]
+    """A layer table's map in the file form back to the wire form; ValueError if it is malformed
+    (the decoder then checks the arrays against the LayerStats schema as for any frame)."""
+    body.pop("enc", None)
+    fwd, bwd, fwd_self, bwd_self = (_unshuffle(body.get(name)) for name in _LAYER_ARRAYS)
+    if len(fwd) != len(fwd_self) or len(bwd) != len(bwd_self):
+        raise ValueError("self and total times differ in length")
+    decoded = _decode_ns(fwd, bwd, fwd_self, bwd_self)
+    exact = body.pop("exact", None) or {}
+    if type(exact) is not dict:
+        raise ValueError("bad exact-value patch")
+    for name, patch in exact.items():
+        values = decoded.get(name) if type(name) is str else None
+        if values is None or type(patch) is not dict:
+            raise ValueError("bad exact-value patch")
         for i, v in patch.items():
-            values[int(i)] = v
+            if type(i) is not int or not 0 <= i < len(values) or type(v) not in (float, int):
+                raise ValueError("bad exact-value patch")
+            values[i] = v
     body.update(decoded)
     return body
 

@@ -64,6 +64,7 @@ ZLIB = 1  # block flag: payload is zlib-compressed
 DICT_SOURCE = 2  # block flag: this block's raw frames are the preset dictionary of later blocks
 USES_DICT = 4  # block flag: compressed with that preset dictionary
 FINAL_END = 8  # block flag: the End added by ``append_exit``; readers prefer it to the agent's
+KNOWN_FLAGS = ZLIB | DICT_SOURCE | USES_DICT | FINAL_END
 DICT_BYTES = 32 * 1024  # zlib's window: only the last 32 KiB of a dictionary can be used
 NO_STEP = -1
 MAX_BLOCK = 256 * 1024 * 1024  # a block length above this is corruption, not data

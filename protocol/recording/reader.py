@@ -5,7 +5,9 @@ blocks on demand, with seeking by step and time. Every byte is untrusted: a defe
 from __future__ import annotations
 
 import bisect
+import math
 import os
+import stat
 import struct
 import zlib
 from collections import OrderedDict
@@ -33,6 +35,7 @@ from .layout import (
     FORMAT_MINOR,
     INDEX,
     KEYFRAME,
+    KNOWN_FLAGS,
     MAGIC,
     MAX_BLOCK,
     USES_DICT,
@@ -42,6 +45,23 @@ from .layout import (
     _is_footer,
     event_time,
 )
+
+
+def _open_regular(path: str) -> Any:
+    """``path`` opened for reading if it is a regular file. A FIFO would block the open (and every
+    read) forever and a device never ends, so anything else is refused before it is opened."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise RecordingError(f"{path} is {what}; a recording is a file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even if swapped for a FIFO
+    except OSError as exc:
+        raise RecordingError(f"cannot open recording {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between the two looks
+        os.close(fd)
+        raise RecordingError(f"{path} is not a regular file; a recording is a file")
+    return os.fdopen(fd, "rb")
 
 
 def _running_max(values: list[Any]) -> list[Any]:
@@ -83,10 +103,7 @@ class RecordingReader:
         self._cache: OrderedDict[int, tuple[list[Event], list[float]]] = OrderedDict()
         self._cache_blocks = cache_blocks
         name = os.path.basename(self.path)
-        try:
-            self._f = open(self.path, "rb")  # noqa: SIM115 - kept open for seeks, closed in close()
-        except OSError as exc:
-            raise RecordingError(f"cannot open recording {self.path}: {exc.strerror or exc}") from None
+        self._f = _open_regular(self.path)
         self._index_session: bytes | None = None
         try:
             self.size = os.fstat(self._f.fileno()).st_size
@@ -227,6 +244,17 @@ class RecordingReader:
             index = msgpack.unpackb(raw, raw=False)
             rows = index["blocks"]
             blocks = [BlockInfo(*row[:11]) for row in rows]
+            # The index is a shortcut, not a second source of truth: every row must be the block
+            # header found at its offset (checksummed), in file order, before the index itself.
+            at_least = self._data_start
+            for b in blocks:
+                if type(b.offset) is not int or b.offset < at_least or b.kind == INDEX:
+                    return None
+                if self._block_header(b.offset, at) != b:
+                    return None
+                at_least = b.offset + BLOCK.size + b.comp_len
+            if at_least > at:
+                return None
             session = index.get("session")
             self._index_session = session if isinstance(session, bytes) else None
             return blocks
@@ -277,7 +305,11 @@ class RecordingReader:
          last_t, hcrc, _pcrc) = BLOCK.unpack(head)
         if tag != BLOCK_TAG or zlib.crc32(head[: -2 * CRC.size]) != hcrc:
             return None
-        if comp_len > MAX_BLOCK or raw_len > MAX_BLOCK or kind > INDEX:
+        if comp_len > MAX_BLOCK or raw_len > MAX_BLOCK or kind > INDEX or flags & ~KNOWN_FLAGS:
+            return None
+        if not (math.isfinite(first_t) and math.isfinite(last_t)):
+            return None
+        if not flags & ZLIB and raw_len != comp_len:
             return None
         return BlockInfo(at, kind, n_events, n_steps, comp_len, raw_len, first_step, last_step,
                          first_t, last_t, flags)
@@ -293,13 +325,17 @@ class RecordingReader:
             raise RecordingError(f"{name} is corrupt: the block at byte {info.offset} fails its checksum")
         if info.flags & ZLIB:
             try:
-                if info.flags & USES_DICT:
-                    do = zlib.decompressobj(zdict=self._dictionary())
-                    data = do.decompress(data) + do.flush()
-                else:
-                    data = zlib.decompress(data)
-            except zlib.error as exc:
+                do = zlib.decompressobj(zdict=self._dictionary()) if info.flags & USES_DICT else zlib.decompressobj()
+                # Bounded by the declared size: a block that inflates past it is corrupt, and is
+                # never inflated further (a few MB can claim gigabytes).
+                data = do.decompress(data, info.raw_len + 1)
+                if len(data) <= info.raw_len and not do.unconsumed_tail:
+                    data += do.flush(info.raw_len + 1 - len(data))
+            except (zlib.error, ValueError) as exc:
                 raise RecordingError(f"{name} is corrupt: block at byte {info.offset}: {exc}") from None
+            if len(data) != info.raw_len or do.unconsumed_tail or not do.eof:
+                raise RecordingError(f"{name} is corrupt: the block at byte {info.offset} does not inflate "
+                                     f"to its declared {info.raw_len} bytes")
         return data
 
     def _dictionary(self) -> bytes:
@@ -307,7 +343,11 @@ class RecordingReader:
             if self._zdict_block is None:
                 raise RecordingError(f"{os.path.basename(self.path)} is corrupt: a block needs the "
                                      "compression dictionary and no block holds it")
-            self._zdict = self._payload(self.blocks[self._zdict_block])[-DICT_BYTES:]
+            source = self.blocks[self._zdict_block]
+            if source.flags & USES_DICT:  # it would need itself
+                raise RecordingError(f"{os.path.basename(self.path)} is corrupt: the compression "
+                                     "dictionary's block is compressed with a dictionary")
+            self._zdict = self._payload(source)[-DICT_BYTES:]
         return self._zdict
 
     # -- decoding
@@ -335,9 +375,13 @@ class RecordingReader:
                     raise ProtocolError(f"bad frame length {length}")
                 body = unpack_map(view[at + HEADER.size: at + HEADER.size + length])
                 at += HEADER.size + length
-                if layers is not None and body["k"] == LayerStats.KIND and not layers(body.get("step", 0)):
-                    continue
-                if body.get("enc") in (_LAYER_ENC, "ns1") and body["k"] == LayerStats.KIND:
+                if layers is not None and body["k"] == LayerStats.KIND:
+                    step = body.get("step", 0)
+                    if type(step) is not int:
+                        raise ProtocolError("malformed 'layers' event: field 'step' has a bad value")
+                    if not layers(step):
+                        continue
+                if body["k"] == LayerStats.KIND and body.get("enc") == _LAYER_ENC:
                     try:
                         body = expand_layers(body)
                     except (KeyError, TypeError, ValueError) as exc:
