@@ -147,8 +147,10 @@ class RecordingSource:
     def run(self, model: SessionModel) -> None:
         try:
             self._run(model)
-        except ProtocolError as exc:  # a bad block (RecordingError): say so, never raise out of the worker
-            self.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bad block: say so, never raise out of the worker
+            # A RecordingError is the file's defect, said in one line; anything else is llmtop's.
+            self.error = str(exc) if isinstance(exc, ProtocolError) else (
+                f"internal error while replaying ({type(exc).__name__}: {exc}); please report it")
             with model.lock:
                 model.set_connection(LOST, self.error)
             if self.on_error is not None:
