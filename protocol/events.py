@@ -112,9 +112,9 @@ def check_hello(event: Event | None) -> Hello:
         raise ProtocolError("handshake failed: the peer did not start with hello")
     major = str(event.version).split(".", 1)[0]
     if major != str(PROTOCOL_MAJOR):
-        raise ProtocolError(
-            f"protocol version {event.version} is not supported (this llmtop speaks {PROTOCOL_VERSION})"
-        )
+        shown = " ".join(str(event.version).split())  # the peer's text: one short line
+        shown = shown if len(shown) <= 24 else shown[:23] + "…"
+        raise ProtocolError(f"protocol version {shown} is not supported (this llmtop speaks {PROTOCOL_VERSION})")
     return event
 
 
