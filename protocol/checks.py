@@ -20,6 +20,10 @@ from .frames import ProtocolError
 
 MAX_DEPTH = 16  # free-form values (session options, span attributes) nest at most this deep
 MAX_INT = 1 << 63  # msgpack gives up to 64-bit integers; beyond int64 is no count or id we send
+# Wall-clock times (seconds since the epoch) and durations: finite and within any date a clock can
+# give, so that no formatter or datetime overflows on them. Loss and other measurements may be NaN.
+TIME_FIELDS = frozenset(("t", "start", "started", "dur_ms"))
+MAX_TIME = 1e12
 
 Check = Callable[[Any], bool]
 
@@ -96,7 +100,8 @@ def checker(cls: type) -> Callable[[Any], None]:
     """A function that raises ``ProtocolError`` if an instance of ``cls`` has a field of the wrong
     type or ragged parallel arrays."""
     hints = typing.get_type_hints(cls)
-    fields = [(f.name, _compile(hints[f.name])) for f in dataclasses.fields(cls)]
+    fields = [(f.name, _timed(_compile(hints[f.name])) if f.name in TIME_FIELDS else _compile(hints[f.name]))
+              for f in dataclasses.fields(cls)]
     kind = getattr(cls, "KIND", "")
     parallel = PARALLEL.get(kind)
 
@@ -120,6 +125,10 @@ def checker(cls: type) -> Callable[[Any], None]:
                                         f"values for {n} {lead}")
 
     return check
+
+
+def _timed(ok: Check) -> Check:
+    return lambda v: ok(v) and (v is None or (math.isfinite(v) and -MAX_TIME < v < MAX_TIME))
 
 
 def _hint(v: Any) -> str:

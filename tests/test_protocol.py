@@ -207,3 +207,13 @@ def test_ragged_parallel_arrays_and_deep_values_are_decoding_errors() -> None:
         ev.decode_one(ev.Span(name="s", category="c", start=1.0, dur_ms=1.0, attrs={"x": deep}).to_map())
     shallow = ev.Span(name="s", category="c", start=1.0, dur_ms=1.0, attrs={"x": [[1, {"y": 2}]]})
     assert ev.decode_one(shallow.to_map()) == shallow
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300, -1e13])
+def test_times_must_be_finite_dates(value: float) -> None:
+    for event in (ev.Step(step=1, t=value, dur_ms=1.0), ev.Step(step=1, t=1.0, dur_ms=value),
+                  ev.Span(name="s", category="c", start=value, dur_ms=1.0),
+                  ev.Session(pid=1, argv=[], started=value)):
+        with pytest.raises(ProtocolError, match="has a bad value"):
+            ev.decode_one(event.to_map())
+    assert ev.decode_one(ev.Step(step=1, t=1.0, dur_ms=1.0, loss=value).to_map()) is not None  # a measurement
