@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from llmtop.protocol.paths import resolve_target
-from llmtop.tui.commands.common import add_view_arguments, check_view_arguments
+from llmtop.tui.commands.common import add_view_arguments, check_view_arguments, fail
 
 HELP = "Open the dashboard on a running llmtop agent (PID or socket path); q detaches, the run goes on."
 
@@ -20,8 +19,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = resolve_target(args.target)
     except ValueError as exc:
-        print(f"llmtop watch: {exc}", file=sys.stderr)
-        return 1
+        return fail("watch", str(exc), 1)
     bad = check_view_arguments("watch", args)
     if bad is not None:
         return bad
