@@ -206,6 +206,8 @@ class RecordingReader:
                 f"({FORMAT_MAJOR}.{FORMAT_MINOR}); upgrade llmtop to open it")
         if frame_len > self.max_frame or frame_len < HEADER.size:
             raise RecordingError(f"{name} is corrupt: bad session header length {frame_len}")
+        if not math.isfinite(created):
+            raise RecordingError(f"{name} is corrupt: the header's creation time is not a number")
         rest = self._f.read(frame_len + CRC.size)
         if len(rest) < frame_len + CRC.size:
             raise RecordingError(f"{name} is truncated: it ends inside the recording header")
