@@ -10,9 +10,11 @@ by ``EventDecoder``). Never rename or repurpose a field within a major version.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .checks import checker
 from .frames import PROTOCOL_MAJOR, PROTOCOL_VERSION, ProtocolError, pack_map
 
 REGISTRY: dict[str, type[Event]] = {}
@@ -45,12 +47,18 @@ class Event:
     def from_map(cls, body: dict[str, Any]) -> Event:
         names = _field_names(cls)
         try:
-            return cls(**{k: v for k, v in body.items() if k in names})
+            event = cls(**{k: v for k, v in body.items() if k in names})
         except TypeError as exc:
             raise ProtocolError(f"malformed {cls.KIND!r} event: {exc}") from None
+        check = _CHECKS.get(cls)
+        if check is None:  # compiled once per class, on first use (every class is defined by then)
+            check = _CHECKS[cls] = checker(cls)
+        check(event)  # untrusted input: a wrong type is a decoding error here, not a crash in a view
+        return event
 
 
 _FIELDS: dict[type, frozenset[str]] = {}
+_CHECKS: dict[type, Callable[[Event], None]] = {}
 _ORDER: dict[type, tuple[str, ...]] = {}
 
 
@@ -104,9 +112,9 @@ def check_hello(event: Event | None) -> Hello:
         raise ProtocolError("handshake failed: the peer did not start with hello")
     major = str(event.version).split(".", 1)[0]
     if major != str(PROTOCOL_MAJOR):
-        raise ProtocolError(
-            f"protocol version {event.version} is not supported (this llmtop speaks {PROTOCOL_VERSION})"
-        )
+        shown = " ".join(str(event.version).split())  # the peer's text: one short line
+        shown = shown if len(shown) <= 24 else shown[:23] + "…"
+        raise ProtocolError(f"protocol version {shown} is not supported (this llmtop speaks {PROTOCOL_VERSION})")
     return event
 
 

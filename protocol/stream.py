@@ -27,7 +27,6 @@ class Connection:
         self.decoder = EventDecoder()
         self.peer: Hello | None = None
         self.closed_by_peer = False
-        self._pending: list[Event] = []
         try:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(timeout)
@@ -44,15 +43,16 @@ class Connection:
             if not chunk:
                 raise ProtocolError("handshake failed: the agent closed the connection")
             for body in self.frames.feed(chunk):
-                event = self.decoder.decode(body)
-                if self.peer is None:
-                    self.peer = check_hello(event)
-                elif event is not None:
-                    self._pending.append(event)
+                self.peer = check_hello(self.decoder.decode(body))
+                # Only the hello here: the frames after it stay buffered for events(), so that a
+                # bad one among them fails the stream after the good ones were delivered.
+                break
 
     def events(self) -> Iterator[Event]:
-        yield from self._pending
-        self._pending.clear()
+        for body in self.frames.feed(b""):  # what arrived with the hello
+            event = self.decoder.decode(body)
+            if event is not None:
+                yield event
         while True:
             try:
                 chunk = self.sock.recv(262144)

@@ -138,7 +138,7 @@ def test_chrome_trace_structure(recording: Path, tmp_path: Path) -> None:
 def test_export_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.lrec"
     bad.write_bytes(b"garbage" * 20)
-    assert main(["export", str(bad), "--format", "csv", "-o", str(tmp_path / "x.csv")]) == 1
+    assert main(["export", str(bad), "--format", "csv", "-o", str(tmp_path / "x.csv")]) == 2  # a bad input file: exit 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not an llmtop recording" in err
     assert not (tmp_path / "x.csv").exists()

@@ -161,3 +161,59 @@ def test_events_are_plain_dataclasses_with_wire_safe_defaults() -> None:
         assert dataclasses.is_dataclass(cls)
         for f in dataclasses.fields(cls):
             assert f.name not in ("v", "k"), f"{cls.__name__}.{f.name} clashes with the frame keys"
+
+
+# --- decoded events are type-checked ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("step", "7", "field 'step'"),  # a string where an int belongs
+    ("step", 1.5, "field 'step'"),
+    ("dur_ms", True, "field 'dur_ms'"),  # a bool is not a number here
+    ("phases", [1.0], "field 'phases'"),
+    ("phases", {"forward": "fast"}, "field 'phases'"),
+    ("loss", {"a": 1}, "field 'loss'"),
+    ("mode", None, "field 'mode'"),
+])
+def test_a_field_of_the_wrong_type_is_a_decoding_error(field: str, value: object, expected: str) -> None:
+    body = ev.Step(step=3, t=2.0, dur_ms=1.0).to_map()
+    body[field] = value
+    with pytest.raises(ProtocolError, match=expected):
+        ev.decode_one(body)
+
+
+def test_every_sample_event_passes_its_own_check_and_the_checks_allow_what_agents_send() -> None:
+    for event in sample_events():
+        assert ev.decode_one(event.to_map()) == event
+    # ints for floats (an agent may send 0), None for optional fields, NaN losses
+    step = ev.decode_one({"v": 1, "k": "step", "step": 1, "t": 2, "dur_ms": 0, "loss": float("nan"), "lr": None})
+    assert isinstance(step, ev.Step) and step.t == 2 and step.lr is None
+
+
+def test_ragged_parallel_arrays_and_deep_values_are_decoding_errors() -> None:
+    layers = ev.LayerStats(step=1, ids=[0, 1], fwd_ms=[1.0, 2.0], fwd_self_ms=[1.0, 2.0], calls=[1, 1]).to_map()
+    with pytest.raises(ProtocolError, match="calls has 1 values for 2 ids"):
+        ev.decode_one({**layers, "calls": [1]})
+    with pytest.raises(ProtocolError, match="bwd_ms has 1 values for 2 ids"):
+        ev.decode_one({**layers, "bwd_ms": [1.0]})
+    assert ev.decode_one({**layers, "bwd_ms": [], "bwd_self_ms": []}) is not None  # empty: no backward
+    tree = ev.ModelTree(model=0, name="N", ids=[0], paths=[""], classes=["N"], params=[0], parents=[-1]).to_map()
+    with pytest.raises(ProtocolError, match="parents has 2 values for 1 ids"):
+        ev.decode_one({**tree, "parents": [-1, 0]})
+    deep: object = 1
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(ProtocolError, match="field 'attrs'"):
+        ev.decode_one(ev.Span(name="s", category="c", start=1.0, dur_ms=1.0, attrs={"x": deep}).to_map())
+    shallow = ev.Span(name="s", category="c", start=1.0, dur_ms=1.0, attrs={"x": [[1, {"y": 2}]]})
+    assert ev.decode_one(shallow.to_map()) == shallow
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300, -1e13])
+def test_times_must_be_finite_dates(value: float) -> None:
+    for event in (ev.Step(step=1, t=value, dur_ms=1.0), ev.Step(step=1, t=1.0, dur_ms=value),
+                  ev.Span(name="s", category="c", start=value, dur_ms=1.0),
+                  ev.Session(pid=1, argv=[], started=value)):
+        with pytest.raises(ProtocolError, match="has a bad value"):
+            ev.decode_one(event.to_map())
+    assert ev.decode_one(ev.Step(step=1, t=1.0, dur_ms=1.0, loss=value).to_map()) is not None  # a measurement

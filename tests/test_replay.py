@@ -289,3 +289,54 @@ async def test_replay_app_transport_keys(recording: Path) -> None:
         await pilot.press("escape")
         await pilot.press("q")
     assert KeyframeBuilder  # the recordings above were written with keyframes from it
+
+
+def _bad_late_block(recording: Path, out: Path) -> None:
+    """``recording`` with a Step of the wrong type in its last data block, everything else valid
+    (checksums, index): the file opens, and the defect shows only once that block is read."""
+    from tests.test_fuzz_recordings import build, parse
+
+    rec = parse(recording.read_bytes())
+    last = [b for b in rec.items if b != "footer" and b.frames and any(f.get("k") == "step" for f in b.frames)][-1]
+    next(f for f in last.frames if f.get("k") == "step")["step"] = "seven"
+    out.write_bytes(build(rec))
+
+
+def test_replay_of_a_bad_block_exits_2_with_one_line_and_no_traceback(recording: Path, short_tmp: Path) -> None:
+    """The real command in a real terminal (a pty): `--end` reads the bad block at once; the worker
+    stops, the app closes, and the command says why in one line with exit status 2."""
+    import os
+    import pty
+    import select
+    import sys
+
+    bad = short_tmp / "bad.lrec"
+    _bad_late_block(recording, bad)
+    with RecordingReader(bad) as r:  # opening reads only the header and the index: fine
+        assert r.warning is None
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "llmtop.cli", "replay", "--end", str(bad)], stdin=slave,
+                            stdout=slave, stderr=slave, close_fds=True,
+                            env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"})
+    os.close(slave)
+    out = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)  # a hang guard, not a speed check
+        if not ready:
+            proc.kill()
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(30) == 2
+    text = out.decode("utf-8", "replace")
+    assert "Traceback" not in text
+    # the line follows the escape codes that restore the terminal, on the same row
+    lines = [line[line.index("llmtop replay: "):] for line in text.replace("\r", "\n").split("\n")
+             if "llmtop replay: " in line]
+    assert len(lines) == 1 and "malformed 'step' event: field 'step'" in lines[0], text[-2000:]

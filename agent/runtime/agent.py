@@ -24,13 +24,12 @@ from llmtop.agent.instruments.host import HostSampler
 from llmtop.agent.instruments.nvml import NvmlSampler
 from llmtop.agent.runtime import core
 from llmtop.agent.runtime.core import Options
+from llmtop.agent.runtime.history import History
 from llmtop.protocol.events import (
     AgentWarning,
     Anomaly,
     End,
     Event,
-    LayerFlops,
-    ModelTree,
     Session,
     Step,
     encode,
@@ -124,49 +123,6 @@ def resolve_socket(opts: Options, env: dict[str, str] | None = None, pid: int | 
     if any(name in cmdline for name in _LAUNCHERS) or env.get("RANK", "0") not in ("", "0"):
         return beside
     return path
-
-
-# --- history -------------------------------------------------------------------------------------
-
-
-class History:
-    """Bounded rings of encoded frames for a late joiner's snapshot, in publication order."""
-
-    SMALL = {"ops": 20, "warning": 100, "anomaly": 200}
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.seq = 0
-        self.session: bytes | None = None
-        self.trees: dict[int, tuple[int, bytes]] = {}
-        self.flops: dict[str, tuple[int, bytes]] = {}
-        self.rings: dict[str, deque[tuple[int, bytes]]] = {}
-
-    def add(self, event: Event, frame: bytes) -> None:
-        self.seq += 1
-        if isinstance(event, Session):
-            self.session = frame
-        elif isinstance(event, ModelTree):
-            self.trees[event.model] = (self.seq, frame)
-        elif isinstance(event, LayerFlops):
-            self.flops[event.signature] = (self.seq, frame)
-        elif event.KIND in ("stats", "snapshot_done", "hello"):
-            return  # per-connection, not history
-        else:
-            ring = self.rings.get(event.KIND)
-            if ring is None:
-                ring = self.rings[event.KIND] = deque(maxlen=min(self.size, self.SMALL.get(event.KIND, self.size)))
-            ring.append((self.seq, frame))
-
-    def snapshot(self) -> list[bytes]:
-        frames = [self.session] if self.session is not None else []
-        frames += [f for _, f in sorted(self.trees.values(), key=lambda x: x[0])]
-        rest = list(self.flops.values())
-        for ring in self.rings.values():
-            rest.extend(ring)
-        rest.sort(key=lambda x: x[0])
-        frames += [f for _, f in rest]
-        return frames
 
 
 # --- the agent -------------------------------------------------------------------------------------

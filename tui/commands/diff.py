@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from llmtop.protocol.recording import RecordingError
+from llmtop.tui.commands.common import read_recordings
 from llmtop.tui.commands.report import Reservoir, RunSummary, open_summary
 from llmtop.tui.session import fmt
 
@@ -135,12 +135,12 @@ def run(args: argparse.Namespace) -> int:
     if args.fail_if_slower is not None and args.fail_if_slower < 0:
         print("llmtop diff: --fail-if-slower must be a percentage >= 0", file=sys.stderr)
         return 2
-    try:
-        a = open_summary(args.a)
-        b = open_summary(args.b)
-    except RecordingError as exc:
-        print(f"llmtop diff: {exc}", file=sys.stderr)
-        return 2
+    return read_recordings("diff", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    a = open_summary(args.a)
+    b = open_summary(args.b)
     step, phases, layers = compare(a, b)
     pct = args.fail_if_slower
     regressions = [d for d in ([step] if step else []) + layers if pct is not None and d.slower(pct)]

@@ -39,7 +39,8 @@ from llmtop.protocol.events import (
     Span,
     Step,
 )
-from llmtop.protocol.recording import RecordingError, RecordingReader
+from llmtop.protocol.recording import RecordingReader
+from llmtop.tui.commands.common import fail, read_recordings
 from llmtop.tui.commands.report import LayerMerger
 
 HELP = "Export a recording as a Chrome/Perfetto trace, CSV (one row per step) or JSON (everything)."
@@ -426,14 +427,13 @@ def _write(out: TextIO, fmt: str, reader: RecordingReader, all_layers: bool) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        reader = RecordingReader(args.file)
-    except RecordingError as exc:
-        print(f"llmtop export: {exc}", file=sys.stderr)
-        return 1
-    if reader.warning:
-        print(f"llmtop export: {reader.warning}", file=sys.stderr)
-    try:
+    return read_recordings("export", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    with RecordingReader(args.file) as reader:
+        if reader.warning:
+            print(f"llmtop export: {reader.warning}", file=sys.stderr)
         if args.output:
             tmp = f"{args.output}.tmp"
             try:
@@ -441,17 +441,14 @@ def run(args: argparse.Namespace) -> int:
                     _write(out, args.format, reader, args.all_layers)
                 os.replace(tmp, args.output)  # never leave a half-written export under the real name
             except OSError as exc:
-                print(f"llmtop export: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
-                return 1
+                return fail("export", f"cannot write {args.output}: {exc.strerror or exc}", 1)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)  # a file that failed to read half-way leaves nothing behind
         else:
             buf = io.StringIO()
             _write(buf, args.format, reader, args.all_layers)
             sys.stdout.write(buf.getvalue())
-    except RecordingError as exc:
-        print(f"llmtop export: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        reader.close()
     return 0
 
 

@@ -23,6 +23,7 @@ from llmtop.protocol.frames import ProtocolError
 from llmtop.protocol.paths import resolve_target
 from llmtop.protocol.recording import KeyframeBuilder, RecordingWriter
 from llmtop.protocol.stream import Connection
+from llmtop.tui.commands.common import fail
 
 HELP = "Record a running agent's session to a file, without a dashboard (replay it with `llmtop replay`)."
 FLUSH_TICK_S = 0.25
@@ -231,12 +232,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         sock = resolve_target(str(args.target))
     except ValueError as exc:
-        print(f"llmtop record: {exc}", file=sys.stderr)
-        return 1
+        return fail("record", str(exc), 1)
     out = Path(args.output)
     if out.is_dir():
-        print(f"llmtop record: {out} is a directory; give a file name with -o", file=sys.stderr)
-        return 1
+        return fail("record", f"{out} is a directory; give a file name with -o", 1)
     recorder = Recorder(sock, str(out), wait_s=args.wait)
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmtop.protocol.recording import RecordingError
+from llmtop.tui.commands.common import add_view_arguments, check_view_arguments, fail, read_recordings
 from llmtop.tui.session.recording_source import MAX_SPEED, MIN_SPEED, RecordingSource
 
 HELP = "Open the dashboard on a recording, with play/pause, seek, step and speed controls."
@@ -21,32 +21,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"replay speed, {MIN_SPEED:g} to {MAX_SPEED:g} (default 1)")
     parser.add_argument("--end", action="store_true", help="open at the end of the run (its final state)")
     parser.add_argument("--paused", action="store_true", help="open paused")
-    parser.add_argument("--refresh", type=float, default=4.0, metavar="HZ", help="screen refresh rate in Hz")
-    parser.add_argument("--window", type=float, default=120.0, metavar="S",
-                        help="sparkline time window in seconds (default 120)")
-
+    add_view_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if not MIN_SPEED <= args.speed <= MAX_SPEED:
-        print(f"llmtop replay: --speed must be between {MIN_SPEED:g} and {MAX_SPEED:g}", file=sys.stderr)
-        return 2
-    if args.refresh <= 0 or args.window <= 0:
-        print("llmtop replay: --refresh and --window must be positive", file=sys.stderr)
-        return 2
-    try:
-        source = RecordingSource(args.file, speed=args.speed, start="end" if args.end else "begin",
-                                 playing=not (args.paused or args.end))
-    except RecordingError as exc:
-        print(f"llmtop replay: {exc}", file=sys.stderr)
-        return 1
+        return fail("replay", f"--speed must be between {MIN_SPEED:g} and {MAX_SPEED:g}")
+    bad = check_view_arguments("replay", args)
+    if bad is not None:
+        return bad
+    opened: list[RecordingSource] = []
+    status = read_recordings("replay", lambda: _open(args, opened))
+    if status:
+        return status
+    source = opened[0]
     if source.warning:
         print(f"llmtop replay: {source.warning}", file=sys.stderr)
     from llmtop.tui.views.replay import ReplayApp
 
     app = ReplayApp(source, refresh_hz=args.refresh, window_s=args.window)
+    # Opening read the header and the index; a block found bad while replaying stops the worker
+    # (never an exception in it) and closes the app, and the defect is then one line and exit 2.
+    source.on_error = lambda: app.call_from_thread(app.exit)
     try:
         app.run()
     finally:
         source.stop()
+    if source.error:
+        return fail("replay", source.error)
+    return 0
+
+
+def _open(args: argparse.Namespace, opened: list[RecordingSource]) -> int:
+    opened.append(RecordingSource(args.file, speed=args.speed, start="end" if args.end else "begin",
+                                  playing=not (args.paused or args.end)))
     return 0

@@ -13,7 +13,6 @@ import math
 import os
 import random
 import statistics
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +27,8 @@ from llmtop.protocol.events import (
     Session,
     Step,
 )
-from llmtop.protocol.recording import RecordingError, RecordingReader
+from llmtop.protocol.recording import RecordingReader
+from llmtop.tui.commands.common import read_recordings
 from llmtop.tui.session import fmt
 from llmtop.tui.session.model import SessionModel
 
@@ -402,11 +402,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        summary = open_summary(args.file)
-    except RecordingError as exc:
-        print(f"llmtop report: {exc}", file=sys.stderr)
-        return 1
+    return read_recordings("report", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    summary = open_summary(args.file)
     if args.json:
         print(json.dumps(summary.to_json(), indent=2, default=str))
     else:

@@ -3,30 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from llmtop.protocol.paths import resolve_target
+from llmtop.tui.commands.common import add_view_arguments, check_view_arguments, fail
 
 HELP = "Open the dashboard on a running llmtop agent (PID or socket path); q detaches, the run goes on."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help="the agent's process id or its socket path (see `llmtop ls`)")
-    parser.add_argument("--refresh", type=float, default=4.0, metavar="HZ",
-                        help="screen refresh rate in Hz (default 4); the agent's sampling is separate")
-    parser.add_argument("--window", type=float, default=120.0, metavar="S",
-                        help="sparkline time window in seconds (default 120; + and - zoom)")
+    add_view_arguments(parser, zoom_hint=True)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         path = resolve_target(args.target)
     except ValueError as exc:
-        print(f"llmtop watch: {exc}", file=sys.stderr)
-        return 1
-    if args.refresh <= 0 or args.window <= 0:
-        print("llmtop watch: --refresh and --window must be positive", file=sys.stderr)
-        return 2
+        return fail("watch", str(exc), 1)
+    bad = check_view_arguments("watch", args)
+    if bad is not None:
+        return bad
     from llmtop.tui.session.source import SocketSource
     from llmtop.tui.views.app import LlmtopApp
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from llmtop.protocol.events import Event, Step
+from llmtop.protocol.frames import ProtocolError
 from llmtop.protocol.recording import Position, RecordingReader
-from llmtop.tui.session.model import SessionModel
+from llmtop.tui.session.model import LOST, SessionModel
 
 SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 MIN_SPEED, MAX_SPEED = SPEEDS[0], SPEEDS[-1]
@@ -54,6 +55,8 @@ class RecordingSource:
         self._next: tuple[Position, Event, float] | None = None
         self._last_tick = time.monotonic()
         self.done = threading.Event()  # set when the first request has been carried out
+        self.error: str | None = None  # why the replay stopped, if a block of the file is bad
+        self.on_error: Callable[[], None] | None = None  # called (worker thread) once error is set
 
     # -- what the UI shows
 
@@ -143,24 +146,35 @@ class RecordingSource:
 
     def run(self, model: SessionModel) -> None:
         try:
-            while True:
-                with self._cond:
-                    if self._stop:
-                        return
-                    request, self._request = self._request, None
-                if request is not None:
-                    self._seek(model, *request)
-                    self.done.set()
-                elif self.playing:
-                    self._play(model)
-                with self._cond:
-                    if self._stop:
-                        return
-                    if self._request is None:
-                        self._cond.wait(TICK_S if self.playing else 1.0)
+            self._run(model)
+        except Exception as exc:  # noqa: BLE001 - a bad block: say so, never raise out of the worker
+            # A RecordingError is the file's defect, said in one line; anything else is llmtop's.
+            self.error = str(exc) if isinstance(exc, ProtocolError) else (
+                f"internal error while replaying ({type(exc).__name__}: {exc}); please report it")
+            with model.lock:
+                model.set_connection(LOST, self.error)
+            if self.on_error is not None:
+                self.on_error()
         finally:
             self.done.set()
             self.reader.close()
+
+    def _run(self, model: SessionModel) -> None:
+        while True:
+            with self._cond:
+                if self._stop:
+                    return
+                request, self._request = self._request, None
+            if request is not None:
+                self._seek(model, *request)
+                self.done.set()
+            elif self.playing:
+                self._play(model)
+            with self._cond:
+                if self._stop:
+                    return
+                if self._request is None:
+                    self._cond.wait(TICK_S if self.playing else 1.0)
 
     def _target(self, kind: str, value: float) -> tuple[Position, float | None]:
         r = self.reader

@@ -17,6 +17,14 @@ from llmtop.protocol.frames import ProtocolError
 from llmtop.protocol.stream import Connection
 from llmtop.tui.session.model import CONNECTING, ENDED, LIVE, LOST, SessionModel
 
+NOTE_MAX = 200  # characters of a status note: it is one line of the status bar
+
+
+def one_line(text: str) -> str:
+    """A message from the wire as one bounded line (it may hold newlines or megabytes)."""
+    text = " ".join(text.split())
+    return text if len(text) <= NOTE_MAX else text[: NOTE_MAX - 1] + "…"
+
 
 class Source(Protocol):
     def run(self, model: SessionModel) -> None: ...
@@ -47,13 +55,13 @@ class SocketSource:
             try:
                 conn = Connection(self.path, role="viewer")
             except (ConnectionError, ProtocolError, OSError) as exc:
-                self.last_error = str(exc)
+                self.last_error = one_line(str(exc))
                 with model.lock:
                     if model.ended:
                         return
                     # say why on the status line; a refused version stays "lost" until fixed
                     state = LOST if isinstance(exc, ProtocolError) or model.connection == LOST else CONNECTING
-                    model.set_connection(state, str(exc))
+                    model.set_connection(state, self.last_error)
                 if self._should_give_up(model):
                     return
                 self._stop.wait(self.retry_s if self.connections else self.first_retry_s)
@@ -66,9 +74,12 @@ class SocketSource:
                 model.set_connection(LIVE)
             try:
                 self._ingest(conn, model)
-            except ProtocolError as exc:
+            except ProtocolError as exc:  # a frame or event that cannot be accepted: the stream is out of step
                 with model.lock:
-                    model.set_connection(LOST, str(exc))
+                    model.set_connection(LOST, one_line(str(exc)))
+            except Exception as exc:  # noqa: BLE001 - hostile input must never end the reader thread
+                with model.lock:
+                    model.set_connection(LOST, one_line(f"bad event from the agent ({type(exc).__name__}: {exc})"))
             finally:
                 conn.close()
                 self._conn = None
