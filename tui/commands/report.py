@@ -34,6 +34,8 @@ from llmtop.protocol.events import (
     Step,
 )
 from llmtop.protocol.recording import RecordingError, RecordingReader
+from llmtop.tui.commands import textstyle
+from llmtop.tui.commands.textstyle import BOLD, RED, YELLOW, paint
 from llmtop.tui.session import fmt
 from llmtop.tui.session.model import SessionModel
 
@@ -48,6 +50,7 @@ TRACEBACK_LINES = 6  # of a crashed run's traceback, shown first
 SPAN_NAMES = 512  # span names kept (the rest are not summarized)
 SPAN_ROWS = 12  # span rows in the text
 MAX_LOADS = 32  # from_pretrained calls listed
+SEVERITY_SGR = {"error": (BOLD, RED), "warning": (YELLOW,)}
 
 
 class Reservoir:
@@ -737,13 +740,18 @@ def _kv(pairs: list[tuple[str, str]]) -> str:
     return "   ".join(f"{k} {v}" for k, v in pairs)
 
 
-def render(s: RunSummary) -> str:
-    """The summary as text, one section per dashboard view that has data, in the dashboard's order."""
+def render(s: RunSummary, color: bool = False) -> str:
+    """The summary as text, one section per dashboard view that has data, in the dashboard's order.
+    ``color``: bold section titles and red/yellow severities (only for a terminal that wants them)."""
     lines: list[str] = []
+
+    def title(text: str, *sgr: str) -> str:
+        return paint(text, *(sgr or (BOLD,)), on=color)
+
     sess = s.session
     tb = s.traceback_tail()
     if tb and s.crashed():
-        lines.append("CRASHED: the script's traceback ends with")
+        lines.append(title("CRASHED: the script's traceback ends with", BOLD, RED))
         lines += [f"  {line}" for line in tb]
         lines.append("")
     script = " ".join(sess.argv) or "?"
@@ -764,7 +772,7 @@ def render(s: RunSummary) -> str:
     main = s.modes.get(main_name or "")
     if main is not None:
         r = main.step_ms
-        lines.append(f"\nsteps ({main_name}, {main.count})")
+        lines.append(title(f"\nsteps ({main_name}, {main.count})"))
         lines.append("  " + _kv([("p50", _ms(r.median())), ("p95", _ms(r.quantile(0.95))),
                                  ("max", _ms(r.max))]))
         figures, why = s.flops_figures()
@@ -807,12 +815,12 @@ def render(s: RunSummary) -> str:
 
     top = s.top_layers()
     if top:
-        lines.append("\ntop layers (self time per step, fwd+bwd)")
+        lines.append(title("\ntop layers (self time per step, fwd+bwd)"))
         for la in top:
             lines.append(f"  {fmt.ms(la.self_ms(), 2):>9} ms  {la.name}  ({la.cls})")
     ops = s.top_ops(5)
     if ops:
-        lines.append(f"\ntop ops (per profiled step, {s.op_windows} profile{'s' if s.op_windows != 1 else ''})")
+        lines.append(title(f"\ntop ops (per profiled step, {_plural(s.op_windows, 'profile')})"))
         for name, ms, calls in ops:
             shapes = s.op_shapes.get(name)
             lines.append(f"  {fmt.ms(ms, 2):>9} ms  {name}  x{calls:.0f}" + (f"  [{shapes}]" if shapes else ""))
@@ -829,7 +837,7 @@ def render(s: RunSummary) -> str:
         lines.append("\nmemory     " + _kv(mem))
 
     if s.spans:
-        lines.append("\nspans")
+        lines.append(title("\nspans"))
         for ld in s.loads:
             extra = [_ms(ld['load_ms'])]
             if ld.get("params"):
@@ -856,7 +864,7 @@ def render(s: RunSummary) -> str:
             lines.append(f"  … {len(rows) - SPAN_ROWS} more (--json has them all)")
 
     if s.requests or s.pipelines:
-        lines.append("\ninference")
+        lines.append(title("\ninference"))
         if s.requests:
             lines.append(f"  {_plural(s.requests, 'request')} ({_plural(s.sequences, 'sequence')})   "
                          + _kv([("TTFT p50", _ms(s.ttft_ms.median())),
@@ -871,9 +879,9 @@ def render(s: RunSummary) -> str:
 
     diags = s.diagnoses()
     if diags:
-        lines.append("\ndiagnoses")
+        lines.append(title("\ndiagnoses"))
         for sev, text in diags[:8]:
-            lines.append(f"  [{sev}] {text}")
+            lines.append(f"  {paint(f'[{sev}]', *SEVERITY_SGR.get(sev, ()), on=color)} {text}")
 
     share = s.overhead_share()
     agent = []
@@ -901,12 +909,6 @@ def _phase_lines(lines: list[str], label: str, mode: ModeSteps) -> None:
         f"{p} {shares[p] * 100:.0f}% ({_ms(mode.phases[p].median())})" for p in ordered))
 
 
-EPILOG = """examples:
-  llmtop report run.lrec                 the summary as text
-  llmtop report run.lrec --json | jq .steps.step_p50_ms
-exit status: 0 ok, 2 usage or unreadable recording (docs/REPORT.md has the JSON schema)"""
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a recording")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -921,5 +923,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary.to_json(), indent=2, allow_nan=False))
     else:
-        print(render(summary))
+        print(render(summary, color=textstyle.wanted(sys.stdout)))
     return 0
