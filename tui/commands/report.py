@@ -49,6 +49,7 @@ SCHEMA_VERSION = 1  # of the --json object: docs/REPORT.md, docs/report.schema.j
 TRACEBACK_LINES = 6  # of a crashed run's traceback, shown first
 SPAN_NAMES = 512  # span names kept (the rest are not summarized)
 SPAN_ROWS = 12  # span rows in the text
+MODE_MEMORY = 256  # recent steps whose mode is remembered until their layer tables arrive
 MAX_LOADS = 32  # from_pretrained calls listed
 SEVERITY_SGR = {"error": (BOLD, RED), "warning": (YELLOW,)}
 
@@ -128,6 +129,7 @@ class ModeSteps:
     step_ms: Reservoir = field(default_factory=Reservoir)
     phases: dict[str, Reservoir] = field(default_factory=dict)
     phase_totals: dict[str, float] = field(default_factory=dict)
+    flops: Reservoir = field(default_factory=Reservoir)  # FLOPs per step, of the steps with layer tables
 
     def add(self, e: Step) -> None:
         self.count += 1
@@ -186,7 +188,7 @@ class RunSummary:
     # FLOPs: forward FLOPs per call of each module (latest signature), and per-step totals of the roots
     module_flops: dict[int, float] = field(default_factory=dict)
     roots: set[int] = field(default_factory=set)
-    step_flops: Reservoir = field(default_factory=Reservoir)
+    step_modes: dict[int, str] = field(default_factory=dict)  # mode of the recent steps, for their tables
     peak_flops: float | None = None
     flops_device: str = ""
     # spans, loading and tokenization
@@ -267,7 +269,7 @@ class RunSummary:
         why: dict[str, str] = {}
         mode = self.modes.get(self.main_mode() or "")
         step_ms = mode.step_ms.median() if mode else None
-        flops = _positive(self.step_flops.median())
+        flops = _positive(mode.flops.median()) if mode else None
         if flops is None:
             if self.module_flops:
                 reason = "no layer timing of a step whose FLOPs are known"
@@ -496,8 +498,12 @@ def summarize(reader: RecordingReader) -> RunSummary:
             model.apply(event)
         if isinstance(event, Step):
             _step(out, event)
+            out.step_modes[event.step] = event.mode or "train"
             for table in merger.ready(event.step):
                 _layers(out, table)
+            # A step's tables come with it or a tick or two after: the modes of older steps go.
+            for done in [k for k in out.step_modes if k < event.step - MODE_MEMORY]:
+                del out.step_modes[done]
         elif isinstance(event, LayerStats) and event.step % every == 0:
             merger.add(event)
         elif isinstance(event, ModelTree):
@@ -597,8 +603,9 @@ def _layers(out: RunSummary, e: LayerStats) -> None:
             # Forward FLOPs per call × calls; a backward costs about twice its forward (the usual 3×).
             backward = has_bwd and e.bwd_ms[i] > 0
             step_flops += out.module_flops[mid] * e.calls[i] * (3.0 if backward else 1.0)
-    if step_flops > 0:
-        out.step_flops.add(step_flops)
+    mode = out.modes.get(out.step_modes.get(e.step, ""))
+    if step_flops > 0 and mode is not None:  # FLOPs count per mode: a generate after training is not a step
+        mode.flops.add(step_flops)
 
 
 def _ops(out: RunSummary, e: Ops) -> None:
