@@ -118,7 +118,9 @@ class LayerSummary:
         return self.path or self.cls
 
     def self_ms(self) -> float:
-        return (self.fwd_self.mean or 0.0) + (self.bwd_self.mean or 0.0)
+        """Typical self time per step, forward + backward: medians, so that a warm-up step's
+        first-call costs do not rank a layer above the ones that are slow on every step."""
+        return (self.fwd_self.median() or 0.0) + (self.bwd_self.median() or 0.0)
 
 
 @dataclass
@@ -233,7 +235,7 @@ class RunSummary:
         return {la.name: la for la in self.layers.values()}
 
     def top_layers(self, n: int = TOP) -> list[LayerSummary]:
-        """Leaf modules by mean self time (forward + backward)."""
+        """Leaf modules by median self time (forward + backward)."""
         pool = [la for la in self.layers.values() if la.leaf and (la.fwd_self.n or la.bwd_self.n)]
         pool.sort(key=lambda la: la.self_ms(), reverse=True)
         return pool[:n]
@@ -822,7 +824,7 @@ def render(s: RunSummary, color: bool = False) -> str:
 
     top = s.top_layers()
     if top:
-        lines.append(title("\ntop layers (self time per step, fwd+bwd)"))
+        lines.append(title("\ntop layers (self time per step, p50 fwd + p50 bwd)"))
         for la in top:
             lines.append(f"  {fmt.ms(la.self_ms(), 2):>9} ms  {la.name}  ({la.cls})")
     ops = s.top_ops(5)
