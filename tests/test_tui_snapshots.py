@@ -1,4 +1,5 @@
-"""SVG snapshots of each view at 80×24 and 160×50, from a deterministic canned session.
+"""SVG snapshots of each view at 80×24 and 160×50 (the overview also at 140×40 and 200×60), from a
+deterministic canned session.
 
 Regenerate after an intended change with ``pytest tests/test_tui_snapshots.py --snapshot-update`` and
 look at the report before committing. Time is fixed (the app's clock) and the events are seeded.
@@ -51,6 +52,13 @@ def test_layer_detail(snap_compare, size: tuple[int, int]) -> None:
         await loaded(pilot)
 
     assert snap_compare(make_app(), terminal_size=size, run_before=before)
+
+
+@pytest.mark.parametrize("size", [(140, 40), (200, 60)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_overview_uses_the_space(snap_compare, size: tuple[int, int]) -> None:
+    """From 140 columns: two columns (the run over time left; diagnoses, layers and ops with shapes
+    right), and as many layer rows as the height allows."""
+    assert snap_compare(make_app(), terminal_size=size, run_before=loaded)
 
 
 def test_help(snap_compare) -> None:
