@@ -217,3 +217,16 @@ def test_colour_only_on_a_terminal_without_no_color(runs: dict[str, Path]) -> No
     assert "\x1b[" in on_pty()
     assert "\x1b[" not in on_pty(NO_COLOR="1")
     assert "\x1b[" not in report(runs["crash"]).stdout  # a pipe: plain
+
+
+def test_ranks_when_the_run_is_one_of_several(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from tests import test_recording
+
+    monkeypatch.setattr(test_recording, "SESSION",
+                        dataclasses.replace(SESSION, options={"rank": 1, "world_size": 4}))
+    rec = tmp_path / "rank1.lrec"
+    write(rec, run_events(5))
+    assert report_json(rec)["ranks"] == {"rank": 1, "world_size": 4}
+    assert "  rank 1 of 4" in report(rec).stdout.splitlines()
