@@ -104,12 +104,13 @@ def test_training_run(runs: dict[str, Path]) -> None:
     first = flops[0]  # the training batch's signature (the generate at the end has its own)
     per_call = first.flops[first.ids.index(root)]
     assert data["steps"]["step_flops"] == pytest.approx(3 * per_call)
-    assert data["steps"]["achieved_flop_per_s"] == pytest.approx(
-        data["steps"]["step_flops"] / (data["steps"]["step_p50_ms"] / 1000))
+    achieved = data["steps"]["step_flops"] / (data["steps"]["step_p50_ms"] / 1000)
     if data["steps"]["mfu_pct"] is None:
         assert data["missing"]["mfu_pct"]  # "—" always comes with its reason
     else:
         assert 0 < data["steps"]["mfu_pct"] <= 100
+        assert data["steps"]["achieved_flop_per_s"] == pytest.approx(achieved)
+        assert data["steps"]["mfu_pct"] == pytest.approx(100 * achieved / data["steps"]["peak_flop_per_s"])
     assert data["top_layers"] and data["agent"]["overhead_per_step_p50_us"] > 0
     assert data["spans"]["loading"] and any(sp["name"] == "train" for sp in data["spans"]["by_name"])
     text = report(rec).stdout
@@ -175,7 +176,7 @@ def test_no_impossible_numbers(tmp_path: Path) -> None:
     write(rec, [TREE, flops] + run_events(20)[1:])
     data = report_json(rec)
     assert data["steps"]["step_flops"] is not None and data["steps"]["mfu_pct"] is None
-    assert "above 100 %" in data["missing"]["mfu_pct"]
+    assert data["steps"]["achieved_flop_per_s"] is None and "above 100 %" in data["missing"]["mfu_pct"]
     text = report(rec).stdout
     assert "MFU —" in text and "above 100 %" in text
     assert "nan" not in text.lower() and "inf " not in text

@@ -294,8 +294,11 @@ class RunSummary:
             why["mfu_pct"] = f"no peak FLOP/s known for {self.flops_device or 'this device'}"
             why["peak_flop_per_s"] = why["mfu_pct"]
         elif achieved > peak:
-            # An MFU above 100 % is impossible: the count or the peak is wrong, so neither is shown.
+            # Above the peak is impossible: the FLOP count or the peak is wrong, so neither the rate
+            # nor the MFU is shown (the count itself stays: it is what the agent counted).
+            out["achieved_flop_per_s"] = None
             why["mfu_pct"] = "above 100 % of the peak: the FLOP count or the peak is wrong"
+            why["achieved_flop_per_s"] = why["mfu_pct"]
         else:
             out["mfu_pct"] = 100.0 * achieved / peak
         return out, why
