@@ -60,7 +60,8 @@ def test_json_round_trips_every_event(recording: Path, tmp_path: Path) -> None:
     assert "NaN" in text  # non-finite floats are strings, so the file is strict JSON
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert data["format"] == "llmtop-export" and data["version"] == 1
-    assert data["summary"]["steps"] == 41 and data["end"]["exit_code"] == 0
+    assert data["summary"]["steps"]["count"] == 41 and data["end"]["exit_code"] == 0
+    assert data["summary"]["schema_version"] == 1  # the `llmtop report --json` object (docs/REPORT.md)
     back = events_from_json(data)
     want = list(RecordingReader(recording).events())
     # Grouped by kind, each kind in recorded order: compare per kind (NaN != NaN, so via repr).
@@ -142,3 +143,78 @@ def test_export_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not an llmtop recording" in err
     assert not (tmp_path / "x.csv").exists()
+
+
+# --- html ----------------------------------------------------------------------------------------------
+
+
+def find_chromium() -> str | None:
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """A headless Chromium: installed with apt-get when missing and allowed, else the test skips."""
+    import os
+    import shutil
+    import subprocess
+
+    path = find_chromium()
+    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=900)
+        path = find_chromium()
+    if path is None:
+        pytest.skip("no Chromium to load the page in (apt-get install -y chromium)")
+    return path
+
+
+def test_html_is_one_self_contained_page(recording: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run.html"
+    export(recording, "html", out)
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    # nothing to fetch at view time: no scripts, links, images or remote URLs
+    for needle in ("<script", "<link", "<img", "src=", "href=", "http://", "https://", "url("):
+        assert needle not in page, needle
+    # the plots are inline SVG of the data: step time, loss, tokens/s and memory over the run
+    for title in ("step time (ms; 41 points)", "loss (per step; 40 points)", "tokens/s (per step; 40 points)",
+                  "memory: process RSS (bytes; 8 points)", "memory: GPU memory used (bytes; 1 points)"):
+        assert title in page, title
+    assert page.count("<polyline") == 4 and page.count("<circle") == 1  # one GPU sample: a dot
+    assert "aria-label=\"phase breakdown\"" in page and "optimizer" in page
+    assert "enc.fc" in page and "head" in page  # the layer table
+    assert "train.py --lr 3e-4" in page
+
+
+def test_html_thinning_keeps_spikes() -> None:
+    from llmtop.tui.commands.html import thin
+
+    xs = [float(i) for i in range(10_000)]
+    ys = [1.0] * 10_000
+    ys[7_777] = 50.0
+    tx, ty = thin(xs, ys, limit=200)
+    assert len(tx) <= 200 and 50.0 in ty and tx == sorted(tx)
+
+
+def test_html_loads_in_chromium_without_console_errors(recording: Path, tmp_path: Path, chromium: str) -> None:
+    import subprocess
+
+    out = tmp_path / "run.html"
+    export(recording, "html", out)
+    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    done = subprocess.run([*base, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == []
+    assert "step time (ms; 41 points)" in done.stdout  # the browser parsed the page we wrote
+    shot = tmp_path / "run.png"
+    done = subprocess.run([*base, "--window-size=1200,2000", f"--screenshot={shot}", out.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

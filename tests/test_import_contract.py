@@ -87,7 +87,7 @@ def test_viewer_commands_do_not_load_torch() -> None:
         "import sys\n"
         "from llmtop import cli\n"
         "import importlib\n"
-        "for name in ('watch', 'ls', 'replay', 'export', 'report', 'diff', 'record', 'attach'):\n"
+        "for name in sorted(set(cli.COMMANDS) - {'graph'}):  # graph builds models: torch is its job\n"
         "    importlib.import_module(cli.COMMANDS[name])\n"
         "print('torch' in sys.modules)\n"
     )

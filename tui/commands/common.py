@@ -33,8 +33,8 @@ def read_recordings(command: str, body: Callable[[], int]) -> int:
         return body()
     except ProtocolError as exc:  # RecordingError is one
         return fail(command, str(exc))
-    except (KeyboardInterrupt, SystemExit):
-        raise
+    except (KeyboardInterrupt, SystemExit, BrokenPipeError):
+        raise  # BrokenPipeError: the reader of our output went away (`| head`); the CLI ends quietly
     except Exception as exc:  # noqa: BLE001 - the last resort, said as such
         return fail(command, f"internal error while reading ({type(exc).__name__}: {exc}); please report it")
 

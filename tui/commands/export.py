@@ -1,9 +1,10 @@
-"""`llmtop export FILE --format chrome|csv|json -o OUT`: a recording in the tools people already use.
+"""`llmtop export FILE --format chrome|csv|json|html -o OUT`: a recording in the tools people already use.
 
 - ``chrome``: a Chrome / Perfetto trace (JSON object format, ``traceEvents``); load it in
   https://ui.perfetto.dev or ``chrome://tracing``.
 - ``csv``: one row per step with every ``Step`` field (phases flattened to ``phase_<name>_ms``).
 - ``json``: every event, grouped by kind, plus the ``llmtop report`` summary.
+- ``html``: one self-contained page with inline SVG plots (``tui/commands/html.py``).
 
 ``docs/EXPORT.md`` documents each format's fields.
 """
@@ -43,8 +44,9 @@ from llmtop.protocol.recording import RecordingReader
 from llmtop.tui.commands.common import fail, read_recordings
 from llmtop.tui.commands.report import LayerMerger
 
-HELP = "Export a recording as a Chrome/Perfetto trace, CSV (one row per step) or JSON (everything)."
-FORMATS = ("chrome", "csv", "json")
+HELP = ("Export a recording as a Chrome/Perfetto trace, CSV (one row per step), JSON (everything) or one "
+        "self-contained HTML page (plots, phases, layers).")
+FORMATS = ("chrome", "csv", "json", "html")
 JSON_FORMAT = "llmtop-export"
 JSON_VERSION = 1
 DEFAULT_LAYER_STEPS = 2000  # layer slices for at most this many steps (evenly spread), unless --all-layers
@@ -408,7 +410,7 @@ def export_chrome(reader: RecordingReader, *, all_layers: bool = False) -> dict[
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a recording")
-    parser.add_argument("--format", "-f", choices=FORMATS, required=True, help="chrome, csv or json")
+    parser.add_argument("--format", "-f", choices=FORMATS, required=True, help="chrome, csv, json or html")
     parser.add_argument("-o", "--output", metavar="OUT", help="output file (default: standard output)")
     parser.add_argument("--all-layers", action="store_true",
                         help=f"chrome: layer slices for every step (default: at most {DEFAULT_LAYER_STEPS} "
@@ -421,6 +423,10 @@ def _write(out: TextIO, fmt: str, reader: RecordingReader, all_layers: bool) -> 
     elif fmt == "json":
         json.dump(export_json(reader), out, allow_nan=False)
         out.write("\n")
+    elif fmt == "html":
+        from llmtop.tui.commands.html import write_html
+
+        write_html(reader, out)
     else:
         json.dump(export_chrome(reader, all_layers=all_layers), out, allow_nan=False)
         out.write("\n")

@@ -33,6 +33,8 @@ class OpsView(Vertical):
             info = f"profile of step {model.ops_step} · {len(model.ops)} ops"
             if model.ops_coverage is not None:
                 info += f" · FLOP formulas cover {model.ops_coverage * 100:.0f} % of op time"
+            if model.ops and not any(op.shapes for op in model.ops):
+                info += " · input shapes not recorded in this profile"
         self.query_one("#ops-info", Static).update(info)
         total = sum(op.self_ms for op in model.ops) or 1.0
         self._keyed.sync(

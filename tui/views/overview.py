@@ -4,49 +4,72 @@ from __future__ import annotations
 
 import math
 
+from llmtop.protocol.events import PHASES
 from llmtop.tui.session import fmt
 from llmtop.tui.session.diagnoses import diagnose
 from llmtop.tui.session.model import SessionModel
-from llmtop.tui.views.widgets import PhaseBar, SparkRow, heat_style
+from llmtop.tui.views.widgets import PHASE_GLYPHS, PHASE_LABELS, PHASE_STYLES, PhaseBar, SparkRow, heat_style
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Static
 
 MAX_METRIC_ROWS = 6
+WIDE = 140  # terminal columns from which the overview lays out in two columns
+HOT_ROWS = 5  # hottest layers and ops shown; in two columns, up to MAX_HOT_ROWS as the height allows
+MAX_HOT_ROWS = 25
 SEVERITY_MARK = {"error": ("✖", "bold red"), "warning": ("▲", "yellow"), "info": ("·", "")}
 
 
 class OverviewView(VerticalScroll):
+    """One column up to WIDE columns; from WIDE on, two: the run over time (sparklines, phases) on the
+    left, what to look at (diagnoses, hottest layers and ops) on the right, with as many layer and op
+    rows as the height allows."""
+
     DEFAULT_CSS = """
     OverviewView { padding: 0 1; }
+    OverviewView #ov-main { height: auto; layout: vertical; }
+    OverviewView.wide #ov-main { layout: horizontal; }
+    OverviewView #ov-left, OverviewView #ov-right { height: auto; }
+    OverviewView.wide #ov-left { width: 1fr; }
+    OverviewView.wide #ov-right { width: 1fr; margin: 0 0 0 2; }
     OverviewView #ov-gpus { height: auto; }
     OverviewView #ov-metrics { height: auto; }
     OverviewView #ov-sparks { height: auto; }
     OverviewView .section { height: auto; margin: 1 0 0 0; }
+    OverviewView.wide #ov-diag { margin: 0; }
+    OverviewView #ov-phase-table, OverviewView #ov-totals { display: none; }
+    OverviewView.wide #ov-phase-table, OverviewView.wide #ov-totals { display: block; }
     OverviewView #ov-hot { height: auto; layout: horizontal; }
-    OverviewView.narrow #ov-hot { layout: vertical; }
+    OverviewView.narrow #ov-hot, OverviewView.wide #ov-hot { layout: vertical; }
     OverviewView #ov-hot > Static { width: 1fr; height: auto; text-wrap: nowrap; text-overflow: ellipsis; }
-    OverviewView.narrow #ov-hot-ops { margin: 1 0 0 0; }
+    OverviewView.narrow #ov-hot-ops, OverviewView.wide #ov-hot-ops { margin: 1 0 0 0; }
     """
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="ov-sparks"):
-            yield SparkRow("step ms", id="ov-step")
-            yield SparkRow("steps/s", id="ov-rate")
-            yield SparkRow("loss", id="ov-loss")
-            yield SparkRow("CPU %", id="ov-cpu")
-            yield SparkRow("RSS", id="ov-rss")
-            yield Vertical(id="ov-gpus")
-            yield Vertical(id="ov-metrics")
-        yield PhaseBar(id="ov-phases")
-        yield Static(id="ov-diag", classes="section")
-        with Horizontal(id="ov-hot", classes="section"):
-            yield Static(id="ov-hot-layers")
-            yield Static(id="ov-hot-ops")
+        with Horizontal(id="ov-main"):
+            with Vertical(id="ov-left"):
+                with Vertical(id="ov-sparks"):
+                    yield SparkRow("step ms", id="ov-step")
+                    yield SparkRow("steps/s", id="ov-rate")
+                    yield SparkRow("loss", id="ov-loss")
+                    yield SparkRow("CPU %", id="ov-cpu")
+                    yield SparkRow("RSS", id="ov-rss")
+                    yield Vertical(id="ov-gpus")
+                    yield Vertical(id="ov-metrics")
+                yield PhaseBar(id="ov-phases")
+                yield Static(id="ov-phase-table", classes="section")
+                yield Static(id="ov-totals", classes="section")
+            with Vertical(id="ov-right"):
+                yield Static(id="ov-diag", classes="section")
+                with Horizontal(id="ov-hot", classes="section"):
+                    yield Static(id="ov-hot-layers")
+                    yield Static(id="ov-hot-ops")
 
     def refresh_view(self, model: SessionModel, window_s: float) -> None:
+        wide = self.app.size.width >= WIDE  # terminal columns, as the user counts them
         self.set_class(self.size.width < 120, "narrow")
+        self.set_class(wide, "wide")
         steps = model.recent_steps(window_s)
         step_ms = [s.dur_ms for s in steps]
         last = model.last_step
@@ -75,9 +98,16 @@ class OverviewView(VerticalScroll):
         self._metrics(model, window_s)
 
         self.query_one("#ov-phases", PhaseBar).show(model.phase_totals(window_s))
-        self.query_one("#ov-diag", Static).update(diagnoses_text(model, window_s))
-        self.query_one("#ov-hot-layers", Static).update(hot_layers_text(model))
-        self.query_one("#ov-hot-ops", Static).update(hot_ops_text(model))
+        diag = diagnoses_text(model, window_s)
+        self.query_one("#ov-diag", Static).update(diag)
+        rows = HOT_ROWS
+        if wide:  # the right column's height goes to more layer and op rows
+            self.query_one("#ov-phase-table", Static).update(phase_table_text(model, window_s))
+            self.query_one("#ov-totals", Static).update(totals_text(model))
+            spare = self.size.height - len(diag.plain.splitlines()) - 5  # two titles, a gap, a margin
+            rows = max(HOT_ROWS, min(MAX_HOT_ROWS, spare // 2))
+        self.query_one("#ov-hot-layers", Static).update(hot_layers_text(model, rows))
+        self.query_one("#ov-hot-ops", Static).update(hot_ops_text(model, rows, shapes=wide))
 
     def _gpus(self, model: SessionModel, window_s: float) -> None:
         box = self.query_one("#ov-gpus", Vertical)
@@ -133,7 +163,7 @@ def diagnoses_text(model: SessionModel, window_s: float) -> Text:
     return text
 
 
-def hot_layers_text(model: SessionModel, n: int = 5) -> Text:
+def hot_layers_text(model: SessionModel, n: int = HOT_ROWS) -> Text:
     text = Text("Hottest layers\n", style="bold", no_wrap=True, overflow="ellipsis")
     hot = model.hottest_layers(n)
     if not hot:
@@ -152,20 +182,63 @@ def hot_layers_text(model: SessionModel, n: int = 5) -> Text:
     return text
 
 
-def hot_ops_text(model: SessionModel, n: int = 5) -> Text:
+def hot_ops_text(model: SessionModel, n: int = HOT_ROWS, shapes: bool = True) -> Text:
     text = Text("Hottest ops", style="bold", no_wrap=True, overflow="ellipsis")
     if model.ops_step is not None:
         text.append(f" (step {model.ops_step})", style="dim")
+        if shapes and not any(op.shapes for op in model.ops):
+            text.append(" · input shapes not recorded in this profile", style="dim")
     text.append("\n")
     if not model.ops:
         text.append("  no op profile yet", style="dim")
         return text
     total = sum(op.self_ms for op in model.ops) or 1.0
+    width = max(len(op.name) for op in model.ops[:n])
     lines = []
     for op in model.ops[:n]:
         line = Text(no_wrap=True, overflow="ellipsis")
         line.append(f"{op.self_ms / total * 100:5.1f}% {fmt.ms(op.self_ms):>6} ms  ×{op.calls:<4} ")
-        line.append(op.name)
+        line.append(op.name.ljust(width) if shapes and op.shapes else op.name)
+        if shapes and op.shapes:
+            line.append(f"  {op.shapes}", style="dim")
         lines.append(line)
     text.append_text(Text("\n").join(lines))
+    return text
+
+
+def phase_table_text(model: SessionModel, window_s: float) -> Text:
+    """Each phase's mean time per step and share over the window (the bar above, in numbers)."""
+    text = Text("Phases per step", style="bold", no_wrap=True, overflow="ellipsis")
+    text.append(f" (last {fmt.duration(window_s)})", style="dim")
+    totals = model.phase_totals(window_s)
+    steps = len(model.recent_steps(window_s))
+    total = sum(totals.values())
+    if not totals or not steps or total <= 0:
+        text.append("\n  no phase data yet", style="dim")
+        return text
+    for phase in PHASES:
+        ms = totals.get(phase, 0.0)
+        text.append("\n  ")
+        text.append(PHASE_GLYPHS[phase], style=PHASE_STYLES[phase])
+        text.append(f" {PHASE_LABELS[phase]:<6} {fmt.ms(ms / steps):>7} ms  {ms / total * 100:5.1f} %")
+    return text
+
+
+def totals_text(model: SessionModel) -> Text:
+    """Counts since the start: what the sparklines' window does not show."""
+    text = Text("Since the start", style="bold", no_wrap=True, overflow="ellipsis")
+    rows = [("steps", fmt.count(model.step_count))]
+    if model.tokens_total:
+        rows.append(("tokens", fmt.count(model.tokens_total)))
+    if model.samples_total:
+        rows.append(("samples", fmt.count(model.samples_total)))
+    if model.generation_count:
+        rows.append(("generate calls", fmt.count(model.generation_count)))
+        rows.append(("generated tokens", fmt.count(model.generated_tokens)))
+    first = next((s.loss for s in model.steps if s.loss is not None), None)
+    last = model.last_step.loss if model.last_step is not None else None
+    if first is not None and last is not None:
+        rows.append(("loss", f"{fmt.value(first)} → {fmt.value(last)}"))
+    for label, value in rows:
+        text.append(f"\n  {label:<17}{value}")
     return text
