@@ -123,7 +123,10 @@ class Generate:
                 stack.pop()
             if not stack:
                 for fn in core.BUS.generate_end:  # the step tracker ends the call's step now
-                    fn(t_end)
+                    try:
+                        fn(t_end)
+                    except Exception:
+                        pass
             if err is not None:
                 return
             self._emit_generation(st, args, kwargs, result, wall0, t_end, depth)

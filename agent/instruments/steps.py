@@ -4,8 +4,16 @@ Boundaries (see docs/ARCHITECTURE.md, "Steps and phases"):
 
 - training: the outermost optimizer ``step()`` (global optimizer step post hook) ends a step;
   gradient accumulation therefore gives one step per optimizer step;
+- training with no optimizer: a backward, then the next iteration's batch fetch or the trained
+  model's next grad-enabled forward, ends a step (held for HOLD iterations, which could still be
+  micro-batches, until the loop shows it has no optimizer);
 - inference (no backward or optimizer step seen yet): each root forward ends a step; a forward
-  with grad enabled ends its step only once the next root forward starts without a backward;
+  with grad enabled ends its step only once the next root forward starts without a backward; a
+  ``generate`` call's step ends when it returns (``core.BUS.generate_end``);
+- evaluation between training steps (the trained model's no-grad or eval-mode forwards, or no-grad
+  forwards followed by a batch fetch) is an "eval" record: numbered as the next training step, not
+  counted, not announced on ``step_end`` (``eval_end`` instead); inference records before the
+  first training step were such an evaluation: training steps count from 0 again;
 - manual: after the first ``llmtop.agent.step()`` only manual calls end steps.
 
 Phases are exclusive times on the step loop's thread, innermost wins (an h2d copy inside a data
