@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -31,6 +32,16 @@ _now = time.perf_counter_ns
 
 
 class OpsInstrument:
+    """Op profile windows whose lifetime is safe by construction.
+
+    Kineto must not have a window recording while a finished window's result is read or freed on
+    another thread: freeing a ``ProfilerResult`` while the next window records corrupts the heap
+    (SIGSEGV in ``~MemoryTraceLogger``, ``free(): invalid next size``). So one token (a lock that
+    is only ever tried, never waited for) is held from a window's start until the agent thread
+    has read its events and freed its result: a window cannot open before the previous one is
+    gone. A window that falls due while the token is held opens at the first step end after.
+    """
+
     name = "ops"
 
     def __init__(self, options: core.Options | None = None) -> None:
@@ -41,7 +52,10 @@ class OpsInstrument:
         self._prof: Any = None  # the window in progress (user's thread owns start/stop)
         self._prof_step = -1
         self._thread = 0
-        self._done: deque[tuple[int, Any]] = deque(maxlen=2)  # finished windows for poll()
+        # the token: held from a window's start until its result is read and freed (or dropped)
+        self._token = threading.Lock()
+        self._ready: tuple[int, Any] | None = None  # the closed window, for poll() (token held)
+        self._due = False  # a window fell due while the token was held: open at the next chance
         self._dead = False
         self.windows = 0
         # budget: cost of the last window (ns, user thread + agent thread) and when the next may open
@@ -59,6 +73,9 @@ class OpsInstrument:
         import torch
 
         self._torch = torch
+        _init_kineto(torch)
+        _LIVE.add(self)
+        _register_fork_hooks()
         core.BUS.step_end.append(self._on_step_end)
 
     def uninstall(self) -> None:
@@ -70,6 +87,7 @@ class OpsInstrument:
         self._close()
 
     def _close(self) -> None:
+        """Unhook, and stop and free an open window: only on the window's own thread."""
         try:
             core.BUS.step_end.remove(self._on_step_end)
         except ValueError:
@@ -80,21 +98,26 @@ class OpsInstrument:
                 prof.__exit__(None, None, None)
             except Exception:
                 pass
+            _free(prof)  # no window of ours can be open: the token is held until here
+            self._token.release()
 
     def poll(self, now: float) -> list[Event]:
         out: list[Event] = []
-        if getattr(self.ctx, "stopping", False):
-            self._done.clear()  # summarizing a trace takes a while: the script's exit must not wait
+        ready, self._ready = self._ready, None
+        if ready is None:
             return out
-        while self._done:
-            step, prof = self._done.popleft()
-            t0 = _now()
-            try:
+        step, prof = ready
+        t0 = _now()
+        try:
+            # summarizing a trace takes a while: the script's exit must not wait (it is dropped)
+            if not getattr(self.ctx, "stopping", False):
                 out.append(summarize_window(prof, step, self.top_k))
-            finally:
-                del prof  # the trace is dropped once summarized
-                t1 = _now()
-                self._charge(t1 - t0, t1)
+        finally:
+            _free(prof)  # read and freed before any other window may open: then the token goes
+            del prof, ready
+            self._token.release()
+            t1 = _now()
+            self._charge(t1 - t0, t1)
         return out
 
     def _charge(self, cost_ns: int, at_ns: int) -> None:
@@ -116,7 +139,7 @@ class OpsInstrument:
                     return  # another thread's step: the window belongs to the starting thread
                 prof, self._prof = self._prof, None
                 prof.__exit__(None, None, None)
-                self._done.append((self._prof_step, prof))
+                self._ready = (self._prof_step, prof)  # the agent thread reads, frees, and frees the token
                 self.windows += 1
                 t = _now()
                 # the whole profiled step counts: it ran slower under the profiler
@@ -124,40 +147,127 @@ class OpsInstrument:
                 self.costs.append((self._t_start, 0))
                 self._charge(t - self._t_start, t)
             nxt = step + 1
-            due = nxt == FIRST_STEP or (nxt % self.every == 0 and _now() >= self.next_ok_ns)
-            if due and not getattr(self.ctx, "stopping", False):
-                self._start(nxt)  # (not while the agent stops: nobody would summarize the window)
+            if nxt == FIRST_STEP or (nxt % self.every == 0 and _now() >= self.next_ok_ns):
+                self._due = True
+            if self._due and not getattr(self.ctx, "stopping", False) and self._token.acquire(False):
+                # (not while the agent stops: nobody would summarize the window)
+                self._due = False
+                try:
+                    started = self._start(nxt)
+                except BaseException:
+                    self._token.release()
+                    raise
+                if not started:
+                    self._token.release()
         except Exception as exc:  # fail open: disable, never raise into the step
             self._dead = True
             if threading.get_ident() == self._thread:
                 self._close()
             self._warn(f"profiler window failed: {type(exc).__name__}: {exc}")
 
-    def _start(self, step: int) -> None:
+    def _start(self, step: int) -> bool:
         from torch.autograd import profiler
 
         self._t_start = _now()
         if self._torch.autograd._profiler_enabled():  # the user is profiling: stay out of the way
-            return
-        added = "KINETO_LOG_LEVEL" not in os.environ
-        if added:  # Kineto prints "profiler_start/stop" lines on stderr: the user's output
-            os.environ["KINETO_LOG_LEVEL"] = "6"
-        try:
-            if self._torch.cuda.is_initialized():  # the script uses the GPU: record device time
-                prof = profiler.profile(record_shapes=True, use_device="cuda", use_kineto=True)
-            else:
-                try:
-                    prof = profiler.profile(record_shapes=True, use_kineto=False)
-                except Exception:  # a torch without the legacy CPU profiler: Kineto
-                    prof = profiler.profile(record_shapes=True, use_kineto=True)
-            prof.__enter__()
-        finally:
-            if added:
-                os.environ.pop("KINETO_LOG_LEVEL", None)
+            return False
+        if self._torch.cuda.is_initialized():  # the script uses the GPU: record device time
+            prof = profiler.profile(record_shapes=True, use_device="cuda", use_kineto=True)
+        else:
+            prof = profiler.profile(record_shapes=True, use_kineto=False)
+        prof.__enter__()
         self._prof, self._prof_step, self._thread = prof, step, threading.get_ident()
+        return True
+
+    def _before_fork(self) -> None:
+        """On the forking thread: a window open here is stopped and dropped, so that the child
+        (a DataLoader worker) does not start life inside a profiler it can never stop."""
+        if self._prof is not None and threading.get_ident() == self._thread:
+            prof, self._prof = self._prof, None
+            try:
+                prof.__exit__(None, None, None)
+            except Exception:
+                pass
+            _free(prof)
+            self._token.release()
+
+    def _after_fork_in_child(self) -> None:
+        self._dead = True  # the child has no agent; a window open on another thread is not here
+        self._prof = self._ready = None
 
     def _warn(self, message: str) -> None:
         core.warn_safely(self.ctx, self.name, message)
+
+
+def _free(prof: Any) -> None:
+    """Free a finished window's native result now, on this thread: a profile object caught in a
+    reference cycle would otherwise be freed by the garbage collector at any time, on any thread,
+    maybe while another window records."""
+    try:
+        prof.kineto_results = None
+        prof._function_events = prof._old_function_events = None
+    except Exception:
+        pass
+
+
+# Instruments with live windows, for the fork hooks (registered once: they cannot be removed).
+_LIVE: weakref.WeakSet[OpsInstrument] = weakref.WeakSet()
+_fork_hooks = False
+_kineto_ready = False
+
+
+def _register_fork_hooks() -> None:
+    global _fork_hooks
+    if _fork_hooks:
+        return
+    _fork_hooks = True
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def _before_fork() -> None:
+    for inst in list(_LIVE):
+        try:
+            inst._before_fork()
+        except Exception:
+            pass
+
+
+def _after_fork_in_child() -> None:
+    for inst in list(_LIVE):
+        inst._after_fork_in_child()
+
+
+def _init_kineto(torch: Any) -> None:
+    """Start Kineto once, here, on the main thread, with its log level raised.
+
+    Kineto initializes itself at the first window; from a thread other than the one that
+    imported torch it prints "External init callback must run in same thread as registerClient"
+    on stderr, and each window prints "profiler_start/stop" lines unless KINETO_LOG_LEVEL was set
+    when it initialized (it reads it then, once). An empty window at install does both right,
+    before the script runs, and the variable is set only for that moment: later windows do not
+    touch the environment (setenv racing getenv on another thread can crash).
+    """
+    global _kineto_ready
+    if _kineto_ready or threading.current_thread() is not threading.main_thread():
+        return
+    if torch.autograd._profiler_enabled():
+        return  # the user profiles this thread already: Kineto is up
+    _kineto_ready = True
+    from torch.autograd import profiler
+
+    added = "KINETO_LOG_LEVEL" not in os.environ
+    if added:
+        os.environ["KINETO_LOG_LEVEL"] = "6"
+    try:
+        prof = profiler.profile(record_shapes=True, use_kineto=False)
+        prof.__enter__()
+        prof.__exit__(None, None, None)
+        _free(prof)
+    except Exception:
+        pass
+    finally:
+        if added:
+            os.environ.pop("KINETO_LOG_LEVEL", None)
 
 
 def summarize_window(prof: Any, step: int, top_k: int = TOP_K) -> Ops:
