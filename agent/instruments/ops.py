@@ -177,6 +177,11 @@ class OpsInstrument:
             prof = profiler.profile(record_shapes=True, use_kineto=False)
         prof.__enter__()
         self._prof, self._prof_step, self._thread = prof, step, threading.get_ident()
+        if getattr(_THREAD, "closer", None) is None:
+            # A thread that ends with a window open (its last step end opened one) would take the
+            # profiler's thread state down with it, still recording, and the process dies at exit:
+            # this object is dropped on the ending thread itself, and stops the window there.
+            _THREAD.closer = _ThreadEnd()
         return True
 
     def _before_fork(self) -> None:
@@ -197,6 +202,21 @@ class OpsInstrument:
 
     def _warn(self, message: str) -> None:
         core.warn_safely(self.ctx, self.name, message)
+
+
+class _ThreadEnd:
+    """Kept in a ``threading.local``: freed on its thread when the thread ends."""
+
+    def __del__(self) -> None:
+        for inst in list(_LIVE):
+            try:
+                if inst._prof is not None and threading.get_ident() == inst._thread:
+                    inst._before_fork()  # the same: stop and drop this thread's window
+            except Exception:
+                pass
+
+
+_THREAD = threading.local()
 
 
 def _free(prof: Any) -> None:
