@@ -107,4 +107,4 @@ def test_attached_script_with_windows_on_threads_and_forks_exits_cleanly(short_t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr == ""  # no Kineto lines ("External init callback …", "profiler_start")
     words = proc.stdout.split()
-    assert int(words[1]) >= 20 and int(words[3]) >= 2, proc.stdout  # windows on threads, forks
+    assert int(words[1]) >= 10 and int(words[3]) >= 2, proc.stdout  # windows on threads, forks
