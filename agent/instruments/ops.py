@@ -9,11 +9,13 @@ with CUDA, Kineto records device time as well.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from llmtop.agent.flops.counting import PARENT_OPS, has_formula, op_flops
@@ -73,7 +75,6 @@ class OpsInstrument:
         import torch
 
         self._torch = torch
-        _init_kineto(torch)
         _LIVE.add(self)
         _register_fork_hooks()
         core.BUS.step_end.append(self._on_step_end)
@@ -159,6 +160,7 @@ class OpsInstrument:
                     raise
                 if not started:
                     self._token.release()
+                    self._due = self._due or not _kineto_ready  # another thread may start Kineto
         except Exception as exc:  # fail open: disable, never raise into the step
             self._dead = True
             if threading.get_ident() == self._thread:
@@ -171,11 +173,16 @@ class OpsInstrument:
         self._t_start = _now()
         if self._torch.autograd._profiler_enabled():  # the user is profiling: stay out of the way
             return False
+        first = not _kineto_ready
+        if first and threading.current_thread() is not threading.main_thread():
+            return False  # Kineto starts on the main thread (see _kineto_env)
         if self._torch.cuda.is_initialized():  # the script uses the GPU: record device time
             prof = profiler.profile(record_shapes=True, use_device="cuda", use_kineto=True)
         else:
             prof = profiler.profile(record_shapes=True, use_kineto=False)
-        prof.__enter__()
+        with _kineto_env(first):
+            prof.__enter__()
+        _started_kineto()
         self._prof, self._prof_step, self._thread = prof, step, threading.get_ident()
         if getattr(_THREAD, "closer", None) is None:
             # A thread that ends with a window open (its last step end opened one) would take the
@@ -257,37 +264,26 @@ def _after_fork_in_child() -> None:
         inst._after_fork_in_child()
 
 
-def _init_kineto(torch: Any) -> None:
-    """Start Kineto once, here, on the main thread, with its log level raised.
-
-    Kineto initializes itself at the first window; from a thread other than the one that
-    imported torch it prints "External init callback must run in same thread as registerClient"
-    on stderr, and each window prints "profiler_start/stop" lines unless KINETO_LOG_LEVEL was set
-    when it initialized (it reads it then, once). An empty window at install does both right,
-    before the script runs, and the variable is set only for that moment: later windows do not
-    touch the environment (setenv racing getenv on another thread can crash).
-    """
-    global _kineto_ready
-    if _kineto_ready or threading.current_thread() is not threading.main_thread():
-        return
-    if torch.autograd._profiler_enabled():
-        return  # the user profiles this thread already: Kineto is up
-    _kineto_ready = True
-    from torch.autograd import profiler
-
-    added = "KINETO_LOG_LEVEL" not in os.environ
+@contextlib.contextmanager
+def _kineto_env(first: bool) -> Iterator[None]:
+    """Around the first window, the one that starts Kineto (on the main thread, the one that
+    imported torch: from another thread Kineto prints "External init callback must run in same
+    thread as registerClient" on stderr). Kineto reads KINETO_LOG_LEVEL once, as it starts: set
+    then, it keeps the "profiler_start/stop" lines of every later window off stderr, and no later
+    window touches the environment (setenv racing getenv on another thread can crash)."""
+    added = first and "KINETO_LOG_LEVEL" not in os.environ
     if added:
         os.environ["KINETO_LOG_LEVEL"] = "6"
     try:
-        prof = profiler.profile(record_shapes=True, use_kineto=False)
-        prof.__enter__()
-        prof.__exit__(None, None, None)
-        _free(prof)
-    except Exception:
-        pass
+        yield
     finally:
         if added:
             os.environ.pop("KINETO_LOG_LEVEL", None)
+
+
+def _started_kineto() -> None:
+    global _kineto_ready
+    _kineto_ready = True
 
 
 def summarize_window(prof: Any, step: int, top_k: int = TOP_K) -> Ops:
