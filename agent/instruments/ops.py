@@ -3,8 +3,10 @@
 On the user's thread the instrument only starts the profiler at one step boundary and stops it at
 the next (``core.BUS.step_end``); everything else (parsing the events, grouping by op and input
 shapes, FLOPs from ``flops.FORMULAS``) runs on the agent thread in ``poll()``, keeps the top K rows
-and drops the trace. On CPU the autograd profiler without Kineto is used (cheapest start/stop);
-with CUDA, Kineto records device time as well.
+and drops the trace. On CPU the autograd profiler records CPU ops only (``use_kineto=False``, still
+Kineto underneath in torch 2.x); with CUDA, Kineto records device time as well. See
+``OpsInstrument`` for why one window at a time, and ``_kineto_env`` for why the first on the main
+thread.
 """
 
 from __future__ import annotations
