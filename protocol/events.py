@@ -330,6 +330,7 @@ class LayerFlops(Event):
     peak_flops: float | None = None  # device dense peak FLOP/s for the dtype in use
     peak_bw: float | None = None  # device memory bandwidth, bytes/s
     device: str = ""
+    peak_source: str = ""  # where the peaks come from: measured / env / cpu-features / datasheet
 
 
 @dataclass

@@ -456,6 +456,27 @@ _NO_BYTES = frozenset({"aten::_unsafe_view", "aten::detach", "aten::lift_fresh",
                        "aten::empty_strided", "aten::empty_like", "aten::new_empty"})
 
 
+def _may_draw(func: Any, args: tuple, kwargs: dict) -> bool:
+    """False for a seeded op told not to draw (``dropout_p=0``, ``train=False``: attention kernels)."""
+    try:
+        for i, arg in enumerate(func._schema.arguments):
+            value = args[i] if i < len(args) else kwargs.get(arg.name, arg.default_value)
+            if (arg.name == "dropout_p" and value == 0) or (arg.name == "train" and value is False):
+                return False
+    except Exception:
+        pass
+    return True
+
+
+def _all_meta(args: tuple, kwargs: dict, is_tensor: type) -> bool:
+    """True when the op's tensors are meta tensors, or it makes them (``device=meta``)."""
+    dev = kwargs.get("device")
+    if dev is not None:
+        return str(dev) == "meta"
+    tensors = [t for a in (*args, *kwargs.values()) for t in _tensors(a)]
+    return bool(tensors) and all(t.device.type == "meta" for t in tensors if isinstance(t, is_tensor))
+
+
 def count(model: Any, args: tuple = (), kwargs: dict | None = None) -> Profile:
     """Run ``model(*args, **kwargs)`` once under the counters; use meta tensors to compute nothing."""
     import torch
@@ -471,6 +492,7 @@ def count(model: Any, args: tuple = (), kwargs: dict | None = None) -> Profile:
     truth_ops = {aten.all.default: True, aten.any.default: False, aten.is_nonzero.default: False,
                  aten.eq.Scalar: True, aten.eq.Tensor: True, aten.ne.Scalar: False, aten.ne.Tensor: False}
     scalar_only = {aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ne.Tensor}  # `mask.sum() == n`
+    seeded = torch.Tag.nondeterministic_seeded
 
     class Dispatch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: N805
@@ -481,6 +503,10 @@ def count(model: Any, args: tuple = (), kwargs: dict | None = None) -> Profile:
                 truth = getattr(args[0], "_llmtop_truth", None)
                 if truth is not None:
                     return truth
+            if seeded in func.tags and _may_draw(func, args, kwargs) and not _all_meta(args, kwargs, is_tensor):
+                # a random op off the meta device would draw from the script's generator
+                raise RuntimeError(f"{func.__name__} on real tensors: not counted (it would draw "
+                                   "from the script's random generator)")
             out = func(*args, **kwargs)
             if func in truth_ops and isinstance(out, is_tensor) and out.device.type == "meta" and (
                     func not in scalar_only or out.dim() == 0):

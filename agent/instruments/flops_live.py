@@ -291,6 +291,7 @@ class FlopsInstrument:
             peak_flops=dev.peak(dtype) if dev is not None else None,
             peak_bw=dev.bandwidth if dev is not None else None,
             device=dev.name if dev is not None else "",
+            peak_source=dev.sources() if dev is not None else "",
         )
 
     def _device(self, model: Any) -> tuple[Any, str]:

@@ -166,9 +166,15 @@ class LayerCosts:
         import torch
 
         probe = LayersInstrument(self.options, _private=True)
-        model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(16)])
-        one = torch.nn.Linear(4, 4)
-        x = torch.randn(2, 4, requires_grad=True)
+        # Built without drawing from the script's generator (skip_init), filled from a private one.
+        gen = torch.Generator().manual_seed(0)
+        skip = torch.nn.utils.skip_init
+        model = torch.nn.Sequential(*[skip(torch.nn.Linear, 4, 4) for _ in range(16)])
+        one = skip(torch.nn.Linear, 4, 4)
+        with torch.no_grad():
+            for p in [*model.parameters(), *one.parameters()]:
+                p.uniform_(-0.5, 0.5, generator=gen)
+        x = torch.empty(2, 4).uniform_(-1, 1, generator=gen).requires_grad_()
         reps, calls = 6, 17
 
         def run() -> int:

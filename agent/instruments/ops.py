@@ -3,16 +3,21 @@
 On the user's thread the instrument only starts the profiler at one step boundary and stops it at
 the next (``core.BUS.step_end``); everything else (parsing the events, grouping by op and input
 shapes, FLOPs from ``flops.FORMULAS``) runs on the agent thread in ``poll()``, keeps the top K rows
-and drops the trace. On CPU the autograd profiler without Kineto is used (cheapest start/stop);
-with CUDA, Kineto records device time as well.
+and drops the trace. On CPU the autograd profiler records CPU ops only (``use_kineto=False``, still
+Kineto underneath in torch 2.x); with CUDA, Kineto records device time as well. See
+``OpsInstrument`` for why one window at a time, and ``_kineto_env`` for why the first on the main
+thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+import weakref
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from llmtop.agent.flops.counting import PARENT_OPS, has_formula, op_flops
@@ -31,6 +36,16 @@ _now = time.perf_counter_ns
 
 
 class OpsInstrument:
+    """Op profile windows whose lifetime is safe by construction.
+
+    Kineto must not have a window recording while a finished window's result is read or freed on
+    another thread: freeing a ``ProfilerResult`` while the next window records corrupts the heap
+    (SIGSEGV in ``~MemoryTraceLogger``, ``free(): invalid next size``). So one token (a lock that
+    is only ever tried, never waited for) is held from a window's start until the agent thread
+    has read its events and freed its result: a window cannot open before the previous one is
+    gone. A window that falls due while the token is held opens at the first step end after.
+    """
+
     name = "ops"
 
     def __init__(self, options: core.Options | None = None) -> None:
@@ -41,7 +56,10 @@ class OpsInstrument:
         self._prof: Any = None  # the window in progress (user's thread owns start/stop)
         self._prof_step = -1
         self._thread = 0
-        self._done: deque[tuple[int, Any]] = deque(maxlen=2)  # finished windows for poll()
+        # the token: held from a window's start until its result is read and freed (or dropped)
+        self._token = threading.Lock()
+        self._ready: tuple[int, Any] | None = None  # the closed window, for poll() (token held)
+        self._due = False  # a window fell due while the token was held: open at the next chance
         self._dead = False
         self.windows = 0
         # budget: cost of the last window (ns, user thread + agent thread) and when the next may open
@@ -59,6 +77,8 @@ class OpsInstrument:
         import torch
 
         self._torch = torch
+        _LIVE.add(self)
+        _register_fork_hooks()
         core.BUS.step_end.append(self._on_step_end)
 
     def uninstall(self) -> None:
@@ -70,6 +90,7 @@ class OpsInstrument:
         self._close()
 
     def _close(self) -> None:
+        """Unhook, and stop and free an open window: only on the window's own thread."""
         try:
             core.BUS.step_end.remove(self._on_step_end)
         except ValueError:
@@ -80,21 +101,26 @@ class OpsInstrument:
                 prof.__exit__(None, None, None)
             except Exception:
                 pass
+            _free(prof)  # no window of ours can be open: the token is held until here
+            self._token.release()
 
     def poll(self, now: float) -> list[Event]:
         out: list[Event] = []
-        if getattr(self.ctx, "stopping", False):
-            self._done.clear()  # summarizing a trace takes a while: the script's exit must not wait
+        ready, self._ready = self._ready, None
+        if ready is None:
             return out
-        while self._done:
-            step, prof = self._done.popleft()
-            t0 = _now()
-            try:
+        step, prof = ready
+        t0 = _now()
+        try:
+            # summarizing a trace takes a while: the script's exit must not wait (it is dropped)
+            if not getattr(self.ctx, "stopping", False):
                 out.append(summarize_window(prof, step, self.top_k))
-            finally:
-                del prof  # the trace is dropped once summarized
-                t1 = _now()
-                self._charge(t1 - t0, t1)
+        finally:
+            _free(prof)  # read and freed before any other window may open: then the token goes
+            del prof, ready
+            self._token.release()
+            t1 = _now()
+            self._charge(t1 - t0, t1)
         return out
 
     def _charge(self, cost_ns: int, at_ns: int) -> None:
@@ -116,7 +142,7 @@ class OpsInstrument:
                     return  # another thread's step: the window belongs to the starting thread
                 prof, self._prof = self._prof, None
                 prof.__exit__(None, None, None)
-                self._done.append((self._prof_step, prof))
+                self._ready = (self._prof_step, prof)  # the agent thread reads, frees, and frees the token
                 self.windows += 1
                 t = _now()
                 # the whole profiled step counts: it ran slower under the profiler
@@ -124,40 +150,142 @@ class OpsInstrument:
                 self.costs.append((self._t_start, 0))
                 self._charge(t - self._t_start, t)
             nxt = step + 1
-            due = nxt == FIRST_STEP or (nxt % self.every == 0 and _now() >= self.next_ok_ns)
-            if due and not getattr(self.ctx, "stopping", False):
-                self._start(nxt)  # (not while the agent stops: nobody would summarize the window)
+            if nxt == FIRST_STEP or (nxt % self.every == 0 and _now() >= self.next_ok_ns):
+                self._due = True
+            if self._due and not getattr(self.ctx, "stopping", False) and self._token.acquire(False):
+                # (not while the agent stops: nobody would summarize the window)
+                self._due = False
+                try:
+                    started = self._start(nxt)
+                except BaseException:
+                    self._token.release()
+                    raise
+                if not started:
+                    self._token.release()
+                    self._due = self._due or not _kineto_ready  # another thread may start Kineto
         except Exception as exc:  # fail open: disable, never raise into the step
             self._dead = True
             if threading.get_ident() == self._thread:
                 self._close()
             self._warn(f"profiler window failed: {type(exc).__name__}: {exc}")
 
-    def _start(self, step: int) -> None:
+    def _start(self, step: int) -> bool:
         from torch.autograd import profiler
 
         self._t_start = _now()
         if self._torch.autograd._profiler_enabled():  # the user is profiling: stay out of the way
-            return
-        added = "KINETO_LOG_LEVEL" not in os.environ
-        if added:  # Kineto prints "profiler_start/stop" lines on stderr: the user's output
-            os.environ["KINETO_LOG_LEVEL"] = "6"
-        try:
-            if self._torch.cuda.is_initialized():  # the script uses the GPU: record device time
-                prof = profiler.profile(record_shapes=True, use_device="cuda", use_kineto=True)
-            else:
-                try:
-                    prof = profiler.profile(record_shapes=True, use_kineto=False)
-                except Exception:  # a torch without the legacy CPU profiler: Kineto
-                    prof = profiler.profile(record_shapes=True, use_kineto=True)
+            return False
+        first = not _kineto_ready
+        if first and threading.current_thread() is not threading.main_thread():
+            return False  # Kineto starts on the main thread (see _kineto_env)
+        if self._torch.cuda.is_initialized():  # the script uses the GPU: record device time
+            prof = profiler.profile(record_shapes=True, use_device="cuda", use_kineto=True)
+        else:
+            prof = profiler.profile(record_shapes=True, use_kineto=False)
+        with _kineto_env(first):
             prof.__enter__()
-        finally:
-            if added:
-                os.environ.pop("KINETO_LOG_LEVEL", None)
+        _started_kineto()
         self._prof, self._prof_step, self._thread = prof, step, threading.get_ident()
+        if getattr(_THREAD, "closer", None) is None:
+            # A thread that ends with a window open (its last step end opened one) would take the
+            # profiler's thread state down with it, still recording, and the process dies at exit:
+            # this object is dropped on the ending thread itself, and stops the window there.
+            _THREAD.closer = _ThreadEnd()
+        return True
+
+    def _before_fork(self) -> None:
+        """On the forking thread: a window open here is stopped and dropped, so that the child
+        (a DataLoader worker) does not start life inside a profiler it can never stop."""
+        if self._prof is not None and threading.get_ident() == self._thread:
+            prof, self._prof = self._prof, None
+            try:
+                prof.__exit__(None, None, None)
+            except Exception:
+                pass
+            _free(prof)
+            self._token.release()
+
+    def _after_fork_in_child(self) -> None:
+        self._dead = True  # the child has no agent; a window open on another thread is not here
+        self._prof = self._ready = None
 
     def _warn(self, message: str) -> None:
         core.warn_safely(self.ctx, self.name, message)
+
+
+class _ThreadEnd:
+    """Kept in a ``threading.local``: freed on its thread when the thread ends."""
+
+    def __del__(self) -> None:
+        for inst in list(_LIVE):
+            try:
+                if inst._prof is not None and threading.get_ident() == inst._thread:
+                    inst._before_fork()  # the same: stop and drop this thread's window
+            except Exception:
+                pass
+
+
+_THREAD = threading.local()
+
+
+def _free(prof: Any) -> None:
+    """Free a finished window's native result now, on this thread: a profile object caught in a
+    reference cycle would otherwise be freed by the garbage collector at any time, on any thread,
+    maybe while another window records."""
+    try:
+        prof.kineto_results = None
+        prof._function_events = prof._old_function_events = None
+    except Exception:
+        pass
+
+
+# Instruments with live windows, for the fork hooks (registered once: they cannot be removed).
+_LIVE: weakref.WeakSet[OpsInstrument] = weakref.WeakSet()
+_fork_hooks = False
+_kineto_ready = False
+
+
+def _register_fork_hooks() -> None:
+    global _fork_hooks
+    if _fork_hooks:
+        return
+    _fork_hooks = True
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def _before_fork() -> None:
+    for inst in list(_LIVE):
+        try:
+            inst._before_fork()
+        except Exception:
+            pass
+
+
+def _after_fork_in_child() -> None:
+    for inst in list(_LIVE):
+        inst._after_fork_in_child()
+
+
+@contextlib.contextmanager
+def _kineto_env(first: bool) -> Iterator[None]:
+    """Around the first window, the one that starts Kineto (on the main thread, the one that
+    imported torch: from another thread Kineto prints "External init callback must run in same
+    thread as registerClient" on stderr). Kineto reads KINETO_LOG_LEVEL once, as it starts: set
+    then, it keeps the "profiler_start/stop" lines of every later window off stderr, and no later
+    window touches the environment (setenv racing getenv on another thread can crash)."""
+    added = first and "KINETO_LOG_LEVEL" not in os.environ
+    if added:
+        os.environ["KINETO_LOG_LEVEL"] = "6"
+    try:
+        yield
+    finally:
+        if added:
+            os.environ.pop("KINETO_LOG_LEVEL", None)
+
+
+def _started_kineto() -> None:
+    global _kineto_ready
+    _kineto_ready = True
 
 
 def summarize_window(prof: Any, step: int, top_k: int = TOP_K) -> Ops:
