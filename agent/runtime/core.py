@@ -31,6 +31,11 @@ class Options:
     history: int = 600  # recent steps/samples kept for late joiners' snapshot
     client_buffer: int = 4 * 1024 * 1024  # bytes queued per viewer before frames are dropped
     record: str | None = None  # path of a recording written by the agent itself
+    # Socket server limits (SECURITY.md): connections in all, connections still in the handshake,
+    # and seconds a new connection has to say hello; beyond them connections are refused.
+    max_clients: int = 64  # LLMTOP_MAX_CLIENTS
+    max_pending: int = 16  # LLMTOP_MAX_PENDING
+    handshake_s: float = 5.0  # LLMTOP_HANDSHAKE_S
     extra: dict[str, Any] = field(default_factory=dict)
 
 
