@@ -94,6 +94,10 @@ def private_socket_dir() -> Path:
         fallback = _fallbacks.get(str(wanted))
         if fallback is not None and fallback.is_dir():
             return fallback
+        inherited = _inherited_fallback()
+        if inherited is not None:  # the launcher already warned and chose one: share it
+            _fallbacks[str(wanted)] = inherited
+            return inherited
         reason = str(exc) if isinstance(exc, UnsafeDirectory) else f"{wanted}: {exc.strerror or exc}"
         fallback = Path(tempfile.mkdtemp(prefix=_fallback_prefix()))  # 0700, a name nobody can guess
         _fallbacks[str(wanted)] = fallback
@@ -108,6 +112,21 @@ def is_default_dir(directory: Path) -> bool:
     if directory == socket_dir():
         return True
     return directory.parent == Path(tempfile.gettempdir()) and directory.name.startswith(_fallback_prefix())
+
+
+def _inherited_fallback() -> Path | None:
+    """The private fallback directory ``llmtop attach`` chose for us (through ``$LLMTOP_SOCKET``)."""
+    chosen = os.environ.get("LLMTOP_SOCKET")
+    if not chosen:
+        return None
+    parent = Path(chosen).parent
+    if parent == socket_dir() or not is_default_dir(parent):
+        return None
+    try:
+        os.close(open_private_dir(parent, create=False))
+    except OSError:
+        return None
+    return parent
 
 
 def socket_path_for(pid: int) -> Path:
@@ -266,18 +285,20 @@ class UnreadableDirectory(OSError):
 
 
 def search_dirs() -> list[Path]:
-    """The default socket directory, and the private fallbacks used when it was unsafe."""
-    dirs = [socket_dir()]
+    """Where this user's agents can be: the default socket directory and the private fallbacks made
+    when it was unsafe, each only if it passes the ownership check (a directory another user
+    controls could hold their socket under our agent's name)."""
     tmp = Path(tempfile.gettempdir())
     try:
         extra = sorted(p for p in tmp.iterdir() if p.name.startswith(_fallback_prefix()))
     except OSError:
         extra = []
-    for p in extra:
+    dirs: list[Path] = []
+    for p in [socket_dir(), *extra]:
         try:
             fd = open_private_dir(p, create=False)
         except OSError:
-            continue  # someone else's look-alike: never trust it
+            continue  # missing, or someone else's look-alike: never trust it
         os.close(fd)
         dirs.append(p)
     return dirs
@@ -309,26 +330,31 @@ def list_agents(directory: Path | None = None, strict: bool = False) -> list[Age
     return found
 
 
+class UnreachableTarget(ValueError):
+    """The target's directory cannot be read (permissions): ``llmtop watch`` exits 2 on it."""
+
+
 def resolve_target(target: str) -> Path:
-    """``PID`` or a socket path → the socket path. Raises ValueError with a one-line message."""
+    """``PID`` or a socket path → the socket path. Raises ValueError with a one-line message
+    (``UnreachableTarget`` when a directory on the way cannot be read)."""
     if target.isdigit():
         pid = int(target)
         try:
             agents = list_agents(strict=True)
         except UnreadableDirectory as exc:
-            raise ValueError(str(exc)) from None
+            raise UnreachableTarget(str(exc)) from None
         for info in agents:
             if info.pid == pid:
                 return Path(info.socket)
-        candidate = socket_dir() / f"{pid}.sock"
-        if candidate.exists():
-            return candidate
+        for d in search_dirs():
+            if (d / f"{pid}.sock").exists():
+                return d / f"{pid}.sock"
         raise ValueError(f"no llmtop agent found for pid {pid} (try `llmtop ls`)")
     path = Path(target)
     try:
         st = os.stat(path)
     except PermissionError:
-        raise ValueError(f"cannot reach {target}: permission denied (its directory is not readable)") from None
+        raise UnreachableTarget(f"cannot reach {target}: permission denied (its directory is not readable)") from None
     except OSError:
         raise ValueError(f"no such socket: {target}") from None
     if not stat.S_ISSOCK(st.st_mode):

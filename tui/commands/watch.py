@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmtop.protocol.paths import resolve_target
+from llmtop.protocol.paths import UnreachableTarget, resolve_target
 
 HELP = "Open the dashboard on a running llmtop agent (PID or socket path); q detaches, the run goes on."
 
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
         path = resolve_target(args.target)
     except ValueError as exc:
         print(f"llmtop watch: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UnreachableTarget) else 1
     if args.refresh <= 0 or args.window <= 0:
         print("llmtop watch: --refresh and --window must be positive", file=sys.stderr)
         return 2
