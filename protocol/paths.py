@@ -77,6 +77,9 @@ def open_private_dir(path: Path, create: bool = True) -> int:
     except OSError as exc:
         raise UnsafeDirectory(exc.errno or errno.EPERM, f"{path}: {exc.strerror or exc}") from None
     try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)  # ours (an older llmtop's, a umask): fixed through the checked fd, never a path
         check_private(fd, path)
     except BaseException:
         os.close(fd)
