@@ -211,8 +211,11 @@ class LlmtopApp(App[int]):
         from llmtop.tui.views.stdin_prompt import StdinPrompt
 
         self._input_offered = True
-        prompt = self.model.logs[-1].text if self.model.logs else ""
-        self.push_screen(StdinPrompt(prompt), self._send_input)
+        self.push_screen(StdinPrompt(self._last_output_line), self._send_input)
+
+    def _last_output_line(self) -> str:
+        with self.model.lock:
+            return self.model.logs[-1].text if self.model.logs else ""
 
     def _send_input(self, line: str | None) -> None:
         if line is None or self.child is None:

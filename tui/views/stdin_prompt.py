@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -19,20 +21,24 @@ class StdinPrompt(ModalScreen[str | None]):
                              background: $surface; }
     """
 
-    def __init__(self, prompt: str) -> None:
+    def __init__(self, prompt: Callable[[], str]) -> None:
         super().__init__()
-        self.prompt = prompt
+        self.prompt = prompt  # the script's last output line (its prompt), read again while open
 
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Static("The script is waiting for input on stdin. Enter sends the line; esc closes.",
                          id="stdin-help")
-            if self.prompt:
-                yield Static(self.prompt, id="stdin-prompt", markup=False)
+            yield Static(self.prompt(), id="stdin-prompt", markup=False)
             yield Input(id="stdin-line")
 
     def on_mount(self) -> None:
         self.query_one(Input).focus()
+        # the prompt may reach the view after the wait was seen (output is read on its own thread)
+        self.set_interval(0.25, self._show_prompt)
+
+    def _show_prompt(self) -> None:
+        self.query_one("#stdin-prompt", Static).update(self.prompt())
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value)
