@@ -48,7 +48,7 @@ class AddressInUse(OSError):
 
 class _Client:
     __slots__ = ("sock", "live", "frames", "out", "sent", "dropped", "full_since", "deadline",
-                 "role", "pid", "close_when_sent", "writing")
+                 "role", "pid", "close_when_sent", "writing", "refused")
 
     def __init__(self, sock: socket.socket, now: float, handshake_s: float = HELLO_TIMEOUT_S) -> None:
         self.sock = sock
@@ -63,6 +63,7 @@ class _Client:
         self.pid = 0
         self.close_when_sent = False
         self.writing = False
+        self.refused = False  # told why it may not connect; waits for the peer to hang up
 
     @property
     def pending(self) -> int:
@@ -268,10 +269,6 @@ class Server:
                 return
             except OSError:  # EMFILE included: the backlog waits in the kernel, costing the script nothing
                 return
-            uid = peer_uid(sock)
-            if uid is not None and uid not in (os.getuid(), 0):
-                self._refuse_other_user(sock, uid)
-                continue
             pending = sum(1 for c in self._clients.values() if not c.live)
             if len(self._clients) >= self.max_clients or pending >= self.max_pending:
                 # Accept-and-close at once: a flood of connections that never say hello holds at
@@ -284,19 +281,27 @@ class Server:
             client = _Client(sock, time.monotonic(), self.handshake_s)
             self._clients[sock.fileno()] = client
             self._sel.register(sock, selectors.EVENT_READ, client)
+            uid = peer_uid(sock)
+            if uid is not None and uid not in (os.getuid(), 0):
+                self._refuse_other_user(client, uid)
 
-    def _refuse_other_user(self, sock: socket.socket, uid: int) -> None:
-        """Tell a client of another user why it is refused (best effort, never blocking), then hang up."""
+    def _refuse_other_user(self, client: _Client, uid: int) -> None:
+        """Tell a client of another user why it is refused, then let it hang up (within the
+        handshake deadline): closing first, with its hello unread, would reset the connection and
+        could lose the message. It never sees the session."""
         self._count_refused(f"uid {uid} is not the owner")
         message = (f"refused: this llmtop agent belongs to uid {os.getuid()}; "
                    f"connections from uid {uid} are not accepted")
-        try:
-            sock.setblocking(False)
-            sock.send(encode(Hello(role="agent", pid=0)) + encode(AgentWarning(t=time.time(), source="server",
-                                                                               message=message)))
-        except OSError:
-            pass
-        sock.close()
+        client.refused = True
+        client.enqueue(encode(Hello(role="agent", pid=0)), self.limit, 0, force=True)
+        client.enqueue(encode(AgentWarning(t=time.time(), source="server", message=message)), self.limit, 0,
+                       force=True)
+        self._flush(client)
+        if client.sock.fileno() in self._clients and not client.pending:
+            try:
+                client.sock.shutdown(socket.SHUT_WR)  # the peer reads the message, then end of stream
+            except OSError:
+                pass
 
     def _count_refused(self, why: str) -> None:
         self.refused[why] = self.refused.get(why, 0) + 1
@@ -321,7 +326,7 @@ class Server:
         if not data:
             self._drop_client(client)
             return
-        if client.live:
+        if client.live or client.refused:
             return  # clients have nothing more to say; ignore whatever they send
         try:
             for body in client.frames.feed(data):
@@ -415,7 +420,8 @@ class Server:
         for client in list(self._clients.values()):
             if not client.live:
                 if now > client.deadline:
-                    self._count_refused(f"no hello within {self.handshake_s:g} s")
+                    if not client.refused:
+                        self._count_refused(f"no hello within {self.handshake_s:g} s")
                     self._drop_client(client)
                 continue
             if client.full_since is not None and now - client.full_since > self.stall_s:
