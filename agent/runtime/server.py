@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import selectors
 import socket
 import struct
@@ -98,13 +99,26 @@ def bind_unix(path: Path) -> socket.socket:
         if socket_is_live(path):
             raise AddressInUse(errno.EADDRINUSE, f"{path} is in use by a live agent")
         path.unlink(missing_ok=True)  # nobody listens: left over from a killed process (never follows a link)
+    # Bound and listening under a temporary name first, then linked into place: a client that sees
+    # the path never meets a socket that is not listening yet (ECONNREFUSED), and link() fails on an
+    # existing entry instead of replacing it.
+    tmp = path.with_name(f".{secrets.token_hex(4)}.s")
+    direct = len(os.fsencode(str(tmp))) >= 108
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(str(path))
+        where = path if direct else tmp
+        sock.bind(str(where))
         # bind() created a new inode here (it fails on any existing entry, a symlink included)
-        os.chmod(path, 0o600)
+        os.chmod(where, 0o600)
         sock.listen(16)
         sock.setblocking(False)
+        if not direct:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise AddressInUse(errno.EADDRINUSE, f"{path} was taken by another agent meanwhile") from None
+            finally:
+                os.unlink(tmp)
     except BaseException:
         sock.close()
         raise
