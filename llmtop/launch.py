@@ -7,9 +7,14 @@ tracebacks and the error for a missing script are exactly python's, and llmtop e
 child's code (or dies of the child's signal).
 
 Headless, the child shares llmtop's terminal and process group. With the dashboard, the child's
-stdout and stderr go to a pty owned by llmtop (progress bars behave as in a terminal) and it runs in
-its own session, so closing llmtop's terminal never sends it SIGHUP (``Child.detach``).
-Both streams share one pty, so their interleaving is exactly what a terminal would show.
+stdin, stdout and stderr are a pty (progress bars and ``input()`` behave as in a terminal) and it runs
+in its own session, so closing llmtop's terminal never sends it SIGHUP. The pty's reading end
+belongs from the start to a tiny *holder* process (its own session too) that copies the output into
+``<socket dir>/<pid>.log``; the dashboard follows that file. So the script outlives its viewer in
+every mode: `q` → detach, a closed terminal or even ``kill -9`` of llmtop leave it running, its
+output still going to the log that ``llmtop watch`` shows. Both streams share one pty, so their
+interleaving is exactly what a terminal would show. When the dashboard closes, the launcher prints
+the script's output as ``python script.py`` would have left it, then one status line.
 """
 
 from __future__ import annotations
@@ -18,9 +23,7 @@ import argparse
 import codecs
 import os
 import re
-import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtop.protocol.events import End, LogLine
-from llmtop.protocol.paths import socket_dir
+from llmtop.protocol.paths import create_exclusive, private_socket_dir, socket_is_live
 
 HELP = "Run a script (or any command after --) with the agent inside and open the dashboard on it."
 
@@ -38,6 +41,8 @@ SOCKET_WAIT_S = 30.0
 MAX_LINES = 20_000  # log lines held for the dashboard between drains
 MAX_LINE_CHARS = 8192
 IDLE_FLUSH_S = 0.15  # an unterminated line (a progress bar) is shown after this much quiet
+OUTPUT_SETTLE_S = 0.5  # after the script ends, output still arriving this late is left to the log file
+SCROLLBACK_LINES = 2000  # after the dashboard, at most this many lines are printed back (tmux's default)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -103,23 +108,19 @@ def choose_socket() -> Path:
     chosen = os.environ.get("LLMTOP_SOCKET")
     if chosen:
         return Path(chosen)
-    return socket_dir() / f"attach-{os.getpid()}.sock"
+    return private_socket_dir() / f"attach-{os.getpid()}.sock"
 
 
 def _clear_stale(path: Path) -> None:
     """Remove a socket file nobody listens on; refuse a live one with a one-line error."""
     if not (path.exists() or path.is_symlink()):
         return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.5)
+    if socket_is_live(path):
+        raise ValueError(f"{path} belongs to a running agent; unset LLMTOP_SOCKET or pick another path")
     try:
-        probe.connect(str(path))
-    except OSError:
         path.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise ValueError(f"{path} belongs to a running agent; unset LLMTOP_SOCKET or pick another path")
+    except OSError as exc:
+        raise ValueError(f"cannot remove the stale {path}: {exc.strerror or exc}") from None
 
 
 # --- the child ---------------------------------------------------------------------------------------
@@ -193,21 +194,26 @@ class _LineSplitter:
         self.shown = ""
 
 
-_DRAINER = r"""
-import os, select, sys
-log = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-fds = [int(x) for x in sys.argv[2:]]
-while fds:
-    ready, _, _ = select.select(fds, [], [])
-    for fd in ready:
-        try:
-            data = os.read(fd, 65536)
-        except OSError:
-            data = b""
-        if data:
-            os.write(log, data)
-        else:
-            fds.remove(fd)
+# The holder: owns the pty's reading end from the start and copies it into the log, so the script
+# never blocks on a full pty nor gets EIO/SIGHUP when llmtop goes (even by kill -9). It ends when
+# every writer of the pty is gone. A failed write (disk full) drops output rather than block.
+_HOLDER = r"""
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+log, master = int(sys.argv[1]), int(sys.argv[2])
+while True:
+    try:
+        data = os.read(master, 65536)
+    except OSError:
+        break
+    if not data:
+        break
+    try:
+        while data:
+            data = data[os.write(log, data):]
+    except OSError:
+        pass
 """
 
 
@@ -219,20 +225,26 @@ class Child:
     """
 
     def __init__(self, proc: subprocess.Popen[bytes], socket_path: Path, argv: list[str],
-                 masters: dict[str, int] | None = None, own_session: bool = False) -> None:
+                 log: tuple[Path, int] | None = None, holder: subprocess.Popen[bytes] | None = None,
+                 stdin_fd: int | None = None, own_session: bool = False) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.socket_path = socket_path
         self.argv = argv
         self.own_session = own_session
         self.detached = False
-        self.log_path: Path | None = None
-        self._masters = dict(masters or {})
+        self.started = time.time()
+        self.ended_at: float | None = None
+        self.log_path: Path | None = log[0] if log else None
+        self.holder = holder
+        self._stdin_fd = stdin_fd  # the pty's master, kept to type into the script's stdin
+        self._log_fd = log[1] if log else None
         self._lines: deque[LogLine] = deque(maxlen=MAX_LINES)
-        self._splitters = {name: _LineSplitter(name, self._lines) for name in self._masters}
+        self._splitters = {"stdout": _LineSplitter("stdout", self._lines)} if log else {}
         self._reading = True
+        self.output_done = log is None
         self._reader: threading.Thread | None = None
-        if self._masters:
+        if log:
             self._reader = threading.Thread(target=self._read_loop, name="llmtop-child-output", daemon=True)
             self._reader.start()
 
@@ -240,30 +252,51 @@ class Child:
 
     @classmethod
     def spawn(cls, argv: list[str], env: dict[str, str], socket_path: Path, headless: bool,
-              wait_socket_s: float = SOCKET_WAIT_S) -> Child:
+              wait_socket_s: float = SOCKET_WAIT_S, pty_stdin: bool | None = None) -> Child:
+        """``pty_stdin`` (dashboard): the script reads the pty (default: when llmtop's own stdin is a
+        terminal, which the dashboard then owns); otherwise it inherits llmtop's stdin."""
         if headless:
             proc = subprocess.Popen(argv, env=env)
             child = cls(proc, socket_path, argv)
         else:
-            import pty
-
-            # One pty for stdout and stderr, as in a terminal: their interleaving stays exact (two
-            # ptys would tell the streams apart but reorder them), so lines are labelled "stdout".
-            master, slave = pty.openpty()
-            os.set_inheritable(master, False)
-            _set_winsize(slave)
-            stdin: Any = None if not _isatty(0) else subprocess.DEVNULL
-            try:
-                proc = subprocess.Popen(argv, env=env, stdin=stdin, stdout=slave, stderr=slave,
-                                        start_new_session=True)
-            except BaseException:
-                os.close(master)
-                raise
-            finally:
-                os.close(slave)
-            child = cls(proc, socket_path, argv, {"stdout": master}, own_session=True)
+            child = cls._spawn_dashboard(argv, env, socket_path, _isatty(0) if pty_stdin is None else pty_stdin)
         child.wait_for_socket(wait_socket_s)
         return child
+
+    @classmethod
+    def _spawn_dashboard(cls, argv: list[str], env: dict[str, str], socket_path: Path, pty_stdin: bool) -> Child:
+        import pty
+
+        # One pty for stdin, stdout and stderr, as in a terminal: the streams' interleaving stays
+        # exact (two ptys would tell them apart but reorder them), so lines are labelled "stdout".
+        master, slave = pty.openpty()
+        os.set_inheritable(master, False)
+        _set_winsize(slave)
+        # The dashboard owns llmtop's terminal; the script reads the pty, which the dashboard feeds
+        # when it sees the script waiting (see ``waiting_for_input``). A pipe or file given to
+        # llmtop as stdin is passed on as it is.
+        stdin: Any = slave if pty_stdin else None
+        log_fd = -1
+        try:
+            proc = subprocess.Popen(argv, env=env, stdin=stdin, stdout=slave, stderr=slave, start_new_session=True)
+            log_path, log_fd = _open_log(socket_path.parent, proc.pid)
+            holder_env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTOP")}
+            holder = subprocess.Popen([sys.executable, "-I", "-c", _HOLDER, str(log_fd), str(master)],
+                                      pass_fds=(log_fd, master), env=holder_env, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True)
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+            if log_fd >= 0:
+                os.close(log_fd)
+        read_fd = os.open(log_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        if not pty_stdin:
+            os.close(master)  # the holder has its own copy; nobody types into this pty
+        return cls(proc, socket_path, argv, log=(log_path, read_fd), holder=holder,
+                   stdin_fd=master if pty_stdin else None, own_session=True)
 
     def wait_for_socket(self, timeout: float) -> bool:
         """True once the agent's socket exists; False if the child ended first or time ran out."""
@@ -279,7 +312,10 @@ class Child:
     # --- state ---------------------------------------------------------------------------------------
 
     def poll(self) -> int | None:
-        return self.proc.poll()
+        rc = self.proc.poll()
+        if rc is not None and self.ended_at is None:
+            self.ended_at = time.time()
+        return rc
 
     @property
     def returncode(self) -> int | None:
@@ -299,7 +335,9 @@ class Child:
 
     def wait(self, timeout: float | None = None) -> int:
         """The returncode; raises ``subprocess.TimeoutExpired`` if ``timeout`` passes first."""
-        return self.proc.wait(timeout)
+        rc = self.proc.wait(timeout)
+        self.poll()  # notes when it ended
+        return rc
 
     def end_event(self) -> End:
         rc = self.proc.poll()
@@ -349,76 +387,120 @@ class Child:
             return out
 
     def _read_loop(self) -> None:
-        fds = {fd: name for name, fd in self._masters.items()}
+        """Follow the log the holder writes, as lines; done once the script ended and its output
+        stopped (the holder exited, or nothing came for ``OUTPUT_SETTLE_S``)."""
+        fd = self._log_fd
+        assert fd is not None
+        splitter = self._splitters["stdout"]
         last_data = time.monotonic()
         idle_done = True
-        while fds and self._reading:
-            try:
-                ready, _, _ = select.select(list(fds), [], [], 0.05)
-            except (OSError, ValueError):
-                break
-            if not ready:
-                if not idle_done and time.monotonic() - last_data >= IDLE_FLUSH_S:
-                    for sp in self._splitters.values():
-                        sp.idle()
-                    idle_done = True
-                continue
-            for fd in ready:
+        try:
+            while self._reading:
                 try:
                     data = os.read(fd, 65536)
-                except OSError:  # EIO: every writer of the pty is gone
-                    data = b""
-                name = fds[fd]
-                if not data:
-                    del fds[fd]
-                    self._splitters[name].close()
+                except OSError:
+                    break
+                if data:
+                    splitter.feed(data)
+                    last_data = time.monotonic()
+                    idle_done = False
                     continue
-                self._splitters[name].feed(data)
-                last_data = time.monotonic()
-                idle_done = False
-        if not fds:
-            self._close_masters()
-
-    def _close_masters(self) -> None:
-        for fd in self._masters.values():
+                now = time.monotonic()
+                if self.proc.poll() is not None and (
+                        (self.holder is None or self.holder.poll() is not None) or now - last_data >= OUTPUT_SETTLE_S):
+                    if self.holder is None or self.holder.poll() is not None:
+                        while data := os.read(fd, 65536):  # what the holder wrote just before it ended
+                            splitter.feed(data)
+                    splitter.close()
+                    self.output_done = True
+                    break
+                if not idle_done and now - last_data >= IDLE_FLUSH_S:
+                    splitter.idle()
+                    idle_done = True
+                time.sleep(0.03)
+        finally:
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self._masters = {}
+            self._log_fd = None
 
-    def detach(self) -> Path:
-        """Leave the child running after llmtop exits; its output goes on into the returned log file."""
+    # --- input ---------------------------------------------------------------------------------------
+
+    def waiting_for_input(self) -> bool:
+        """True while a thread of the script is blocked reading its stdin (the pty).
+
+        Read from ``/proc/<pid>/task/*/syscall`` (the parent may read it): a ``read`` on fd 0."""
+        if self._stdin_fd is None or self.proc.poll() is not None:
+            return False
+        nrs = _READ_SYSCALLS.get(os.uname().machine)
+        if nrs is None:
+            return False
+        read_nr, select_nrs = nrs
+        try:
+            tasks = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            return False
+        for tid in tasks:
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/syscall") as f:
+                    fields = f.read().split()
+            except OSError:
+                continue
+            if len(fields) < 2 or not fields[0].isdigit():
+                continue
+            nr, arg0 = int(fields[0]), int(fields[1], 16)
+            # input() is read(0, …); with the readline module loaded it waits in select(1, {0}, …)
+            if (nr == read_nr and arg0 == 0) or (nr in select_nrs and arg0 == 1):
+                return True
+        return False
+
+    def send_input(self, text: str) -> None:
+        """Type ``text`` into the script's terminal (the pty echoes it, as a terminal would)."""
+        if self._stdin_fd is None:
+            raise OSError("the script's stdin is not a terminal llmtop can type into")
+        data = text.encode()
+        while data:
+            data = data[os.write(self._stdin_fd, data):]
+
+    def _close_stdin(self) -> None:
+        if self._stdin_fd is not None:
+            try:
+                os.close(self._stdin_fd)
+            except OSError:
+                pass
+            self._stdin_fd = None
+
+    def detach(self) -> Path | None:
+        """Leave the child running after llmtop exits. Its output goes on into the log file the
+        holder has written from the start (returned); llmtop just stops following it."""
         self.detached = True
-        directory = self.socket_path.parent
-        path = directory / f"{self.pid}.log"
-        if self.log_path is not None:
-            return self.log_path
-        self.log_path = path
         self._reading = False
         if self._reader is not None:
             self._reader.join(1.0)
-        pending = self.drain_output()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            for sp in self._splitters.values():
-                if sp.partial:
-                    pending.append(LogLine(t=time.time(), text=sp.partial, stream=sp.stream))
-                    sp.partial = ""
-            if pending:
-                os.write(fd, "".join(line.text + "\n" for line in pending if not line.replace).encode())
-        finally:
-            os.close(fd)
-        if self._masters and self.proc.poll() is None:
-            # A small process of its own keeps draining the pty: the child never blocks on a full
-            # pty or gets EIO/SIGHUP when llmtop exits.
-            fds = list(self._masters.values())
-            env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTOP")}
-            subprocess.Popen([sys.executable, "-I", "-c", _DRAINER, str(path), *map(str, fds)],
-                             pass_fds=fds, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-        self._close_masters()
-        return path
+        self._close_stdin()
+        return self.log_path
+
+    def close(self) -> None:
+        """The dashboard is gone: stop following the output."""
+        self._reading = False
+        if self._reader is not None:
+            self._reader.join(1.0)
+        self._close_stdin()
+
+
+# machine -> (read, (select-like calls)) syscall numbers
+_READ_SYSCALLS: dict[str, tuple[int, tuple[int, ...]]] = {"x86_64": (0, (23, 270)), "aarch64": (63, (72,))}
+
+
+def _open_log(directory: Path, pid: int) -> tuple[Path, int]:
+    """Create ``directory/<pid>.log`` afresh (``O_EXCL|O_NOFOLLOW``, relative to the directory);
+    in a directory that will not have it (someone else's entry in a shared /tmp), a private one."""
+    try:
+        return directory / f"{pid}.log", create_exclusive(directory, f"{pid}.log")
+    except OSError:
+        fallback = private_socket_dir()
+        return fallback / f"{pid}.log", create_exclusive(fallback, f"{pid}.log")
 
 
 def _set_winsize(fd: int) -> None:
@@ -552,9 +634,92 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    child.close()
     if child.detached and child.poll() is None:
-        print(f"llmtop: pid {child.pid} keeps running; output goes to {child.log_path}", file=sys.stderr)
+        print_output_after(child, keep_log=True)
+        print(f"llmtop: {_script_name(child)} keeps running as pid {child.pid} (detached); its output goes to "
+              f"{child.log_path}; `llmtop watch {child.pid}` opens the dashboard again", file=sys.stderr)
         return 0
     child.wait()
     finish_recording(args.record, child, since)
+    print_output_after(child, keep_log=False)
+    print(summary_line(child, args.record), file=sys.stderr)
     return _exit_like(child)
+
+
+# --- after the dashboard -----------------------------------------------------------------------------
+
+
+def _script_name(child: Child) -> str:
+    return os.path.basename(next((a for a in child.argv if a.endswith(".py")), child.argv[0]))
+
+
+def print_output_after(child: Child, keep_log: bool, max_lines: int = SCROLLBACK_LINES) -> None:
+    """Leave the terminal as ``python script.py`` would have: the script's output as it wrote it
+    (all of it when it fits the scrollback, else the tail and the path of the full log). The log
+    of a finished script that was printed in full is removed; otherwise it is kept."""
+    path = child.log_path
+    if path is None:
+        return
+    if child.holder is not None and child.poll() is not None:
+        try:
+            child.holder.wait(OUTPUT_SETTLE_S)  # the last bytes the script wrote reach the file
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return
+    parts = data.split(b"\n")
+    trailing = parts[-1] == b""
+    body = parts[:-1] if trailing else parts
+    lines = len(body)
+    cut = lines > max_lines
+    if cut:
+        data = b"\n".join(body[-max_lines:]) + (b"\n" if trailing else b"")
+    out = sys.stdout
+    try:
+        out.flush()
+        if cut:
+            print(f"llmtop: the first {lines - max_lines} lines of output are in {path}", file=out, flush=True)
+        out.buffer.write(data)
+        if data and not data.endswith(b"\n"):
+            out.buffer.write(b"\n")
+        out.flush()
+    except (OSError, ValueError):
+        return
+    if not cut and not keep_log:
+        try:
+            path.unlink()
+            child.log_path = None
+        except OSError:
+            pass
+
+
+def summary_line(child: Child, record: str | None) -> str:
+    """One line after the output: how the script ended, how long it ran, and where it was recorded."""
+    ended = child.ended_at or time.time()
+    took = _duration(max(0.0, ended - child.started))
+    if child.signal is not None:
+        try:
+            name = signal.Signals(child.signal).name
+        except ValueError:
+            name = f"signal {child.signal}"
+        how = f"was killed by {name} (exit status {child.exit_code})"
+    else:
+        how = f"exited with status {child.exit_code}"
+    text = f"llmtop: {_script_name(child)} {how} after {took}"
+    if record:
+        text += f"; recording: {os.path.abspath(record)}"
+    if child.log_path is not None:
+        text += f"; full output: {child.log_path}"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

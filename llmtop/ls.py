@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from llmtop.protocol.paths import list_agents, socket_dir
+from llmtop.protocol.paths import list_agents, search_dirs, socket_dir
 
 HELP = "List live llmtop agents on this machine (pid, uptime, script, socket)."
 
@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"pid": a.pid, "socket": a.socket, "argv": a.argv, "started": a.started}))
         return 0
     if not agents:
-        print(f"no live llmtop agents (looked in {socket_dir()})")
+        looked = ", ".join(str(d) for d in search_dirs()) or f"{socket_dir()} (not there yet)"
+        print(f"no live llmtop agents (looked in {looked})")
         return 0
     now = time.time()
     print(f"{'PID':>7}  {'UPTIME':>8}  SCRIPT")

@@ -225,3 +225,151 @@ def test_sigterm_during_the_dashboard_reaches_the_script_and_ends_llmtop(project
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+def test_the_script_reads_its_terminal_and_llmtop_types_into_it(project: Path) -> None:
+    (project / "ask.py").write_text(textwrap.dedent("""
+        import sys
+        print("tty", sys.stdin.isatty(), flush=True)
+        name = input("name? ")
+        print("hello", name, flush=True)
+    """))
+    sock = project / "a.sock"
+    child = Child.spawn([PY, str(project / "ask.py")], launch_env(sock, True, None, base=child_env()), sock,
+                        headless=False, pty_stdin=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not child.waiting_for_input():  # blocked in input(): no EOFError, as in a terminal
+            assert child.poll() is None and time.monotonic() < deadline, child.drain_output()
+            time.sleep(0.05)
+        child.send_input("bob\n")
+        assert child.wait(30) == 0
+        lines = collect(child, lambda ls: any(x.text == "hello bob" for x in ls))
+        assert [text for _, text in screen(lines)] == ["tty True", "name? bob", "hello bob"]
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.close()
+
+
+def test_output_after_the_dashboard_is_the_tail_and_the_log_when_long(project: Path, capfd) -> None:
+    from llmtop.launch import print_output_after, summary_line
+
+    child = spawn_pty(project, """
+        import sys
+        for i in range(30):
+            print(f"line {i}")
+        sys.stdout.write("last, unterminated")
+        sys.exit(4)
+    """)
+    assert child.wait(30) == 4
+    deadline = time.monotonic() + 10
+    while not child.output_done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = child.log_path
+    assert log is not None and log.parent == project
+    print_output_after(child, keep_log=False, max_lines=10)
+    out = capfd.readouterr().out.replace("\r\n", "\n")
+    assert out.splitlines() == [f"llmtop: the first 21 lines of output are in {log}",
+                                *[f"line {i}" for i in range(21, 30)], "last, unterminated"]
+    assert log.exists()  # only the tail was shown: the full output stays
+    line = summary_line(child, None)
+    assert line.startswith("llmtop: out.py exited with status 4 after ") and f"full output: {log}" in line
+    child.close()
+
+
+def test_short_output_is_printed_whole_and_its_log_removed(project: Path, capfd) -> None:
+    from llmtop.launch import print_output_after
+
+    child = spawn_pty(project, """
+        print("one")
+        print("two")
+    """)
+    assert child.wait(30) == 0
+    log = child.log_path
+    print_output_after(child, keep_log=False)
+    assert capfd.readouterr().out.replace("\r\n", "\n") == "one\ntwo\n"
+    assert log is not None and not log.exists() and child.log_path is None
+    child.close()
+
+
+def test_sigkill_of_the_dashboard_leaves_the_script_running_listed_and_watchable(short_tmp: Path,
+                                                                                  monkeypatch) -> None:
+    import json
+    import os
+    import pty
+    import threading
+
+    from llmtop.protocol.paths import resolve_target
+    from llmtop.tui.session.logtail import LogTail, detached_log_path
+
+    from llmtop.launch import _set_winsize
+    from tests.conftest import LLMTOP
+
+    project = short_tmp
+    (project / "long.py").write_text(textwrap.dedent("""
+        import os, time
+        print("running", flush=True)
+        while not os.path.exists("go"):
+            time.sleep(0.02)
+        for i in range(200):
+            print(f"after {i}", flush=True)   # a print with no viewer left used to raise EIO here
+        open("finished", "w").write("ok")
+    """))
+    env = child_env(XDG_RUNTIME_DIR=str(project))
+    env.pop("LLMTOP_SOCKET", None)
+    master, slave = pty.openpty()
+    _set_winsize(slave)
+    proc = subprocess.Popen([LLMTOP, "attach", "long.py"], cwd=project, env=env,
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+
+    def drain() -> None:
+        try:
+            while os.read(master, 65536):
+                pass
+        except OSError:
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    sockdir = project / "llmtop"
+    script_pid = None
+    try:
+        deadline = time.monotonic() + 60
+        while script_pid is None:
+            assert proc.poll() is None and time.monotonic() < deadline
+            infos = list(sockdir.glob("*.json")) if sockdir.is_dir() else []
+            if infos:
+                script_pid = json.loads(infos[0].read_text())["pid"]
+            time.sleep(0.05)
+        log = sockdir / f"{script_pid}.log"
+        while "running" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: no handler runs, no detach is chosen
+        assert proc.wait(30) == -signal.SIGKILL
+        time.sleep(0.5)
+        assert not _gone(script_pid), "the script died with its viewer"
+        # listed by `llmtop ls`, and `llmtop watch PID` finds its socket and its output
+        listed = subprocess.run([LLMTOP, "ls", "--json"], env=env, capture_output=True, text=True, timeout=30)
+        assert any(json.loads(x)["pid"] == script_pid for x in listed.stdout.splitlines()), listed
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(project))
+        assert resolve_target(str(script_pid)).parent == sockdir
+        (project / "go").write_text("")
+        deadline = time.monotonic() + 60
+        while not (project / "finished").exists():
+            assert not _gone(script_pid), "the script died with its viewer"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while "after 199" not in log.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        lines = LogTail(detached_log_path(sockdir / f"{script_pid}.sock", script_pid)).read()
+        assert lines[0].rstrip("\r") == "running" and lines[-1].rstrip("\r") == "after 199"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        if script_pid is not None and not _gone(script_pid):
+            os.kill(script_pid, signal.SIGKILL)

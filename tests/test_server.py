@@ -25,7 +25,7 @@ from llmtop.protocol.events import (
     decode_one,
     encode,
 )
-from llmtop.protocol.frames import FrameDecoder, pack_map
+from llmtop.protocol.frames import FrameDecoder, ProtocolError, pack_map
 from llmtop.protocol.stream import Connection
 
 
@@ -300,3 +300,40 @@ def test_end_event_reaches_viewers_on_stop(make_agent) -> None:
         assert conn.closed_by_peer
     finally:
         conn.close()
+
+
+def test_connection_caps_and_handshake_deadline_come_from_llmtop_variables(short_tmp: Path) -> None:
+    env = {"LLMTOP_MAX_PENDING": "2", "LLMTOP_MAX_CLIENTS": "3", "LLMTOP_HANDSHAKE_S": "0.5"}
+    opts = options_from_env(env, socket=str(short_tmp / "a.sock"), tick_s=0.05)
+    assert (opts.max_pending, opts.max_clients, opts.handshake_s) == (2, 3, 0.5)
+    agent = Agent(opts, instruments=[]).start()
+    silent: list[socket.socket] = []
+    try:
+        for _ in range(6):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(agent.socket_path))
+            s.settimeout(10)
+            silent.append(s)
+        # two wait for their hello; the others are closed at once, then those two at their deadline
+        assert all(s.recv(1) == b"" for s in silent)
+        viewers = [Connection(agent.socket_path, timeout=5) for _ in range(3)]
+        try:
+            assert [snapshot_of(v)[-1].__class__ for v in viewers] == [SnapshotDone] * 3
+            # a fourth connection is over max_clients: closed without a hello
+            with pytest.raises((ProtocolError, ConnectionError)):
+                Connection(agent.socket_path, timeout=5)
+            warnings = [e for e in read_until(viewers[0], lambda e: isinstance(e, AgentWarning)
+                                              and "refused connections" in e.message, limit=2000)
+                        if isinstance(e, AgentWarning)]
+            # one warning for the burst, naming the limits; later refusals wait for the next report
+            assert warnings[0].message == ("refused connections: 1 (too many handshakes); limits: 3 connections, "
+                                           "2 handshakes, 0.5 s to say hello")
+            assert agent.server.refused == {"too many handshakes": 3, "no hello within 0.5 s": 2,
+                                            "too many connections": 1}
+        finally:
+            for v in viewers:
+                v.close()
+    finally:
+        for s in silent:
+            s.close()
+        agent.stop()

@@ -164,3 +164,43 @@ def test_watch_shows_connection_lost_when_the_agent_is_killed(sock_path: Path) -
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+ASKING = """
+import sys, time
+for i in range(5):
+    print(f"line {i}", flush=True)
+for i in range(4):
+    sys.stderr.write(f"\\rbar {i}/3")
+    sys.stderr.flush()
+    time.sleep(0.1)
+sys.stderr.write("\\n")
+name = input("name? ")
+print(f"hello {name}", flush=True)
+sys.exit(3)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_input_in_the_dashboard_and_the_output_left_after_it(short_tmp: Path) -> None:
+    """The script's input() is answered from the dashboard; after `q` the terminal holds the
+    script's output as `python script.py` would have left it, then one status line."""
+    script = short_tmp / "ask.py"
+    script.write_text(ASKING)
+    env = env_for(short_tmp / "a.sock")
+    tmux = Tmux(f"cd {short_tmp} && {LLMTOP} attach ask.py; echo rc=$?; sleep 120", env, 100, 30)
+    try:
+        tmux.wait(lambda s: "waiting for input on stdin" in s and "name?" in s, 90, "the stdin prompt")
+        tmux.keys("-l", "bob")
+        tmux.keys("Enter")
+        tmux.wait(lambda s: "ended (exit 3)" in s, 60, "the script to end")
+        tmux.keys("q")
+        after = tmux.wait(lambda s: "rc=3" in s, 30, "the shell again")
+        rows = [row.rstrip() for row in after.splitlines() if row.strip()]
+        expected = ["line 0", "line 1", "line 2", "line 3", "line 4", "bar 3/3", "name? bob", "hello bob"]
+        assert rows[: len(expected)] == expected, after
+        status = rows[len(expected)]
+        assert status.startswith("llmtop: ask.py exited with status 3 after "), after
+        assert rows[len(expected) + 1] == "rc=3"
+    finally:
+        tmux.kill()

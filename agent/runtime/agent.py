@@ -55,6 +55,9 @@ ENV: dict[str, tuple[str, type]] = {
     "LLMTOP_HISTORY": ("history", int),
     "LLMTOP_CLIENT_BUFFER": ("client_buffer", int),
     "LLMTOP_RECORD": ("record", str),
+    "LLMTOP_MAX_CLIENTS": ("max_clients", int),
+    "LLMTOP_MAX_PENDING": ("max_pending", int),
+    "LLMTOP_HANDSHAKE_S": ("handshake_s", float),
     "LLMTOP_SOCKET": ("socket", str),
     "LLMTOP_STALL_S": ("stall_s", float),
 }
@@ -251,6 +254,7 @@ class Agent:
                     client_buffer=opts.client_buffer, stall_s=float(opts.stall_s),
                     cpu_pct=lambda: self._cpu_pct, started=self.started,
                     private_dir=path.parent == socket_dir(),
+                    max_clients=opts.max_clients, max_pending=opts.max_pending, handshake_s=opts.handshake_s,
                 )
             except AddressInUse as exc:
                 last = exc

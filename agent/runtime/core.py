@@ -36,6 +36,11 @@ class Options:
     record: str | None = None  # LLMTOP_RECORD: path of a recording written by the agent itself
     socket: str | None = None  # LLMTOP_SOCKET: the socket to claim (see resolve_socket); else per pid
     stall_s: float = 30.0  # LLMTOP_STALL_S: a viewer whose buffer stays full this long is dropped
+    # Socket server limits (SECURITY.md): connections in all, connections still in the handshake,
+    # and seconds a new connection has to say hello; beyond them connections are refused.
+    max_clients: int = 64  # LLMTOP_MAX_CLIENTS
+    max_pending: int = 16  # LLMTOP_MAX_PENDING
+    handshake_s: float = 5.0  # LLMTOP_HANDSHAKE_S
     ops_top_k: int = 0  # aten ops kept per profiled step (0: the ops instrument's default)
     # What the layer hooks cost, in ns (0: measured at install). Set by tests and benchmarks, which
     # want no calibration run or a known cost.

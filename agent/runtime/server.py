@@ -12,10 +12,11 @@ update; a joining client's snapshot is taken under the same lock, so it misses a
 from __future__ import annotations
 
 import errno
-import json
 import os
+import secrets
 import selectors
 import socket
+import struct
 import sys
 import threading
 import time
@@ -23,11 +24,21 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from llmtop.protocol.events import Hello, SnapshotDone, Stats, check_hello, decode_one, encode
+from llmtop.protocol.events import AgentWarning, Hello, SnapshotDone, Stats, check_hello, decode_one, encode
 from llmtop.protocol.frames import FrameDecoder, ProtocolError
-from llmtop.protocol.paths import info_path
+from llmtop.protocol.paths import (
+    clean_stale,
+    info_path,
+    is_default_dir,
+    open_private_dir,
+    socket_is_live,
+    write_json_atomic,
+)
 
-HELLO_TIMEOUT_S = 5.0
+HELLO_TIMEOUT_S = 5.0  # default handshake deadline (Options.handshake_s)
+MAX_PENDING = 16  # default cap on connections that have not said hello yet (Options.max_pending)
+MAX_CLIENTS = 64  # default cap on all connections (Options.max_clients)
+WARN_EVERY_S = 10.0  # refused connections are reported at most this often (a flood makes one warning)
 STATS_EVERY_S = 1.0
 SEND_CHUNK = 1 << 20
 
@@ -38,9 +49,9 @@ class AddressInUse(OSError):
 
 class _Client:
     __slots__ = ("sock", "live", "frames", "out", "sent", "dropped", "full_since", "deadline",
-                 "role", "pid", "close_when_sent", "writing")
+                 "role", "pid", "close_when_sent", "writing", "refused")
 
-    def __init__(self, sock: socket.socket, now: float) -> None:
+    def __init__(self, sock: socket.socket, now: float, handshake_s: float = HELLO_TIMEOUT_S) -> None:
         self.sock = sock
         self.live = False
         self.frames = FrameDecoder(max_frame=65536)
@@ -48,11 +59,12 @@ class _Client:
         self.sent = 0
         self.dropped = 0
         self.full_since: float | None = None
-        self.deadline = now + HELLO_TIMEOUT_S
+        self.deadline = now + handshake_s
         self.role = "?"
         self.pid = 0
         self.close_when_sent = False
         self.writing = False
+        self.refused = False  # told why it may not connect; waits for the peer to hang up
 
     @property
     def pending(self) -> int:
@@ -68,15 +80,15 @@ class _Client:
 
 
 def prepare_socket_dir(path: Path, private: bool) -> None:
-    """Create the socket's directory 0700. ``private``: our own default dir, fix its mode too."""
+    """Make ready the socket's directory. ``private`` (the default directory, or its fallback): it
+    must be ours and 0700 (``UnsafeDirectory`` otherwise, see protocol/paths.py), and files that
+    dead agents left there are removed. A directory the user chose is created 0700 if missing."""
     directory = path.parent
-    if not directory.exists():
+    if private or is_default_dir(directory):
+        os.close(open_private_dir(directory))
+        clean_stale(directory)
+    elif not directory.exists():
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
-    elif private:
-        st = directory.stat()
-        if st.st_uid == os.getuid() and (st.st_mode & 0o777) != 0o700:
-            os.chmod(directory, 0o700)
 
 
 def bind_unix(path: Path) -> socket.socket:
@@ -84,22 +96,29 @@ def bind_unix(path: Path) -> socket.socket:
     if len(os.fsencode(str(path))) >= 108:
         raise OSError(errno.ENAMETOOLONG, f"socket path too long ({len(str(path))} bytes, limit 107)")
     if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(0.5)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink(missing_ok=True)  # nobody listens: left over from a killed process
-        else:
+        if socket_is_live(path):
             raise AddressInUse(errno.EADDRINUSE, f"{path} is in use by a live agent")
-        finally:
-            probe.close()
+        path.unlink(missing_ok=True)  # nobody listens: left over from a killed process (never follows a link)
+    # Bound and listening under a temporary name first, then linked into place: a client that sees
+    # the path never meets a socket that is not listening yet (ECONNREFUSED), and link() fails on an
+    # existing entry instead of replacing it.
+    tmp = path.with_name(f".{secrets.token_hex(4)}.s")
+    direct = len(os.fsencode(str(tmp))) >= 108
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
+        where = path if direct else tmp
+        sock.bind(str(where))
+        # bind() created a new inode here (it fails on any existing entry, a symlink included)
+        os.chmod(where, 0o600)
         sock.listen(16)
         sock.setblocking(False)
+        if not direct:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise AddressInUse(errno.EADDRINUSE, f"{path} was taken by another agent meanwhile") from None
+            finally:
+                os.unlink(tmp)
     except BaseException:
         sock.close()
         raise
@@ -107,21 +126,28 @@ def bind_unix(path: Path) -> socket.socket:
 
 
 def write_info(sock_path: Path, argv: list[str], started: float) -> Path:
-    meta = info_path(sock_path)
-    tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
     data = {"pid": os.getpid(), "socket": str(sock_path), "argv": argv, "started": started}
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, meta)
-    return meta
+    return write_json_atomic(info_path(sock_path), data)
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (Linux SO_PEERCRED), else None."""
+    opt = getattr(socket, "SO_PEERCRED", None)
+    if opt is None:
+        return None
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, opt, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return uid
 
 
 class Server:
     def __init__(self, path: Path, lock: threading.Lock, snapshot: Callable[[], list[bytes]],
                  warn: Callable[[str, str], None], client_buffer: int = 4 << 20, stall_s: float = 30.0,
                  cpu_pct: Callable[[], float | None] = lambda: None, argv: list[str] | None = None,
-                 started: float | None = None, private_dir: bool = False) -> None:
+                 started: float | None = None, private_dir: bool = False, max_clients: int = MAX_CLIENTS,
+                 max_pending: int = MAX_PENDING, handshake_s: float = HELLO_TIMEOUT_S) -> None:
         self.path = path
         self.lock = lock
         self.snapshot = snapshot
@@ -133,6 +159,11 @@ class Server:
         self.started = time.time() if started is None else started
         self.cpu_s = 0.0  # this thread's own CPU time
         self.total_dropped = 0
+        self.max_clients = max(1, int(max_clients))
+        self.max_pending = max(1, min(int(max_pending), self.max_clients))
+        self.handshake_s = max(0.1, float(handshake_s))
+        self.refused: dict[str, int] = {}  # why -> connections refused since the last warning
+        self._refused_warned_at = -WARN_EVERY_S
         self._inbox: deque[bytes] = deque()
         self._clients: dict[int, _Client] = {}
         self._closing = False
@@ -250,12 +281,54 @@ class Server:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError:  # EMFILE included: the backlog waits in the kernel, costing the script nothing
                 return
+            pending = sum(1 for c in self._clients.values() if not c.live)
+            if len(self._clients) >= self.max_clients or pending >= self.max_pending:
+                # Accept-and-close at once: a flood of connections that never say hello holds at
+                # most max_pending descriptors, each for at most handshake_s.
+                why = "too many connections" if len(self._clients) >= self.max_clients else "too many handshakes"
+                self._count_refused(why)
+                sock.close()
+                continue
             sock.setblocking(False)
-            client = _Client(sock, time.monotonic())
+            client = _Client(sock, time.monotonic(), self.handshake_s)
             self._clients[sock.fileno()] = client
             self._sel.register(sock, selectors.EVENT_READ, client)
+            uid = peer_uid(sock)
+            if uid is not None and uid not in (os.getuid(), 0):
+                self._refuse_other_user(client, uid)
+
+    def _refuse_other_user(self, client: _Client, uid: int) -> None:
+        """Tell a client of another user why it is refused, then let it hang up (within the
+        handshake deadline): closing first, with its hello unread, would reset the connection and
+        could lose the message. It never sees the session."""
+        self._count_refused(f"uid {uid} is not the owner")
+        message = (f"refused: this llmtop agent belongs to uid {os.getuid()}; "
+                   f"connections from uid {uid} are not accepted")
+        client.refused = True
+        client.enqueue(encode(Hello(role="agent", pid=0)), self.limit, 0, force=True)
+        client.enqueue(encode(AgentWarning(t=time.time(), source="server", message=message)), self.limit, 0,
+                       force=True)
+        self._flush(client)
+        if client.sock.fileno() in self._clients and not client.pending:
+            try:
+                client.sock.shutdown(socket.SHUT_WR)  # the peer reads the message, then end of stream
+            except OSError:
+                pass
+
+    def _count_refused(self, why: str) -> None:
+        self.refused[why] = self.refused.get(why, 0) + 1
+        self._report_refused()
+
+    def _report_refused(self) -> None:
+        now = time.monotonic()
+        if self.refused and now - self._refused_warned_at >= WARN_EVERY_S:
+            self._refused_warned_at = now
+            parts = ", ".join(f"{n} ({why})" for why, n in sorted(self.refused.items()))
+            self.refused = {}
+            self.warn("server", f"refused connections: {parts}; limits: {self.max_clients} connections, "
+                      f"{self.max_pending} handshakes, {self.handshake_s:g} s to say hello")
 
     def _read(self, client: _Client) -> None:
         try:
@@ -267,7 +340,7 @@ class Server:
         if not data:
             self._drop_client(client)
             return
-        if client.live:
+        if client.live or client.refused:
             return  # clients have nothing more to say; ignore whatever they send
         try:
             for body in client.frames.feed(data):
@@ -357,11 +430,12 @@ class Server:
         if send_stats:
             self._stats_at = now
         live = self.clients
+        self._report_refused()
         for client in list(self._clients.values()):
             if not client.live:
                 if now > client.deadline:
-                    self.warn("server", "a client connected but sent no hello within "
-                              f"{HELLO_TIMEOUT_S:.0f} s; closed it")
+                    if not client.refused:
+                        self._count_refused(f"no hello within {self.handshake_s:g} s")
                     self._drop_client(client)
                 continue
             if client.full_since is not None and now - client.full_since > self.stall_s:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmtop.protocol.paths import resolve_target
+from llmtop.protocol.paths import UnreachableTarget, resolve_target
 from llmtop.tui.commands.common import add_view_arguments, check_view_arguments, fail
 
 HELP = "Open the dashboard on a running llmtop agent (PID or socket path); q detaches, the run goes on."
@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = resolve_target(args.target)
     except ValueError as exc:
-        return fail("watch", str(exc), 1)
+        return fail("watch", str(exc), 2 if isinstance(exc, UnreachableTarget) else 1)
     bad = check_view_arguments("watch", args)
     if bad is not None:
         return bad

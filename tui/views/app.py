@@ -8,7 +8,6 @@ and may replace ``source``/``clock``; ``model`` and ``source`` are public.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -69,6 +68,8 @@ class LlmtopApp(App[int]):
         self._end_applied = False
         self.recording: Any = None  # a tui.record.BackgroundRecording while the record key is on
         self.log_tail: LogTail | None = None  # watching a detached script: its log file
+        self._input_checked_at = 0.0
+        self._input_offered = False  # a prompt was opened for the script's current wait on stdin
         if title:
             self.title = title
         chosen = theme or os.environ.get("LLMTOP_THEME")
@@ -177,9 +178,11 @@ class LlmtopApp(App[int]):
             return
         try:
             lines = child.drain_output()
-            ended = child.poll() is not None
+            # ended once its output is all in too (the launcher follows the log the pty goes to)
+            ended = child.poll() is not None and getattr(child, "output_done", True)
             if ended:
                 lines += child.drain_output()
+            self._offer_input()
         except Exception:  # the child's pipes are the launcher's business; never crash the view
             return
         if not lines and not ended:
@@ -190,6 +193,37 @@ class LlmtopApp(App[int]):
             if ended:
                 self.model.apply(child.end_event())
                 self._end_applied = True
+
+    def _offer_input(self) -> None:
+        """The script waits on its stdin (``input()``): open a line to type into it, once per wait
+        (esc closes it; it comes back the next time the script asks)."""
+        child = self.child
+        waiting = getattr(child, "waiting_for_input", None)
+        now = time.monotonic()
+        if waiting is None or now < self._input_checked_at + 0.5:
+            return
+        self._input_checked_at = now
+        if not waiting():
+            self._input_offered = False
+            return
+        if self._input_offered or len(self.screen_stack) > 1:
+            return
+        from llmtop.tui.views.stdin_prompt import StdinPrompt
+
+        self._input_offered = True
+        self.push_screen(StdinPrompt(self._last_output_line), self._send_input)
+
+    def _last_output_line(self) -> str:
+        with self.model.lock:
+            return self.model.logs[-1].text if self.model.logs else ""
+
+    def _send_input(self, line: str | None) -> None:
+        if line is None or self.child is None:
+            return
+        try:
+            self.child.send_input(line + "\n")
+        except OSError as exc:
+            self.notify(f"could not type into the script: {exc}", severity="error", timeout=5)
 
     def status_text(self) -> Text:
         """The one status line: script, pid, state, uptime, steps, rate, drops, connection."""
@@ -336,9 +370,9 @@ class LlmtopApp(App[int]):
             self._stop_child()
         elif choice == "detach":
             path: Path = self.child.detach()
+            # the launcher prints the output so far and this, once the terminal is back
             self.exit_message = (f"llmtop: the script keeps running (pid {self.child.pid}); its output goes to "
                                  f"{path}\n        `llmtop watch {self.child.pid}` opens the dashboard again.")
-            self.notify(f"output now goes to {path}", timeout=5)
             self.exit(0)
 
     @work(thread=True, name="stop-child", exit_on_error=False)
@@ -370,8 +404,6 @@ def run_attached(child: Any, args: Any) -> None:
         source.stop()
     # a detached child's log path is printed by the launcher once the terminal is back
     if app.exit_message is None and child.poll() is None:
-        # the app died without a choice (an error): never leave the script orphaned on a dead pty
-        try:
-            child.stop(grace_s=STOP_GRACE_S)
-        except Exception:
-            os.kill(child.pid, signal.SIGTERM)
+        # the app ended without a choice (an error, a lost terminal): the script outlives its viewer,
+        # its output going on into the log (the holder owns the pty), as after a detach
+        child.detach()
