@@ -398,7 +398,7 @@ class FlopsInstrument:
         layers = self.layers or _layers_instrument()
         self._live = (threading.get_ident(), module, ref, sig, session, layers)
         try:
-            session.enter(root=module)
+            session.enter()  # roots.py wraps Module.__call__: the root's own hooks still run
         except Exception as exc:
             self._live = None
             session.exit()
