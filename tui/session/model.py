@@ -162,7 +162,7 @@ class Layer:
         """compute / memory / overhead, from the roofline of one timed step's own FLOPs, bytes and
         forward time; None without peaks, or without that step's figures."""
         timed = self._timed_at(self.step_flops_step)
-        if timed is None or self.step_flops_note:
+        if timed is None or self.achieved_note:  # an impossible figure gets no verdict either
             return None
         return roofline_bound(self.step_flops, self.step_bytes, self.peak_flops, self.peak_bw, timed[1], 1)
 
