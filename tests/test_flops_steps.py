@@ -293,3 +293,54 @@ def test_a_model_that_cannot_run_on_meta_is_counted_on_one_real_forward_without_
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
     assert _get_current_dispatch_mode() is None
+
+
+# --- the HF Trainer on a model kernelized by the `kernels` package ----------------------------------
+
+
+def test_trainer_on_a_kernelized_model_is_counted_on_meta() -> None:
+    pytest.importorskip("kernels")
+    ctx, layers, inst = rig(device=Device("test", "test device", {"fp32": 1e15}, 1e12))
+    try:
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg)
+        model.set_use_kernels(True)  # what from_pretrained does when `kernels` is installed
+        assert model.use_kernels
+
+        class Data(torch.utils.data.Dataset):
+            def __len__(self) -> int:
+                return 24
+
+            def __getitem__(self, i: int) -> dict:
+                ids = torch.randint(0, VOCAB, (16,), generator=torch.Generator().manual_seed(i))
+                return {"input_ids": ids, "labels": ids}
+
+        class Ends(transformers.TrainerCallback):
+            """Ends llmtop steps where the Trainer ends its steps (the step tracker's job in a real run)."""
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                end_step(state.global_step)
+                drain(ctx, layers, inst)
+
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as out:
+            args = transformers.TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=5,
+                                                  report_to=[], save_strategy="no", use_cpu=True,
+                                                  disable_tqdm=True, logging_strategy="no")
+            transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[Ends()]).train()
+        events = drain(ctx, layers, inst)
+    finally:
+        inst.uninstall()
+        layers.uninstall()
+    assert ctx.warnings == []  # the meta copy ran: no "Unsupported device type 'meta'"
+    counted = [e for e in events if isinstance(e, LayerFlops)]
+    assert counted and all(e.method == "meta" for e in counted)
+    paths = by_path(events)
+    (ev,) = counted
+    head = dict(zip(ev.ids, ev.flops, strict=True))[paths["lm_head"]]
+    assert head == 2 * 4 * 16 * 64 * VOCAB
+    steps = [e for e in events if isinstance(e, StepFlops)]
+    assert steps and all(e.note == "" and e.flops_total == 3 * e.fwd_flops for e in steps)

@@ -455,7 +455,10 @@ class FlopsInstrument:
                 kwargs[k] = v
         inner, prefix = unwrap(model)
         clone = meta_copy(inner)
-        clone.eval()
+        # eval mode set on each module, not through ``clone.eval()``: transformers' override re-runs
+        # `kernels`' kernelize on a mode change, which refuses a meta model ("Unsupported device type")
+        for mod in clone.modules():
+            mod.training = False
         if autocast is not None:
             # autocast runs the matmuls (most of the FLOPs and weight traffic) in its dtype; norms
             # and softmax stay fp32 in reality, a small part of the bytes
