@@ -505,7 +505,8 @@ class FlopsInstrument:
                                       else prof.flops, method)
         self._counted.move_to_end(key)
         while len(self._counted) > COUNTED_KEPT:
-            self._counted.popitem(last=False)
+            (old_model, old_sig), _ = self._counted.popitem(last=False)
+            self._seen.get(old_model, set()).discard(old_sig)  # counted again if it comes back
         if root_gid is not None:
             self._gids[id(model)] = root_gid
         self._peak[id(model)] = peak
@@ -555,6 +556,9 @@ class FlopsInstrument:
             if counted is None:
                 if key in self._failed:
                     note = f"not counted: {describe(sig)} could not be run ({self._failed[key]})"
+                    continue
+                if sig not in self._seen.get(mid, ()):
+                    note = f"not counted: more than {MAX_SIGNATURES} input signatures for this model"
                     continue
                 if not final:
                     return None
