@@ -361,7 +361,6 @@ class FlopsInstrument:
             sig = signature(args, kwargs, autocast_dtype(torch) if torch else None)
             key = id(module)
             train = bool(torch is not None and torch.is_grad_enabled() and getattr(module, "training", False))
-            self._calls.append((t0, key, sig, train))
             seen = self._seen.get(key)
             if seen is None:
                 if len(self._seen) >= 1024:  # many short-lived roots: start over rather than grow
@@ -373,6 +372,9 @@ class FlopsInstrument:
                 self._queue.append((weakref.ref(module), sig))
             elif self._want_live and self._live is None and (key, sig) in self._want_live:
                 self._start_live(module, sig)
+            # noted last: the agent thread may sum this call's step as soon as it is noted, and
+            # must find its signature queued by then
+            self._calls.append((t0, key, sig, train))
         except Exception as exc:  # fail open
             self._dead = True
             self._warn(f"signature capture failed: {type(exc).__name__}: {exc}")
