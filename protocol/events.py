@@ -331,6 +331,34 @@ class LayerFlops(Event):
     peak_bw: float | None = None  # device memory bandwidth, bytes/s
     device: str = ""
     peak_source: str = ""  # where the peaks come from: measured / env / cpu-features / datasheet
+    method: str = "meta"  # meta: a meta-device copy was run | sampled-forward: one real call was counted
+
+
+@dataclass
+class StepFlops(Event):
+    """FLOPs of exactly the root calls of one sampled step (the calls its ``LayerStats`` timed).
+
+    Per module: the sum over the step's root calls of the counted FLOPs/bytes of each call's own
+    input signature (decode calls with their own KV-cache length). Step figures count backward as
+    2x forward when the step's calls ran with grad on in training mode. A figure that is unknown or
+    impossible (above the device peak) is None and ``note`` says why.
+    """
+
+    KIND: ClassVar[str] = "step_flops"
+    step: int
+    ids: list[int] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)  # forward FLOPs of the step, per module
+    bytes: list[float] = field(default_factory=list)  # forward bytes of the step, per module
+    roots: list[int] = field(default_factory=list)  # root module ids ...
+    root_calls: list[int] = field(default_factory=list)  # ... and how many of their calls are summed
+    fwd_flops: float | None = None  # forward FLOPs of the whole step
+    flops_total: float | None = None  # forward + backward (3x forward when training)
+    dur_ms: float | None = None  # wall time of the step (previous step end to this one)
+    achieved_flops: float | None = None  # flops_total / dur_ms, None above the peak
+    mfu: float | None = None  # achieved_flops / peak_flops
+    peak_flops: float | None = None
+    method: str = "meta"  # how the calls were counted (meta / sampled-forward / mixed)
+    note: str = ""  # why a figure is missing
 
 
 @dataclass

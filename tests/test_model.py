@@ -25,6 +25,7 @@ from llmtop.protocol.events import (
     Span,
     Stats,
     Step,
+    StepFlops,
     decode_one,
     encode,
 )
@@ -112,13 +113,17 @@ def test_layer_times_share_and_ema():
 def test_flops_achieved_and_roofline_bound():
     m = SessionModel()
     m.apply(small_tree())
-    m.apply(LayerStats(step=1, ids=[2, 3], fwd_ms=[1.0, 1.0], fwd_self_ms=[1.0, 1.0], calls=[2, 1]))
+    m.apply(LayerStats(step=1, ids=[2, 3], fwd_ms=[4.0, 1.0], fwd_self_ms=[4.0, 1.0], calls=[2, 1]))
     # enc.fc: 1e9 FLOPs and 1e6 bytes per call; head: 1e6 FLOPs and 1e8 bytes
     m.apply(LayerFlops(signature="s", ids=[2, 3], flops=[1e9, 1e6], bytes=[1e6, 1e8], peak_flops=1e12,
                        peak_bw=1e11))
     fc, head = m.layers[2], m.layers[3]
-    assert fc.achieved_flops == pytest.approx(2e9 / 1e-3)
-    # intensity 1000 FLOP/B above the ridge of 10, and 0.5 ms per call vs a 1 ms compute roof
+    assert fc.achieved_flops is None and fc.bound is None  # per-call figures alone: no step to divide by
+    # the FLOPs of exactly step 1's calls (fc ran twice)
+    m.apply(StepFlops(step=1, ids=[2, 3], flops=[2e9, 1e6], bytes=[2e6, 1e8], roots=[], root_calls=[],
+                      peak_flops=1e12))
+    assert fc.achieved_flops == pytest.approx(2e9 / 4e-3)
+    # intensity 1000 FLOP/B above the ridge of 10, and 4 ms for 2 ms of compute roof
     assert fc.bound == "compute"
     assert head.bound == "memory"  # 0.01 FLOP/B, 1 ms per call vs a 1 ms bandwidth roof
     assert roofline_bound(1e6, 1e3, 1e12, 1e11, fwd_ms=5.0, calls=1) == "overhead"

@@ -46,6 +46,8 @@ def sample_events() -> list[ev.Event]:
         ev.AgentWarning(t=2.0, source="layers", message="hook failed: boom"),
         ev.Ops(step=3, names=["aten::mm"], self_ms=[5.0], calls=[12], flops=[1e9], shapes=["[8, 64]"]),
         ev.LayerFlops(signature="(8,128)", ids=[0], flops=[1e9], bytes=[1e6], peak_flops=1e12),
+        ev.StepFlops(step=3, ids=[0], flops=[2e9], bytes=[2e6], roots=[0], root_calls=[2], fwd_flops=2e9,
+                     flops_total=6e9, dur_ms=10.0, achieved_flops=6e11, mfu=0.6, peak_flops=1e12),
         ev.Generation(t=2.0, batch=2, prompt_tokens=16, new_tokens=8, ttft_ms=12.0, decode_ms=[3.0] * 7),
         ev.Stats(t=2.0, dropped=5, clients=2),
         ev.SnapshotDone(events=12),

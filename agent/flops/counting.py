@@ -480,12 +480,87 @@ def _all_meta(args: tuple, kwargs: dict, is_tensor: type) -> bool:
 def count(model: Any, args: tuple = (), kwargs: dict | None = None) -> Profile:
     """Run ``model(*args, **kwargs)`` once under the counters; use meta tensors to compute nothing."""
     import torch
+
+    kwargs = kwargs or {}
+    session = Counting(model)
+    session.inputs(args, kwargs)
+    with torch.no_grad(), session:
+        out = model(*args, **kwargs)
+        del out
+    return session.profile()
+
+
+class Counting:
+    """The counters of one forward pass of ``model``, as a context (``count`` is the usual way in).
+
+    Entered around a real call (the live instrument's sampled-forward fallback, for models that
+    cannot run on meta), it only observes: every op runs exactly as it would have, on the same
+    tensors, in the same order, and no generator is touched. ``enter``/``exit`` are split so a hook
+    at a root call's start and one at its end can bracket the call; ``root`` names a module already
+    running when entered (its pre-hook has passed), whose costs still count.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.c = _Counter(model)
+        self._handles: list[Any] = []
+        self._modes: list[Any] = []
+        self.weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.weights += sum(b.numel() * b.element_size() for b in model.buffers())
+        self.input_bytes = 0
+
+    def inputs(self, args: tuple, kwargs: dict) -> None:
+        self.input_bytes = sum(_tensor_bytes(t) for t in _tensors(list(args)) + _tensors(kwargs))
+
+    def __enter__(self) -> Counting:
+        self.enter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.exit()
+
+    def enter(self, root: Any = None) -> None:
+        c = self.c
+        for mod in self.model.modules():
+            self._handles.append(mod.register_forward_pre_hook(c.pre))
+            self._handles.append(mod.register_forward_hook(c.post))
+        if root is not None:
+            c.pre(root, ())
+        functions, dispatch = _modes(c)
+        functions.__enter__()
+        self._modes.append(functions)
+        dispatch.__enter__()
+        self._modes.append(dispatch)
+
+    def exit(self) -> None:
+        while self._modes:
+            self._modes.pop().__exit__(None, None, None)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.c.stack.clear()
+
+    def profile(self) -> Profile:
+        c = self.c
+        return Profile(
+            modules=list(c.modules.values()),
+            ops=sorted(c.ops.values(), key=lambda o: -o.flops),
+            params=sum(p.numel() for p in self.model.parameters()),
+            weight_bytes=self.weights,
+            input_bytes=self.input_bytes,
+            act_peak_bytes=c.peak,
+            act_written_bytes=c.written,
+            module_of=dict(c.modules),
+        )
+
+
+def _modes(c: _Counter) -> tuple[Any, Any]:
+    """(the function mode, the dispatch mode) that feed counter ``c``."""
+    import torch
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    kwargs = kwargs or {}
-    c = _Counter(model)
     is_tensor = torch.Tensor
     aten = torch.ops.aten
     local_scalar = aten._local_scalar_dense.default
@@ -565,28 +640,4 @@ def count(model: Any, args: tuple = (), kwargs: dict | None = None) -> Profile:
             finally:
                 c.in_sdpa -= 1
 
-    handles = []
-    for mod in model.modules():
-        handles.append(mod.register_forward_pre_hook(c.pre))
-        handles.append(mod.register_forward_hook(c.post))
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    inputs = sum(_tensor_bytes(t) for t in _tensors(list(args)) + _tensors(kwargs))
-    try:
-        with torch.no_grad(), Functions(), Dispatch():
-            out = model(*args, **kwargs)
-        del out
-    finally:
-        for h in handles:
-            h.remove()
-    costs = list(c.modules.values())
-    return Profile(
-        modules=costs,
-        ops=sorted(c.ops.values(), key=lambda o: -o.flops),
-        params=sum(p.numel() for p in model.parameters()),
-        weight_bytes=weights,
-        input_bytes=inputs,
-        act_peak_bytes=c.peak,
-        act_written_bytes=c.written,
-        module_of=dict(c.modules),
-    )
+    return Functions(), Dispatch()

@@ -22,6 +22,15 @@ timing then gets what is left of that aim after the fixed cost and a reserve for
 windows, but never less than ``LAYER_FLOOR`` of it; when the fixed cost leaves it only that floor
 (millisecond steps), it still runs ``MIN_TABLES_PER_S`` times a second if that alone fits the whole
 budget (a tiny share of the run, and the Layers view stays live).
+
+Freshness floor: whatever the rate, a step is sampled once ``FRESH_S`` (5 s) of wall time have
+passed since the last sampled one began (``sampled`` is given the clock of the step end where it
+decides), so the newest layer table is never more than about 5 s plus one step old. The floor comes
+on top of the budget: the budget sets the step-count rate, the floor only adds a sampled step when
+that rate would leave a longer gap (e.g. "every 574 steps" in a 71-step run). Its cost is at most
+one sampled step's extra per 5 s; on steps longer than 5 s every step is sampled, where the
+per-module hook cost is a small share of such a step. It applies to the automatic rate only (a fixed
+``--layer-every`` is the user's choice).
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ WINDOW = 15  # recent steps per group
 UPDATE_EVERY = 8  # steps between rate updates (and at every sampled step): this runs on the hot path
 MIN_CONTROL = 3  # steps needed in each group before the control measurement counts
 CONTROL_EVERY = 8  # at a rate of 1, one step in this many still runs unsampled (the control group)
+FRESH_S = 5.0  # a sampled step at least this often (wall time), whatever the rate
+_FRESH_NS = int(FRESH_S * 1e9)
 
 
 def _median(values: deque[int]) -> int:
@@ -58,6 +69,7 @@ class Budget:
         self.estimate_ns: deque[int] = deque(maxlen=window)  # calibrated extra cost of sampled steps
         self.every = 1
         self._since = 0  # steps observed since the last update
+        self._last_sampled_ns = 0  # clock (perf_counter_ns) where the last sampled step was chosen
 
     def observe(self, step_ns: int, fixed_ns: int, sampled: bool, estimate_ns: int = 0) -> None:
         """One finished step: its duration, its fixed cost and, if sampled, the estimated extra."""
@@ -90,11 +102,21 @@ class Budget:
             return max(1, int(_median(self.sampled_ns)) - self.extra_ns())
         return 0
 
-    def sampled(self, step: int) -> bool:
-        """Does per-layer timing run on step ``step`` (at the rate in force)?"""
+    def sampled(self, step: int, now_ns: int = 0) -> bool:
+        """Does per-layer timing run on step ``step`` (at the rate in force, or by the freshness floor
+        when ``now_ns``, the clock where the previous step ended, is ``FRESH_S`` past the last one)?"""
         if self.every == 1:
-            return step % CONTROL_EVERY != CONTROL_EVERY - 1
-        return step % self.every == 0
+            hit = step % CONTROL_EVERY != CONTROL_EVERY - 1
+        else:
+            hit = step % self.every == 0
+        if now_ns:
+            if not self._last_sampled_ns:
+                self._last_sampled_ns = now_ns
+            elif not hit and now_ns - self._last_sampled_ns >= _FRESH_NS:
+                hit = True
+            if hit:
+                self._last_sampled_ns = now_ns
+        return hit
 
     def due(self, sampled: bool) -> bool:
         """Is a rate update due after this step? At sampled steps (new figures) and now and then."""

@@ -1,45 +1,107 @@
-"""Live per-layer FLOPs and bytes: once per model and input-shape signature, off the hot path.
+"""Live per-layer FLOPs and bytes: once per model and input-shape signature, off the hot path;
+and the FLOPs of exactly the calls each sampled step timed.
 
-Hot path (``core.BUS.root_forward``, at the end of each model-root call, which carries its kwargs):
-the input shapes, dtypes and plain values are turned
-into a hashable signature; a new one is queued with a weak reference to the model. No tensor is
-copied or kept.
+Hot path (``core.BUS.root_forward_start``, at the start of each model-root call, on detailed steps
+only): the input shapes, dtypes and plain values are turned into a hashable signature (a
+transformers KV cache by its per-layer key/value shapes, its past length bucketed, see
+``bucket_past``); the call is noted (start time, model, signature) and a new signature is queued
+with a weak reference to the model. No tensor is copied or kept. Step ends (``BUS.step_end``) are
+noted too.
 
 Agent thread (``poll``): the model is deep-copied with every parameter and buffer replaced by a
 meta tensor (no weights copied), run once on meta inputs of the queued shapes under the counters
-of ``flops.py``, and the per-module costs are joined to the layers instrument's module ids into one
-``LayerFlops`` event. Peaks come from ``roofline.py`` for the model's device and dtype.
+of ``agent/flops/counting.py``, and the per-module costs are joined to the layers instrument's
+module ids into one ``LayerFlops`` event (``method="meta"``). When the meta copy cannot run (a
+kernel hub layer, data-dependent code), the next detailed call with that signature is counted as
+it runs on the script's thread (``method="sampled-forward"``): the dispatch-mode counter only
+observes, so results, RNG and grad are untouched; that one call is slower.
+
+Then each ended step with noted calls gets a ``StepFlops`` event: per module, the sum over its
+calls of their own signature's counted FLOPs, so FLOP/s = those FLOPs / that step's timed forward
+(the viewer divides, by the same step's ``LayerStats``). Peaks come from ``roofline.py``.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 from llmtop.agent.runtime import core
-from llmtop.protocol.events import Event, LayerFlops
+from llmtop.protocol.events import Event, LayerFlops, StepFlops
 
-MAX_SIGNATURES = 16  # per model; decoding with a growing mask would otherwise never stop
+MAX_SIGNATURES = 64  # per model: prompts of new lengths and decode past-length buckets, then it stops
 MIN_INTERVAL_S = 1.0  # at most one count per second: each holds the GIL on the agent thread
+COUNTED_KEPT = 256  # counted (model, signature) tables kept for the per-step sums
+CALLS_KEPT = 8192  # noted root calls not yet given to a step
+PENDING_STEPS = 32  # ended steps waiting for their signatures to be counted
+BACKWARD_FACTOR = 2.0  # backward FLOPs per forward FLOP (dgrad + wgrad: the usual 6N convention)
 _PLAIN = frozenset({bool, int, float, str, type(None)})
 
 
 _Tensor: Any = None  # torch.Tensor, set when torch is loaded (this module imports without torch)
+_Device: Any = None
+
+
+def bucket_past(n: int) -> int:
+    """A KV cache's past length as counted: rounded up to 64 tokens up to 1024, then to an eighth of
+    its power of two (at most 12.5 % more). A generate call of any length then needs a bounded
+    number of counts (16 buckets up to 1024 tokens, 8 per doubling after), each exact to the bucket."""
+    if n <= 0:
+        return 0
+    if n <= 1024:
+        return -(-n // 64) * 64
+    step = (1 << (n.bit_length() - 1)) // 8
+    return -(-n // step) * step
+
+
+def _cache_spec(x: Any) -> Any:
+    """A transformers cache (``DynamicCache`` and the like: a ``layers`` list of objects holding
+    key/value tensors shaped (batch, heads, past, dim)) as a hashable spec, past length bucketed;
+    None when it does not look like one (it is then opaque)."""
+    layers = getattr(x, "layers", None)
+    if not isinstance(layers, list):
+        return None
+    attrs = []
+    for k, v in vars(x).items():
+        if k == "layers":
+            continue
+        if type(v) not in _PLAIN:
+            return None
+        attrs.append((k, v))
+    specs = []
+    for layer in layers:
+        fields = []
+        for k, v in vars(layer).items():
+            t = type(v)
+            if t in _PLAIN:
+                fields.append((k, v))
+            elif t is _Tensor or isinstance(v, _Tensor):
+                shape = tuple(v.shape)
+                if len(shape) >= 2:  # (…, past, dim): the past length is the second-to-last
+                    shape = shape[:-2] + (bucket_past(shape[-2]), shape[-1])
+                fields.append((k, ("T", shape, v.dtype)))
+            elif t is _Device:
+                fields.append((k, ("DEV",)))
+            else:
+                return None
+        specs.append((type(layer), tuple(fields)))
+    return ("C", type(x), tuple(attrs), tuple(specs))
 
 
 def _spec(x: Any, depth: int = 0) -> Any:
     """A hashable description of one argument: shapes and dtypes of tensors, plain values as is."""
-    global _Tensor
+    global _Tensor, _Device
     t = type(x)
     if t in _PLAIN:
         return x
     if _Tensor is None:
         import torch
 
-        _Tensor = torch.Tensor
+        _Tensor, _Device = torch.Tensor, torch.device
     # `type is` first: isinstance against torch.Tensor goes through a slow metaclass check
     if t is _Tensor or isinstance(x, _Tensor):
         return ("T", x.shape, x.dtype)  # torch.Size is a hashable tuple
@@ -47,7 +109,11 @@ def _spec(x: Any, depth: int = 0) -> Any:
         return ("L", tuple(_spec(v, depth + 1) for v in x))
     if depth < 2 and isinstance(x, dict):
         return ("D", tuple((k, _spec(v, depth + 1)) for k, v in x.items()))
-    return ("O", type(x).__name__)  # opaque (a KV cache object …): not rebuilt on meta
+    if t.__name__.endswith("Cache"):
+        spec = _cache_spec(x)
+        if spec is not None:
+            return spec
+    return ("O", t.__name__)  # opaque: not rebuilt on meta
 
 
 def signature(args: tuple, kwargs: dict, autocast: Any = None) -> tuple:
@@ -63,6 +129,15 @@ def autocast_dtype(torch: Any) -> Any:
     return None
 
 
+def _past_len(s: Any) -> int | None:
+    """The (bucketed) past length of a cache spec."""
+    for _cls, fields in s[3]:
+        for _k, v in fields:
+            if isinstance(v, tuple) and v and v[0] == "T" and len(v[1]) >= 2:
+                return int(v[1][-2])
+    return 0
+
+
 def describe(sig: tuple) -> str:
     """``input_ids:1x128:int64 use_cache=False`` — the signature as people read it."""
 
@@ -71,6 +146,8 @@ def describe(sig: tuple) -> str:
             return f"{'x'.join(map(str, s[1])) or 'scalar'}:{str(s[2]).replace('torch.', '')}"
         if isinstance(s, tuple) and s and s[0] == "O":
             return s[1]
+        if isinstance(s, tuple) and s and s[0] == "C":
+            return f"{s[1].__name__}(past≤{_past_len(s)})"
         if isinstance(s, tuple) and s and s[0] in ("L", "D"):
             return "[…]"
         return repr(s)
@@ -104,9 +181,31 @@ def _rebuild(s: Any, torch: Any, autocast: Any = None) -> tuple[bool, Any]:
                 if ok:
                     out[k] = val
             return True, out
+        if kind == "C":
+            return True, _rebuild_cache(s, torch, autocast)
+        if kind == "DEV":
+            return True, torch.device("meta")
         if kind == "O":
             return False, None
     return True, s
+
+
+def _rebuild_cache(s: tuple, torch: Any, autocast: Any) -> Any:
+    """A cache object of the spec's class holding meta keys/values of the (bucketed) past length:
+    built without ``__init__`` (its signature changes across transformers versions), with the same
+    attributes the live one had."""
+    _, cls, attrs, layers = s
+    cache = cls.__new__(cls)
+    vars(cache).update(dict(attrs))
+    built = []
+    for layer_cls, fields in layers:
+        layer = layer_cls.__new__(layer_cls)
+        for k, v in fields:
+            ok, val = _rebuild(v, torch, autocast)
+            setattr(layer, k, val if ok else None)
+        built.append(layer)
+    cache.layers = built
+    return cache
 
 
 def meta_copy(model: Any) -> Any:
@@ -150,6 +249,16 @@ def _layers_instrument() -> Any:
     return None
 
 
+class _Counted:
+    """One counted (model, signature): per module id, its FLOPs and bytes in one root call."""
+
+    __slots__ = ("flops", "bytes", "root_flops", "method")
+
+    def __init__(self, flops: dict[int, float], nbytes: dict[int, float], root_flops: float,
+                 method: str) -> None:
+        self.flops, self.bytes, self.root_flops, self.method = flops, nbytes, root_flops, method
+
+
 class FlopsInstrument:
     name = "flops"
 
@@ -166,6 +275,20 @@ class FlopsInstrument:
         self.min_interval_s = MIN_INTERVAL_S
         self._last = -1e9
         self.device: Any = None  # overrides the device lookup (tests, --device)
+        # per-step sums: root calls noted on the hot path, step ends, counted tables
+        self._calls: deque[tuple[int, int, tuple, bool]] = deque(maxlen=CALLS_KEPT)  # t0, id, sig, train
+        self._ends: deque[tuple[int, int]] = deque(maxlen=CALLS_KEPT)  # (step, t_end_ns)
+        self._prev_end = 0
+        self._pending: deque[dict] = deque()
+        self._counted: OrderedDict[tuple[int, tuple], _Counted] = OrderedDict()
+        self._failed: dict[tuple[int, tuple], str] = {}  # meta and sampled forward both failed
+        self._gids: dict[int, int] = {}  # id(model) -> root module id
+        self._peak: dict[int, float | None] = {}  # id(model) -> peak FLOP/s used for it
+        # the sampled-forward fallback: signatures the meta copy could not run, the live session
+        self._want_live: dict[tuple[int, tuple], Any] = {}  # (id(model), sig) -> weakref to the model
+        self._live: Any = None  # (thread id, model, sig, Counting) while one real call is counted
+        self._live_done: deque[tuple[Any, tuple, Any, str]] = deque()  # (ref, sig, profile|None, error)
+        self.steps_emitted = 0
 
     # --- Instrument contract ---------------------------------------------------------------------
     def install(self, ctx: core.Context) -> None:
@@ -175,23 +298,35 @@ class FlopsInstrument:
         import torch
 
         self._torch = torch
+        core.BUS.root_forward_start.append(self._on_root_start)
         core.BUS.root_forward.append(self._on_root)
+        core.BUS.step_end.append(self._on_step_end)
         self._installed = True
 
     def uninstall(self) -> None:
         if self._installed:
-            try:
-                core.BUS.root_forward.remove(self._on_root)
-            except ValueError:
-                pass
+            for lst, fn in ((core.BUS.root_forward_start, self._on_root_start),
+                            (core.BUS.root_forward, self._on_root), (core.BUS.step_end, self._on_step_end)):
+                try:
+                    lst.remove(fn)
+                except ValueError:
+                    pass
             self._installed = False
+            self._end_live(None)
 
     def poll(self, now: float) -> list[Event]:
-        """Count at most one queued signature per call, and at most once per MIN_INTERVAL_S."""
-        if not self._queue or time.monotonic() - self._last < self.min_interval_s:
-            return []
-        if self.ctx.stopping:
-            return []  # a count holds the GIL for a while: the script's exit must not wait for it
+        """Count at most one queued signature per call, and at most once per MIN_INTERVAL_S; take
+        in sampled-forward counts; sum the FLOPs of the steps that ended."""
+        out: list[Event] = []
+        while self._live_done:
+            out.extend(self._take_live(*self._live_done.popleft()))
+        # a count holds the GIL for a while: the script's exit must not wait for it
+        if self._queue and time.monotonic() - self._last >= self.min_interval_s and not self.ctx.stopping:
+            out.extend(self._count_one())
+        out.extend(self._steps())
+        return out
+
+    def _count_one(self) -> list[Event]:
         retry = []
         out: list[Event] = []
         while self._queue and not out:
@@ -202,9 +337,11 @@ class FlopsInstrument:
             self._last = time.monotonic()
             try:
                 ev = self.compute(model, sig)
-            except Exception as exc:  # a model that cannot run on meta: say so, keep the run going
-                self._warn(f"FLOPs for {type(model).__name__} ({describe(sig)}) failed: "
-                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+            except Exception as exc:  # cannot run on meta: count the next real call of this shape
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                self._want_live[(id(model), sig)] = ref
+                self._warn(f"FLOPs for {type(model).__name__} ({describe(sig)}) on meta failed ({why}); "
+                           "counting one real forward of that shape instead")
                 continue
             if ev is None:
                 retry.append((ref, sig))  # the layers instrument has not named its modules yet
@@ -214,27 +351,88 @@ class FlopsInstrument:
         return out
 
     # --- hot path --------------------------------------------------------------------------------
-    def _on_root(self, module: Any, t_start_ns: int, t_end_ns: int, args: tuple, kwargs: dict) -> None:
-        # BUS.root_forward (the call's end: a call that raised is not counted). Only on
-        # detailed steps: a new input signature is still seen within a few steps, at a fraction
-        # of the cost of reading every call's shapes.
+    def _on_root_start(self, module: Any, t0: int, args: tuple, kwargs: dict) -> None:
+        # BUS.root_forward_start, only on detailed steps: the step is known to be timed, and the
+        # inputs (a KV cache before this call appends to it) are what the call runs on.
         if self._dead or not core.BUS.detail:
             return
         try:
-            sig = signature(args, kwargs, autocast_dtype(self._torch) if self._torch else None)
-            seen = self._seen.get(id(module))
+            torch = self._torch
+            sig = signature(args, kwargs, autocast_dtype(torch) if torch else None)
+            key = id(module)
+            train = bool(torch is not None and torch.is_grad_enabled() and getattr(module, "training", False))
+            seen = self._seen.get(key)
             if seen is None:
                 if len(self._seen) >= 1024:  # many short-lived roots: start over rather than grow
                     self._seen.clear()
-                seen = self._seen[id(module)] = set()
-                weakref.finalize(module, self._seen.pop, id(module), None)  # ids are reused
-            if sig in seen or len(seen) >= MAX_SIGNATURES:
-                return
-            seen.add(sig)
-            self._queue.append((weakref.ref(module), sig))
+                seen = self._seen[key] = set()
+                weakref.finalize(module, self._seen.pop, key, None)  # ids are reused
+            if sig not in seen and len(seen) < MAX_SIGNATURES:
+                seen.add(sig)
+                self._queue.append((weakref.ref(module), sig))
+            elif self._want_live and self._live is None and (key, sig) in self._want_live:
+                self._start_live(module, sig)
+            # noted last: the agent thread may sum this call's step as soon as it is noted, and
+            # must find its signature queued by then
+            self._calls.append((t0, key, sig, train))
         except Exception as exc:  # fail open
             self._dead = True
             self._warn(f"signature capture failed: {type(exc).__name__}: {exc}")
+
+    def _on_root(self, module: Any, t_start_ns: int, t_end_ns: int, args: tuple, kwargs: dict) -> None:
+        live = self._live
+        if live is not None and live[1] is module and live[0] == threading.get_ident():
+            self._end_live(None)
+
+    def _on_step_end(self, step: int, t_end_ns: int) -> None:
+        self._ends.append((step, t_end_ns))
+        live = self._live
+        if live is not None and live[0] == threading.get_ident():
+            self._end_live("the call raised")  # its root never returned: never leave the modes on
+
+    # --- sampled forward (script's thread) -------------------------------------------------------
+    def _start_live(self, module: Any, sig: tuple) -> None:
+        from llmtop.agent.flops import counting as F
+
+        key = (id(module), sig)
+        ref = self._want_live.pop(key)
+        session = F.Counting(module)
+        layers = self.layers or _layers_instrument()
+        self._live = (threading.get_ident(), module, ref, sig, session, layers)
+        try:
+            session.enter()  # roots.py wraps Module.__call__: the root's own hooks still run
+        except Exception as exc:
+            self._live = None
+            session.exit()
+            self._failed[key] = f"{type(exc).__name__}: {exc}"[:200]
+
+    def _end_live(self, error: str | None) -> None:
+        live, self._live = self._live, None
+        if live is None:
+            return
+        _tid, _module, ref, sig, session, _layers = live
+        try:
+            session.exit()
+        except Exception as exc:
+            error = error or f"{type(exc).__name__}: {exc}"
+        prof = None
+        if error is None:
+            try:
+                prof = session.profile()
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        self._live_done.append((ref, sig, prof, error or ""))
+
+    def _take_live(self, ref: Any, sig: tuple, prof: Any, error: str) -> list[Event]:
+        model = ref()
+        if model is None:
+            return []
+        if prof is None:
+            self._failed[(id(model), sig)] = error
+            self._warn(f"FLOPs for {type(model).__name__} ({describe(sig)}): sampled forward failed: {error}")
+            return []
+        ev = self._event(model, sig, prof, "", "sampled-forward")
+        return [ev] if ev is not None else []
 
     # --- agent thread ----------------------------------------------------------------------------
     def compute(self, model: Any, sig: tuple) -> LayerFlops | None:
@@ -259,7 +457,10 @@ class FlopsInstrument:
                 kwargs[k] = v
         inner, prefix = unwrap(model)
         clone = meta_copy(inner)
-        clone.eval()
+        # eval mode set on each module, not through ``clone.eval()``: transformers' override re-runs
+        # `kernels`' kernelize on a mode change, which refuses a meta model ("Unsupported device type")
+        for mod in clone.modules():
+            mod.training = False
         if autocast is not None:
             # autocast runs the matmuls (most of the FLOPs and weight traffic) in its dtype; norms
             # and softmax stay fp32 in reality, a small part of the bytes
@@ -267,10 +468,22 @@ class FlopsInstrument:
         # The layers instrument must not see the meta copy's module calls.
         with layers.muted():
             prof = F.count(clone, tuple(args), kwargs)
+        return self._event(model, sig, prof, prefix, "meta", layers, ids)
+
+    def _event(self, model: Any, sig: tuple, prof: Any, prefix: str, method: str, layers: Any = None,
+               ids: Any = None) -> LayerFlops | None:
+        """The ``LayerFlops`` event of one counted pass, and its per-call table kept for step sums."""
+        if ids is None:
+            layers = layers or self.layers or _layers_instrument()
+            if layers is None:
+                return None
+            ids = layers.module_ids()
         originals = dict(model.named_modules())
         out_ids: list[int] = []
         fl: list[float] = []
         by: list[float] = []
+        total_f: dict[int, float] = {}
+        total_b: dict[int, float] = {}
         for cost in prof.modules:
             if not cost.calls:
                 continue
@@ -282,17 +495,111 @@ class FlopsInstrument:
                     out_ids.append(gid)
                     fl.append(cost.flops / cost.calls)
                     by.append(cost.bytes / cost.calls)
+                    total_f[gid] = cost.flops  # all its calls inside one root call
+                    total_b[gid] = cost.bytes
         dev, dtype = self._device(model)
-        if autocast is not None:
-            dtype = str(autocast)
+        if sig[2] is not None:
+            dtype = str(sig[2])
+        peak = dev.peak(dtype) if dev is not None else None
+        root_gid = ids.get(model)
+        key = (id(model), sig)
+        self._counted[key] = _Counted(total_f, total_b, total_f.get(root_gid, prof.flops) if root_gid is not None
+                                      else prof.flops, method)
+        self._counted.move_to_end(key)
+        while len(self._counted) > COUNTED_KEPT:
+            (old_model, old_sig), _ = self._counted.popitem(last=False)
+            self._seen.get(old_model, set()).discard(old_sig)  # counted again if it comes back
+        if root_gid is not None:
+            self._gids[id(model)] = root_gid
+        self._peak[id(model)] = peak
         self.computed += 1
         return LayerFlops(
             signature=describe(sig), ids=out_ids, flops=fl, bytes=by,
-            peak_flops=dev.peak(dtype) if dev is not None else None,
+            peak_flops=peak,
             peak_bw=dev.bandwidth if dev is not None else None,
-            device=dev.name if dev is not None else "",
+            device=dev.name if dev is not None else "", method=method,
             peak_source=dev.sources() if dev is not None else "",
         )
+
+    def _steps(self) -> list[Event]:
+        """Give the noted calls to the steps that ended; emit each step whose calls are all counted."""
+        calls, ends = self._calls, self._ends
+        while ends:
+            step, t_end = ends.popleft()
+            mine = []
+            while calls and calls[0][0] <= t_end:
+                mine.append(calls.popleft())
+            start = self._prev_end or (mine[0][0] if mine else 0)
+            self._prev_end = t_end
+            if mine:
+                self._pending.append({"step": step, "calls": mine, "dur_ns": t_end - start})
+        out: list[Event] = []
+        while self._pending:
+            p = self._pending[0]
+            ev = self._step_event(p, final=len(self._pending) > PENDING_STEPS)
+            if ev is None:
+                break  # the oldest waits for a count: later ones wait behind it (order kept)
+            self._pending.popleft()
+            out.append(ev)
+        return out
+
+    def _step_event(self, p: dict, final: bool) -> StepFlops | None:
+        """The step's sums, None while a signature may still be counted (unless ``final``)."""
+        per_f: dict[int, float] = {}
+        per_b: dict[int, float] = {}
+        roots: dict[int, int] = {}
+        fwd = 0.0
+        methods = set()
+        train = False
+        note = ""
+        peak = None
+        for _t0, mid, sig, tr in p["calls"]:
+            key = (mid, sig)
+            counted = self._counted.get(key)
+            if counted is None:
+                if key in self._failed:
+                    note = f"not counted: {describe(sig)} could not be run ({self._failed[key]})"
+                    continue
+                if sig not in self._seen.get(mid, ()):
+                    note = f"not counted: more than {MAX_SIGNATURES} input signatures for this model"
+                    continue
+                if not final:
+                    return None
+                note = f"not counted yet: {describe(sig)}"
+                continue
+            methods.add(counted.method)
+            train = train or tr
+            fwd += counted.root_flops
+            for gid, f in counted.flops.items():
+                per_f[gid] = per_f.get(gid, 0.0) + f
+            for gid, b in counted.bytes.items():
+                per_b[gid] = per_b.get(gid, 0.0) + b
+            gid = self._gids.get(mid)
+            if gid is not None:
+                roots[gid] = roots.get(gid, 0) + 1
+            peak = self._peak.get(mid, peak)
+        method = methods.pop() if len(methods) == 1 else ("mixed" if methods else "")
+        ev = StepFlops(step=p["step"], method=method, peak_flops=peak)
+        ev.dur_ms = p["dur_ns"] / 1e6 if p["dur_ns"] > 0 else None
+        if note:  # a call is missing: no per-module or step figure may be shown for this step
+            ev.note = note
+            self.steps_emitted += 1
+            return ev
+        ids = sorted(per_f)
+        ev.ids, ev.flops, ev.bytes = ids, [per_f[g] for g in ids], [per_b.get(g, 0.0) for g in ids]
+        ev.roots, ev.root_calls = list(roots), list(roots.values())
+        ev.fwd_flops = fwd
+        ev.flops_total = fwd * (1.0 + BACKWARD_FACTOR) if train else fwd
+        if ev.dur_ms:
+            achieved = ev.flops_total / (ev.dur_ms / 1000.0)
+            if peak and achieved > peak:
+                ev.note = (f"{achieved / 1e9:.1f} GFLOP/s would exceed the device peak "
+                           f"{peak / 1e9:.1f}: the count or the step time is wrong")
+            else:
+                ev.achieved_flops = achieved
+                ev.mfu = achieved / peak if peak else None
+        self.steps_emitted += 1
+        return ev
 
     def _device(self, model: Any) -> tuple[Any, str]:
         from llmtop.agent.flops import roofline

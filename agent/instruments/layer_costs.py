@@ -94,7 +94,7 @@ class LayerCosts:
                 finally:
                     self._account_lock.release()
             nxt = step + 1
-            sampled_next = self.budget.sampled(nxt) if self._auto else nxt % self.current_every == 0
+            sampled_next = self.budget.sampled(nxt, t_end_ns) if self._auto else nxt % self.current_every == 0
             if sampled_next != sampled:
                 self._sampled = sampled_next
                 core.BUS.detail = sampled_next

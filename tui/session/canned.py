@@ -26,6 +26,7 @@ from llmtop.protocol.events import (
     Span,
     Stats,
     Step,
+    StepFlops,
 )
 
 T0 = 1_700_000_000.0
@@ -120,11 +121,12 @@ def session_events(steps: int = 60, *, n_layer: int = 12, seed: int = 0, step_ms
         SnapshotDone(events=2),
     ]
     n = len(tree.ids)
-    out.append(LayerFlops(signature="(8, 128) int64", ids=list(tree.ids),
+    flops_ev = LayerFlops(signature="(8, 128) int64", ids=list(tree.ids),
                           flops=[(p * 2 * 1024.0) if p else 1e6 for p in tree.params],
                           bytes=[(p * 4 + 8 * 128 * 768 * 8) if p else 8e6 for p in tree.params],
                           peak_flops=989e12 if gpu else None, peak_bw=3.35e12 if gpu else None,
-                          device="H100" if gpu else "cpu"))
+                          device="H100" if gpu else "cpu")
+    out.append(flops_ev)
     t = T0 + 2.0
     out.append(LogLine(t=t, text=f"tiny GPT: {len(tree.ids)} modules, batch 8, {steps} steps", stream="stdout"))
     loss = 10.5
@@ -152,6 +154,8 @@ def session_events(steps: int = 60, *, n_layer: int = 12, seed: int = 0, step_ms
         out.append(LayerStats(step=k, ids=list(tree.ids), fwd_ms=incl, fwd_self_ms=self_ms, calls=[1] * n,
                               bwd_ms=bincl, bwd_self_ms=bself,
                               act_bytes=[int(p * 0.5 + 8 * 128 * 768 * 4) for p in tree.params] if gpu else []))
+        out.append(StepFlops(step=k, ids=list(flops_ev.ids), flops=list(flops_ev.flops), bytes=list(flops_ev.bytes),
+                             peak_flops=flops_ev.peak_flops))  # one call per module per step
         out.append(HostSample(t=t, cpu_pct=95.0 + 10 * rng.random(),
                               rss=int(1.5 * GIB + (k * 12 * 1024 * 1024 if creep else 0) + rng.random() * 1e6),
                               sys_used=int(12 * GIB), sys_total=int(64 * GIB), threads=12))

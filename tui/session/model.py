@@ -35,6 +35,7 @@ from llmtop.protocol.events import (
     Span,
     Stats,
     Step,
+    StepFlops,
 )
 from llmtop.protocol.formulas import bound, percentile
 
@@ -45,6 +46,9 @@ LAYER_HISTORY = 256  # per-layer (step, fwd, bwd, act) points kept for the detai
 SPAN_DURATIONS = 512  # recent durations kept per span name for p95
 LOG_LINES = 5_000
 EVENTS_KEPT = 200  # anomalies, warnings
+STEP_FLOPS_KEPT = 4_096  # per-step FLOPs events kept (sampled steps only)
+TIMED_KEPT = 32  # per layer: (step, fwd ms, calls) of recent timed steps, to join per-step FLOPs
+STALE_STEPS = 3  # a layer table older than this many steps is shown with its age
 GENERATIONS = 512
 DECODE_POINTS = 4_096
 METRIC_NAMES = 64  # custom series beyond this are counted, not kept
@@ -92,6 +96,12 @@ class Layer:
     bytes: float | None = None
     peak_flops: float | None = None
     peak_bw: float | None = None
+    # from StepFlops: the forward FLOPs/bytes of exactly the calls one timed step ran
+    step_flops: float | None = None
+    step_bytes: float | None = None
+    step_flops_step: int | None = None  # the step those figures are for
+    step_flops_note: str = ""  # why there is no figure for that step
+    timed: deque[tuple[int, float, int]] = field(default_factory=lambda: deque(maxlen=TIMED_KEPT))
 
     @property
     def name(self) -> str:
@@ -105,12 +115,41 @@ class Layer:
             return None
         return self.fwd_ema + (self.bwd_ema or 0.0)
 
+    def _timed_at(self, step: int | None) -> tuple[int, float, int] | None:
+        """(step, forward ms, calls) of timed step ``step``, if it is recent enough to be kept."""
+        if step is None:
+            return None
+        for entry in reversed(self.timed):
+            if entry[0] == step:
+                return entry
+            if entry[0] < step:
+                break
+        return None
+
     @property
     def achieved_flops(self) -> float | None:
-        """FLOP/s reached in forward: FLOPs per call × calls / forward time."""
-        if not self.flops or not self.fwd_ema or not self.calls:
-            return None
-        return self.flops * self.calls / (self.fwd_ema / 1000.0)
+        """FLOP/s reached in forward: the FLOPs of one timed step's calls / that step's forward time
+        (never FLOPs of some calls over the time of others). None when unknown or above the peak."""
+        return self._achieved()[0]
+
+    @property
+    def achieved_note(self) -> str:
+        """Why ``achieved_flops`` is None ("" when it is a number, or nothing is known yet)."""
+        return self._achieved()[1]
+
+    def _achieved(self) -> tuple[float | None, str]:
+        if self.step_flops_note:
+            return None, self.step_flops_note
+        if not self.step_flops:
+            return None, ""
+        timed = self._timed_at(self.step_flops_step)
+        if timed is None or timed[1] <= 0:
+            return None, f"no forward time for step {self.step_flops_step}"
+        value = self.step_flops / (timed[1] / 1000.0)
+        if self.peak_flops and value > self.peak_flops:
+            return None, (f"{value / 1e9:.1f} GFLOP/s > device peak {self.peak_flops / 1e9:.1f}: "
+                          "count and time disagree")
+        return value, ""
 
     @property
     def intensity(self) -> float | None:
@@ -120,9 +159,12 @@ class Layer:
 
     @property
     def bound(self) -> str | None:
-        """compute / memory / overhead, from the roofline; None without peaks or timing."""
-        return roofline_bound(self.flops, self.bytes, self.peak_flops, self.peak_bw,
-                              self.fwd_ema, self.calls)
+        """compute / memory / overhead, from the roofline of one timed step's own FLOPs, bytes and
+        forward time; None without peaks, or without that step's figures."""
+        timed = self._timed_at(self.step_flops_step)
+        if timed is None or self.achieved_note:  # an impossible figure gets no verdict either
+            return None
+        return roofline_bound(self.step_flops, self.step_bytes, self.peak_flops, self.peak_bw, timed[1], 1)
 
 
 def roofline_bound(flops: float | None, nbytes: float | None, peak_flops: float | None,
@@ -229,7 +271,11 @@ class SessionModel:
         self.ops_coverage: float | None = None
         self.flops_signature = ""
         self.flops_device = ""
+        self.flops_method = ""
         self.peak_flops: float | None = None
+        self.step_flops: deque[StepFlops] = deque(maxlen=STEP_FLOPS_KEPT)
+        self.last_step_flops: StepFlops | None = None
+        self.layers_step: int | None = None  # the step of the newest layer table
         self.peak_bw: float | None = None
         self.generations: deque[Generation] = deque(maxlen=GENERATIONS)
         self.generation_count = 0
@@ -389,6 +435,9 @@ class SessionModel:
             if a is not None:
                 layer.act_ema = a if layer.act_ema is None else layer.act_ema + EMA_ALPHA * (a - layer.act_ema)
             layer.history.append((e.step, f, b, a))
+            layer.timed.append((e.step, f, e.calls[i]))
+        if self.layers_step is None or e.step >= self.layers_step:
+            self.layers_step = e.step
 
     def _host(self, e: HostSample) -> None:
         self.host.append(e)
@@ -465,6 +514,7 @@ class SessionModel:
     def _flops(self, e: LayerFlops) -> None:
         self.flops_signature = e.signature
         self.flops_device = e.device
+        self.flops_method = e.method
         self.peak_flops = e.peak_flops
         self.peak_bw = e.peak_bw
         for i, mid in enumerate(e.ids):
@@ -475,6 +525,89 @@ class SessionModel:
             layer.bytes = e.bytes[i] if i < len(e.bytes) else None
             layer.peak_flops = e.peak_flops
             layer.peak_bw = e.peak_bw
+
+    def _step_flops(self, e: StepFlops) -> None:
+        """Per-module FLOPs of one timed step's calls: the layers' FLOP/s divide them by the same
+        step's forward times. A root whose timed calls differ from the calls summed gets no figure."""
+        self.step_flops.append(e)
+        self.last_step_flops = e
+        if e.peak_flops:
+            self.peak_flops = e.peak_flops
+        mismatch = ""
+        for rid, n in zip(e.roots, e.root_calls, strict=False):
+            root = self.layers.get(rid)
+            timed = root._timed_at(e.step) if root is not None else None
+            if timed is not None and timed[2] != n:
+                mismatch = f"step {e.step}: {timed[2]} calls timed, {n} counted"
+        n = len(e.ids)
+        for layer in self.layers.values():  # modules the step did not run keep no stale figure
+            if layer.step_flops_step is not None and layer.step_flops_step < e.step:
+                layer.step_flops = layer.step_bytes = None
+                layer.step_flops_step = e.step
+                layer.step_flops_note = e.note
+        for i, mid in enumerate(e.ids):
+            layer = self.layers.get(mid)
+            if layer is None:
+                continue
+            layer.step_flops = e.flops[i]
+            layer.step_bytes = e.bytes[i] if i < len(e.bytes) else None
+            layer.step_flops_step = e.step
+            layer.step_flops_note = mismatch or e.note
+            if e.peak_flops:
+                layer.peak_flops = e.peak_flops
+        if not n and e.note:
+            for layer in self.layers.values():
+                layer.step_flops = layer.step_bytes = None
+                layer.step_flops_step = e.step
+                layer.step_flops_note = e.note
+
+    @property
+    def achieved_flops(self) -> float | None:
+        """The newest sampled step's achieved FLOP/s (forward + backward FLOPs / step time)."""
+        e = self.last_step_flops
+        return e.achieved_flops if e is not None else None
+
+    @property
+    def mfu(self) -> float | None:
+        """The newest sampled step's model FLOPs utilisation (achieved / device peak)."""
+        e = self.last_step_flops
+        return e.mfu if e is not None else None
+
+    def recent_step_flops(self, window_s: float) -> list[StepFlops]:
+        """StepFlops of the steps inside the last ``window_s`` seconds of data (for sparklines)."""
+        steps = self.recent_steps(window_s)
+        if not steps:
+            return []
+        first = steps[0].step
+        return [e for e in self.step_flops if e.step >= first]
+
+    @property
+    def layers_age_steps(self) -> int | None:
+        """Steps since the newest layer table (0: the latest step was timed); None without one."""
+        if self.layers_step is None or self.last_step is None:
+            return None
+        return max(0, self.last_step.step - self.layers_step)
+
+    @property
+    def layers_age_s(self) -> float | None:
+        """Seconds of the run between the newest layer table's step and the latest step."""
+        if self.layers_step is None or self.last_step is None:
+            return None
+        for s in reversed(self.steps):
+            if s.step <= self.layers_step:
+                return max(0.0, self.last_step.t - s.t)
+        return None
+
+    @property
+    def layers_stale(self) -> str:
+        """"" while the layer table is fresh; else its age as people read it ("table of step 12,
+        40 steps / 9 s ago"), for every view that draws layer figures."""
+        age = self.layers_age_steps
+        if age is None or age <= STALE_STEPS:
+            return ""
+        secs = self.layers_age_s
+        when = f"{age} steps" + (f" / {secs:.0f} s" if secs is not None else "")
+        return f"layer table of step {self.layers_step}, {when} old"
 
     def _generation(self, e: Generation) -> None:
         self.generations.append(e)
@@ -676,6 +809,7 @@ _HANDLERS = {
     AgentWarning: SessionModel._warning,
     Ops: SessionModel._ops,
     LayerFlops: SessionModel._flops,
+    StepFlops: SessionModel._step_flops,
     Generation: SessionModel._generation,
     Stats: SessionModel._stats,
     SnapshotDone: SessionModel._snapshot_done,

@@ -52,10 +52,17 @@ class LayerDetail(Screen):
         t.append(f"forward {fmt.ms(layer.fwd_ema)} ms (self {fmt.ms(layer.fwd_self_ms)}) · "
                  f"backward {fmt.ms(layer.bwd_ema)} ms · {fmt.pct(model.layer_share(layer))} of step · "
                  f"calls {fmt.DASH if layer.calls is None else layer.calls}\n")
-        t.append(f"FLOPs/call {fmt.flops(layer.flops)} · bytes/call {fmt.nbytes(layer.bytes)} · "
-                 f"achieved {fmt.flops(layer.achieved_flops)} FLOP/s · bound {layer.bound or fmt.DASH}")
+        t.append(f"FLOPs/call {fmt.flops(layer.flops)} (latest signature) · bytes/call {fmt.nbytes(layer.bytes)}")
         if layer.intensity is not None:
             t.append(f" · intensity {layer.intensity:.1f} FLOP/B")
+        step = fmt.DASH if layer.step_flops_step is None else str(layer.step_flops_step)
+        t.append(f"\nstep {step}: FLOPs {fmt.flops(layer.step_flops)} · "
+                 f"achieved {fmt.flops(layer.achieved_flops)} FLOP/s · bound {layer.bound or fmt.DASH}")
+        if layer.achieved_note:
+            t.append(f" ({layer.achieved_note})", style="dim")
+        stale = model.layers_stale
+        if stale:
+            t.append(f"\n⚠ {stale}", style="yellow")
         info.update(t)
         hist = list(layer.history)
         fwd = [h[1] for h in hist]

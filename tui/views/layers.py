@@ -43,7 +43,7 @@ SORT_KEYS: dict[str, SortKey] = {
     "share": lambda la, m: la.time_ms or 0.0,
     "calls": lambda la, m: la.calls or 0,
     "act": lambda la, m: la.act_ema or 0.0,
-    "flops": lambda la, m: (la.flops or 0.0) * (la.calls or 1),
+    "flops": lambda la, m: la.step_flops or 0.0,
     "achieved": lambda la, m: la.achieved_flops or 0.0,
     "bound": lambda la, m: la.bound or "",
 }
@@ -213,6 +213,11 @@ class LayersView(Vertical):
             info += f" · filter “{self.filter}”: {len(rows)} shown"
         if model.flops_signature:
             info += f" · FLOPs for {model.flops_signature}"
+            if model.flops_method and model.flops_method != "meta":
+                info += f" ({model.flops_method})"
+        stale = model.layers_stale
+        if stale:
+            info += f" · ⚠ {stale}"
         if model.last_step is not None and model.last_step.layer_every > 1:
             info += f" · timed every {model.last_step.layer_every} steps"
         self._info = info
@@ -284,7 +289,6 @@ class LayersView(Vertical):
             name.stylize("bold")
         share = model.layer_share(layer)
         heat = heat_style(share)
-        flops_step = layer.flops * layer.calls if layer.flops is not None and layer.calls else layer.flops
         return (
             name,
             Text(layer.cls, style="dim"),
@@ -294,7 +298,16 @@ class LayersView(Vertical):
             Text(f"{fmt.pct(share):>6} {heat_bar(share)}", style=heat),
             fmt.DASH if layer.calls is None else str(layer.calls),
             fmt.nbytes(layer.act_ema),
-            fmt.flops(flops_step),
-            fmt.flops(layer.achieved_flops),
+            fmt.flops(layer.step_flops),  # the timed step's own calls, never per-call × calls
+            _achieved_cell(layer),
             layer.bound or fmt.DASH,
         )
+
+
+def _achieved_cell(layer: Layer) -> Text | str:
+    """FLOP/s of the timed step, or a dim "—" when it is unknown or impossible (the reason is in the
+    layer's detail screen)."""
+    value = layer.achieved_flops
+    if value is None:
+        return Text(fmt.DASH, style="dim") if layer.achieved_note else fmt.DASH
+    return fmt.flops(value)

@@ -68,6 +68,8 @@ class MemoryView(VerticalScroll):
         allocators = sorted((la for la in model.layers.values() if la.act_ema), key=lambda la: la.act_ema or 0,
                             reverse=True)[:TOP_ALLOCATORS]
         note = Text("Top allocating layers", style="bold")
+        if model.layers_stale:
+            note.append(f"  ⚠ {model.layers_stale}", style="yellow")
         if not allocators:
             note.append("\n  " + ("activation memory is measured on CUDA devices; none here" if model.layers
                                   else "no model yet"), style="dim")
