@@ -500,8 +500,11 @@ class Counting:
     running when entered (its pre-hook has passed), whose costs still count.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, observing: bool = False) -> None:
         self.model = model
+        # observing: around the script's own call, whose random ops are its own draws (they happen
+        # whether counted or not); otherwise a random op on real tensors is refused
+        self.observing = observing
         self.c = _Counter(model)
         self._handles: list[Any] = []
         self._modes: list[Any] = []
@@ -526,7 +529,7 @@ class Counting:
             self._handles.append(mod.register_forward_hook(c.post))
         if root is not None:
             c.pre(root, ())
-        functions, dispatch = _modes(c)
+        functions, dispatch = _modes(c, self.observing)
         functions.__enter__()
         self._modes.append(functions)
         dispatch.__enter__()
@@ -554,7 +557,7 @@ class Counting:
         )
 
 
-def _modes(c: _Counter) -> tuple[Any, Any]:
+def _modes(c: _Counter, observing: bool = False) -> tuple[Any, Any]:
     """(the function mode, the dispatch mode) that feed counter ``c``."""
     import torch
     import torch.nn.functional as F
@@ -578,7 +581,8 @@ def _modes(c: _Counter) -> tuple[Any, Any]:
                 truth = getattr(args[0], "_llmtop_truth", None)
                 if truth is not None:
                     return truth
-            if seeded in func.tags and _may_draw(func, args, kwargs) and not _all_meta(args, kwargs, is_tensor):
+            if (not observing and seeded in func.tags and _may_draw(func, args, kwargs)
+                    and not _all_meta(args, kwargs, is_tensor)):
                 # a random op off the meta device would draw from the script's generator
                 raise RuntimeError(f"{func.__name__} on real tensors: not counted (it would draw "
                                    "from the script's random generator)")

@@ -117,8 +117,37 @@ def _spec(x: Any, depth: int = 0) -> Any:
 
 
 def signature(args: tuple, kwargs: dict, autocast: Any = None) -> tuple:
-    """(args, kwargs, autocast dtype or None) as hashable specs."""
-    return (tuple(_spec(a) for a in args), tuple((k, _spec(v)) for k, v in kwargs.items()), autocast)
+    """(args, kwargs, autocast dtype or None) as hashable specs.
+
+    With a KV cache of past length P among them, a tensor whose last dimension spans the past and
+    the new tokens (``attention_mask``: P + q) is described at the bucketed past plus q, like the
+    cache: otherwise every decode call (its mask one token longer) would be a signature of its own.
+    """
+    sargs = tuple(_spec(a) for a in args)
+    skw = tuple((k, _spec(v)) for k, v in kwargs.items())
+    past = _exact_past(args, kwargs)
+    if past:
+        sargs = tuple(_rebucket(x, past) for x in sargs)
+        skw = tuple((k, _rebucket(v, past)) for k, v in skw)
+    return (sargs, skw, autocast)
+
+
+def _exact_past(args: tuple, kwargs: dict) -> int:
+    """The past length of the first transformers cache among the arguments (0 if none)."""
+    for x in (*args, *kwargs.values()):
+        if type(x).__name__.endswith("Cache"):
+            for layer in getattr(x, "layers", None) or ():
+                for v in vars(layer).values():
+                    if isinstance(v, _Tensor) and v.dim() >= 2:
+                        return int(v.shape[-2])
+    return 0
+
+
+def _rebucket(s: Any, past: int) -> Any:
+    """A tensor spec whose last dimension is past + q (q new tokens, at most 64) at bucket(past) + q."""
+    if isinstance(s, tuple) and s and s[0] == "T" and len(s[1]) >= 2 and past < s[1][-1] <= past + 64:
+        return ("T", tuple(s[1][:-1]) + (bucket_past(past) + s[1][-1] - past,), s[2])
+    return s
 
 
 def autocast_dtype(torch: Any) -> Any:
@@ -267,6 +296,7 @@ class FlopsInstrument:
         self.layers = layers  # the layers instrument; found on the running agent when None
         self.ctx: Any = None
         self._seen: dict[int, set] = {}  # id(model) -> signatures queued
+        self._refused: set[tuple[int, tuple]] = set()  # (id(model), signature) beyond MAX_SIGNATURES
         self._queue: deque[tuple[Any, tuple]] = deque(maxlen=64)
         self._dead = False
         self._installed = False
@@ -367,9 +397,12 @@ class FlopsInstrument:
                     self._seen.clear()
                 seen = self._seen[key] = set()
                 weakref.finalize(module, self._seen.pop, key, None)  # ids are reused
-            if sig not in seen and len(seen) < MAX_SIGNATURES:
-                seen.add(sig)
-                self._queue.append((weakref.ref(module), sig))
+            if sig not in seen:
+                if len(seen) < MAX_SIGNATURES:
+                    seen.add(sig)
+                    self._queue.append((weakref.ref(module), sig))
+                elif len(self._refused) < 1024:
+                    self._refused.add((key, sig))
             elif self._want_live and self._live is None and (key, sig) in self._want_live:
                 self._start_live(module, sig)
             # noted last: the agent thread may sum this call's step as soon as it is noted, and
@@ -396,7 +429,7 @@ class FlopsInstrument:
 
         key = (id(module), sig)
         ref = self._want_live.pop(key)
-        session = F.Counting(module)
+        session = F.Counting(module, observing=True)  # the script's own call, counted as it runs
         layers = self.layers or _layers_instrument()
         self._live = (threading.get_ident(), module, ref, sig, session, layers)
         try:
@@ -560,7 +593,7 @@ class FlopsInstrument:
                 if key in self._failed:
                     note = f"not counted: {describe(sig)} could not be run ({self._failed[key]})"
                     continue
-                if sig not in self._seen.get(mid, ()):
+                if key in self._refused:
                     note = f"not counted: more than {MAX_SIGNATURES} input signatures for this model"
                     continue
                 if not final:
