@@ -24,7 +24,9 @@ def run_both(script: Path, tmp: Path) -> tuple[subprocess.CompletedProcess, subp
     def env(name: str) -> dict[str, str]:
         cache = tmp / f"cache-{name}"
         return child_env(XDG_CACHE_HOME=str(cache), LLMTOP_LAYER_EVERY="1", LLMTOP_OPS_EVERY="1",
-                         LLMTOP_FLOPS="1", LLMTOP_SOCKET=str(tmp / f"{name}.sock"))
+                         LLMTOP_FLOPS="1", LLMTOP_SOCKET=str(tmp / f"{name}.sock"),
+                         LLMTOP_TICK="0.1")  # ticks often: the first FLOP count (and the cold
+                         # CPU-peak measurement) happens early in these short runs
     plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
                            env=env("plain"), stdin=subprocess.DEVNULL, cwd=tmp)
     under = subprocess.run([LLMTOP, "attach", "--headless", str(script)], capture_output=True, text=True,

@@ -325,9 +325,12 @@ def test_connection_caps_and_handshake_deadline_come_from_llmtop_variables(short
             warnings = [e for e in read_until(viewers[0], lambda e: isinstance(e, AgentWarning)
                                               and "refused connections" in e.message, limit=2000)
                         if isinstance(e, AgentWarning)]
-            # one warning for the burst, naming the limits; later refusals wait for the next report
-            assert warnings[0].message == ("refused connections: 1 (too many handshakes); limits: 3 connections, "
-                                           "2 handshakes, 0.5 s to say hello")
+            # one warning for the burst, naming the limits; later refusals wait for the next report.
+            # Which refusals the first report holds depends on when the server thread ran (under
+            # load, the deadlines can pass before it reports): the totals are checked exactly below.
+            first = warnings[0].message
+            assert first.startswith("refused connections: ") and "(too many handshakes)" in first
+            assert first.endswith("; limits: 3 connections, 2 handshakes, 0.5 s to say hello")
             assert agent.server.refused == {"too many handshakes": 3, "no hello within 0.5 s": 2,
                                             "too many connections": 1}
         finally:

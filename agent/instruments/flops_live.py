@@ -375,6 +375,7 @@ class FlopsInstrument:
                 continue
             if ev is None:
                 retry.append((ref, sig))  # the layers instrument has not named its modules yet
+                self._last = -1e9  # nothing was counted: try again at the next tick, not a second later
                 break
             out.append(ev)
         self._queue.extendleft(reversed(retry))

@@ -1,5 +1,5 @@
 """Stress for the op profiler's windows (tests/test_ops_stress.py): a window on every step it may
-open, steps on three threads at once, a DataLoader whose two workers are forked again every epoch
+open, ops on three threads at once, a DataLoader whose two workers are forked again every epoch
 (sometimes while a window is open), until thousands of windows have been read or time is up."""
 import sys
 import threading
@@ -22,13 +22,18 @@ def ops_windows() -> int:
 
 
 def side_training(seed: int) -> None:
+    """Training on another thread that the step tracker does not follow (no module call, no
+    ``backward()``, no optimizer: plain tensors and ``autograd.grad``), so the main thread owns the
+    steps (op windows open on it) while these threads' ops run inside its windows."""
     gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    w1 = (torch.randn(16, 32, generator=gen) * 0.1).requires_grad_()
+    w2 = (torch.randn(32, 4, generator=gen) * 0.1).requires_grad_()
     while not stop.is_set():
-        model(torch.randn(8, 16, generator=gen)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
+        loss = (torch.randn(8, 16, generator=gen) @ w1).relu().matmul(w2).square().mean()
+        g1, g2 = torch.autograd.grad(loss, (w1, w2))
+        with torch.no_grad():
+            w1 -= 0.01 * g1
+            w2 -= 0.01 * g2
 
 
 def main() -> None:
