@@ -331,8 +331,13 @@ def test_connection_caps_and_handshake_deadline_come_from_llmtop_variables(short
             first = warnings[0].message
             assert first.startswith("refused connections: ") and "(too many handshakes)" in first
             assert first.endswith("; limits: 3 connections, 2 handshakes, 0.5 s to say hello")
-            assert agent.server.refused == {"too many handshakes": 3, "no hello within 0.5 s": 2,
-                                            "too many connections": 1}
+            # each silent connection was closed for one of two reasons: the handshake slots were
+            # full, or it said nothing before the deadline (at least the two that held the slots; more
+            # when a slot freed before the burst was over, which depends on the server thread's timing)
+            total = agent.server.refused_total
+            assert set(total) == {"too many handshakes", "no hello within 0.5 s", "too many connections"}
+            assert total["too many handshakes"] + total["no hello within 0.5 s"] == 6
+            assert total["no hello within 0.5 s"] >= 2 and total["too many connections"] == 1
         finally:
             for v in viewers:
                 v.close()

@@ -163,6 +163,7 @@ class Server:
         self.max_pending = max(1, min(int(max_pending), self.max_clients))
         self.handshake_s = max(0.1, float(handshake_s))
         self.refused: dict[str, int] = {}  # why -> connections refused since the last warning
+        self.refused_total: dict[str, int] = {}  # why -> connections refused since the start
         self._refused_warned_at = -WARN_EVERY_S
         self._inbox: deque[bytes] = deque()
         self._clients: dict[int, _Client] = {}
@@ -319,6 +320,7 @@ class Server:
 
     def _count_refused(self, why: str) -> None:
         self.refused[why] = self.refused.get(why, 0) + 1
+        self.refused_total[why] = self.refused_total.get(why, 0) + 1
         self._report_refused()
 
     def _report_refused(self) -> None:
