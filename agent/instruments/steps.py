@@ -25,6 +25,7 @@ pre and post hooks); ``other`` is the remainder, so the phases sum to the step t
 Hot path: timestamps and integer adds into preallocated lists; the finished step goes into a
 deque as a raw tuple; ``poll`` (agent thread) resolves loss / grad norm / GPU time without a sync,
 emits ``Step`` and ``Anomaly`` events.
+
 The tracker is split by what each part holds: ``StepInstrument`` here (state, install, the
 exclusive-time stack) is built from mixins: the hooks (step_hooks.py), the step boundaries and the
 step end (step_boundaries.py), the agent thread's side (step_completion.py); its plain data is in
