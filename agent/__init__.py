@@ -18,14 +18,14 @@ from llmtop.agent.runtime.api import CATEGORIES, is_running, metric, span, step
 
 def start(**options: Any) -> Any:
     """Start the agent in this process (idempotent). Returns the running agent."""
-    from llmtop.agent.runtime.agent import start_agent
+    from llmtop.agent.runtime.process import start_agent
 
     return start_agent(**options)
 
 
 def stop() -> None:
     """Stop the agent: final flush, close the socket and the recording."""
-    from llmtop.agent.runtime.agent import stop_agent
+    from llmtop.agent.runtime.process import stop_agent
 
     stop_agent()
 

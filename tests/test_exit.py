@@ -116,7 +116,7 @@ def test_recording_is_complete_at_exit(short_tmp: Path) -> None:
 SLOW_TICK = textwrap.dedent("""
     import sys, threading, time
     import torch
-    from llmtop.agent.runtime.agent import start_agent
+    from llmtop.agent.runtime.process import start_agent
 
     class Slow:
         name = "slow"

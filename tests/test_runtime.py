@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from llmtop.agent.runtime.agent import Agent, History, core, options_from_env, resolve_socket
+from llmtop.agent.runtime.agent import Agent, History, core
+from llmtop.agent.runtime.options import options_from_env, resolve_socket
 from llmtop.protocol.events import (
     AgentWarning,
     LayerFlops,

@@ -207,7 +207,8 @@ def test_info_file_never_writes_through_a_planted_symlink(users, sticky: Path, v
     """
     assert py_as(evil, plant).returncode == 0
     code = f"""
-        from llmtop.agent.runtime.agent import Agent, options_from_env
+        from llmtop.agent.runtime.agent import Agent
+        from llmtop.agent.runtime.options import options_from_env
         agent = Agent(options_from_env({{}}, socket={str(sock)!r}, tick_s=0.05), instruments=[]).start()
         print("listening", agent.socket_path)
         agent.stop()
@@ -243,7 +244,8 @@ def test_the_output_log_is_never_opened_through_a_planted_symlink(users, sticky:
 
 @needs_root
 def test_a_client_of_another_user_is_refused_with_a_clear_message(users, shared: Path) -> None:
-    from llmtop.agent.runtime.agent import Agent, options_from_env
+    from llmtop.agent.runtime.agent import Agent
+    from llmtop.agent.runtime.options import options_from_env
 
     _, evil = users
     sock = shared / "a.sock"
@@ -294,7 +296,8 @@ def _dead_pid() -> int:
 
 
 def test_files_of_dead_agents_are_cleaned_on_the_next_start(short_tmp: Path, monkeypatch) -> None:
-    from llmtop.agent.runtime.agent import Agent, options_from_env
+    from llmtop.agent.runtime.agent import Agent
+    from llmtop.agent.runtime.options import options_from_env
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_tmp))
     monkeypatch.delenv("LLMTOP_SOCKET", raising=False)

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from llmtop.agent.runtime.agent import Agent, options_from_env
+from llmtop.agent.runtime.agent import Agent
+from llmtop.agent.runtime.options import options_from_env
 from llmtop.protocol.events import (
     AgentWarning,
     End,

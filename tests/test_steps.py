@@ -15,7 +15,8 @@ import llmtop.agent
 import pytest
 import torch
 from llmtop.agent.instruments.roots import RootCalls
-from llmtop.agent.instruments.steps import StepInstrument, _input_shape
+from llmtop.agent.instruments.step_inputs import _input_shape
+from llmtop.agent.instruments.steps import StepInstrument
 from llmtop.agent.runtime import core
 from llmtop.protocol.events import PHASES, AgentWarning, LayerStats, Step
 from torch import nn

@@ -1,13 +1,14 @@
-"""The running agent: options, the agent thread, history for late joiners, clean exit, fork safety.
+"""The running agent: the agent thread, history for late joiners, clean stop, abandon in a forked child.
 
 Hooks (instruments) call ``emit()`` from any thread; it only appends to a bounded deque. Every
 tick the agent thread polls the instruments, samples the host and the GPUs, encodes each event
 once, keeps it in the history rings and hands the bytes to the socket server and the recording.
+Options from the environment and the socket choice are in options.py; process-wide start/stop,
+exit and exception hooks and the fork handlers in process.py.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import os
 import platform
@@ -15,7 +16,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,9 @@ from llmtop.agent.instruments.nvml import NvmlSampler
 from llmtop.agent.runtime import core
 from llmtop.agent.runtime.core import Options
 from llmtop.agent.runtime.history import History
+from llmtop.agent.runtime.options import options_from_env, resolve_socket
 from llmtop.protocol.events import (
     AgentWarning,
-    Anomaly,
     End,
     Event,
     Session,
@@ -39,96 +39,6 @@ from llmtop.protocol.paths import socket_dir, socket_path_for
 QUEUE_MAX = 200_000  # events waiting for the next tick; beyond this the oldest are lost
 EXIT_BUDGET_S = 2.0
 EXIT_HARD_LIMIT_S = 15.0  # the longest the exit waits for a tick that is inside torch
-
-# Launchers whose own process is not the interesting one: they keep their pid socket.
-_LAUNCHERS = ("torch.distributed.run", "torchrun", "accelerate", "deepspeed")
-
-# --- options ---------------------------------------------------------------------------------------
-
-# Every option with an environment variable (the others are set by keyword: tests, benchmarks).
-ENV: dict[str, tuple[str, type]] = {
-    "LLMTOP_TICK": ("tick_s", float),
-    "LLMTOP_BUDGET": ("budget_pct", float),
-    "LLMTOP_LAYER_EVERY": ("layer_every", int),
-    "LLMTOP_OPS_EVERY": ("ops_every", int),
-    "LLMTOP_FLOPS": ("flops", bool),
-    "LLMTOP_HISTORY": ("history", int),
-    "LLMTOP_CLIENT_BUFFER": ("client_buffer", int),
-    "LLMTOP_RECORD": ("record", str),
-    "LLMTOP_MAX_CLIENTS": ("max_clients", int),
-    "LLMTOP_MAX_PENDING": ("max_pending", int),
-    "LLMTOP_HANDSHAKE_S": ("handshake_s", float),
-    "LLMTOP_SOCKET": ("socket", str),
-    "LLMTOP_STALL_S": ("stall_s", float),
-}
-
-
-def _parse(kind: type, raw: str) -> Any:
-    if kind is bool:
-        low = raw.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off", ""):
-            return False
-        raise ValueError(raw)
-    value = kind(raw)
-    if kind in (int, float) and value < 0:
-        raise ValueError(raw)
-    return value
-
-
-def options_from_env(env: dict[str, str] | None = None, **overrides: Any) -> Options:
-    """``Options`` from ``LLMTOP_*`` variables, then keyword overrides. A bad value or an unknown
-    option is ignored with a one-line note on stderr (the agent must not stop the script over a typo)."""
-    env = os.environ if env is None else env
-    opts = Options()
-    for var, (name, kind) in ENV.items():
-        raw = env.get(var)
-        if raw is None or (kind is str and raw == ""):
-            continue
-        try:
-            value = _parse(kind, raw)
-        except ValueError:
-            print(f"llmtop: ignoring {var}={raw!r} (expected {kind.__name__} >= 0)", file=sys.stderr)
-            continue
-        setattr(opts, name, value)
-    if opts.tick_s <= 0:
-        opts.tick_s = Options.tick_s
-    opts.history = max(1, opts.history)
-    known = {f.name for f in dataclasses.fields(Options)}
-    for key, value in overrides.items():
-        if key in known:
-            setattr(opts, key, value)
-        else:
-            print(f"llmtop: ignoring unknown option {key}={value!r}", file=sys.stderr)
-    return opts
-
-
-def resolve_socket(opts: Options, env: dict[str, str] | None = None, pid: int | None = None) -> Path:
-    """Which socket this process listens on.
-
-    ``LLMTOP_SOCKET`` (or ``socket=``) is claimed by one process only: under ``llmtop attach
-    script.py`` the direct child of the attach process (``LLMTOP_PARENT_PID``); otherwise the first
-    process to bind it, except launcher processes and non-zero ranks. Everyone else gets a pid path
-    beside it, so Python processes started with the same environment never collide.
-    """
-    env = os.environ if env is None else env
-    pid = os.getpid() if pid is None else pid
-    chosen = opts.socket
-    if not chosen:
-        return socket_path_for(pid)
-    path = Path(str(chosen))
-    beside = path.parent / f"{pid}.sock"
-    parent = env.get("LLMTOP_PARENT_PID", "")
-    if parent:
-        return path if parent.isdigit() and int(parent) == os.getppid() else beside
-    cmdline = " ".join(getattr(sys, "orig_argv", sys.argv))
-    if any(name in cmdline for name in _LAUNCHERS) or env.get("RANK", "0") not in ("", "0"):
-        return beside
-    return path
-
-
-# --- the agent -------------------------------------------------------------------------------------
 
 
 class Agent:
@@ -472,117 +382,3 @@ class Agent:
         self._versions = found
         self.session.torch, self.session.transformers = found
         return True
-
-
-# --- process-wide start/stop ---------------------------------------------------------------------
-
-_start_lock = threading.Lock()
-_hooks_installed = False
-_orig_excepthook: Any = None
-_orig_thread_excepthook: Any = None
-
-
-def start_agent(**options: Any) -> Agent:
-    """Start the agent in this process (idempotent); returns the running agent."""
-    with _start_lock:
-        agent = core.ACTIVE
-        if agent is not None and getattr(agent, "pid", None) == os.getpid():
-            return agent
-        instruments = options.pop("instruments", None)
-        agent = Agent(options_from_env(**options), instruments=instruments)
-        _install_process_hooks()
-        core.ACTIVE = agent  # before start(): instruments may check it while installing
-        try:
-            agent.start()
-        except Exception as exc:
-            core.ACTIVE = None
-            print(f"llmtop: agent could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return agent
-
-
-def stop_agent() -> None:
-    agent = core.ACTIVE
-    if agent is None or getattr(agent, "pid", None) != os.getpid():
-        return
-    core.ACTIVE = None
-    agent.stop(reason="stopped", traceback_text=agent.exc_text)
-
-
-def _at_exit() -> None:
-    agent = core.ACTIVE
-    if agent is None or agent.pid != os.getpid():
-        return
-    core.ACTIVE = None
-    try:
-        agent.stop(reason="exit", traceback_text=agent.exc_text)
-    except Exception:
-        pass
-
-
-def _excepthook(tp: type[BaseException], value: BaseException, tb: Any) -> None:
-    agent = core.ACTIVE
-    if agent is not None and getattr(agent, "pid", None) == os.getpid():
-        try:
-            agent.exc_text = "".join(traceback.format_exception(tp, value, tb))
-        except Exception:
-            pass
-    (_orig_excepthook or sys.__excepthook__)(tp, value, tb)
-
-
-def _thread_excepthook(args: Any) -> None:
-    agent = core.ACTIVE
-    if agent is not None and getattr(agent, "pid", None) == os.getpid() and args.exc_type is not SystemExit:
-        try:
-            name = getattr(args.thread, "name", "?")
-            last = traceback.format_exception_only(args.exc_type, args.exc_value)[-1].strip()
-            agent.emit(Anomaly(t=time.time(), what="thread_exception", severity="error",
-                               message=f"uncaught exception in thread {name}: {last}", step=agent.current_step))
-        except Exception:
-            pass
-    (_orig_thread_excepthook or threading.__excepthook__)(args)
-
-
-FORK_WAIT_S = 2.0
-_fork_held: Any = None
-
-
-def _before_fork() -> None:
-    global _fork_held
-    agent = core.ACTIVE
-    if agent is not None and getattr(agent, "pid", None) == os.getpid():
-        lock = agent._tick_lock
-        if lock.acquire(timeout=FORK_WAIT_S):
-            _fork_held = lock
-
-
-def _after_fork_in_parent() -> None:
-    global _fork_held
-    lock, _fork_held = _fork_held, None
-    if lock is not None:
-        lock.release()
-
-
-def _after_fork_in_child() -> None:
-    global _fork_held
-    _fork_held = None  # the child's copy of the lock dies with its agent
-    agent = core.ACTIVE
-    core.ACTIVE = None
-    if agent is not None:
-        try:
-            agent.abandon()
-        except Exception:
-            pass
-
-
-def _install_process_hooks() -> None:
-    global _hooks_installed, _orig_excepthook, _orig_thread_excepthook
-    if _hooks_installed:
-        return
-    _hooks_installed = True
-    atexit.register(_at_exit)
-    _orig_excepthook = sys.excepthook
-    sys.excepthook = _excepthook
-    _orig_thread_excepthook = threading.excepthook
-    threading.excepthook = _thread_excepthook
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                        after_in_child=_after_fork_in_child)

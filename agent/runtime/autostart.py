@@ -49,7 +49,7 @@ def autostart() -> None:
     if not wanted() or skipped_process() or descendant_of_attached_script():
         return
     try:
-        from llmtop.agent.runtime.agent import start_agent
+        from llmtop.agent.runtime.process import start_agent
 
         start_agent()
     except Exception as exc:  # fail open: the script runs without an agent

@@ -23,7 +23,7 @@ from llmtop.protocol.events import Event
 @dataclass
 class Options:
     """Agent settings: every one a field here. The runtime reads those with an ``LLMTOP_*`` variable
-    from the environment (agent/runtime/agent.py, ``ENV``); keyword arguments of
+    from the environment (agent/runtime/options.py, ``ENV``); keyword arguments of
     ``llmtop.agent.start()`` override them."""
 
     tick_s: float = 0.5  # LLMTOP_TICK: how often the agent thread polls instruments and samples the host
