@@ -117,10 +117,10 @@ def test_exit_codes_from_the_real_command(runs: dict[str, Path], tmp_path: Path)
 def test_long_runs_are_summarized_from_a_spread_of_layer_tables(
         runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Hour-long runs read the layer tables of at most LAYER_STEPS steps: the gate still works."""
-    from llmtop.tui.commands import report
+    from llmtop.tui.commands import summarize
 
-    monkeypatch.setattr(report, "LAYER_STEPS", 30)  # 120 steps: every 4th table
-    summary = report.open_summary(str(runs["a"]))
+    monkeypatch.setattr(summarize, "LAYER_STEPS", 30)  # 120 steps: every 4th table
+    summary = summarize.open_summary(str(runs["a"]))
     mlp = summary.layer_by_path()[SLOW]
     assert mlp.fwd.n == 30  # steps 0, 4, ..., 116
     assert summary.step_ms.n == 120  # step records are all read

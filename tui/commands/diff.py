@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmtop.tui.commands.common import read_recordings
-from llmtop.tui.commands.report import Reservoir, RunSummary, open_summary
+from llmtop.tui.commands.summarize import open_summary
+from llmtop.tui.commands.summary import Reservoir, RunSummary
 from llmtop.tui.session import fmt
 
 HELP = "Compare two recordings per phase and per layer; --fail-if-slower PCT exits 1 on a regression."

@@ -42,7 +42,7 @@ from llmtop.protocol.events import (
 )
 from llmtop.protocol.recording import RecordingReader
 from llmtop.tui.commands.common import fail, read_recordings
-from llmtop.tui.commands.report import LayerMerger
+from llmtop.tui.commands.layer_tables import LayerMerger
 
 HELP = ("Export a recording as a Chrome/Perfetto trace, CSV (one row per step), JSON (everything) or one "
         "self-contained HTML page (plots, phases, layers).")
@@ -126,7 +126,7 @@ def write_csv(reader: RecordingReader, out: TextIO) -> int:
 
 
 def export_json(reader: RecordingReader) -> dict[str, Any]:
-    from llmtop.tui.commands.report import summarize
+    from llmtop.tui.commands.summarize import summarize
 
     events: dict[str, list[dict[str, Any]]] = {}
     end: End | None = None

@@ -159,7 +159,8 @@ def _table(head: list[tuple[str, bool]], rows: list[list[str]]) -> str:
 
 
 def write_html(reader: RecordingReader, out: TextIO) -> None:
-    from llmtop.tui.commands.report import render, summarize
+    from llmtop.tui.commands.report import render
+    from llmtop.tui.commands.summarize import summarize
 
     start = reader.session.started or 0.0
     step_ms, loss, tok_s, rss, dev_mem, cuda = Series(), Series(), Series(), Series(), Series(), Series()

@@ -1,0 +1,248 @@
+"""The summary pass: ``summarize(reader)`` reads every event of a recording once into a ``RunSummary``.
+
+Per-layer medians come from an even spread of at most ``LAYER_STEPS`` steps' layer tables (decoding
+every table of an hour-long run costs minutes); the last ``MODEL_TAIL`` steps also go to a
+``SessionModel`` so the diagnoses see the end state. ``open_summary(path)`` opens and summarizes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from llmtop.protocol.events import (
+    AgentWarning,
+    DeviceSample,
+    Generation,
+    HostSample,
+    LayerFlops,
+    LayerStats,
+    ModelTree,
+    Ops,
+    Span,
+    Stats,
+    Step,
+)
+from llmtop.protocol.recording import RecordingReader
+from llmtop.tui.commands.layer_tables import LayerMerger
+from llmtop.tui.commands.summary import LayerSummary, ModeSteps, Reservoir, RunSummary, SpanSummary
+
+LAYER_STEPS = 2048  # layer tables of at most this many steps (evenly spread) are read for medians
+MODEL_TAIL = 300  # the last steps' layer tables also go to the model (diagnoses of the end state)
+SPAN_NAMES = 512  # span names kept (the rest are not summarized)
+MODE_MEMORY = 256  # recent steps whose mode is remembered until their layer tables arrive
+MAX_LOADS = 32  # from_pretrained calls listed
+
+
+def summarize(reader: RecordingReader) -> RunSummary:
+    """Read every event once into a RunSummary (and a SessionModel for the diagnoses)."""
+    out = RunSummary(path=reader.path, session=reader.session, duration_s=reader.duration,
+                     warning=reader.warning)
+    model = out.model
+    merger = LayerMerger()
+    # Per-layer medians need a sample, not every table: decoding 36 000 tables of an hour-long run
+    # costs minutes. Steps are numbered, so a stride picks an even spread without reading ahead.
+    every = max(1, math.ceil(reader.steps / LAYER_STEPS))
+    tail = (reader.last_step or 0) - MODEL_TAIL
+
+    def wanted(step: int) -> bool:
+        return step % every == 0 or step >= tail
+
+    for event in reader.events(layers=wanted if every > 1 else None):
+        if not isinstance(event, LayerStats) or event.step >= tail:
+            model.apply(event)
+        if isinstance(event, Step):
+            _step(out, event)
+            out.step_modes[event.step] = event.mode or "train"
+            for table in merger.ready(event.step):
+                _layers(out, table)
+            # A step's tables come with it or a tick or two after: the modes of older steps go.
+            for done in [k for k in out.step_modes if k < event.step - MODE_MEMORY]:
+                del out.step_modes[done]
+        elif isinstance(event, LayerStats) and event.step % every == 0:
+            merger.add(event)
+        elif isinstance(event, ModelTree):
+            _tree(out, event)
+        elif isinstance(event, LayerFlops):
+            for i, mid in enumerate(event.ids):
+                if i < len(event.flops):
+                    out.module_flops[mid] = event.flops[i]
+            if event.peak_flops:
+                out.peak_flops = event.peak_flops
+            out.flops_device = event.device or out.flops_device
+        elif isinstance(event, Ops):
+            _ops(out, event)
+        elif isinstance(event, HostSample):
+            out.rss_peak = max(out.rss_peak or 0, event.rss)
+            if out.rss_first is None:
+                out.rss_first = event.rss
+            out.rss_last = event.rss
+        elif isinstance(event, DeviceSample) and event.mem_used is not None:
+            out.device_mem_peak = max(out.device_mem_peak or 0, event.mem_used)
+        elif isinstance(event, Span):
+            _span(out, event)
+        elif isinstance(event, Generation):
+            _generation(out, event)
+        elif isinstance(event, AgentWarning):
+            out.flops_failed = out.flops_failed or "flops" in event.source
+        elif isinstance(event, Stats):
+            if event.agent_cpu_pct is not None and math.isfinite(event.agent_cpu_pct):
+                out.agent_cpu_max = max(out.agent_cpu_max or 0.0, event.agent_cpu_pct)
+            out.dropped = max(out.dropped, event.dropped)
+    for table in merger.ready():
+        _layers(out, table)
+    out.end = model.end
+    return out
+
+
+def _step(out: RunSummary, e: Step) -> None:
+    if e.mode == "eval":  # an evaluation inside training: shown apart, never a training step
+        out.modes.setdefault("eval", ModeSteps()).add(e)
+        return
+    out.steps += 1
+    if out.first_step is None:
+        out.first_step = e.step
+    out.last_step = e.step if out.last_step is None else max(out.last_step, e.step)
+    out.step_ms.add(e.dur_ms)
+    out.busy_ms += e.dur_ms if math.isfinite(e.dur_ms) and e.dur_ms > 0 else 0.0
+    for name, ms in e.phases.items():
+        out.phases.setdefault(name, Reservoir()).add(ms)
+        out.phase_totals[name] = out.phase_totals.get(name, 0.0) + (ms if ms and math.isfinite(ms) else 0.0)
+    out.modes.setdefault(e.mode or "train", ModeSteps()).add(e)
+    out.tokens += e.tokens or 0
+    out.samples += e.samples or 0
+    if e.loss is not None:
+        if math.isfinite(e.loss):
+            out.loss_count += 1
+            if out.first_loss is None:
+                out.first_loss = e.loss
+            out.min_loss = e.loss if out.min_loss is None else min(out.min_loss, e.loss)
+        else:
+            out.nonfinite_losses += 1
+        out.last_loss = e.loss
+    if e.cuda_peak is not None:
+        out.cuda_peak = max(out.cuda_peak or 0, e.cuda_peak)
+    if e.overhead_us and math.isfinite(e.overhead_us) and e.overhead_us >= 0:
+        out.overhead_us.add(e.overhead_us)
+        out.overhead_total_us += e.overhead_us
+    out.layer_every = e.layer_every
+
+
+def _tree(out: RunSummary, e: ModelTree) -> None:
+    parents = set(e.parents)
+    known = set(e.ids)
+    for i, mid in enumerate(e.ids):
+        if mid not in out.layers or out.layers[mid].path != e.paths[i]:
+            out.layers[mid] = LayerSummary(id=mid, path=e.paths[i], cls=e.classes[i], leaf=mid not in parents)
+        if e.parents[i] not in known:
+            out.roots.add(mid)
+
+
+def _layers(out: RunSummary, e: LayerStats) -> None:
+    n = len(e.ids)
+    has_bwd = len(e.bwd_ms) == n
+    step_flops = 0.0
+    for i, mid in enumerate(e.ids):
+        la = out.layers.get(mid)
+        if la is None:
+            la = out.layers[mid] = LayerSummary(id=mid, path=f"#{mid}", cls="?", leaf=True)
+        called = (e.calls[i] if i < len(e.calls) else 1) > 0 or e.fwd_ms[i] > 0
+        if called:  # a module not run this step (calls 0) says nothing about its speed
+            la.fwd.add(e.fwd_ms[i])
+            if i < len(e.fwd_self_ms):
+                la.fwd_self.add(e.fwd_self_ms[i])
+        if has_bwd and e.bwd_ms[i] > 0:
+            la.bwd.add(e.bwd_ms[i])
+            if i < len(e.bwd_self_ms):
+                la.bwd_self.add(e.bwd_self_ms[i])
+        if i < len(e.calls):
+            la.calls = max(la.calls, e.calls[i])
+        if mid in out.roots and mid in out.module_flops and i < len(e.calls):
+            # Forward FLOPs per call × calls; a backward costs about twice its forward (the usual 3×).
+            backward = has_bwd and e.bwd_ms[i] > 0
+            step_flops += out.module_flops[mid] * e.calls[i] * (3.0 if backward else 1.0)
+    mode = out.modes.get(out.step_modes.get(e.step, ""))
+    if step_flops > 0 and mode is not None:  # FLOPs count per mode: a generate after training is not a step
+        mode.flops.add(step_flops)
+
+
+def _ops(out: RunSummary, e: Ops) -> None:
+    out.op_windows += 1
+    best: dict[str, float] = {}
+    for i, name in enumerate(e.names):
+        row = out.ops.setdefault(name, [0.0, 0.0, 0.0])
+        ms = e.self_ms[i] if i < len(e.self_ms) else 0.0
+        row[0] += ms
+        row[1] += e.calls[i] if i < len(e.calls) else 0
+        row[2] += e.flops[i] if i < len(e.flops) else 0.0
+        if i < len(e.shapes) and e.shapes[i] and ms > best.get(name, -1.0):
+            best[name] = ms
+            out.op_shapes[name] = e.shapes[i]
+
+
+def _span(out: RunSummary, e: Span) -> None:
+    key = (e.category, e.name)
+    sp = out.spans.get(key)
+    if sp is None:
+        if len(out.spans) >= SPAN_NAMES:
+            return
+        sp = out.spans[key] = SpanSummary(e.category, e.name)
+    ms = e.dur_ms if math.isfinite(e.dur_ms) and e.dur_ms >= 0 else 0.0
+    sp.count += 1
+    sp.total_ms += ms
+    sp.dur_ms.add(ms)
+    a = e.attrs or {}
+    if e.category == "model_loading" and "what" in a and len(out.loads) < MAX_LOADS:
+        out.loads.append({"name": e.name, "what": str(a.get("what")), "source": str(a.get("name", "")),
+                          "load_ms": ms, "params": _int(a.get("params")), "dtype": a.get("dtype") or None,
+                          "rss_added_bytes": _int(a.get("rss_added")), "error": a.get("error")})
+    elif e.category == "text_preprocessing" and "tokens" in a:
+        out.tok_calls += _int(a.get("calls")) or 1
+        out.tok_texts += _int(a.get("texts")) or 0
+        out.tok_tokens += _int(a.get("tokens")) or 0
+        out.tok_ms += ms
+        if _int(a.get("pad_tokens")) is not None:
+            out.tok_pads += _int(a.get("pad_tokens")) or 0
+            out.tok_pads_known = True
+        if _int(a.get("truncated")) is not None:
+            out.tok_truncated += _int(a.get("truncated")) or 0
+            out.tok_truncation_known = True
+    elif e.category == "model_inference" and e.name == "evaluate" and e.depth == 0:
+        out.evaluations.add(ms)
+    elif e.category == "model_inference" and e.name.startswith("pipeline"):
+        row = out.pipelines.setdefault(e.name, [0.0, 0.0, 0.0])
+        row[0] += 1
+        items = a.get("items")
+        if items is None and a.get("items_per_s") and ms > 0:
+            items = round(a["items_per_s"] * ms / 1000.0)
+        row[1] += _int(items) or 0
+        row[2] += ms
+
+
+def _generation(out: RunSummary, e: Generation) -> None:
+    batch = max(1, e.batch)
+    out.requests += 1
+    out.sequences += batch
+    out.prefill_tokens += max(0, e.prompt_tokens) * batch
+    out.decode_tokens += max(0, e.new_tokens) * batch
+    total = e.total_ms or (e.ttft_ms + sum(e.decode_ms))
+    out.generate_ms += total if math.isfinite(total) and total > 0 else 0.0
+    if e.ttft_ms >= 0:
+        out.ttft_ms.add(e.ttft_ms)
+    for ms in e.decode_ms:
+        if ms >= 0:
+            out.per_token_ms.add(ms)
+    if e.kv_bytes is not None and e.kv_bytes >= 0:
+        out.kv_bytes = max(out.kv_bytes or 0, e.kv_bytes)
+
+
+def _int(v: Any) -> int | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return int(v)
+
+
+def open_summary(path: str) -> RunSummary:
+    """Open and summarize; ``RecordingError`` for files that cannot be read."""
+    with RecordingReader(path) as reader:
+        return summarize(reader)
