@@ -1,10 +1,9 @@
-"""Per-layer state of the viewer's session: one ``Layer`` per module of a model tree, and the part of
-``SessionModel`` that builds the trees, folds layer tables into them and walks them.
-
-``Layer`` also joins its own FLOP/s: the FLOPs of one timed step's calls over that step's forward time
-(``achieved_flops``) and the roofline verdict from them (``bound``). ``LayerTables`` is a mixin of
-``SessionModel``: its state (``layers``, ``roots``, ``models``, ``layers_step``…) is declared in
-``SessionModel.reset`` and guarded by the model's lock like the rest. No Textual here.
+"""Per-layer state of the viewer's session: ``Layer`` (one module of a model tree, with its latest
+measurements and its own FLOP/s join: one timed step's FLOPs over that step's forward time, and the
+roofline verdict from them) and ``LayerTables``, the mixin of ``SessionModel`` that builds the model
+trees, folds layer tables into them, tells their age and walks them. Its state (``layers``, ``roots``,
+``models``, ``layers_step``…) is declared in ``SessionModel.reset`` and guarded by the model's lock like
+the rest. No Textual here.
 """
 
 from __future__ import annotations
