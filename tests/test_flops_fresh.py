@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from llmtop.agent.instruments.budget import FRESH_S, MAX_EVERY, Budget
 from llmtop.protocol.events import LayerStats, ModelTree, Step
-from llmtop.tui.session.model import STALE_STEPS, SessionModel
+from llmtop.tui.session.layers import STALE_STEPS
+from llmtop.tui.session.model import SessionModel
 
 from tests.test_tui_pilot import aio, rendered, settle
 

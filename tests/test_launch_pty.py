@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtop.launch import Child
+from llmtop.child import Child
 from llmtop.launch import child_env as launch_env
 from tests.conftest import child_env
 
@@ -152,7 +152,8 @@ def test_detached_child_outlives_llmtop_and_logs_to_a_file(project: Path) -> Non
     driver = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from llmtop.launch import Child, child_env
+        from llmtop.child import Child
+        from llmtop.launch import child_env
         sock = Path({str(project / 'a.sock')!r})
         child = Child.spawn([sys.executable, "long.py"], child_env(sock, True, None), sock, headless=False)
         time.sleep(0.3)
@@ -186,7 +187,7 @@ def test_sigterm_during_the_dashboard_reaches_the_script_and_ends_llmtop(project
     import pty
     import threading
 
-    from llmtop.launch import _set_winsize
+    from llmtop.child import _set_winsize
     from tests.conftest import LLMTOP
 
     (project / "long.py").write_text("import time\nprint('running', flush=True)\ntime.sleep(120)\n")
@@ -252,7 +253,7 @@ def test_the_script_reads_its_terminal_and_llmtop_types_into_it(project: Path) -
 
 
 def test_output_after_the_dashboard_is_the_tail_and_the_log_when_long(project: Path, capfd) -> None:
-    from llmtop.launch import print_output_after, summary_line
+    from llmtop.after_dashboard import print_output_after, summary_line
 
     child = spawn_pty(project, """
         import sys
@@ -278,7 +279,7 @@ def test_output_after_the_dashboard_is_the_tail_and_the_log_when_long(project: P
 
 
 def test_short_output_is_printed_whole_and_its_log_removed(project: Path, capfd) -> None:
-    from llmtop.launch import print_output_after
+    from llmtop.after_dashboard import print_output_after
 
     child = spawn_pty(project, """
         print("one")
@@ -302,7 +303,7 @@ def test_sigkill_of_the_dashboard_leaves_the_script_running_listed_and_watchable
     from llmtop.protocol.paths import resolve_target
     from llmtop.tui.session.logtail import LogTail, detached_log_path
 
-    from llmtop.launch import _set_winsize
+    from llmtop.child import _set_winsize
     from tests.conftest import LLMTOP
 
     project = short_tmp

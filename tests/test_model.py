@@ -31,9 +31,11 @@ from llmtop.protocol.events import (
 )
 from llmtop.protocol.frames import FrameDecoder
 from llmtop.tui.session import diagnoses
+from llmtop.tui.session import layers as layers_mod
 from llmtop.tui.session import model as model_mod
 from llmtop.tui.session.canned import T0, gpt2_tree, session_events
-from llmtop.tui.session.model import ENDED, LIVE, LOST, SessionModel, roofline_bound
+from llmtop.tui.session.layers import roofline_bound
+from llmtop.tui.session.model import ENDED, LIVE, LOST, SessionModel
 
 GIB = 1024**3
 
@@ -228,7 +230,7 @@ def test_memory_stays_bounded_over_a_long_run():
     assert len(m.anomalies) == model_mod.EVENTS_KEPT
     assert len(m.generations) == model_mod.GENERATIONS
     assert len(m.logs) == model_mod.LOG_LINES
-    assert all(len(la.history) == model_mod.LAYER_HISTORY for la in m.layers.values())
+    assert all(len(la.history) == layers_mod.LAYER_HISTORY for la in m.layers.values())
 
 
 def test_lock_serialises_ingest_and_reading():

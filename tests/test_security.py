@@ -227,7 +227,7 @@ def test_the_output_log_is_never_opened_through_a_planted_symlink(users, sticky:
     code = f"""
         import os
         from pathlib import Path
-        from llmtop.launch import _open_log
+        from llmtop.pty_log import _open_log
         path, fd = _open_log(Path({str(sticky)!r}), 4242)
         os.write(fd, b"script output\\n")
         print(path)

@@ -384,7 +384,7 @@ async def test_agent_killed_mid_run_shows_last_state_and_reconnects(sock_path: P
 
 
 def spawn_child(sock: Path, steps: int = 2000):
-    from llmtop.launch import Child
+    from llmtop.child import Child
     from llmtop.launch import child_env as launch_env
 
     argv = [sys.executable, SCRIPT, "--steps", str(steps), "--sleep", "0.05"]

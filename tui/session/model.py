@@ -4,6 +4,10 @@ No Textual here, so it is unit-tested alone and shared by every source (live soc
 Every collection is bounded (``deque(maxlen=…)`` or one entry per module/span name), so memory stays
 flat however long the run. The ingest thread holds ``lock`` while applying; the UI holds it while
 reading; ``version`` grows on every change so a frame can skip work when nothing arrived.
+
+``SessionModel`` holds the session core here (lifecycle, steps, samples, spans, logs, ops,
+generations, the end, and the values derived from them); its per-layer state (``Layer``, model trees,
+layer tables) is in ``layers.py`` and its FLOP/s joins in ``flops.py``, as mixins of one class.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,18 +41,16 @@ from llmtop.protocol.events import (
     Step,
     StepFlops,
 )
-from llmtop.protocol.formulas import bound, percentile
+from llmtop.protocol.formulas import percentile
+from llmtop.tui.session.flops import FlopsJoins
+from llmtop.tui.session.layers import EMA_ALPHA, Layer, LayerTables
 
-EMA_ALPHA = 0.2  # weight of the newest step in per-layer and step-time means
 STEP_HISTORY = 10_000  # steps kept for sparklines (long windows of fast steps)
 SAMPLE_HISTORY = 4_096  # host/device/metric samples kept per series
-LAYER_HISTORY = 256  # per-layer (step, fwd, bwd, act) points kept for the detail screen
 SPAN_DURATIONS = 512  # recent durations kept per span name for p95
 LOG_LINES = 5_000
 EVENTS_KEPT = 200  # anomalies, warnings
 STEP_FLOPS_KEPT = 4_096  # per-step FLOPs events kept (sampled steps only)
-TIMED_KEPT = 32  # per layer: (step, fwd ms, calls) of recent timed steps, to join per-step FLOPs
-STALE_STEPS = 3  # a layer table older than this many steps is shown with its age
 GENERATIONS = 512
 DECODE_POINTS = 4_096
 METRIC_NAMES = 64  # custom series beyond this are counted, not kept
@@ -59,126 +61,6 @@ CONNECTING, LIVE, LOST, ENDED = "connecting", "live", "lost", "ended"
 
 def _ema(old: float | None, new: float) -> float:
     return new if old is None else old + EMA_ALPHA * (new - old)
-
-
-@dataclass
-class Layer:
-    """One module of a model tree, with its latest measurements."""
-
-    id: int
-    model: int
-    path: str
-    cls: str
-    params: int  # owned directly
-    parent: int
-    depth: int = 0
-    dtype: str = ""
-    trainable: bool = True
-    compiled: bool = False
-    children: list[int] = field(default_factory=list)
-    total_params: int = 0  # this module and everything under it
-    # latest step with layer timing, and exponential means over steps
-    step: int | None = None
-    fwd_ms: float | None = None
-    fwd_self_ms: float | None = None
-    bwd_ms: float | None = None
-    bwd_self_ms: float | None = None
-    calls: int | None = None
-    act_bytes: int | None = None
-    fwd_ema: float | None = None
-    bwd_ema: float | None = None
-    act_ema: float | None = None
-    history: deque[tuple[int, float, float | None, int | None]] = field(
-        default_factory=lambda: deque(maxlen=LAYER_HISTORY)
-    )
-    # from LayerFlops: per forward call
-    flops: float | None = None
-    bytes: float | None = None
-    peak_flops: float | None = None
-    peak_bw: float | None = None
-    # from StepFlops: the forward FLOPs/bytes of exactly the calls one timed step ran
-    step_flops: float | None = None
-    step_bytes: float | None = None
-    step_flops_step: int | None = None  # the step those figures are for
-    step_flops_note: str = ""  # why there is no figure for that step
-    timed: deque[tuple[int, float, int]] = field(default_factory=lambda: deque(maxlen=TIMED_KEPT))
-
-    @property
-    def name(self) -> str:
-        """The last path component; the root is shown by its class."""
-        return self.path.rsplit(".", 1)[-1] if self.path else self.cls
-
-    @property
-    def time_ms(self) -> float | None:
-        """Recent forward + backward time (EMA), None if never measured."""
-        if self.fwd_ema is None:
-            return None
-        return self.fwd_ema + (self.bwd_ema or 0.0)
-
-    def _timed_at(self, step: int | None) -> tuple[int, float, int] | None:
-        """(step, forward ms, calls) of timed step ``step``, if it is recent enough to be kept."""
-        if step is None:
-            return None
-        for entry in reversed(self.timed):
-            if entry[0] == step:
-                return entry
-            if entry[0] < step:
-                break
-        return None
-
-    @property
-    def achieved_flops(self) -> float | None:
-        """FLOP/s reached in forward: the FLOPs of one timed step's calls / that step's forward time
-        (never FLOPs of some calls over the time of others). None when unknown or above the peak."""
-        return self._achieved()[0]
-
-    @property
-    def achieved_note(self) -> str:
-        """Why ``achieved_flops`` is None ("" when it is a number, or nothing is known yet)."""
-        return self._achieved()[1]
-
-    def _achieved(self) -> tuple[float | None, str]:
-        if self.step_flops_note:
-            return None, self.step_flops_note
-        if not self.step_flops:
-            return None, ""
-        timed = self._timed_at(self.step_flops_step)
-        if timed is None or timed[1] <= 0:
-            return None, f"no forward time for step {self.step_flops_step}"
-        value = self.step_flops / (timed[1] / 1000.0)
-        if self.peak_flops and value > self.peak_flops:
-            return None, (f"{value / 1e9:.1f} GFLOP/s > device peak {self.peak_flops / 1e9:.1f}: "
-                          "count and time disagree")
-        return value, ""
-
-    @property
-    def intensity(self) -> float | None:
-        if self.flops is None or not self.bytes:
-            return None
-        return self.flops / self.bytes
-
-    @property
-    def bound(self) -> str | None:
-        """compute / memory / overhead, from the roofline of one timed step's own FLOPs, bytes and
-        forward time; None without peaks, or without that step's figures."""
-        timed = self._timed_at(self.step_flops_step)
-        if timed is None or self.achieved_note:  # an impossible figure gets no verdict either
-            return None
-        return roofline_bound(self.step_flops, self.step_bytes, self.peak_flops, self.peak_bw, timed[1], 1)
-
-
-def roofline_bound(flops: float | None, nbytes: float | None, peak_flops: float | None,
-                   peak_bw: float | None, fwd_ms: float | None, calls: int | None) -> str | None:
-    """Which limit a layer sits against: ``compute``, ``memory`` or ``overhead``.
-
-    The arithmetic intensity (FLOPs per byte) against the ridge point (peak FLOP/s ÷ bandwidth)
-    decides compute versus memory; a measured time far above both roofline limits means neither is
-    the limit (launch overhead, Python, synchronisation): ``overhead``.
-    """
-    if not flops or not nbytes or not peak_flops or not peak_bw:
-        return None
-    per_call_s = fwd_ms / 1000.0 / calls if fwd_ms and calls else None
-    return bound(flops, nbytes, per_call_s, peak_flops, peak_bw)
 
 
 @dataclass
@@ -218,7 +100,7 @@ class LogEntry:
     stream: str
 
 
-class SessionModel:
+class SessionModel(LayerTables, FlopsJoins):
     """Everything the viewer knows about one session."""
 
     def __init__(self) -> None:
@@ -324,33 +206,6 @@ class SessionModel:
         self.session = e
         self._see(e.started)
 
-    def _model(self, e: ModelTree) -> None:
-        old = self.models.get(e.model)
-        if old is not None:
-            for mid in old.ids:
-                self.layers.pop(mid, None)
-            self.roots = [r for r in self.roots if r not in old.ids]
-        self.models[e.model] = e
-        n = len(e.ids)
-        dtypes = e.dtypes if len(e.dtypes) == n else [""] * n
-        trainable = e.trainable if len(e.trainable) == n else [True] * n
-        compiled = e.compiled if len(e.compiled) == n else [False] * n
-        for i, mid in enumerate(e.ids):
-            self.layers[mid] = Layer(id=mid, model=e.model, path=e.paths[i], cls=e.classes[i],
-                                     params=e.params[i], parent=e.parents[i], dtype=dtypes[i],
-                                     trainable=trainable[i], compiled=compiled[i])
-        for mid in e.ids:
-            layer = self.layers[mid]
-            parent = self.layers.get(layer.parent)
-            if parent is None:
-                self.roots.append(mid)
-            else:
-                parent.children.append(mid)
-        for root in e.ids:
-            if self.layers[root].parent not in self.layers:
-                _fill_totals(self.layers, root)
-        self.tree_version += 1
-
     def _step(self, e: Step) -> None:
         if e.mode == "eval":
             self._eval(e)
@@ -408,36 +263,6 @@ class SessionModel:
         if last is None or last.loss is None or last.losses <= 1:
             return ""
         return f"sum of {last.losses} micro-batch losses"
-
-    def _layers(self, e: LayerStats) -> None:
-        layers = self.layers
-        n = len(e.ids)
-        bwd = e.bwd_ms if len(e.bwd_ms) == n else None
-        bwd_self = e.bwd_self_ms if len(e.bwd_self_ms) == n else None
-        act = e.act_bytes if len(e.act_bytes) == n else None
-        for i, mid in enumerate(e.ids):
-            layer = layers.get(mid)
-            if layer is None:
-                continue
-            f = e.fwd_ms[i]
-            b = bwd[i] if bwd is not None else None
-            a = act[i] if act is not None else None
-            layer.step = e.step
-            layer.fwd_ms = f
-            layer.fwd_self_ms = e.fwd_self_ms[i]
-            layer.calls = e.calls[i]
-            layer.bwd_ms = b
-            layer.bwd_self_ms = bwd_self[i] if bwd_self is not None else None
-            layer.act_bytes = a
-            layer.fwd_ema = f if layer.fwd_ema is None else layer.fwd_ema + EMA_ALPHA * (f - layer.fwd_ema)
-            if b is not None:
-                layer.bwd_ema = b if layer.bwd_ema is None else layer.bwd_ema + EMA_ALPHA * (b - layer.bwd_ema)
-            if a is not None:
-                layer.act_ema = a if layer.act_ema is None else layer.act_ema + EMA_ALPHA * (a - layer.act_ema)
-            layer.history.append((e.step, f, b, a))
-            layer.timed.append((e.step, f, e.calls[i]))
-        if self.layers_step is None or e.step >= self.layers_step:
-            self.layers_step = e.step
 
     def _host(self, e: HostSample) -> None:
         self.host.append(e)
@@ -510,104 +335,6 @@ class SessionModel:
         self.ops.sort(key=lambda op: op.self_ms, reverse=True)
         self.ops_step = e.step
         self.ops_coverage = e.coverage
-
-    def _flops(self, e: LayerFlops) -> None:
-        self.flops_signature = e.signature
-        self.flops_device = e.device
-        self.flops_method = e.method
-        self.peak_flops = e.peak_flops
-        self.peak_bw = e.peak_bw
-        for i, mid in enumerate(e.ids):
-            layer = self.layers.get(mid)
-            if layer is None:
-                continue
-            layer.flops = e.flops[i]
-            layer.bytes = e.bytes[i] if i < len(e.bytes) else None
-            layer.peak_flops = e.peak_flops
-            layer.peak_bw = e.peak_bw
-
-    def _step_flops(self, e: StepFlops) -> None:
-        """Per-module FLOPs of one timed step's calls: the layers' FLOP/s divide them by the same
-        step's forward times. A root whose timed calls differ from the calls summed gets no figure."""
-        self.step_flops.append(e)
-        self.last_step_flops = e
-        if e.peak_flops:
-            self.peak_flops = e.peak_flops
-        mismatch = ""
-        for rid, n in zip(e.roots, e.root_calls, strict=False):
-            root = self.layers.get(rid)
-            timed = root._timed_at(e.step) if root is not None else None
-            if timed is not None and timed[2] != n:
-                mismatch = f"step {e.step}: {timed[2]} calls timed, {n} counted"
-        n = len(e.ids)
-        for layer in self.layers.values():  # modules the step did not run keep no stale figure
-            if layer.step_flops_step is not None and layer.step_flops_step < e.step:
-                layer.step_flops = layer.step_bytes = None
-                layer.step_flops_step = e.step
-                layer.step_flops_note = e.note
-        for i, mid in enumerate(e.ids):
-            layer = self.layers.get(mid)
-            if layer is None:
-                continue
-            layer.step_flops = e.flops[i]
-            layer.step_bytes = e.bytes[i] if i < len(e.bytes) else None
-            layer.step_flops_step = e.step
-            layer.step_flops_note = mismatch or e.note
-            if e.peak_flops:
-                layer.peak_flops = e.peak_flops
-        if not n and e.note:
-            for layer in self.layers.values():
-                layer.step_flops = layer.step_bytes = None
-                layer.step_flops_step = e.step
-                layer.step_flops_note = e.note
-
-    @property
-    def achieved_flops(self) -> float | None:
-        """The newest sampled step's achieved FLOP/s (forward + backward FLOPs / step time)."""
-        e = self.last_step_flops
-        return e.achieved_flops if e is not None else None
-
-    @property
-    def mfu(self) -> float | None:
-        """The newest sampled step's model FLOPs utilisation (achieved / device peak)."""
-        e = self.last_step_flops
-        return e.mfu if e is not None else None
-
-    def recent_step_flops(self, window_s: float) -> list[StepFlops]:
-        """StepFlops of the steps inside the last ``window_s`` seconds of data (for sparklines)."""
-        steps = self.recent_steps(window_s)
-        if not steps:
-            return []
-        first = steps[0].step
-        return [e for e in self.step_flops if e.step >= first]
-
-    @property
-    def layers_age_steps(self) -> int | None:
-        """Steps since the newest layer table (0: the latest step was timed); None without one."""
-        if self.layers_step is None or self.last_step is None:
-            return None
-        return max(0, self.last_step.step - self.layers_step)
-
-    @property
-    def layers_age_s(self) -> float | None:
-        """Seconds of the run between the newest layer table's step and the latest step."""
-        if self.layers_step is None or self.last_step is None:
-            return None
-        for s in reversed(self.steps):
-            if s.step <= self.layers_step:
-                return max(0.0, self.last_step.t - s.t)
-        return None
-
-    @property
-    def layers_stale(self) -> str:
-        """"" while the layer table is fresh; else its age as people read it ("table of step 12,
-        40 steps / 9 s ago"), for every view that draws layer figures."""
-        age = self.layers_age_steps
-        if age is None or age <= STALE_STEPS:
-            return ""
-        secs = self.layers_age_s
-        when = f"{age} steps" + (f" / {secs:.0f} s" if secs is not None else "")
-        return f"layer table of step {self.layers_step}, {when} old"
 
     def _generation(self, e: Generation) -> None:
         self.generations.append(e)
@@ -695,30 +422,6 @@ class SessionModel:
                     seen = True
         return totals if seen else {}
 
-    def layer_share(self, layer: Layer) -> float | None:
-        """Share of the step (0..1) spent in this module, forward + backward, from the means."""
-        t = layer.time_ms
-        if t is None or not self.step_ema_ms:
-            return None
-        return t / self.step_ema_ms
-
-    def walk(self, root: int | None = None) -> Iterator[Layer]:
-        """Modules depth-first in tree order."""
-        stack = list(reversed(self.roots if root is None else [root]))
-        while stack:
-            layer = self.layers.get(stack.pop())
-            if layer is None:
-                continue
-            yield layer
-            stack.extend(reversed(layer.children))
-
-    def hottest_layers(self, n: int = 5, leaves_only: bool = True) -> list[Layer]:
-        """Modules with the most recent time; leaves by default so parents don't hide their children."""
-        pool = [la for la in self.layers.values() if la.time_ms is not None
-                and (not leaves_only or not la.children)]
-        pool.sort(key=lambda la: la.time_ms or 0.0, reverse=True)
-        return pool[:n]
-
     def span_rows(self) -> list[SpanStats]:
         return sorted(self.spans.values(), key=lambda s: (s.category, s.name))
 
@@ -778,21 +481,6 @@ def _recent(ring: Iterable[Any], cutoff: float) -> list[Any]:
         out.append(item)
     out.reverse()
     return out
-
-
-def _fill_totals(layers: dict[int, Layer], root: int) -> None:
-    """Subtree parameter counts and depths, iteratively (deep trees must not hit the recursion limit)."""
-    order: list[int] = []
-    stack = [(root, 0)]
-    while stack:
-        mid, depth = stack.pop()
-        layer = layers[mid]
-        layer.depth = depth
-        order.append(mid)
-        stack.extend((c, depth + 1) for c in layer.children)
-    for mid in reversed(order):
-        layer = layers[mid]
-        layer.total_params = layer.params + sum(layers[c].total_params for c in layer.children)
 
 
 _HANDLERS = {

@@ -6,7 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from llmtop.tui.session import fmt
-from llmtop.tui.session.model import Layer, SessionModel
+from llmtop.tui.session.layers import Layer
+from llmtop.tui.session.model import SessionModel
 from llmtop.tui.views.tree_table import Column, TreeTable
 from llmtop.tui.views.widgets import heat_bar, heat_style
 from rich.text import Text

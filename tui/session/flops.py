@@ -1,0 +1,84 @@
+"""The session's FLOP figures and their FLOP/s joins: per-layer FLOPs and bytes per call (``LayerFlops``),
+and the FLOPs of exactly the calls one timed step ran (``StepFlops``), set on each ``Layer`` so its FLOP/s
+divides them by that same step's forward time; the whole step's achieved FLOP/s and MFU. ``FlopsJoins`` is
+a mixin of ``SessionModel``: its state (``step_flops``, ``peak_flops``…) is declared in
+``SessionModel.reset``. No Textual here.
+"""
+
+from __future__ import annotations
+
+from llmtop.protocol.events import LayerFlops, StepFlops
+
+
+class FlopsJoins:
+    """``SessionModel``'s FLOPs ingest and the FLOP/s read from it."""
+
+    def _flops(self, e: LayerFlops) -> None:
+        self.flops_signature = e.signature
+        self.flops_device = e.device
+        self.flops_method = e.method
+        self.peak_flops = e.peak_flops
+        self.peak_bw = e.peak_bw
+        for i, mid in enumerate(e.ids):
+            layer = self.layers.get(mid)
+            if layer is None:
+                continue
+            layer.flops = e.flops[i]
+            layer.bytes = e.bytes[i] if i < len(e.bytes) else None
+            layer.peak_flops = e.peak_flops
+            layer.peak_bw = e.peak_bw
+
+    def _step_flops(self, e: StepFlops) -> None:
+        """Per-module FLOPs of one timed step's calls: the layers' FLOP/s divide them by the same
+        step's forward times. A root whose timed calls differ from the calls summed gets no figure."""
+        self.step_flops.append(e)
+        self.last_step_flops = e
+        if e.peak_flops:
+            self.peak_flops = e.peak_flops
+        mismatch = ""
+        for rid, n in zip(e.roots, e.root_calls, strict=False):
+            root = self.layers.get(rid)
+            timed = root._timed_at(e.step) if root is not None else None
+            if timed is not None and timed[2] != n:
+                mismatch = f"step {e.step}: {timed[2]} calls timed, {n} counted"
+        n = len(e.ids)
+        for layer in self.layers.values():  # modules the step did not run keep no stale figure
+            if layer.step_flops_step is not None and layer.step_flops_step < e.step:
+                layer.step_flops = layer.step_bytes = None
+                layer.step_flops_step = e.step
+                layer.step_flops_note = e.note
+        for i, mid in enumerate(e.ids):
+            layer = self.layers.get(mid)
+            if layer is None:
+                continue
+            layer.step_flops = e.flops[i]
+            layer.step_bytes = e.bytes[i] if i < len(e.bytes) else None
+            layer.step_flops_step = e.step
+            layer.step_flops_note = mismatch or e.note
+            if e.peak_flops:
+                layer.peak_flops = e.peak_flops
+        if not n and e.note:
+            for layer in self.layers.values():
+                layer.step_flops = layer.step_bytes = None
+                layer.step_flops_step = e.step
+                layer.step_flops_note = e.note
+
+    @property
+    def achieved_flops(self) -> float | None:
+        """The newest sampled step's achieved FLOP/s (forward + backward FLOPs / step time)."""
+        e = self.last_step_flops
+        return e.achieved_flops if e is not None else None
+
+    @property
+    def mfu(self) -> float | None:
+        """The newest sampled step's model FLOPs utilisation (achieved / device peak)."""
+        e = self.last_step_flops
+        return e.mfu if e is not None else None
+
+    def recent_step_flops(self, window_s: float) -> list[StepFlops]:
+        """StepFlops of the steps inside the last ``window_s`` seconds of data (for sparklines)."""
+        steps = self.recent_steps(window_s)
+        if not steps:
+            return []
+        first = steps[0].step
+        return [e for e in self.step_flops if e.step >= first]
