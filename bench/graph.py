@@ -55,7 +55,7 @@ def run_graph(argv: list[str]) -> tuple[float, float, int, int, dict]:
 def capture_cost_us(n: int) -> float:
     """µs per root forward for the live instrument's hot-path signature of GPT-2-style arguments."""
     import torch
-    from llmtop.agent.instruments.flops_live import autocast_dtype, signature
+    from llmtop.agent.flops.signatures import autocast_dtype, signature
 
     ids = torch.zeros(8, 128, dtype=torch.long)
     mask = torch.ones(8, 128, dtype=torch.long)

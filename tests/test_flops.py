@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from llmtop.agent.flops import counting as F  # noqa: E402
+from llmtop.agent.flops import op_formulas as OF  # noqa: E402
 
 L = 128  # sequence length of the reference figures
 
@@ -124,8 +125,8 @@ def test_sdpa_on_cpu_is_counted_and_causal_halves_it() -> None:
     # the aten-level formula (used for profiler rows) agrees with the function-level count
     shapes = [list(q.shape), list(k.shape), list(k.shape)]
     name = "aten::_scaled_dot_product_flash_attention_for_cpu"
-    assert F.op_flops(name, shapes, [None, None, None, 0.0, True]) == causal.flops
-    assert F.op_flops(name, shapes, [None, None, None, 0.0, False]) == full.flops
+    assert OF.op_flops(name, shapes, [None, None, None, 0.0, True]) == causal.flops
+    assert OF.op_flops(name, shapes, [None, None, None, 0.0, False]) == full.flops
 
 
 def test_embedding_is_zero_flops_but_moves_its_rows() -> None:
@@ -137,9 +138,9 @@ def test_embedding_is_zero_flops_but_moves_its_rows() -> None:
 
 
 def test_causal_pairs() -> None:
-    assert F.causal_pairs(4, 4) == 10
-    assert F.causal_pairs(1, 4) == 1  # top-left aligned, as torch's is_causal
-    assert F.causal_pairs(6, 4) == 10 + 2 * 4
+    assert OF.causal_pairs(4, 4) == 10
+    assert OF.causal_pairs(1, 4) == 1  # top-left aligned, as torch's is_causal
+    assert OF.causal_pairs(6, 4) == 10 + 2 * 4
 
 
 def test_memory_figures_on_meta() -> None:
@@ -157,35 +158,35 @@ def test_gpu_kernel_rows_use_their_layout_and_mask_conventions() -> None:
     # profiler rows of the CUDA kernels take (B, L, H, D); the same attention gives the same FLOPs
     bhld = [[2, 4, 16, 8], [2, 2, 16, 8], [2, 2, 16, 8]]
     blhd = [[2, 16, 4, 8], [2, 16, 2, 8], [2, 16, 2, 8]]
-    causal = F.op_flops("aten::_scaled_dot_product_flash_attention", bhld, [None] * 3 + [0.0, True])
-    assert F.op_flops("aten::_flash_attention_forward", blhd, [None] * 8 + [True]) == causal
-    assert F.op_flops("aten::_efficient_attention_forward", blhd, [None] * 9 + [1]) == causal
-    full = F.op_flops("aten::_efficient_attention_forward", blhd, [None] * 9 + [0])
+    causal = OF.op_flops("aten::_scaled_dot_product_flash_attention", bhld, [None] * 3 + [0.0, True])
+    assert OF.op_flops("aten::_flash_attention_forward", blhd, [None] * 8 + [True]) == causal
+    assert OF.op_flops("aten::_efficient_attention_forward", blhd, [None] * 9 + [1]) == causal
+    full = OF.op_flops("aten::_efficient_attention_forward", blhd, [None] * 9 + [0])
     assert full == 2 * 2 * 2 * 4 * 16 * 16 * 8 > causal
     # the math fallback multiplies the whole square even when causal
-    assert F.op_flops("aten::_scaled_dot_product_attention_math", bhld, [None] * 5 + [True]) == full
+    assert OF.op_flops("aten::_scaled_dot_product_attention_math", bhld, [None] * 5 + [True]) == full
     # composites whose child kernel carries the work get none in a profiler trace
-    assert "aten::_scaled_dot_product_flash_attention" in F.PARENT_OPS
-    assert "aten::linear" in F.PARENT_OPS and "aten::addmm" not in F.PARENT_OPS
+    assert "aten::_scaled_dot_product_flash_attention" in OF.PARENT_OPS
+    assert "aten::linear" in OF.PARENT_OPS and "aten::addmm" not in OF.PARENT_OPS
 
 
 def test_bottom_right_causal_pairs_for_a_kv_cache() -> None:
-    assert F.causal_pairs(1, 4, bottom_right=True) == 4  # one new token sees the whole cache
-    assert F.causal_pairs(2, 6, bottom_right=True) == 5 + 6
-    assert F.causal_pairs(4, 4, bottom_right=True) == F.causal_pairs(4, 4)
+    assert OF.causal_pairs(1, 4, bottom_right=True) == 4  # one new token sees the whole cache
+    assert OF.causal_pairs(2, 6, bottom_right=True) == 5 + 6
+    assert OF.causal_pairs(4, 4, bottom_right=True) == OF.causal_pairs(4, 4)
 
 
 def test_fused_attention_backward_counts_the_recomputed_scores() -> None:
     q = [2, 4, 16, 8]
     kv = [2, 2, 16, 8]
     grad = [None] * 8
-    full = F.op_flops("aten::_scaled_dot_product_flash_attention_for_cpu_backward", [q, q, kv, kv],
+    full = OF.op_flops("aten::_scaled_dot_product_flash_attention_for_cpu_backward", [q, q, kv, kv],
                       grad[:7] + [False])
-    causal = F.op_flops("aten::_scaled_dot_product_flash_attention_for_cpu_backward", [q, q, kv, kv],
+    causal = OF.op_flops("aten::_scaled_dot_product_flash_attention_for_cpu_backward", [q, q, kv, kv],
                         grad[:7] + [True])
     forward = 2 * 2 * 2 * 4 * 16 * 16 * 8
     assert full == forward * 5 / 2  # dV, dP, dQ, dK and QK^T again: 5 matmuls for the forward's 2
     assert causal == full * (16 * 17 // 2) / (16 * 16)
     blhd = [[2, 16, 4, 8], [2, 16, 4, 8], [2, 16, 2, 8], [2, 16, 2, 8]]
-    assert F.op_flops("aten::_flash_attention_backward", blhd, [None] * 11 + [True]) == causal
-    assert F.op_flops("aten::_efficient_attention_backward", blhd, [None] * 14 + [1]) == causal
+    assert OF.op_flops("aten::_flash_attention_backward", blhd, [None] * 11 + [True]) == causal
+    assert OF.op_flops("aten::_efficient_attention_backward", blhd, [None] * 14 + [1]) == causal

@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from llmtop.agent.flops.roofline import Device  # noqa: E402
-from llmtop.agent.instruments.flops_live import FlopsInstrument, bucket_past  # noqa: E402
+from llmtop.agent.flops.signatures import bucket_past  # noqa: E402
+from llmtop.agent.instruments.flops_live import FlopsInstrument  # noqa: E402
 from llmtop.agent.instruments.layers import LayersInstrument  # noqa: E402
 from llmtop.agent.runtime import core  # noqa: E402
 from llmtop.protocol.events import Event, LayerFlops, LayerStats, ModelTree, StepFlops  # noqa: E402

@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from llmtop.agent.flops import counting as F  # noqa: E402
 from llmtop.agent.flops.roofline import Device  # noqa: E402
-from llmtop.agent.instruments.flops_live import FlopsInstrument, describe, signature  # noqa: E402
+from llmtop.agent.flops.signatures import describe, signature  # noqa: E402
+from llmtop.agent.instruments.flops_live import FlopsInstrument  # noqa: E402
 from llmtop.agent.instruments.layers import LayersInstrument  # noqa: E402
 from llmtop.agent.instruments.ops import OpsInstrument  # noqa: E402
 from llmtop.agent.runtime import core  # noqa: E402

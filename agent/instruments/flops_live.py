@@ -3,18 +3,19 @@ and the FLOPs of exactly the calls each sampled step timed.
 
 Hot path (``core.BUS.root_forward_start``, at the start of each model-root call, on detailed steps
 only): the input shapes, dtypes and plain values are turned into a hashable signature (a
-transformers KV cache by its per-layer key/value shapes, its past length bucketed, see
-``bucket_past``); the call is noted (start time, model, signature) and a new signature is queued
-with a weak reference to the model. No tensor is copied or kept. Step ends (``BUS.step_end``) are
-noted too.
+transformers KV cache by its per-layer key/value shapes, its past length bucketed: see
+``agent/flops/signatures.py``); the call is noted (start time, model, signature) and a new
+signature is queued with a weak reference to the model. No tensor is copied or kept. Step ends
+(``BUS.step_end``) are noted too.
 
 Agent thread (``poll``): the model is deep-copied with every parameter and buffer replaced by a
-meta tensor (no weights copied), run once on meta inputs of the queued shapes under the counters
-of ``agent/flops/counting.py``, and the per-module costs are joined to the layers instrument's
-module ids into one ``LayerFlops`` event (``method="meta"``). When the meta copy cannot run (a
-kernel hub layer, data-dependent code), the next detailed call with that signature is counted as
-it runs on the script's thread (``method="sampled-forward"``): the dispatch-mode counter only
-observes, so results, RNG and grad are untouched; that one call is slower.
+meta tensor (no weights copied), run once on meta inputs of the queued shapes (both rebuilt by
+``agent/flops/meta_rebuild.py``) under the counters of ``agent/flops/counting.py``, and the
+per-module costs are joined to the layers instrument's module ids into one ``LayerFlops`` event
+(``method="meta"``). When the meta copy cannot run (a kernel hub layer, data-dependent code), the
+next detailed call with that signature is counted as it runs on the script's thread
+(``method="sampled-forward"``): the dispatch-mode counter only observes, so results, RNG and grad
+are untouched; that one call is slower.
 
 Then each ended step with noted calls gets a ``StepFlops`` event: per module, the sum over its
 calls of their own signature's counted FLOPs, so FLOP/s = those FLOPs / that step's timed forward
@@ -23,13 +24,14 @@ calls of their own signature's counted FLOPs, so FLOP/s = those FLOPs / that ste
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 import weakref
 from collections import OrderedDict, deque
 from typing import Any
 
+from llmtop.agent.flops.meta_rebuild import _rebuild, meta_copy, unwrap
+from llmtop.agent.flops.signatures import autocast_dtype, describe, signature
 from llmtop.agent.runtime import core
 from llmtop.protocol.events import Event, LayerFlops, StepFlops
 
@@ -39,234 +41,6 @@ COUNTED_KEPT = 256  # counted (model, signature) tables kept for the per-step su
 CALLS_KEPT = 8192  # noted root calls not yet given to a step
 PENDING_STEPS = 32  # ended steps waiting for their signatures to be counted
 BACKWARD_FACTOR = 2.0  # backward FLOPs per forward FLOP (dgrad + wgrad: the usual 6N convention)
-_PLAIN = frozenset({bool, int, float, str, type(None)})
-
-
-_Tensor: Any = None  # torch.Tensor, set when torch is loaded (this module imports without torch)
-_Device: Any = None
-
-
-def bucket_past(n: int) -> int:
-    """A KV cache's past length as counted: rounded up to 64 tokens up to 1024, then to an eighth of
-    its power of two (at most 12.5 % more). A generate call of any length then needs a bounded
-    number of counts (16 buckets up to 1024 tokens, 8 per doubling after), each exact to the bucket."""
-    if n <= 0:
-        return 0
-    if n <= 1024:
-        return -(-n // 64) * 64
-    step = (1 << (n.bit_length() - 1)) // 8
-    return -(-n // step) * step
-
-
-def _cache_spec(x: Any) -> Any:
-    """A transformers cache (``DynamicCache`` and the like: a ``layers`` list of objects holding
-    key/value tensors shaped (batch, heads, past, dim)) as a hashable spec, past length bucketed;
-    None when it does not look like one (it is then opaque)."""
-    layers = getattr(x, "layers", None)
-    if not isinstance(layers, list):
-        return None
-    attrs = []
-    for k, v in vars(x).items():
-        if k == "layers":
-            continue
-        if type(v) not in _PLAIN:
-            return None
-        attrs.append((k, v))
-    specs = []
-    for layer in layers:
-        fields = []
-        for k, v in vars(layer).items():
-            t = type(v)
-            if t in _PLAIN:
-                fields.append((k, v))
-            elif t is _Tensor or isinstance(v, _Tensor):
-                shape = tuple(v.shape)
-                if len(shape) >= 2:  # (…, past, dim): the past length is the second-to-last
-                    shape = shape[:-2] + (bucket_past(shape[-2]), shape[-1])
-                fields.append((k, ("T", shape, v.dtype)))
-            elif t is _Device:
-                fields.append((k, ("DEV",)))
-            else:
-                return None
-        specs.append((type(layer), tuple(fields)))
-    return ("C", type(x), tuple(attrs), tuple(specs))
-
-
-def _spec(x: Any, depth: int = 0) -> Any:
-    """A hashable description of one argument: shapes and dtypes of tensors, plain values as is."""
-    global _Tensor, _Device
-    t = type(x)
-    if t in _PLAIN:
-        return x
-    if _Tensor is None:
-        import torch
-
-        _Tensor, _Device = torch.Tensor, torch.device
-    # `type is` first: isinstance against torch.Tensor goes through a slow metaclass check
-    if t is _Tensor or isinstance(x, _Tensor):
-        return ("T", x.shape, x.dtype)  # torch.Size is a hashable tuple
-    if depth < 2 and isinstance(x, (list, tuple)):
-        return ("L", tuple(_spec(v, depth + 1) for v in x))
-    if depth < 2 and isinstance(x, dict):
-        return ("D", tuple((k, _spec(v, depth + 1)) for k, v in x.items()))
-    if t.__name__.endswith("Cache"):
-        spec = _cache_spec(x)
-        if spec is not None:
-            return spec
-    return ("O", t.__name__)  # opaque: not rebuilt on meta
-
-
-def signature(args: tuple, kwargs: dict, autocast: Any = None) -> tuple:
-    """(args, kwargs, autocast dtype or None) as hashable specs.
-
-    With a KV cache of past length P among them, a tensor whose last dimension spans the past and
-    the new tokens (``attention_mask``: P + q) is described at the bucketed past plus q, like the
-    cache: otherwise every decode call (its mask one token longer) would be a signature of its own.
-    """
-    sargs = tuple(_spec(a) for a in args)
-    skw = tuple((k, _spec(v)) for k, v in kwargs.items())
-    past = _exact_past(args, kwargs)
-    if past:
-        sargs = tuple(_rebucket(x, past) for x in sargs)
-        skw = tuple((k, _rebucket(v, past)) for k, v in skw)
-    return (sargs, skw, autocast)
-
-
-def _exact_past(args: tuple, kwargs: dict) -> int:
-    """The past length of the first transformers cache among the arguments (0 if none)."""
-    for x in (*args, *kwargs.values()):
-        if type(x).__name__.endswith("Cache"):
-            for layer in getattr(x, "layers", None) or ():
-                for v in vars(layer).values():
-                    if isinstance(v, _Tensor) and v.dim() >= 2:
-                        return int(v.shape[-2])
-    return 0
-
-
-def _rebucket(s: Any, past: int) -> Any:
-    """A tensor spec whose last dimension is past + q (q new tokens, at most 64) at bucket(past) + q."""
-    if isinstance(s, tuple) and s and s[0] == "T" and len(s[1]) >= 2 and past < s[1][-1] <= past + 64:
-        return ("T", tuple(s[1][:-1]) + (bucket_past(past) + s[1][-1] - past,), s[2])
-    return s
-
-
-def autocast_dtype(torch: Any) -> Any:
-    """The dtype autocast runs matmuls in on this thread (CUDA first), or None."""
-    for dev in ("cuda", "cpu"):
-        if torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-    return None
-
-
-def _past_len(s: Any) -> int | None:
-    """The (bucketed) past length of a cache spec."""
-    for _cls, fields in s[3]:
-        for _k, v in fields:
-            if isinstance(v, tuple) and v and v[0] == "T" and len(v[1]) >= 2:
-                return int(v[1][-2])
-    return 0
-
-
-def describe(sig: tuple) -> str:
-    """``input_ids:1x128:int64 use_cache=False`` — the signature as people read it."""
-
-    def one(s: Any) -> str:
-        if isinstance(s, tuple) and s and s[0] == "T":
-            return f"{'x'.join(map(str, s[1])) or 'scalar'}:{str(s[2]).replace('torch.', '')}"
-        if isinstance(s, tuple) and s and s[0] == "O":
-            return s[1]
-        if isinstance(s, tuple) and s and s[0] == "C":
-            return f"{s[1].__name__}(past≤{_past_len(s)})"
-        if isinstance(s, tuple) and s and s[0] in ("L", "D"):
-            return "[…]"
-        return repr(s)
-
-    args, kwargs, autocast = sig
-    parts = [one(a) for a in args] + [f"{k}:{one(v)}" for k, v in kwargs]
-    if autocast is not None:
-        parts.append(f"autocast:{str(autocast).replace('torch.', '')}")
-    return " ".join(parts)
-
-
-def _rebuild(s: Any, torch: Any, autocast: Any = None) -> tuple[bool, Any]:
-    """(ok, meta value) for a spec; opaque objects cannot be rebuilt. Under autocast, floating
-    inputs take its dtype (the first matmul would cast them)."""
-    if isinstance(s, tuple) and s:
-        kind = s[0]
-        if kind == "T":
-            _, shape, dtype = s
-            if dtype.is_floating_point or dtype.is_complex:
-                if autocast is not None and dtype.is_floating_point:
-                    dtype = autocast
-                return True, torch.empty(shape, dtype=dtype, device="meta")
-            return True, torch.zeros(shape, dtype=dtype, device="meta")
-        if kind == "L":
-            items = [_rebuild(v, torch, autocast) for v in s[1]]
-            return all(ok for ok, _ in items), [v for _, v in items]
-        if kind == "D":
-            out = {}
-            for k, v in s[1]:
-                ok, val = _rebuild(v, torch, autocast)
-                if ok:
-                    out[k] = val
-            return True, out
-        if kind == "C":
-            return True, _rebuild_cache(s, torch, autocast)
-        if kind == "DEV":
-            return True, torch.device("meta")
-        if kind == "O":
-            return False, None
-    return True, s
-
-
-def _rebuild_cache(s: tuple, torch: Any, autocast: Any) -> Any:
-    """A cache object of the spec's class holding meta keys/values of the (bucketed) past length:
-    built without ``__init__`` (its signature changes across transformers versions), with the same
-    attributes the live one had."""
-    _, cls, attrs, layers = s
-    cache = cls.__new__(cls)
-    vars(cache).update(dict(attrs))
-    built = []
-    for layer_cls, fields in layers:
-        layer = layer_cls.__new__(layer_cls)
-        for k, v in fields:
-            ok, val = _rebuild(v, torch, autocast)
-            setattr(layer, k, val if ok else None)
-        built.append(layer)
-    cache.layers = built
-    return cache
-
-
-def meta_copy(model: Any) -> Any:
-    """``model`` deep-copied with meta parameters and buffers and no hooks: weights are not copied."""
-    import torch
-
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    for m in model.modules():
-        for attr, value in vars(m).items():
-            if "hooks" in attr and isinstance(value, dict):  # hooks hold other objects (our agent…)
-                memo[id(value)] = type(value)()
-    return copy.deepcopy(model, memo)
-
-
-# Wrappers whose forward must not run on meta (compiled graphs, collectives): count what they wrap.
-_WRAPPERS = {"OptimizedModule": "_orig_mod", "DistributedDataParallel": "module", "DataParallel": "module"}
-
-
-def unwrap(model: Any) -> tuple[Any, str]:
-    """(the innermost wrapped model, its path prefix inside ``model``)."""
-    prefix = ""
-    while type(model).__name__ in _WRAPPERS:
-        attr = _WRAPPERS[type(model).__name__]
-        inner = getattr(model, attr, None)
-        if inner is None:
-            break
-        model, prefix = inner, prefix + attr + "."
-    return model, prefix
 
 
 def _layers_instrument() -> Any:

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from llmtop.agent.flops.counting import PARENT_OPS, has_formula, op_flops
+from llmtop.agent.flops.op_formulas import PARENT_OPS, has_formula, op_flops
 from llmtop.agent.instruments.budget import OPS_RESERVE
 from llmtop.agent.runtime import core
 from llmtop.protocol.events import Event, Ops
