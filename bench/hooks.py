@@ -17,7 +17,7 @@ and removed in alternation inside one process, and keeps the fastest of many rep
   callbacks, so the least noise; 256: compute that evicts their code from the caches, as in real
   models), in training (forward and backward) and under ``no_grad``, next to the per-call cost
   the layers instrument calibrated at install;
-- the floor of this design: the ``nn.Module.__call__`` replacement (agent/roots.py) calling no-op
+- the floor of this design: the ``nn.Module.__call__`` replacement (agent/instruments/roots.py) calling no-op
   pre/post callbacks around every module call, and in training the same with one no-op autograd
   pre-hook per module output; next to torch's own cost of a no-op global hook pair per call, which
   the design avoids.
@@ -43,7 +43,7 @@ MLP_CALLS = 14  # module calls a step of _mlp(): the Sequential root and its 13 
 
 
 class _Ctx:
-    """The instrument contract (agent/core.py) keeping what is emitted: no agent thread, no I/O."""
+    """The instrument contract (agent/runtime/core.py) keeping what is emitted: no agent thread, no I/O."""
 
     def __init__(self, **options: Any) -> None:
         from llmtop.agent.runtime import core
@@ -167,7 +167,7 @@ def _variants(fn: Any, kinds: tuple[str, ...], number: int, rounds: int) -> dict
     """µs per module call (``MLP_CALLS`` a step) that each kind adds to ``fn``:
 
     - ``real``: the layers instrument timing every call (every layer, every step);
-    - ``floor``: the ``nn.Module.__call__`` replacement (agent/roots.py) with no-op pre/post;
+    - ``floor``: the ``nn.Module.__call__`` replacement (agent/instruments/roots.py) with no-op pre/post;
     - ``nodes``: the floor plus one no-op autograd node pre-hook per module output, as the
       instrument registers them (one per node, the slot in the node's metadata);
     - ``torch``: torch's own no-op global forward pre+post hook pair (which the design avoids).

@@ -18,7 +18,7 @@ LLMTOP = str(VENV_BIN / "llmtop")
 
 @pytest.fixture(autouse=True)
 def module_call_restored() -> Iterator[None]:
-    """Every test leaves ``nn.Module.__call__`` as torch has it (agent/roots.py replaces it while an
+    """Every test leaves ``nn.Module.__call__`` as torch has it (agent/instruments/roots.py replaces it while an
     agent runs): a replacement left behind would change every later test's module calls."""
     yield
     torch = sys.modules.get("torch")

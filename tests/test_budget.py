@@ -1,4 +1,4 @@
-"""The overhead budget (agent/budget.py) and the layers instrument keeping it with measured costs."""
+"""The overhead budget (agent/instruments/budget.py) and the layers instrument keeping it with measured costs."""
 
 from __future__ import annotations
 

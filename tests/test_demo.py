@@ -99,7 +99,7 @@ def test_demo_is_deterministic(tok_dir: Path, plain: subprocess.CompletedProcess
 
 @pytest.mark.skipif(importlib.util.find_spec("llmtop.launch") is None
                     or importlib.util.find_spec("llmtop.agent.runtime.agent") is None,
-                    reason="llmtop attach (llmtop/launch.py, agent/runtime.py) not built yet")
+                    reason="llmtop attach (llmtop/launch.py, agent/runtime/agent.py) not built yet")
 def test_demo_under_attach_prints_the_same(tok_dir: Path, sock_path: Path,
                                            plain: subprocess.CompletedProcess[str]) -> None:
     from llmtop.protocol.events import ModelTree, Step

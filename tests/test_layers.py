@@ -105,7 +105,11 @@ def test_tree_matches_named_modules_gpt2(started: Any) -> None:
     assert tree.name == "GPT2LMHeadModel"
     assert tree.paths == [p for p, _ in named]
     assert tree.classes == [type(m).__name__ for _, m in named]
-    assert tree.params == [sum(p.numel() for p in m.parameters(recurse=False)) for _, m in named]
+    # own parameters, a tied one (GPT-2's LM head shares the token embedding) counted where first met
+    assert model.lm_head.weight is model.transformer.wte.weight
+    own = [sum(p.numel() for p in m.parameters(recurse=False)) for _, m in named]
+    assert tree.params == [0 if path == "lm_head" else n for (path, _), n in zip(named, own, strict=True)]
+    assert sum(tree.params) == sum(p.numel() for p in model.parameters())  # torch counts a tied one once
     assert tree.trainable == [any(p.requires_grad for p in m.parameters(recurse=False)) for _, m in named]
     assert len(set(tree.ids)) == len(tree.ids)
     by_path = ids_by_path(tree)
@@ -496,7 +500,7 @@ def test_sampling_every_nth_step(started: Any) -> None:
         model(x).sum().backward()
         end_step(step)
     assert [t.step for t in tables(inst)] == [0, 3, 6]
-    # unsampled steps pay nothing inside the model but a depth count (agent/roots.py)
+    # unsampled steps pay nothing inside the model but a depth count (agent/instruments/roots.py)
     assert probe.seen == [True, False, False] * 3 and not probe.global_hooks
     assert starts == [model] * 9  # roots are announced on every step
     assert [m for m, _ in ends] == [model] * 9 and all(d > 0 for _, d in ends)
@@ -638,7 +642,7 @@ def test_step_on_another_thread(started: Any) -> None:
 
 
 def test_root_forward_announcements_carry_kwargs(started: Any) -> None:
-    # both announcements carry the call's kwargs, sampled or not (agent/roots.py sees the call itself)
+    # both announcements carry the call's kwargs, sampled or not (agent/instruments/roots.py sees the call itself)
     model = gpt2()
     inst, ctx = started(layer_every=2)
     starts: list[tuple[Any, dict]] = []

@@ -58,7 +58,7 @@ CHILD = textwrap.dedent(f"""
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llmtop.launch") is None
                     or importlib.util.find_spec("llmtop.agent.runtime.agent") is None,
-                    reason="llmtop attach (llmtop/launch.py, agent/runtime.py) not built yet")
+                    reason="llmtop attach (llmtop/launch.py, agent/runtime/agent.py) not built yet")
 def test_rss_flat_over_20000_steps(short_tmp: Path) -> None:
     script = short_tmp / "tiny_steps.py"
     script.write_text(CHILD)

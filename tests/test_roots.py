@@ -1,4 +1,4 @@
-"""Root calls seen from ``nn.Module.__call__`` (agent/roots.py), with real torch models."""
+"""Root calls seen from ``nn.Module.__call__`` (agent/instruments/roots.py), with real torch models."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from .harness import Collect
 
 
 class Roots:
-    """Root-module forwards announced on the bus by the real mechanism (agent/roots.py), without
+    """Root-module forwards announced on the bus by the real mechanism (agent/instruments/roots.py), without
     the layers instrument around it."""
 
     def __enter__(self) -> Roots:

@@ -40,7 +40,7 @@ from collections import deque
 
 MAX_EVERY = 1000
 AIM = 0.5  # share of the budget the sampling rate aims at (the budget itself is the ceiling)
-OPS_RESERVE = 0.25  # share of the budget op profile windows may use (agent/ops.py); layers leave
+OPS_RESERVE = 0.25  # share of the budget op profile windows may use (agent/instruments/ops.py); layers leave
 # that share of their aim free
 LAYER_FLOOR = 0.1  # share of the aim per-layer timing always gets
 MIN_TABLES_PER_S = 2.0  # sampled steps a second when layers are down to their floor and that fits

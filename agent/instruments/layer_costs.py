@@ -19,7 +19,7 @@ from llmtop.agent.instruments.layer_state import _Acc
 from llmtop.agent.runtime import core
 from llmtop.protocol.events import Event
 
-# until calibrated: a root call of an unsampled step (agent/roots.py), torch calling a Python hook
+# until calibrated: a root call of an unsampled step (agent/instruments/roots.py), torch calling a Python hook
 _ROOT_CALL_NS = 8000
 _HOOK_CALL_NS = 1500
 _OWN_KEPT = 4096  # accounted steps' costs kept for the step tracker
@@ -132,7 +132,7 @@ class LayerCosts:
                 self.budget.observe(step_ns, fixed, True, estimate)
                 own = shared + max(estimate, self.budget.control_ns())
             else:
-                # root-call detection (agent/roots.py); parameter hooks exist only while timing is
+                # root-call detection (agent/instruments/roots.py); parameter hooks exist only while timing is
                 # on: a late backward of a sampled step
                 roots = int(calls * self.root_call_ns)
                 self.budget.observe(step_ns, fixed + roots + params, False)

@@ -30,7 +30,7 @@ class LayerRegistry:
     def module_paths(self) -> dict[int, str]:
         """``global id -> module path`` (path inside its model, "" for a root)."""
         return dict(enumerate(list(self._paths)))
-    # ----------------------------------------------------------------- root calls (agent/roots.py)
+    # ----------------------------------------------------------------- root calls (agent/instruments/roots.py)
 
     def _root_start(self, module: Any, t0: int) -> None:
         """Every root call, sampled or not: a model seen for the first time sends its tree."""
@@ -111,6 +111,7 @@ class LayerRegistry:
         dtypes: list[str] = []
         compiled: list[bool] = []
         by_path: dict[str, int] = {}
+        counted: set[int] = set()  # a tied parameter (embedding and LM head) is counted once, where first met
         for path, mod in root.named_modules():
             gid = self._by_addr.get(id(mod))
             if gid is None:
@@ -135,7 +136,8 @@ class LayerRegistry:
             ids.append(gid)
             paths.append(path)
             classes.append(type(mod).__name__)
-            params.append(sum(p.numel() for p in own))
+            params.append(sum(p.numel() for p in own if id(p) not in counted))
+            counted.update(id(p) for p in own)
             parents.append(parent)
             trainable.append(any(p.requires_grad for p in own))
             dtypes.append(max(sizes, key=sizes.__getitem__) if sizes else "")

@@ -1,7 +1,7 @@
 """Per-layer forward/backward time and memory around every module call (no user code change).
 
 Hot path (every module call on a sampled step): ``_pre``/``_post``, called around each call by
-``nn.Module.__call__`` as agent/roots.py replaces it (no torch hook: any global module hook would
+``nn.Module.__call__`` as agent/instruments/roots.py replaces it (no torch hook: any global module hook would
 send every call through torch's slow path), take a ``perf_counter_ns`` timestamp, push/pop a
 per-thread stack of small frames and add into preallocated per-module lists indexed by global
 module id. Nothing is locked, encoded or sent.
@@ -236,7 +236,7 @@ class LayersInstrument(LayerRegistry, LayerCosts):
     # ----------------------------------------------------------------- per-call timing on/off
 
     def _timing_on(self) -> None:
-        """Per-layer timing on: ``_pre``/``_post`` around every module call (agent/roots.py)."""
+        """Per-layer timing on: ``_pre``/``_post`` around every module call (agent/instruments/roots.py)."""
         if self._timing or self._dead or not self._installed:
             return
         self._gen += 1  # frames left by an earlier period are stale
@@ -309,7 +309,7 @@ class LayersInstrument(LayerRegistry, LayerCosts):
         stack = st.stack
         if stack:
             if gid is None and not is_model(module) and not _child_of(stack[-1][5], module):
-                st.mute = 1  # a loss module made in each forward: no tree row per call (agent/roots.py)
+                st.mute = 1  # a loss module made in each forward: no tree row per call (agent/instruments/roots.py)
                 return None
             return self._new_module(module, stack[-1][0], stack[0][0]) if gid is None else gid
         root, rt0 = self._rc.current()
@@ -329,7 +329,7 @@ class LayersInstrument(LayerRegistry, LayerCosts):
             return None
         if gid is None or gid not in self._roots:
             if not is_model(module):
-                st.mute = 1  # a loss module called on its own: no model, no tree (agent/roots.py)
+                st.mute = 1  # a loss module called on its own: no model, no tree (agent/instruments/roots.py)
                 return None
             gid = self._new_root(module)
         return gid

@@ -28,7 +28,7 @@ from llmtop.protocol.events import Event, Ops
 TOP_K = 30
 FIRST_STEP = 2  # profile an early step too, so the Ops view fills before step N
 # Share of the agent's overhead budget that op profiles may use (the layers' budget keeps it free,
-# see agent/budget.py). On short steps "one step in N" alone would profile many times a second (a
+# see agent/instruments/budget.py). On short steps "one step in N" alone would profile many times a second (a
 # window costs the profiled step's slowdown plus parsing its trace), so a window also waits until
 # the previous one's cost fits this share.
 BUDGET_SHARE = OPS_RESERVE
