@@ -17,6 +17,7 @@ from llmtop.protocol.events import (
     HostSample,
     LayerStats,
     LogLine,
+    Metric,
     ModelTree,
     Session,
     Span,
@@ -496,3 +497,45 @@ def test_a_second_writer_of_the_same_path_writes_beside_it(tmp_path: Path) -> No
         first.append(encode(e), e)
     first.close()
     assert first.path == str(path) and RecordingReader(path).steps == 5
+
+
+CLOCK_SCRIPT = textwrap.dedent("""
+    import time
+    import llmtop.agent
+    t0 = time.time()
+    while True:
+        llmtop.agent.metric("clock", time.time())
+        if time.time() - t0 > 1.5 and t0:
+            print("ready", flush=True)
+            t0 = 0.0
+        time.sleep(0.01)
+""")
+
+
+@pytest.mark.parametrize("tick", ["0.5", "0.2"])
+def test_kill_9_of_a_recording_agent_loses_at_most_the_documented_second(tmp_path: Path, tick: str) -> None:
+    """What README promises for `kill -9` (at most RECORD_LOSS_S of the run lost), measured: the
+    script records its own clock as a metric every 10 ms, is killed at a known time, and the newest
+    clock in the file says how much was lost."""
+    from llmtop.agent.runtime.agent import RECORD_LOSS_S
+
+    from .conftest import child_env
+
+    path = tmp_path / "clock.lrec"
+    script = tmp_path / "clock.py"
+    script.write_text(CLOCK_SCRIPT)
+    env = child_env(LLMTOP="1", LLMTOP_RECORD=str(path), LLMTOP_TICK=tick, LLMTOP_SOCKET=str(tmp_path / "c.sock"),
+                    LLMTOP_OPS_EVERY="0", LLMTOP_FLOPS="0")
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.73)  # any phase against the ticks
+        killed = time.time()
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+        child.stdout.close()
+    clocks = [e.value for e in RecordingReader(path).events() if isinstance(e, Metric) and e.name == "clock"]
+    assert clocks, "nothing recorded"
+    lost = killed - max(clocks)
+    assert 0 <= lost < max(RECORD_LOSS_S, float(tick)), f"lost {lost:.2f} s of the run"

@@ -270,3 +270,22 @@ def test_a_long_tick_hands_the_gil_over_between_batches(short_tmp: Path, monkeyp
     finally:
         agent.stop()
     assert len(handovers) >= 1000 // core.YIELD_EVERY
+
+
+def test_events_beyond_the_queue_are_counted_and_said_in_the_stream(monkeypatch: pytest.MonkeyPatch,
+                                                                    short_tmp: Path) -> None:
+    """The queue between ticks is bounded; what it pushes out is counted and said once in the stream
+    (so the viewer and the recording know what is missing), then again only for new losses."""
+    from llmtop.agent.runtime import agent as agent_mod
+
+    monkeypatch.setattr(agent_mod, "QUEUE_MAX", 10)
+    agent = Agent(options_from_env({}, socket=str(short_tmp / "q.sock")), instruments=[])
+    for i in range(25):
+        agent.emit(Metric(t=float(i), name="m", value=float(i)))
+    first = agent._drain()
+    assert [e.value for e in first if isinstance(e, Metric)] == [float(i) for i in range(15, 25)]
+    [warning] = [e for e in first if isinstance(e, AgentWarning)]
+    assert warning.message.startswith("15 events lost: more than 10 waited for one tick")
+    assert agent.queue_dropped == 15
+    agent.emit(Metric(t=0.0, name="m", value=0.0))
+    assert not [e for e in agent._drain() if isinstance(e, AgentWarning)]  # nothing new lost

@@ -36,9 +36,19 @@ from llmtop.protocol.events import (
 )
 from llmtop.protocol.paths import socket_dir, socket_path_for
 
-QUEUE_MAX = 200_000  # events waiting for the next tick; beyond this the oldest are lost
+# A kill -9 loses at most this much of the agent's own recording (README, tests/test_recording.py):
+# events reach the writer at the next tick, and a block is written at the last tick before its oldest
+# frame would be older than RECORD_LOSS_S - tick.
+RECORD_LOSS_S = 1.0
+QUEUE_MAX = 200_000  # events waiting for the next tick; beyond this the oldest are lost (and counted)
 EXIT_BUDGET_S = 2.0
 EXIT_HARD_LIMIT_S = 15.0  # the longest the exit waits for a tick that is inside torch
+
+
+def record_flush_s(tick_s: float) -> float:
+    """The writer's block age for a recording that loses at most ``RECORD_LOSS_S`` (or one tick, when
+    ticks are longer) to a kill -9: an event waits up to one tick to reach the writer."""
+    return max(0.0, RECORD_LOSS_S - tick_s)
 
 
 class Agent:
@@ -70,6 +80,8 @@ class Agent:
         self._stopped = False
         self._abandoned = False
         self._bad_kinds: set[str] = set()
+        self.queue_dropped = 0  # events lost because QUEUE_MAX waited for one tick (oldest first)
+        self._queue_dropped_told = 0
         self._cpu_mark = (time.monotonic(), 0.0)
         self._cpu_pct: float | None = None
         self._host: HostSampler | None = None
@@ -80,10 +92,13 @@ class Agent:
     # --- Context (any thread, never blocks) -------------------------------------------------------
 
     def emit(self, event: Event) -> None:
-        self._queue.append(event)
+        q = self._queue
+        if len(q) == q.maxlen:  # the append below pushes the oldest out: count it
+            self.queue_dropped += 1
+        q.append(event)
 
     def warn(self, source: str, message: str) -> None:
-        self._queue.append(AgentWarning(t=time.time(), source=source, message=message))
+        self.emit(AgentWarning(t=time.time(), source=source, message=message))
 
     @property
     def stopping(self) -> bool:
@@ -180,7 +195,7 @@ class Agent:
         from llmtop.protocol.recording import RecordingWriter  # only a recording agent needs it
 
         try:
-            self.writer = RecordingWriter(path, self.session)
+            self.writer = RecordingWriter(path, self.session, flush_s=record_flush_s(self.options.tick_s))
         except Exception as exc:
             print(f"llmtop: cannot record to {path}: {exc}", file=sys.stderr)
             self.warn("recording", f"cannot record to {path}: {exc}")
@@ -296,7 +311,14 @@ class Agent:
             while True:
                 out.append(q.popleft())
         except IndexError:
-            return out
+            pass
+        lost = self.queue_dropped - self._queue_dropped_told
+        if lost:  # said in the stream, so the viewer and the recording know what is missing
+            self._queue_dropped_told += lost
+            out.append(AgentWarning(t=time.time(), source="agent",
+                                    message=f"{lost} events lost: more than {q.maxlen} waited for one tick "
+                                            f"({self.queue_dropped} in all)"))
+        return out
 
     def _publish(self, events: list[Event], now: float | None = None) -> None:
         pairs: list[tuple[Event, bytes]] = []
@@ -329,7 +351,8 @@ class Agent:
                     with self._lock:
                         snap = self._history.snapshot()
                     writer.keyframe(snap)
-                writer.maybe_flush(mono)  # the writer groups frames into blocks at most flush_s old
+                # written now if waiting for the next tick would leave the oldest frame over flush_s old
+                writer.maybe_flush(mono + self.options.tick_s)
             except Exception as exc:
                 self.writer = None
                 self.warn("recording", f"recording stopped: {type(exc).__name__}: {exc}")
