@@ -17,6 +17,7 @@ class FlopsJoins:
         self.flops_signature = e.signature
         self.flops_device = e.device
         self.flops_method = e.method
+        self.peak_source = e.peak_source  # measured / env / cpu-features / datasheet
         self.peak_flops = e.peak_flops
         self.peak_bw = e.peak_bw
         for i, mid in enumerate(e.ids):

@@ -154,6 +154,7 @@ class SessionModel(LayerTables, FlopsJoins):
         self.flops_signature = ""
         self.flops_device = ""
         self.flops_method = ""
+        self.peak_source = ""
         self.peak_flops: float | None = None
         self.step_flops: deque[StepFlops] = deque(maxlen=STEP_FLOPS_KEPT)
         self.last_step_flops: StepFlops | None = None

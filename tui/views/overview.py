@@ -87,6 +87,8 @@ class OverviewView(VerticalScroll):
 
         losses = [s.loss for s in steps if s.loss is not None and math.isfinite(s.loss)]
         loss_text = fmt.value(last.loss) if last is not None and last.loss is not None else fmt.DASH
+        if last is not None and last.loss is not None and last.losses > 1:
+            loss_text += f" (Σ{last.losses})"  # a sum of micro-batch losses: the totals say so in words
         self.query_one("#ov-loss", SparkRow).show(losses, loss_text)
 
         host = model.recent_host(window_s)
@@ -239,6 +241,15 @@ def totals_text(model: SessionModel) -> Text:
     last = model.last_step.loss if model.last_step is not None else None
     if first is not None and last is not None:
         rows.append(("loss", f"{fmt.value(first)} → {fmt.value(last)}"))
+        if model.loss_note():
+            rows.append(("  the loss is the", model.loss_note()))
+    if model.eval_count:
+        rows.append(("evaluations", f"{fmt.count(model.eval_count)} ({fmt.ms(model.eval_ms_total)} ms, apart)"))
+    if model.achieved_flops is not None and model.mfu is not None:
+        peak = model.last_step_flops.peak_flops if model.last_step_flops is not None else None
+        source = f", {model.peak_source}" if model.peak_source else ""
+        rows.append(("achieved", f"{fmt.flops(model.achieved_flops)}/s, MFU {fmt.pct(model.mfu)}"))
+        rows.append(("  of peak", f"{fmt.flops(peak)}/s{source}"))
     for label, value in rows:
         text.append(f"\n  {label:<17}{value}")
     return text
