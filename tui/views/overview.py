@@ -242,7 +242,7 @@ def totals_text(model: SessionModel) -> Text:
     if first is not None and last is not None:
         rows.append(("loss", f"{fmt.value(first)} → {fmt.value(last)}"))
         if model.loss_note():
-            rows.append(("  the loss is the", model.loss_note()))
+            rows.append(("  loss is the", model.loss_note()))
     if model.eval_count:
         rows.append(("evaluations", f"{fmt.count(model.eval_count)} ({fmt.ms(model.eval_ms_total)} ms, apart)"))
     if model.achieved_flops is not None and model.mfu is not None:
