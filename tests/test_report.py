@@ -54,7 +54,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         script = [str(tmp / argv[0]) if name == "crash" else str(ROOT / argv[0]), *argv[1:]]
         done = subprocess.run([LLMTOP, "attach", "--headless", "--record", str(rec), *script], cwd=tmp,
                               capture_output=True, text=True, timeout=240,
-                              env=child_env(LLMTOP_SOCKET=str(tmp / f"{name}.sock")))
+                              # ticks often: these runs last seconds, and the FLOPs a report shows
+                              # are counted on the agent's ticks
+                              env=child_env(LLMTOP_SOCKET=str(tmp / f"{name}.sock"), LLMTOP_TICK="0.1"))
         assert done.returncode == (1 if name == "crash" else 0), done.stderr[-2000:]
         out[name] = rec
     return out

@@ -42,8 +42,27 @@ def _ensure_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
 
 
+@pytest.fixture(scope="session")
+def reachable_python() -> Iterator[None]:
+    """The test users run this venv's python, whose interpreter and stdlib may live under a
+    directory only root may enter (pyenv under /root, mode 0700). Let others traverse (o+x, no
+    listing) the directories on those paths for the session, and put each mode back afterwards."""
+    changed: list[tuple[Path, int]] = []
+    for target in {Path(os.path.realpath(sys.executable)), Path(sys.base_prefix), VENV_BIN}:
+        for d in [*reversed(target.parents), target]:
+            if d.is_dir() and not d.stat().st_mode & stat.S_IXOTH:
+                mode = stat.S_IMODE(d.stat().st_mode)
+                d.chmod(mode | stat.S_IXOTH)
+                changed.append((d, mode))
+    try:
+        yield
+    finally:
+        for d, mode in reversed(changed):
+            d.chmod(mode)
+
+
 @pytest.fixture
-def users() -> Iterator[tuple[pwd.struct_passwd, pwd.struct_passwd]]:
+def users(reachable_python: None) -> Iterator[tuple[pwd.struct_passwd, pwd.struct_passwd]]:
     victim, evil = _ensure_user(VICTIM), _ensure_user(EVIL)
     _clear_default_dirs(victim.pw_uid)
     yield victim, evil
@@ -357,6 +376,14 @@ def _fds(pid: int) -> int:
         return 0
 
 
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_connection_flood_leaves_the_script_its_descriptors(short_tmp: Path) -> None:
@@ -372,7 +399,10 @@ def test_a_connection_flood_leaves_the_script_its_descriptors(short_tmp: Path) -
 
     proc = subprocess.Popen([LLMTOP, "attach", "--headless", str(script), str(go)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=low_limit,
-                            env=child_env(LLMTOP_SOCKET=str(sock), LLMTOP_MAX_PENDING="8", LLMTOP_MAX_CLIENTS="32"))
+                            env=child_env(LLMTOP_SOCKET=str(sock), LLMTOP_MAX_PENDING="8", LLMTOP_MAX_CLIENTS="32",
+                                          # no FLOP count or op profile in the window: their one-time
+                                          # memory is not the server's
+                                          LLMTOP_FLOPS="0", LLMTOP_OPS_EVERY="0"))
     held: list[socket.socket] = []
     try:
         assert proc.stdout is not None
@@ -386,6 +416,7 @@ def test_a_connection_flood_leaves_the_script_its_descriptors(short_tmp: Path) -
         time.sleep(0.5)
         base = _fds(pid)
         peak = base
+        rss_base = rss_peak = _rss_kb(pid)
         for i in range(1100):  # more than the script's whole descriptor limit
             s = socket.socket(socket.AF_UNIX)
             s.setblocking(False)
@@ -394,8 +425,10 @@ def test_a_connection_flood_leaves_the_script_its_descriptors(short_tmp: Path) -
             held.append(s)
             if i % 50 == 0:
                 peak = max(peak, _fds(pid))
+                rss_peak = max(rss_peak, _rss_kb(pid))
         for _ in range(40):
             peak = max(peak, _fds(pid))
+            rss_peak = max(rss_peak, _rss_kb(pid))
             time.sleep(0.05)
         # while the flood is held, a real viewer gets in once the silent handshakes have timed out
         from llmtop.protocol.stream import Connection
@@ -415,6 +448,8 @@ def test_a_connection_flood_leaves_the_script_its_descriptors(short_tmp: Path) -
         assert proc.returncode == 0, err
         assert "trained" in out and "Too many open files" not in err
         assert peak <= base + 8 + 2, (base, peak)  # at most max_pending accepted, never the flood
+        # nor the flood's memory: 1 100 connections with a buffer each would be gigabytes
+        assert rss_base and rss_peak - rss_base < 32 * 1024, (rss_base, rss_peak)
     finally:
         for s in held:
             s.close()

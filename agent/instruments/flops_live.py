@@ -24,6 +24,7 @@ calls of their own signature's counted FLOPs, so FLOP/s = those FLOPs / that ste
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import weakref
@@ -78,6 +79,7 @@ class FlopsInstrument:
         self._torch: Any = None
         self.min_interval_s = MIN_INTERVAL_S
         self._last = -1e9
+        self._peaks_known = False  # the CPU's peaks measured or read at the first tick
         self.device: Any = None  # overrides the device lookup (tests, --device)
         # per-step sums: root calls noted on the hot path, step ends, counted tables
         self._calls: deque[tuple[int, int, tuple, bool]] = deque(maxlen=CALLS_KEPT)  # t0, id, sig, train
@@ -122,6 +124,9 @@ class FlopsInstrument:
         """Count at most one queued signature per call, and at most once per MIN_INTERVAL_S; take
         in sampled-forward counts; sum the FLOPs of the steps that ended."""
         out: list[Event] = []
+        if not self._peaks_known and "torch" in sys.modules:  # the script has imported torch
+            self._peaks_known = True
+            self._know_cpu_peaks()
         while self._live_done:
             out.extend(self._take_live(*self._live_done.popleft()))
         # a count holds the GIL for a while: the script's exit must not wait for it
@@ -408,6 +413,20 @@ class FlopsInstrument:
                 ev.mfu = achieved / peak if peak else None
         self.steps_emitted += 1
         return ev
+
+    def _know_cpu_peaks(self) -> None:
+        """Measure (or read from the cache) the CPU's peaks at the first tick, not at the first count:
+        the run's start is when the agent thread has time, and a short run may end before its first
+        count. Not when the script uses CUDA (its peaks come from the datasheet)."""
+        torch = sys.modules["torch"]
+        if self.device is not None or self.ctx.stopping or torch.cuda.is_initialized():
+            return
+        try:
+            from llmtop.agent.flops import roofline
+
+            roofline.device_for("cpu")  # measured once per processor and thread count, then cached
+        except Exception:
+            pass  # the first count tries again and reports what fails
 
     def _device(self, model: Any) -> tuple[Any, str]:
         from llmtop.agent.flops import roofline
