@@ -471,7 +471,9 @@ def test_end_to_end_with_layers_instrument() -> None:
     layers_mod = pytest.importorskip("llmtop.agent.instruments.layers")
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    ctx = Collect(layer_call_ns=0)  # 0: the layers instrument calibrates
+    # layer_call_ns 0: the layers instrument calibrates; layer_every 1: every step is sampled (the
+    # automatic rate may thin sampling after a step or two when the machine is loaded: CI saw it)
+    ctx = Collect(layer_call_ns=0, layer_every=1)
     layers = layers_mod.LayersInstrument(ctx.options)
     st = StepInstrument(ctx.options)
     layers.install(ctx)
