@@ -22,7 +22,7 @@ MAX_DEPTH = 16  # free-form values (session options, span attributes) nest at mo
 MAX_INT = 1 << 63  # msgpack gives up to 64-bit integers; beyond int64 is no count or id we send
 # Wall-clock times (seconds since the epoch) and durations: finite and within any date a clock can
 # give, so that no formatter or datetime overflows on them. Loss and other measurements may be NaN.
-TIME_FIELDS = frozenset(("t", "start", "started", "dur_ms"))
+TIME_FIELDS = frozenset(("t", "start", "started", "since", "dur_ms"))
 MAX_TIME = 1e12
 
 Check = Callable[[Any], bool]

@@ -136,6 +136,16 @@ class Session(Event):
     transformers: str = ""
     devices: list[str] = field(default_factory=list)  # device names, e.g. "cpu", "NVIDIA H100 80GB HBM3"
     options: dict[str, Any] = field(default_factory=dict)  # agent settings in force
+    # Distributed jobs (all empty/None for a single process). ``job`` identifies the job on every
+    # host (torchelastic run id, Slurm job id, or master address:port and start time); ``launcher``
+    # says where these came from (torchrun, spawn, accelerate, deepspeed, slurm, mpi, dist: learned
+    # from torch.distributed once initialised). Sent again when they become known late (spawn).
+    job: str = ""
+    launcher: str = ""
+    rank: int | None = None
+    local_rank: int | None = None
+    world_size: int | None = None
+    node_rank: int | None = None
 
 
 @dataclass
@@ -195,6 +205,11 @@ class Step(Event):
     merged: int = 1
     # backward() losses summed into ``loss`` (gradient accumulation's micro-batches); 0: none seen
     losses: int = 0
+    # torch.distributed collectives during the step (not a phase: they overlap forward/backward):
+    # wall time the script's threads spent blocked in them, how many, and the bytes they carried
+    comm_ms: float | None = None
+    comm_calls: int = 0
+    comm_bytes: int = 0
 
 
 @dataclass
@@ -374,6 +389,23 @@ class Generation(Event):
     decode_ms: list[float] = field(default_factory=list)  # per-token latency after the first
     kv_bytes: int | None = None
     total_ms: float = 0.0
+
+
+@dataclass
+class CollectiveWait(Event):
+    """A torch.distributed collective this rank has been blocked in for a while (a possible hang).
+
+    Sent at each tick while the call lasts longer than the agent's hang threshold, and once with
+    ``done`` when it returns, so a viewer can say which ranks wait, in what, since when, and (by
+    elimination against the world size) which ranks never arrived."""
+
+    KIND: ClassVar[str] = "collective_wait"
+    t: float  # wall-clock time of this report
+    op: str  # all_reduce, barrier, ddp_all_reduce …
+    since: float  # wall-clock time the call began
+    seq: int = 0  # this rank's count of collectives so far (the same call has the same seq on every rank)
+    step: int = 0
+    done: bool = False
 
 
 @dataclass
