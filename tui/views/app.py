@@ -28,9 +28,11 @@ from llmtop.tui.views.memory import MemoryView
 from llmtop.tui.views.ops import OpsView
 from llmtop.tui.views.overview import OverviewView
 from llmtop.tui.views.spans import SpansView
+from llmtop.tui.views.widgets import ViewTabs
 from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult, SystemCommand
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Footer, Static, TabbedContent, TabPane
@@ -80,7 +82,7 @@ class LlmtopApp(App[int]):
 
     def compose(self) -> ComposeResult:
         yield Static(id="status")
-        with TabbedContent(initial="overview", id="views"):
+        with ViewTabs(initial="overview", id="views"):
             for i, (name, title) in enumerate(VIEWS, start=1):
                 with TabPane(f"{i} {title}", id=name):
                     yield VIEW_CLASSES[name](id=f"view-{name}")
@@ -145,8 +147,11 @@ class LlmtopApp(App[int]):
             view = self.view_widget()
             if not view.is_mounted:
                 return  # still composing its children (a start under load): a later frame draws it
-            with self.batch_update():
-                view.refresh_view(model, self.window_s)
+            try:
+                with self.batch_update():
+                    view.refresh_view(model, self.window_s)
+            except NoMatches:
+                return  # its widgets are being removed (the app is closing): nothing to draw into
             self._drawn = key
         self.frames += 1
         self.last_frame_ms = (time.perf_counter() - started) * 1000.0

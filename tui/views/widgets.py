@@ -11,13 +11,23 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widget import Widget
-from textual.widgets import DataTable, Label, Sparkline
+from textual.widgets import DataTable, Label, Sparkline, TabbedContent, TabPane
 
 PHASE_GLYPHS = {"data": "▒", "h2d": "░", "forward": "█", "backward": "▓", "optimizer": "▚", "other": "·"}
 PHASE_STYLES = {"data": "red", "h2d": "magenta", "forward": "green", "backward": "blue",
                 "optimizer": "yellow", "other": "bright_black"}
 PHASE_LABELS = {"data": "data", "h2d": "H2D", "forward": "fwd", "backward": "bwd",
                 "optimizer": "optim", "other": "other"}
+
+
+class ViewTabs(TabbedContent):
+    """The views' tabs. Keys switch views, focus never does: TabbedContent activates the pane of a
+    widget that gets focus, and a focus queued by one view key (the view's table) would otherwise
+    switch back after the next key had switched away."""
+
+    def _on_tab_pane_focused(self, event: TabPane.Focused) -> None:
+        event.stop()
+        event.prevent_default()  # Textual would go on to call TabbedContent's handler too
 
 
 class SparkRow(Horizontal):
