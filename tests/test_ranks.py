@@ -17,6 +17,7 @@ from llmtop.agent.runtime.ranks import (
     RankIdentity,
     claim_rank_file,
     identity,
+    keep_earlier_attempt,
     launcher_of,
     recording_path,
     spawn_child,
@@ -126,6 +127,22 @@ def test_a_rank_file_held_by_a_live_writer_is_never_taken(tmp_path: Path) -> Non
     assert not (tmp_path / "run.pid2.lrec").exists()
     assert RecordingReader(stale).session.argv == ["b.py"]
     assert RecordingReader(tmp_path / "run.rank0.lrec").session.argv == ["a.py"]
+
+
+def test_a_restarted_rank_keeps_the_failed_attempts_file(tmp_path: Path) -> None:
+    from llmtop.protocol.events import Session
+    from llmtop.protocol.recording import RecordingWriter
+
+    path = tmp_path / "run.rank1.lrec"
+    assert keep_earlier_attempt(str(path), 1) is None  # nothing there yet
+    path.write_bytes(b"attempt 0")
+    assert keep_earlier_attempt(str(path), 0) is None and path.exists()  # the first attempt: nothing to keep
+    kept = keep_earlier_attempt(str(path), 2)
+    assert kept == str(tmp_path / "run.attempt1.rank1.lrec") and Path(kept).read_bytes() == b"attempt 0"
+    assert not path.exists()
+    live = RecordingWriter(str(path), Session(pid=1, argv=["a.py"]))
+    assert keep_earlier_attempt(str(path), 3) is None and path.exists()  # a live writer's file stays
+    live.close()
 
 
 def test_old_info_files_still_read_and_bad_fields_are_dropped() -> None:

@@ -149,6 +149,8 @@ class Agent:
             self._record_pending = self._spawned and not self.identity.known
             path = ranks.recording_path(opts.record, self.identity, self.pid, owner, self._record_pending)
             if path is not None:
+                if self.identity.distributed:
+                    ranks.keep_earlier_attempt(path, self.identity.restart)
                 self._start_writer(path)
         self._publish([self.session])
         if self.server is not None:

@@ -96,6 +96,7 @@ def resolve_socket(opts: Options, env: dict[str, str] | None = None, pid: int | 
     if parent:
         return path if parent.isdigit() and int(parent) == os.getppid() else beside
     # Launchers start no agent (autostart.py); should one be started in code, it keeps a pid socket.
-    if launcher_of(list(getattr(sys, "orig_argv", sys.argv))) or identity(env).rank not in (None, 0):
+    nonzero_rank = env.get("RANK", "0") not in ("", "0") or identity(env).rank not in (None, 0)
+    if launcher_of(list(getattr(sys, "orig_argv", sys.argv))) or nonzero_rank:
         return beside
     return path

@@ -206,14 +206,13 @@ def recording_path(requested: str, ident: RankIdentity, pid: int, owner: bool, p
     return requested if owner else None
 
 
-def claim_rank_file(current: str, wanted: str) -> bool:
-    """Rename the recording ``current`` (open, written by us) to ``wanted``, unless a live writer
-    holds ``wanted``: its lock says so (RecordingWriter keeps an exclusive ``flock`` for its life).
-    A stale ``wanted`` (an earlier run's) is replaced atomically. True when renamed."""
+def _rename_unless_locked(src: str, dst: str, locked: str) -> bool:
+    """Rename ``src`` to ``dst`` unless a live writer holds ``locked`` (RecordingWriter keeps an
+    exclusive ``flock`` on its file for its life; a missing file holds no lock). True when renamed."""
     import fcntl
 
     try:
-        fd = os.open(wanted, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(locked, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         fd = None
     except OSError:
@@ -223,14 +222,34 @@ def claim_rank_file(current: str, wanted: str) -> bool:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                return False  # a live writer: keep our pid name
-        os.rename(current, wanted)
+                return False
+        os.rename(src, dst)
         return True
     except OSError:
         return False
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def claim_rank_file(current: str, wanted: str) -> bool:
+    """Rename the recording ``current`` (open, written by us) to ``wanted``, unless a live writer holds
+    ``wanted`` (we keep our pid name then). A stale ``wanted`` (an earlier run's) is replaced atomically."""
+    return _rename_unless_locked(current, wanted, wanted)
+
+
+def keep_earlier_attempt(path: str, restart: int | None) -> str | None:
+    """Before a restarted rank (torchelastic restart N > 0) records to ``path``: the failed attempt's
+    file there is kept as ``stem.attempt{N-1}.rank{R}.lrec`` (not matched by ``stem.rank*.lrec``)
+    instead of being emptied, unless a live writer holds it. Returns the new name, or None."""
+    if not restart:
+        return None
+    folder, name = os.path.split(path)
+    stem, _, rest = name.partition(".rank")
+    if not rest or not os.path.exists(path):
+        return None
+    kept = os.path.join(folder, f"{stem}.attempt{restart - 1}.rank{rest}")
+    return kept if _rename_unless_locked(path, kept, path) else None
 
 
 def describe(ident: RankIdentity) -> str:
