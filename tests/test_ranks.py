@@ -390,3 +390,47 @@ def test_a_launcher_process_starts_no_agent(short_tmp: Path, launcher: list[str]
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "AGENT True MINE True PARENT False" in out.stdout, out.stdout
+
+
+RESTART_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    import torch
+    from torch import nn
+    m = nn.Linear(8, 8)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    for _ in range(6):
+        loss = m(torch.randn(4, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        time.sleep(0.02)
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == "0":
+        sys.exit(7)  # the first attempt fails: torchrun restarts the worker group
+    print("attempt", os.environ["TORCHELASTIC_RESTART_COUNT"], "rank", os.environ["RANK"], "done", flush=True)
+""")
+
+
+def test_an_elastic_restart_keeps_each_attempts_recording(short_tmp: Path) -> None:
+    """torchrun --max-restarts=1 after a failed first attempt: the second attempt's ranks say restart 1
+    and write run.rank{R}.lrec; the first attempt's files are kept as run.attempt0.rank{R}.lrec."""
+    from llmtop.protocol.recording import RecordingReader
+
+    script = short_tmp / "restart.py"
+    script.write_text(RESTART_SCRIPT)
+    runtime = short_tmp / "rt"
+    runtime.mkdir(mode=0o700)
+    env = child_env(XDG_RUNTIME_DIR=str(runtime), OMP_NUM_THREADS="1", LLMTOP_OPS_EVERY="0", LLMTOP_FLOPS="0",
+                    LLMTOP_TICK="0.2")
+    env.pop("LLMTOP_SOCKET", None)
+    out = subprocess.run([LLMTOP, "attach", "--headless", "--record", str(short_tmp / "run.lrec"), "--", TORCHRUN,
+                          "--standalone", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.2",
+                          str(script)], cwd=short_tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "attempt 1 rank 0 done" in out.stdout and "attempt 1 rank 1 done" in out.stdout
+    names = sorted(p.name for p in short_tmp.glob("run*.lrec"))
+    assert names == ["run.attempt0.rank0.lrec", "run.attempt0.rank1.lrec", "run.rank0.lrec", "run.rank1.lrec"]
+    for name, rank, restart in [("run.attempt0.rank0.lrec", 0, 0), ("run.attempt0.rank1.lrec", 1, 0),
+                                ("run.rank0.lrec", 0, 1), ("run.rank1.lrec", 1, 1)]:
+        r = RecordingReader(short_tmp / name)
+        assert (r.session.rank, r.session.world_size, r.session.restart) == (rank, 2, restart), name
+        assert r.steps == 6, name
