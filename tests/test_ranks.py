@@ -434,3 +434,28 @@ def test_an_elastic_restart_keeps_each_attempts_recording(short_tmp: Path) -> No
         r = RecordingReader(short_tmp / name)
         assert (r.session.rank, r.session.world_size, r.session.restart) == (rank, 2, restart), name
         assert r.steps == 6, name
+
+
+def test_a_script_that_initialises_torch_distributed_itself_is_told_late(short_tmp: Path) -> None:
+    """No launcher at all: the script calls init_process_group (world size 1, file store). The agent
+    learns rank 0 of 1 from torch.distributed (launcher "dist"), re-sends its Session (the recording's
+    newest Session has it), and as a single process keeps recording to run.lrec."""
+    from llmtop.protocol.recording import RecordingReader
+
+    script = short_tmp / "alone.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method="file://{short_tmp}/store", rank=0, world_size=1)
+        time.sleep(1.0)  # a few ticks
+        dist.destroy_process_group()
+    """))
+    path = short_tmp / "run.lrec"
+    env = child_env(LLMTOP="1", LLMTOP_RECORD=str(path), LLMTOP_TICK="0.1", LLMTOP_SOCKET=str(short_tmp / "a.sock"),
+                    OMP_NUM_THREADS="1", LLMTOP_OPS_EVERY="0", LLMTOP_FLOPS="0")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in short_tmp.glob("run*.lrec")) == ["run.lrec"]
+    r = RecordingReader(path)
+    assert (r.session.launcher, r.session.rank, r.session.world_size) == ("dist", 0, 1)
+    assert r.session.job.startswith("dist:")  # no MASTER_ADDR: the host and parent pid name the job

@@ -440,6 +440,8 @@ class Agent:
         try:
             found = ranks.from_dist(dist, self.identity, os.environ, launcher,
                                     f"{launcher}:{self.session.hostname}:{os.getppid()}")
+        except (AttributeError, ImportError):
+            return False  # torch is still being imported on the script's thread: look again next tick
         except Exception as exc:
             self._rank_pending = False
             self.warn("ranks", f"cannot read the rank from torch.distributed: {type(exc).__name__}: {exc}")
