@@ -67,6 +67,14 @@ def group(agents: list[AgentInfo]) -> list[Job | AgentInfo]:
     return out
 
 
+def _script(argv: list[str]) -> str:
+    """The command line without leading interpreter flags (torchrun starts ranks as ``python -u``)."""
+    i = 0
+    while i < len(argv) and argv[i] in ("-u", "-B", "-O", "-OO", "-E", "-s", "-S", "-I", "-q"):
+        i += 1
+    return " ".join(argv[i:]) or "?"
+
+
 def run(args: argparse.Namespace) -> int:
     agents = list_agents()
     if args.json:
@@ -85,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         world = item.world_size
         seen = f"{len(item.ranks)}/{world if world is not None else '?'} ranks"
-        print(f"{'job':>7}  {_uptime(now - item.started):>8}  {item.ranks[0].script}   "
+        print(f"{'job':>7}  {_uptime(now - item.started):>8}  {_script(item.ranks[0].argv)}   "
               f"[{item.launcher or '?'} job {item.job or '?'}, {seen}]")
         for a in item.ranks:
             where = f"rank {a.rank}" + (f" local {a.local_rank}" if a.local_rank is not None else "")

@@ -185,6 +185,7 @@ def test_ls_lists_ranks_under_their_job_sorted_by_rank(short_tmp: Path) -> None:
         lines = out.stdout.splitlines()[1:]
         assert len(lines) == 6, out.stdout
         assert "job" in lines[0] and "torchrun job abc, 2/2 ranks" in lines[0] and "train.py" in lines[0]
+        assert "-u train.py" not in lines[0]  # torchrun's `python -u` is not the user's script
         assert lines[1].split()[0] == str(sleepers[2].pid) and "rank 0 local 0 node 0" in lines[1]
         assert lines[2].split()[0] == str(sleepers[0].pid) and "rank 1 local 1 node 0" in lines[2]
         assert lines[3].split()[0] == str(sleepers[1].pid) and "solo.py" in lines[3]
