@@ -89,6 +89,9 @@ def child_env(sock: Path, python_child: bool, record: str | None,
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = boot + (os.pathsep + old if old else "")
     env["LLMTOP_SOCKET"] = str(sock)
+    # Every agent of this process tree names us in its info file: `llmtop ls` and `watch` find the
+    # ranks that one `llmtop attach -- torchrun …` started.
+    env["LLMTOP_ATTACH"] = str(os.getpid())
     if python_child:
         # Only our direct child claims LLMTOP_SOCKET; Python processes it starts get pid sockets.
         env["LLMTOP_PARENT_PID"] = str(os.getpid())

@@ -146,6 +146,7 @@ class Session(Event):
     local_rank: int | None = None
     world_size: int | None = None
     node_rank: int | None = None
+    restart: int | None = None  # torchelastic restart count of this rank's process (0: first attempt)
 
 
 @dataclass

@@ -12,6 +12,7 @@ See SECURITY.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -270,14 +271,50 @@ def clean_stale(directory: Path) -> list[str]:
 
 @dataclass
 class AgentInfo:
+    """One agent's info file. The rank fields are empty/None for a single process and in info files
+    written by an older llmtop; ``attach`` is the pid of the ``llmtop attach`` that started the
+    process tree (``LLMTOP_ATTACH``), None outside one."""
+
     pid: int
     socket: str
     argv: list[str]
     started: float
+    job: str = ""
+    launcher: str = ""
+    rank: int | None = None
+    local_rank: int | None = None
+    world_size: int | None = None
+    node_rank: int | None = None
+    restart: int | None = None
+    host: str = ""
+    attach: int | None = None
 
     @property
     def script(self) -> str:
         return " ".join(self.argv) if self.argv else "?"
+
+    @property
+    def distributed(self) -> bool:
+        """One rank of a job of several (grouped under its job by ``llmtop ls``)."""
+        return self.rank is not None and (self.world_size or 0) > 1
+
+    @classmethod
+    def from_json(cls, data: dict) -> AgentInfo:
+        """From an info file's JSON; raises ValueError/KeyError/TypeError on a malformed one. Fields
+        an older agent did not write keep their defaults; a field of the wrong type is dropped."""
+        info = cls(int(data["pid"]), str(data["socket"]), [str(a) for a in data["argv"]], float(data["started"]))
+        for name in ("job", "launcher", "host"):
+            value = data.get(name)
+            if isinstance(value, str):
+                setattr(info, name, value)
+        for name in ("rank", "local_rank", "world_size", "node_rank", "restart", "attach"):
+            value = data.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                setattr(info, name, value)
+        return info
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class UnreadableDirectory(OSError):
@@ -323,10 +360,8 @@ def list_agents(directory: Path | None = None, strict: bool = False) -> list[Age
             continue
         for name in metas:
             try:
-                data = json.loads((d / name).read_text())
-                info = AgentInfo(int(data["pid"]), str(data["socket"]), list(data["argv"]),
-                                 float(data["started"]))
-            except (OSError, ValueError, KeyError, TypeError):
+                info = AgentInfo.from_json(json.loads((d / name).read_text()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
             if pid_alive(info.pid) and os.path.exists(info.socket):
                 found.append(info)

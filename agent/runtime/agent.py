@@ -22,7 +22,7 @@ from typing import Any
 
 from llmtop.agent.instruments.host import HostSampler
 from llmtop.agent.instruments.nvml import NvmlSampler
-from llmtop.agent.runtime import core
+from llmtop.agent.runtime import core, ranks
 from llmtop.agent.runtime.core import Options
 from llmtop.agent.runtime.history import History
 from llmtop.agent.runtime.options import options_from_env, resolve_socket
@@ -87,6 +87,13 @@ class Agent:
         self._host: HostSampler | None = None
         self._nvml: NvmlSampler | None = None
         self._versions = ("", "")
+        # Which rank of which job, from the launcher's environment; a torch.multiprocessing.spawn
+        # child learns it late, from torch.distributed (checked each tick while unknown).
+        self._spawned = ranks.is_spawned()
+        env = os.environ
+        self.identity = ranks.identity(env, ranks.parent_started() if "MASTER_ADDR" in env else None)
+        self._rank_pending = not self.identity.known
+        self._record_pending = False  # recording under a pid name until the rank is known
         self.session = self._make_session()
 
     # --- Context (any thread, never blocks) -------------------------------------------------------
@@ -134,10 +141,17 @@ class Agent:
             self.session.devices = list(self._nvml.names)
         self._start_server()
         requested = opts.socket
-        if opts.record and (not requested or self.socket_path == Path(str(requested))):
-            # LLMTOP_RECORD is inherited by the script's Python children: only the process that owns
-            # the requested socket writes the file.
-            self._start_writer(opts.record)
+        if opts.record:
+            # LLMTOP_RECORD is inherited by every process of a launch: each rank of a job writes its
+            # own stem.rank{R}.lrec, a spawn child stem.pid{P}.lrec until its rank is known, and of
+            # a single process's Python helpers only the process owning the requested socket writes.
+            owner = not requested or self.socket_path == Path(str(requested))
+            self._record_pending = self._spawned and not self.identity.known
+            path = ranks.recording_path(opts.record, self.identity, self.pid, owner, self._record_pending)
+            if path is not None:
+                if self.identity.distributed:
+                    ranks.keep_earlier_attempt(path, self.identity.restart)
+                self._start_writer(path)
         self._publish([self.session])
         if self.server is not None:
             # accepting only now: a viewer connecting at once still gets the session first
@@ -180,6 +194,7 @@ class Agent:
                     cpu_pct=lambda: self._cpu_pct, started=self.started,
                     private_dir=path.parent == socket_dir(),
                     max_clients=opts.max_clients, max_pending=opts.max_pending, handshake_s=opts.handshake_s,
+                    argv=self.session.argv, info=self.info_fields(),
                 )
             except AddressInUse as exc:
                 last = exc
@@ -291,7 +306,7 @@ class Agent:
                 except Exception as exc:
                     self._nvml.enabled = False
                     self.warn("nvml", f"GPU sampling stopped: {type(exc).__name__}: {exc}")
-            if self._refresh_versions():
+            if self._refresh_versions() | self._learn_rank():
                 events.append(self.session)
             events.extend(self._drain())
             self._publish(events, now)
@@ -390,11 +405,71 @@ class Agent:
     # --- session -------------------------------------------------------------------------------------
 
     def _make_session(self) -> Session:
-        argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:])
+        if self._spawned:  # `python -c "from multiprocessing.spawn …"`: the parent's argv says what runs
+            argv = list(sys.argv)
+        else:
+            argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:])
         options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.options).items()}
-        return Session(pid=self.pid, argv=argv, cwd=os.getcwd(), started=self.started,
-                       hostname=socket.gethostname(), python=platform.python_version(),
-                       devices=["cpu"], options=options)
+        session = Session(pid=self.pid, argv=argv, cwd=os.getcwd(), started=self.started,
+                          hostname=socket.gethostname(), python=platform.python_version(),
+                          devices=["cpu"], options=options)
+        self._apply_identity(session)
+        return session
+
+    def _apply_identity(self, session: Session) -> None:
+        for name, value in self.identity.fields().items():
+            setattr(session, name, value)
+
+    def info_fields(self) -> dict[str, Any]:
+        """What the info file beside the socket says besides pid, socket, argv and started."""
+        attach = os.environ.get("LLMTOP_ATTACH", "")
+        return {**self.identity.fields(), "host": self.session.hostname,
+                "attach": int(attach) if attach.isdigit() else None}
+
+    def _learn_rank(self) -> bool:
+        """The late path (torch.multiprocessing.spawn children, or a script that initialises
+        torch.distributed itself with no launcher): once the default process group exists, take its
+        rank and size (no collective), rewrite the info file and claim the rank's recording file.
+        True when the session changed. Only looks if the script imported torch.distributed."""
+        if not self._rank_pending:
+            return False
+        dist = sys.modules.get("torch.distributed")
+        if dist is None:
+            return False
+        launcher = ranks.SPAWN if self._spawned else ranks.DIST
+        try:
+            found = ranks.from_dist(dist, self.identity, os.environ, launcher,
+                                    f"{launcher}:{self.session.hostname}:{os.getppid()}")
+        except (AttributeError, ImportError):
+            return False  # torch is still being imported on the script's thread: look again next tick
+        except Exception as exc:
+            self._rank_pending = False
+            self.warn("ranks", f"cannot read the rank from torch.distributed: {type(exc).__name__}: {exc}")
+            return False
+        if found is None:
+            return False
+        self._rank_pending = False
+        self.identity = found
+        self._apply_identity(self.session)
+        if self.server is not None:
+            try:
+                self.server.update_info(self.info_fields())
+            except Exception as exc:
+                self.warn("ranks", f"cannot rewrite the agent's info file: {type(exc).__name__}: {exc}")
+        self._claim_rank_recording()
+        return True
+
+    def _claim_rank_recording(self) -> None:
+        writer = self.writer
+        if writer is None or not self._record_pending or not self.identity.distributed:
+            return
+        self._record_pending = False
+        wanted = ranks.rank_path(str(self.options.record), int(self.identity.rank or 0))
+        if ranks.claim_rank_file(writer.path, wanted):
+            writer.path = wanted
+        else:
+            self.warn("recording", f"{wanted} is being written by another process; this rank records to "
+                                   f"{writer.path}")
 
     def _refresh_versions(self) -> bool:
         """Torch and transformers are imported after the agent starts; send their versions once known."""

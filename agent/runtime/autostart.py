@@ -46,8 +46,27 @@ def descendant_of_attached_script(env: dict[str, str] | None = None) -> bool:
 
 
 def autostart() -> None:
-    if not wanted() or skipped_process() or descendant_of_attached_script():
+    if not wanted():
         return
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    try:
+        from llmtop.agent.runtime.ranks import launcher_of, spawn_child
+
+        if launcher_of(argv):
+            return  # torchrun, accelerate launch, deepspeed: only their children (the ranks) are watched
+        if spawn_child(argv):
+            # A multiprocessing spawn child: a torch.multiprocessing.spawn rank gets an agent when it
+            # unpickles its target; other spawn children (DataLoader workers, pools) never do.
+            _SpawnWatch.install()
+            return
+    except Exception:
+        pass
+    if skipped_process() or descendant_of_attached_script():
+        return
+    _start()
+
+
+def _start() -> None:
     try:
         from llmtop.agent.runtime.process import start_agent
 
@@ -57,3 +76,56 @@ def autostart() -> None:
             print(f"llmtop: agent not started: {type(exc).__name__}: {exc}", file=sys.stderr)
         except Exception:
             pass
+
+
+_SPAWN_MODULE = "torch.multiprocessing.spawn"
+
+
+class _SpawnWatch:
+    """A meta-path finder that, when ``torch.multiprocessing.spawn`` is imported in a spawn child,
+    replaces its ``_wrap`` (the target every ``torch.multiprocessing.spawn`` child runs, looked up by
+    name when the child unpickles its ``Process``) with one that starts the agent first. The child's
+    rank is learnt later from torch.distributed (ranks.py). Removes itself after that one import."""
+
+    @classmethod
+    def install(cls) -> None:
+        if not any(isinstance(f, cls) for f in sys.meta_path):
+            sys.meta_path.insert(0, cls())
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+        if name != _SPAWN_MODULE:
+            return None
+        import importlib.machinery
+
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+        spec = importlib.machinery.PathFinder.find_spec(name, path)  # type: ignore[arg-type]
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_and_wrap(module: object) -> None:
+            exec_module(module)
+            try:
+                _wrap_spawn_target(module)
+            except Exception:
+                pass
+
+        loader.exec_module = exec_and_wrap  # type: ignore[method-assign]
+        return spec
+
+
+def _wrap_spawn_target(module: object) -> None:
+    original = getattr(module, "_wrap", None)
+    if original is None or getattr(original, "_llmtop", False):
+        return
+
+    def _wrap(*args: object, **kwargs: object) -> object:
+        _start()
+        return original(*args, **kwargs)
+
+    # pickled by reference in a grandchild's parent: the name must resolve back to this function
+    _wrap.__module__ = original.__module__
+    _wrap.__qualname__ = original.__qualname__
+    _wrap._llmtop = True  # type: ignore[attr-defined]
+    module._wrap = _wrap  # type: ignore[attr-defined]

@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from llmtop.agent.runtime.core import Options
+from llmtop.agent.runtime.ranks import identity, launcher_of
 from llmtop.protocol.paths import socket_path_for
-
-# Launchers whose own process is not the interesting one: they keep their pid socket.
-_LAUNCHERS = ("torch.distributed.run", "torchrun", "accelerate", "deepspeed")
 
 # Every option with an environment variable (the others are set by keyword: tests, benchmarks).
 ENV: dict[str, tuple[str, type]] = {
@@ -97,7 +95,8 @@ def resolve_socket(opts: Options, env: dict[str, str] | None = None, pid: int | 
     parent = env.get("LLMTOP_PARENT_PID", "")
     if parent:
         return path if parent.isdigit() and int(parent) == os.getppid() else beside
-    cmdline = " ".join(getattr(sys, "orig_argv", sys.argv))
-    if any(name in cmdline for name in _LAUNCHERS) or env.get("RANK", "0") not in ("", "0"):
+    # Launchers start no agent (autostart.py); should one be started in code, it keeps a pid socket.
+    nonzero_rank = env.get("RANK", "0") not in ("", "0") or identity(env).rank not in (None, 0)
+    if launcher_of(list(getattr(sys, "orig_argv", sys.argv))) or nonzero_rank:
         return beside
     return path

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from llmtop.protocol.events import AgentWarning, Hello, SnapshotDone, Stats, check_hello, decode_one, encode
 from llmtop.protocol.frames import FrameDecoder, ProtocolError
@@ -125,8 +126,10 @@ def bind_unix(path: Path) -> socket.socket:
     return sock
 
 
-def write_info(sock_path: Path, argv: list[str], started: float) -> Path:
-    data = {"pid": os.getpid(), "socket": str(sock_path), "argv": argv, "started": started}
+def write_info(sock_path: Path, argv: list[str], started: float, extra: dict[str, Any] | None = None) -> Path:
+    """The info file beside the socket (``protocol.paths.AgentInfo``): pid, socket, argv, started, and
+    ``extra`` (the rank fields, host, attach). Rewritten whole (atomic rename) when they change."""
+    data = {"pid": os.getpid(), "socket": str(sock_path), "argv": argv, "started": started, **(extra or {})}
     return write_json_atomic(info_path(sock_path), data)
 
 
@@ -147,7 +150,8 @@ class Server:
                  warn: Callable[[str, str], None], client_buffer: int = 4 << 20, stall_s: float = 30.0,
                  cpu_pct: Callable[[], float | None] = lambda: None, argv: list[str] | None = None,
                  started: float | None = None, private_dir: bool = False, max_clients: int = MAX_CLIENTS,
-                 max_pending: int = MAX_PENDING, handshake_s: float = HELLO_TIMEOUT_S) -> None:
+                 max_pending: int = MAX_PENDING, handshake_s: float = HELLO_TIMEOUT_S,
+                 info: dict[str, Any] | None = None) -> None:
         self.path = path
         self.lock = lock
         self.snapshot = snapshot
@@ -157,6 +161,7 @@ class Server:
         self.cpu_pct = cpu_pct
         self.argv = list(sys.orig_argv[1:] if argv is None else argv)
         self.started = time.time() if started is None else started
+        self.info = dict(info or {})
         self.cpu_s = 0.0  # this thread's own CPU time
         self.total_dropped = 0
         self.max_clients = max(1, int(max_clients))
@@ -175,7 +180,7 @@ class Server:
         prepare_socket_dir(path, private_dir)
         self._listener = bind_unix(path)
         try:
-            self._info = write_info(path, self.argv, self.started)
+            self._info = write_info(path, self.argv, self.started, self.info)
         except OSError:
             self._info = None
         self._wake_r, self._wake_w = os.pipe()
@@ -203,6 +208,12 @@ class Server:
                 return  # the server stopped (see its warning): never let the inbox grow
             self._inbox.extend(frames)
             self._wake()
+
+    def update_info(self, info: dict[str, Any]) -> None:
+        """Rewrite the info file with new fields (a rank learnt late). Not after close."""
+        self.info = dict(info)
+        if self._info is not None and not self._closing:
+            self._info = write_info(self.path, self.argv, self.started, self.info)
 
     def _wake(self) -> None:
         try:
