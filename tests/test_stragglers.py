@@ -80,6 +80,15 @@ def test_collectives_alone_decide_lateness() -> None:
     assert s is not None and s.rank == 0 and s.basis == "collectives"
 
 
+def test_steps_without_time_in_collectives_fall_back_to_work() -> None:
+    job = ddp_job(2, slow=1, data_ms=15.0)
+    for rows in job.values():
+        for s in rows:
+            s.comm_ms = 0.0  # measured, but no collective ran (or its wait was not seen)
+    s = stragglers(job)
+    assert s is not None and (s.rank, s.basis, s.cause) == (1, "work", "data")
+
+
 def test_layer_named_when_one_module_explains_the_forward_excess() -> None:
     job = ddp_job(2, slow=1, forward_ms=25.0, comm=True)
     base = {"": (3.0, 4.0), "module": (2.9, 3.9), "module.blocks.0": (0.5, 0.9), "module.blocks.1": (0.5, 0.9),

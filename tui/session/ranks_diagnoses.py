@@ -137,7 +137,9 @@ def _common_steps(steps: Mapping[int, Sequence[Step]], last: int) -> list[dict[i
 
 def lateness(row: Mapping[int, Step]) -> tuple[str, dict[int, float]]:
     """How late each rank was at one step (ms, against the median of the others) and on what basis."""
-    if all(s.comm_ms is not None for s in row.values()):
+    # A step in which no rank spent time in a collective (none was made, or the wait was not seen)
+    # says nothing by its collectives: the work decides.
+    if all(s.comm_ms is not None for s in row.values()) and any(s.comm_ms for s in row.values()):
         comm = {r: float(s.comm_ms or 0.0) for r, s in row.items()}
         others = _medians_of_others(comm)
         return "collectives", {r: others[r] - comm[r] for r in row}
