@@ -236,6 +236,9 @@ def render_ranks(job: JobSummary, color: bool = False) -> str:
         lines.append(f"  {paint('hang', *SEVERITY_SGR['error'], on=color) if h.ongoing else 'wait'}: {h.text}")
     for r, text in sorted(job.ended().items()):
         lines.append(f"  {paint('died', *SEVERITY_SGR['error'], on=color)}: rank {r}: {text}")
+    for r, rs in job.ranks.items():
+        if rs.warning and r != min(job.ranks):  # the lowest rank's note is in its detail below
+            lines.append(f"  note: rank {r}: {rs.warning}")
     if job.unrecorded():
         lines.append(f"  no recording of rank{'s' if len(job.unrecorded()) > 1 else ''} "
                      + ", ".join(str(r) for r in job.unrecorded()))
