@@ -61,7 +61,7 @@ def test_json_round_trips_every_event(recording: Path, tmp_path: Path) -> None:
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert data["format"] == "llmtop-export" and data["version"] == 1
     assert data["summary"]["steps"]["count"] == 41 and data["end"]["exit_code"] == 0
-    assert data["summary"]["schema_version"] == 1  # the `llmtop report --json` object (docs/REPORT.md)
+    assert data["summary"]["schema_version"] == 2  # the `llmtop report --json` object (docs/REPORT.md)
     back = events_from_json(data)
     want = list(RecordingReader(recording).events())
     # Grouped by kind, each kind in recorded order: compare per kind (NaN != NaN, so via repr).

@@ -82,7 +82,7 @@ def events(path: Path, kind: type) -> list:
 
 def test_the_schema_is_a_valid_json_schema() -> None:
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
-    assert SCHEMA["properties"]["schema_version"] == {"const": 1}
+    assert SCHEMA["properties"]["schema_version"] == {"const": 2}
 
 
 def test_training_run(runs: dict[str, Path]) -> None:
@@ -231,5 +231,7 @@ def test_ranks_when_the_run_is_one_of_several(tmp_path: Path, monkeypatch: pytes
                         dataclasses.replace(SESSION, options={"rank": 1, "world_size": 4}))
     rec = tmp_path / "rank1.lrec"
     write(rec, run_events(5))
-    assert report_json(rec)["ranks"] == {"rank": 1, "world_size": 4}
+    assert report_json(rec)["ranks"] == {"rank": 1, "world_size": 4, "job": "", "launcher": "", "files": None,
+                                         "per_rank": None, "job_tokens_per_s": None, "job_step_p50_ms": None,
+                                         "straggler": None, "hangs": [], "died": [], "unrecorded": []}
     assert "  rank 1 of 4" in report(rec).stdout.splitlines()

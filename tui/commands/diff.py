@@ -1,7 +1,9 @@
 """`llmtop diff A B [--fail-if-slower PCT]`: what got slower or faster from run A to run B.
 
 Compares medians: step time, each phase, and each module's forward and backward time matched by
-module path. Exit status (for CI gates): 0 when nothing is slower beyond the rule, 1 when B is
+module path. Two jobs' recordings (``run.lrec`` or a rank file: every rank), or a job and one process:
+the job's step time over every rank's steps, its tokens/s and stragglers, a row per rank (step and
+collective times), then the lowest ranks in detail as above. Exit status (for CI gates): 0 when nothing is slower beyond the rule, 1 when B is
 slower, 2 when a file cannot be read.
 
 The rule, with ``--fail-if-slower PCT``: a quantity counts as slower when B's median exceeds A's
@@ -18,9 +20,11 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llmtop.tui.commands.common import read_recordings
+from llmtop.tui.commands.job_summary import JobSummary, is_job, open_job
 from llmtop.tui.commands.summarize import open_summary
 from llmtop.tui.commands.summary import Reservoir, RunSummary
 from llmtop.tui.session import fmt
@@ -123,6 +127,77 @@ def render(a: RunSummary, b: RunSummary, step: Delta | None, phases: list[Delta]
     return "\n".join(lines)
 
 
+@dataclass
+class JobDiff:
+    """Two jobs (or a job and one process, as a job of one rank): the job's step time over every rank's
+    steps, tokens/s, and per rank its step and collective times."""
+
+    a: JobSummary
+    b: JobSummary
+    step: Delta | None
+    ranks: list[Delta]
+
+    def to_json(self) -> dict[str, Any]:
+        sa, sb = self.a.straggler(), self.b.straggler()
+        return {"a_ranks": sorted(self.a.ranks), "b_ranks": sorted(self.b.ranks),
+                "step": self.step.to_json() if self.step else None,
+                "a_tokens_per_s": self.a.tokens_per_s(), "b_tokens_per_s": self.b.tokens_per_s(),
+                "a_straggler": sa.text if sa else None, "b_straggler": sb.text if sb else None,
+                "ranks": [d.to_json() for d in self.ranks]}
+
+
+def _all_steps(job: JobSummary) -> Reservoir:
+    out = Reservoir()
+    for s in job.ranks.values():
+        for v in s.step_ms.values:
+            out.add(v)
+    return out
+
+
+def compare_jobs(a: JobSummary, b: JobSummary) -> JobDiff:
+    ranks: list[Delta] = []
+    for r in sorted(set(a.ranks) & set(b.ranks)):
+        ra, rb = a.ranks[r], b.ranks[r]
+        for what, name, x, y in (("rank", f"rank {r} step", ra.step_ms, rb.step_ms),
+                                 ("rank", f"rank {r} collectives", ra.comm_ms, rb.comm_ms)):
+            d = _delta(what, name, x, y)
+            if d is not None:
+                ranks.append(d)
+    return JobDiff(a, b, _delta("step", "job step time (every rank)", _all_steps(a), _all_steps(b)), ranks)
+
+
+def render_job(jd: JobDiff, pct: float | None) -> str:
+    def row(d: Delta) -> str:
+        mark = "  SLOWER" if pct is not None and d.slower(pct) else ""
+        p = f"{d.pct:+.1f}%" if math.isfinite(d.pct) else "new"
+        return (f"  {d.name[:48]:<48} {fmt.ms(d.a_ms, 3):>9} → {fmt.ms(d.b_ms, 3):>9} ms  {p:>8}"
+                f"  (±{fmt.ms(d.noise_ms, 3)}){mark}")
+
+    a, b = jd.a, jd.b
+    lines = [f"job A: {len(a.ranks)} of {a.world_size} ranks   job B: {len(b.ranks)} of {b.world_size} ranks"]
+    if jd.step is not None:
+        lines.append(row(jd.step))
+    lines.append(f"  {'job tokens/s':<48} {fmt.rate(a.tokens_per_s(), ''):>9} → {fmt.rate(b.tokens_per_s(), ''):>9}")
+    if jd.ranks:
+        lines.append("per rank (median ms)")
+        lines += [row(d) for d in jd.ranks]
+    for name, job in (("A", a), ("B", b)):
+        s = job.straggler()
+        lines.append(f"straggler in {name}: {s.text if s else 'none'}")
+    return "\n".join(lines)
+
+
+def _as_job(path: str) -> JobSummary:
+    job = open_job(path)
+    if job is not None:
+        return job
+    one = open_summary(path)
+    rank = one.session.rank if one.session.rank is not None else 0
+    job = JobSummary(path=path, files={rank: Path(path)}, ranks={rank: one}, world_size=one.session.world_size or 1)
+    one.job = job
+    return job
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("a", help="the baseline recording")
     parser.add_argument("b", help="the recording to compare with it")
@@ -140,17 +215,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    a = open_summary(args.a)
-    b = open_summary(args.b)
+    jd: JobDiff | None = None
+    if is_job(args.a) or is_job(args.b):
+        # Jobs: the job's figures and a row per rank, then the lowest ranks compared in detail.
+        jd = compare_jobs(_as_job(args.a), _as_job(args.b))
+        a, b = jd.a.first, jd.b.first
+    else:
+        a = open_summary(args.a)
+        b = open_summary(args.b)
     step, phases, layers = compare(a, b)
     pct = args.fail_if_slower
-    regressions = [d for d in ([step] if step else []) + layers if pct is not None and d.slower(pct)]
+    checked = ([step] if step else []) + layers
+    if jd is not None:
+        checked += ([jd.step] if jd.step else []) + [d for d in jd.ranks if d.name.endswith(" step")]
+    regressions = [d for d in checked if pct is not None and d.slower(pct)]
     if args.json:
-        print(json.dumps({"a": a.path, "b": b.path, "step": step.to_json() if step else None,
-                          "phases": [d.to_json() for d in phases], "layers": [d.to_json() for d in layers],
-                          "fail_if_slower": pct, "regressions": [d.to_json() for d in regressions]},
-                         indent=2))
+        out = {"a": a.path, "b": b.path, "step": step.to_json() if step else None,
+               "phases": [d.to_json() for d in phases], "layers": [d.to_json() for d in layers],
+               "fail_if_slower": pct, "regressions": [d.to_json() for d in regressions]}
+        if jd is not None:
+            out["job"] = jd.to_json()
+        print(json.dumps(out, indent=2))
     else:
+        if jd is not None:
+            print(render_job(jd, pct))
+            print(f"\nrank {min(jd.a.ranks)} (A) against rank {min(jd.b.ranks)} (B) in detail")
         print(render(a, b, step, phases, layers, pct))
         if pct is not None:
             if regressions:

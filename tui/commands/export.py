@@ -1,7 +1,8 @@
 """`llmtop export FILE --format chrome|csv|json|html -o OUT`: a recording in the tools people already use.
 
 - ``chrome``: a Chrome / Perfetto trace (JSON object format, ``traceEvents``); load it in
-  https://ui.perfetto.dev or ``chrome://tracing``.
+  https://ui.perfetto.dev or ``chrome://tracing``. A job's recording (``run.rank{R}.lrec``): one
+  process per rank (pid = rank), on one time axis.
 - ``csv``: one row per step with every ``Step`` field (phases flattened to ``phase_<name>_ms``).
 - ``json``: every event, grouped by kind, plus the ``llmtop report`` summary.
 - ``html``: one self-contained page with inline SVG plots (``tui/commands/html.py``).
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
@@ -41,7 +43,9 @@ from llmtop.protocol.events import (
     Step,
 )
 from llmtop.protocol.recording import RecordingReader
+from llmtop.protocol.recording.job import rank_of
 from llmtop.tui.commands.common import fail, read_recordings
+from llmtop.tui.commands.job_summary import rank_files
 from llmtop.tui.commands.layer_tables import LayerMerger
 
 HELP = ("Export a recording as a Chrome/Perfetto trace, CSV (one row per step), JSON (everything) or one "
@@ -170,10 +174,12 @@ class ChromeTrace:
     """Builds trace events. Times are µs from the recording's start; every track is sorted at the end
     so timestamps never go backwards within one (pid, tid)."""
 
-    def __init__(self, reader: RecordingReader, *, all_layers: bool = False) -> None:
+    def __init__(self, reader: RecordingReader, *, all_layers: bool = False, pid: int | None = None,
+                 start: float | None = None, process_name: str | None = None) -> None:
         self.reader = reader
-        self.start = min(reader.start, reader.session.started or reader.start)
-        self.pid = int(reader.session.pid or 1)
+        self.start = start if start is not None else min(reader.start, reader.session.started or reader.start)
+        self.pid = pid if pid is not None else int(reader.session.pid or 1)
+        self.process_name = process_name  # a job's rank: "rank R (host)"
         self.events: list[dict[str, Any]] = []
         self.meta: list[dict[str, Any]] = []
         self.tracks: dict[int, str] = {}
@@ -375,7 +381,7 @@ class ChromeTrace:
         script = next((os.path.basename(a) for a in session.argv if a.endswith(".py")),
                       session.argv[0] if session.argv else "llmtop")
         meta = [{"name": "process_name", "ph": "M", "ts": 0, "pid": self.pid, "tid": 0,
-                 "args": {"name": f"{script} (pid {session.pid})"}},
+                 "args": {"name": self.process_name or f"{script} (pid {session.pid})"}},
                 {"name": "thread_name", "ph": "M", "ts": 0, "pid": self.pid, "tid": 0,
                  "args": {"name": "counters"}}]
         for tid, name in sorted(self.tracks.items()):
@@ -403,6 +409,52 @@ def export_chrome(reader: RecordingReader, *, all_layers: bool = False) -> dict[
     for event in reader.events():
         trace.add(event)
     return trace.trace()
+
+
+def export_chrome_job(readers: dict[int, RecordingReader], *, all_layers: bool = False) -> dict[str, Any]:
+    """A job's trace: one process per rank (pid = rank, named "rank R (host)"), on one time axis from
+    the earliest rank's start, so that a straggler's late phases line up against the others' waits."""
+    start = min(min(r.start, r.session.started or r.start) for r in readers.values())
+    events: list[dict[str, Any]] = []
+    meta: list[dict[str, Any]] = []
+    for rank, reader in sorted(readers.items()):
+        host = reader.session.hostname or "?"
+        trace = ChromeTrace(reader, all_layers=all_layers, pid=rank, start=start,
+                            process_name=f"rank {rank} ({host})")
+        for event in reader.events():
+            trace.add(event)
+        one = trace.trace()
+        meta.append({"name": "process_sort_index", "ph": "M", "ts": 0, "pid": rank, "tid": 0,
+                     "args": {"sort_index": rank}})
+        for ev in one["traceEvents"]:
+            (meta if ev.get("ph") == "M" else events).append(ev)
+    first = readers[min(readers)]
+    return {
+        "traceEvents": meta + events,
+        "displayTimeUnit": "ms",
+        "otherData": {"llmtop_recordings": {str(r): os.path.abspath(rd.path) for r, rd in sorted(readers.items())},
+                      "session_argv": " ".join(first.session.argv), "job": first.session.job,
+                      "world_size": first.session.world_size or len(readers), "time_origin_unix_s": start},
+    }
+
+
+def write_csv_job(readers: dict[int, RecordingReader], out: TextIO) -> int:
+    """A job's steps: the single-file columns with a leading ``rank`` column, rank by rank."""
+    steps = {r: [e for e in rd.events() if isinstance(e, Step)] for r, rd in sorted(readers.items())}
+    extra = sorted({p for rows in steps.values() for s in rows for p in s.phases if p not in PHASES})
+    cols = csv_columns(extra)
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["rank", *cols])
+    n = 0
+    for rank, rows in steps.items():
+        for s in rows:
+            row = event_fields(s)
+            phases = row.pop("phases") or {}
+            for p in list(PHASES) + extra:
+                row[f"phase_{p}_ms"] = phases.get(p)
+            w.writerow([rank, *("" if row[c] is None else row[c] for c in cols)])
+            n += 1
+    return n
 
 
 # --- command -----------------------------------------------------------------------------------------
@@ -437,7 +489,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    with RecordingReader(args.file) as reader:
+    files = rank_files(args.file)
+    if files is not None and args.format in ("chrome", "csv"):
+        return _run_job(args, files)
+    path = args.file
+    if files is not None:
+        # json and html describe one process: the file named, or the lowest rank for the job's name.
+        named = rank_of(path)
+        rank = named if named is not None and named in files else min(files)
+        path = str(files[rank])
+        print(f"llmtop export: {args.format} of rank {rank} only ({path}); chrome and csv export every rank "
+              "of the job", file=sys.stderr)
+    with RecordingReader(path) as reader:
         if reader.warning:
             print(f"llmtop export: {reader.warning}", file=sys.stderr)
         if args.output:
@@ -455,6 +518,38 @@ def _run(args: argparse.Namespace) -> int:
             buf = io.StringIO()
             _write(buf, args.format, reader, args.all_layers)
             sys.stdout.write(buf.getvalue())
+    return 0
+
+
+def _run_job(args: argparse.Namespace, files: dict[int, Any]) -> int:
+    with contextlib.ExitStack() as stack:
+        readers = {r: stack.enter_context(RecordingReader(str(f))) for r, f in files.items()}
+        for r, reader in readers.items():
+            if reader.warning:
+                print(f"llmtop export: rank {r}: {reader.warning}", file=sys.stderr)
+
+        def write(out: TextIO) -> None:
+            if args.format == "csv":
+                write_csv_job(readers, out)
+            else:
+                json.dump(export_chrome_job(readers, all_layers=args.all_layers), out, allow_nan=False)
+                out.write("\n")
+
+        if not args.output:
+            buf = io.StringIO()
+            write(buf)
+            sys.stdout.write(buf.getvalue())
+            return 0
+        tmp = f"{args.output}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="") as out:
+                write(out)
+            os.replace(tmp, args.output)
+        except OSError as exc:
+            return fail("export", f"cannot write {args.output}: {exc.strerror or exc}", 1)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return 0
 
 

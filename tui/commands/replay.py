@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llmtop.protocol.recording.job import rank_of
 from llmtop.tui.commands.common import add_view_arguments, check_view_arguments, fail, read_recordings
+from llmtop.tui.commands.job_summary import rank_files
 from llmtop.tui.session.recording_source import MAX_SPEED, MIN_SPEED, RecordingSource
 
 HELP = "Open the dashboard on a recording, with play/pause, seek, step and speed controls."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="a recording (LLMTOP_RECORD, `llmtop attach --record`, `llmtop record`)")
+    parser.add_argument("file", help="a recording (LLMTOP_RECORD, `llmtop attach --record`, `llmtop record`); "
+                        "a job's run.lrec or run.rank{R}.lrec replays one rank")
     parser.add_argument("--speed", type=float, default=1.0, metavar="X",
                         help=f"replay speed, {MIN_SPEED:g} to {MAX_SPEED:g} (default 1)")
     parser.add_argument("--end", action="store_true", help="open at the end of the run (its final state)")
@@ -52,7 +55,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def replay_path(path: str) -> tuple[str, str | None]:
+    """The file to replay, and a note when ``path`` names a job: the replay view shows one rank (the
+    file named, else the lowest rank) until the job view reads recordings."""
+    files = rank_files(path)
+    if files is None:
+        return path, None
+    named = rank_of(path)
+    rank = named if named is not None and named in files else min(files)
+    return str(files[rank]), (f"a job of {len(files)} recorded ranks: replaying rank {rank} ({files[rank]}) "
+                              "only (the job view does not replay recordings yet)")
+
+
 def _open(args: argparse.Namespace, opened: list[RecordingSource]) -> int:
-    opened.append(RecordingSource(args.file, speed=args.speed, start="end" if args.end else "begin",
+    path, note = replay_path(args.file)
+    if note:
+        print(f"llmtop replay: {note}", file=sys.stderr)
+    opened.append(RecordingSource(path, speed=args.speed, start="end" if args.end else "begin",
                                   playing=not (args.paused or args.end)))
     return 0

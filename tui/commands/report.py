@@ -16,6 +16,7 @@ import sys
 from llmtop.protocol.events import PHASES
 from llmtop.tui.commands import textstyle
 from llmtop.tui.commands.common import read_recordings
+from llmtop.tui.commands.job_summary import JobSummary, open_job
 from llmtop.tui.commands.summarize import open_summary
 from llmtop.tui.commands.summary import ModeSteps, RunSummary
 from llmtop.tui.commands.textstyle import BOLD, RED, YELLOW, paint
@@ -67,7 +68,12 @@ def render(s: RunSummary, color: bool = False) -> str:
         lines.append(f"  note: {s.warning}")
     ranks = s.ranks()
     if ranks:
-        lines.append(f"  rank {ranks['rank'] if ranks['rank'] is not None else '?'} of {ranks['world_size']}")
+        lines.append(f"  rank {ranks['rank'] if ranks['rank'] is not None else '?'} of {ranks['world_size']}"
+                     + (f", job {ranks['job']}" if ranks["job"] else ""))
+    if s.comm_ms.n or s.comm_calls:
+        lines.append("  collectives: " + _kv([("p50 per step", _ms(s.comm_ms.median())),
+                                              ("calls", fmt.count(s.comm_calls)),
+                                              ("carried", fmt.nbytes(s.comm_bytes))]))
 
     main_name = s.main_mode()
     main = s.modes.get(main_name or "")
@@ -210,8 +216,37 @@ def _phase_lines(lines: list[str], label: str, mode: ModeSteps) -> None:
         f"{p} {shares[p] * 100:.0f}% ({_ms(mode.phases[p].median())})" for p in ordered))
 
 
+def render_ranks(job: JobSummary, color: bool = False) -> str:
+    """The Ranks section of a job's report: a row per rank, the job's figures, the straggler, hangs
+    and ranks that died or left no recording."""
+    title = paint("ranks", BOLD, on=color)
+    where = f"job {job.job}" + (f" ({job.launcher})" if job.launcher else "") if job.job else "job"
+    lines = [f"{title}  {where}: {len(job.ranks)} of {job.world_size} ranks recorded   "
+             + _kv([("job tokens/s", fmt.rate(job.tokens_per_s(), "")), ("step p50", _ms(job.step_p50_ms()))])]
+    lines.append(f"  {'rank':>4}  {'host':<12} {'steps':>6} {'step p50':>10} {'comm p50':>10} {'comm':>5} "
+                 f"{'tok/s':>8} {'loss':>8}  exit")
+    for row in job.rows():
+        comm_pct = f"{row['comm_share_pct']:.0f}%" if row["comm_share_pct"] is not None else fmt.DASH
+        lines.append(f"  {row['rank']:>4}  {(row['hostname'] or '?')[:12]:<12} {row['steps']:>6} "
+                     f"{_ms(row['step_p50_ms']):>10} {_ms(row['comm_p50_ms']):>10} {comm_pct:>5} "
+                     f"{fmt.rate(row['tokens_per_s'], ''):>8} {fmt.value(row['last_loss']):>8}  {row['exit']}")
+    s = job.straggler()
+    lines.append(f"  straggler: {s.text}" if s is not None else "  straggler: none (no rank is persistently late)")
+    for h in job.hangs():
+        lines.append(f"  {paint('hang', *SEVERITY_SGR['error'], on=color) if h.ongoing else 'wait'}: {h.text}")
+    for r, text in sorted(job.ended().items()):
+        lines.append(f"  {paint('died', *SEVERITY_SGR['error'], on=color)}: rank {r}: {text}")
+    for r, rs in job.ranks.items():
+        if rs.warning and r != min(job.ranks):  # the lowest rank's note is in its detail below
+            lines.append(f"  note: rank {r}: {rs.warning}")
+    if job.unrecorded():
+        lines.append(f"  no recording of rank{'s' if len(job.unrecorded()) > 1 else ''} "
+                     + ", ".join(str(r) for r in job.unrecorded()))
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="a recording")
+    parser.add_argument("file", help="a recording (a job's run.lrec or any of its run.rank{R}.lrec: every rank)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
@@ -220,9 +255,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    summary = open_summary(args.file)
+    job = open_job(args.file)
+    summary = job.first if job is not None else open_summary(args.file)
     if args.json:
         print(json.dumps(summary.to_json(), indent=2, allow_nan=False))
-    else:
-        print(render(summary, color=textstyle.wanted(sys.stdout)))
+        return 0
+    color = textstyle.wanted(sys.stdout)
+    if job is not None:
+        # The job first, then its lowest rank in detail (every section as for one process).
+        print(render_ranks(job, color))
+        print(paint(f"\nrank {min(job.ranks)} in detail", BOLD, on=color))
+    print(render(summary, color=color))
     return 0

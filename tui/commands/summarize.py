@@ -12,6 +12,7 @@ from typing import Any
 
 from llmtop.protocol.events import (
     AgentWarning,
+    CollectiveWait,
     DeviceSample,
     Generation,
     HostSample,
@@ -32,6 +33,7 @@ MODEL_TAIL = 300  # the last steps' layer tables also go to the model (diagnoses
 SPAN_NAMES = 512  # span names kept (the rest are not summarized)
 MODE_MEMORY = 256  # recent steps whose mode is remembered until their layer tables arrive
 MAX_LOADS = 32  # from_pretrained calls listed
+MAX_WAITS = 4096  # CollectiveWait reports kept (a hang reports once per tick)
 
 
 def summarize(reader: RecordingReader) -> RunSummary:
@@ -85,6 +87,9 @@ def summarize(reader: RecordingReader) -> RunSummary:
             _generation(out, event)
         elif isinstance(event, AgentWarning):
             out.flops_failed = out.flops_failed or "flops" in event.source
+        elif isinstance(event, CollectiveWait):
+            if len(out.waits) < MAX_WAITS or event.done:
+                out.waits.append(event)
         elif isinstance(event, Stats):
             if event.agent_cpu_pct is not None and math.isfinite(event.agent_cpu_pct):
                 out.agent_cpu_max = max(out.agent_cpu_max or 0.0, event.agent_cpu_pct)
@@ -110,6 +115,11 @@ def _step(out: RunSummary, e: Step) -> None:
         out.phase_totals[name] = out.phase_totals.get(name, 0.0) + (ms if ms and math.isfinite(ms) else 0.0)
     out.modes.setdefault(e.mode or "train", ModeSteps()).add(e)
     out.tokens += e.tokens or 0
+    if e.comm_ms is not None and math.isfinite(e.comm_ms) and e.comm_ms >= 0:
+        out.comm_ms.add(e.comm_ms)
+        out.comm_total_ms += e.comm_ms
+    out.comm_calls += e.comm_calls
+    out.comm_bytes += e.comm_bytes
     out.samples += e.samples or 0
     if e.loss is not None:
         if math.isfinite(e.loss):

@@ -14,12 +14,12 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmtop.protocol.events import PHASES, End, Session, Step
+from llmtop.protocol.events import PHASES, CollectiveWait, End, Session, Step
 from llmtop.tui.session.model import SessionModel
 
 RESERVOIR = 2048  # samples kept per module and series for medians
 TOP = 8
-SCHEMA_VERSION = 1  # of the --json object: docs/REPORT.md, docs/report.schema.json
+SCHEMA_VERSION = 2  # of the --json object: docs/REPORT.md, docs/report.schema.json
 TRACEBACK_LINES = 6  # of a crashed run's traceback, shown first
 
 
@@ -193,6 +193,13 @@ class RunSummary:
     evaluations: Reservoir = field(default_factory=Reservoir)  # Trainer.evaluate spans, ms
     end: End | None = None
     model: SessionModel = field(default_factory=SessionModel)
+    # torch.distributed: time blocked in collectives per step, and the agent's reports of long waits
+    comm_ms: Reservoir = field(default_factory=Reservoir)
+    comm_total_ms: float = 0.0
+    comm_calls: int = 0
+    comm_bytes: int = 0
+    waits: list[CollectiveWait] = field(default_factory=list)
+    job: Any = None  # the JobSummary (job_summary.py) this rank's summary belongs to, if any
 
     # -- derived
 
@@ -295,14 +302,25 @@ class RunSummary:
         return e is not None and (e.reason == "exception" or bool(e.signal) or bool(e.traceback)
                                   or (e.exit_code is not None and e.exit_code != 0))
 
-    def ranks(self) -> dict[str, int] | None:
-        """Rank and world size when the run was one rank of several (from the launcher's environment)."""
-        opts = self.session.options or {}
-        world = opts.get("world_size")
-        if not isinstance(world, int) or world < 2:
+    def ranks(self) -> dict[str, Any] | None:
+        """Rank and world size when the run was one rank of several (from the Session the agent sent),
+        and, for a job's recording, every rank (``job_summary.JobSummary.to_json``)."""
+        sess = self.session
+        opts = sess.options or {}
+        world = sess.world_size if sess.world_size is not None else opts.get("world_size")
+        rank = sess.rank if sess.rank is not None else opts.get("rank")
+        if self.job is not None:
+            world = self.job.world_size
+            rank = next((r for r, s in self.job.ranks.items() if s is self), rank)
+        if not isinstance(world, int) or (world < 2 and self.job is None):
             return None
-        rank = opts.get("rank")
-        return {"rank": rank if isinstance(rank, int) else None, "world_size": world}
+        out: dict[str, Any] = {"rank": rank if isinstance(rank, int) else None, "world_size": world,
+                               "job": sess.job, "launcher": sess.launcher, "files": None, "per_rank": None,
+                               "job_tokens_per_s": None, "job_step_p50_ms": None, "straggler": None,
+                               "hangs": [], "died": [], "unrecorded": []}
+        if self.job is not None:
+            out.update(self.job.to_json())
+        return out
 
     def exit_text(self) -> str:
         end = self.end
