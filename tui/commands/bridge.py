@@ -229,8 +229,13 @@ class Bridge:
         from llmtop import __version__
 
         self.send(envelope.hello(socket.gethostname(), os.getpid(), self.target, __version__, PROTOCOL_VERSION))
-        os.set_blocking(self.in_fd, False)
-        self.sel.register(self.in_fd, selectors.EVENT_READ, None)
+        try:
+            self.sel.register(self.in_fd, selectors.EVENT_READ, None)
+            os.set_blocking(self.in_fd, False)
+        except (OSError, ValueError):  # /dev/null or a file: epoll refuses them; they end at once
+            while os.read(self.in_fd, 65536):
+                pass
+            return 0
         next_scan = next_tick = 0.0
         while True:
             now = time.monotonic()
@@ -279,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
         return 0  # the viewer went away: the normal end
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback in the viewer's status
+        return fail("bridge", f"internal error ({type(exc).__name__}: {exc}); please report it")
     finally:
         bridge.close()
         with contextlib.suppress(OSError):
