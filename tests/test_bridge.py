@@ -423,6 +423,33 @@ def test_a_host_without_llmtop_or_with_a_banner_says_so(cluster: Cluster, short_
     assert not thread_errors
 
 
+TWICE = textwrap.dedent("""\
+    import os, sys
+    from pathlib import Path
+    count = Path(sys.argv[1])
+    n = int(count.read_text()) if count.exists() else 0
+    count.write_text(str(n + 1))
+    os.write(1, bytes.fromhex(sys.argv[2 + min(n, 1)]))
+    if n:
+        sys.stdin.read()  # the second bridge stays; the first one's connection drops at once
+""")
+
+
+def test_an_agent_gone_while_the_host_was_away_is_said(short_tmp: Path, thread_errors: list) -> None:
+    first = hello() + envelope.pack("open", s=1, pid=42) + envelope.pack("data", s=1, d=encode(Session(42, ["x"])))
+    second = hello(pid=2) + envelope.pack("listed")
+    script = short_tmp / "twice.py"
+    script.write_text(TWICE)
+    command = f"{sys.executable} {script} {short_tmp / 'count'} {first.hex()} {second.hex()}"
+    job = JobModel()
+    source = BridgeSource("h1", "all", command, retry_s=0.1)
+    run_until(source, job, lambda: source.connections == 2 and "h1:42" in job.models
+              and job.models["h1:42"].connection_note == "no longer on h1")
+    model = job.models["h1:42"]
+    assert model.connection == LOST and model.session is not None and model.session.pid == 42
+    assert not thread_errors
+
+
 # --- arguments -------------------------------------------------------------------------------------
 
 
@@ -434,6 +461,8 @@ def test_ssh_command_and_remote_command() -> None:
     assert ssh_argv("gpu1", "x;rm", "/bin/wrap", "~/v/bin/llmtop") == ["/bin/wrap", "gpu1", "~/v/bin/llmtop bridge 'x;rm'"]
     with pytest.raises(ValueError):
         ssh_argv("gpu1", "all", "  ")
+    with pytest.raises(ValueError, match="bad host"):
+        ssh_argv("-oProxyCommand=x", "all", "ssh")
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -53,6 +53,8 @@ def ssh_argv(host: str, target: str, ssh_command: str | Sequence[str] | None = N
     argv = shlex.split(ssh_command) if isinstance(ssh_command, str) else list(ssh_command)
     if not argv:
         raise ValueError("the ssh command is empty")
+    if not host or host.startswith("-") or any(c.isspace() for c in host):
+        raise ValueError(f"bad host {host!r}")  # never an ssh option (-oProxyCommand=…)
     remote = remote_llmtop or os.environ.get("LLMTOP_REMOTE") or "llmtop"
     is_ssh = os.path.basename(argv[0]) == "ssh"
     dest = host
