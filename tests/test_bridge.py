@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pty
 import signal
 import socket
 import subprocess
@@ -324,6 +325,14 @@ def test_the_bridge_command_says_hello_and_ends_with_its_stdin(cluster: Cluster)
     bad = subprocess.run([LLMTOP, "bridge", "a b"], stdin=subprocess.DEVNULL, capture_output=True, env=env,
                          text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "bad target" in bad.stderr
+    primary, secondary = pty.openpty()  # by hand in a terminal: refused, no binary on the screen
+    try:
+        tty = subprocess.run([LLMTOP, "bridge"], stdin=subprocess.DEVNULL, stdout=secondary,
+                             stderr=subprocess.PIPE, env=env, text=True, timeout=60)
+    finally:
+        os.close(secondary)
+        os.close(primary)
+    assert tty.returncode == 2 and tty.stderr.startswith("llmtop bridge: stdout is a terminal")
 
 
 # --- hostile or wrong bridges ----------------------------------------------------------------------
