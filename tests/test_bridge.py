@@ -493,9 +493,20 @@ def test_watch_targets(monkeypatch: pytest.MonkeyPatch) -> None:
     assert watch_remote.remote_targets(parse(), env) == [(f"node0{i}", "all") for i in (1, 2, 3)] + [("gpu7", "all")]
     for argv, says in [(("ssh://-oProxyCommand=x",), "bad host"), (("ssh://gpu1/a b",), "bad target"),
                        (("123", "ssh://gpu1"), "cannot be mixed"), ((), "which agent?"),
+                       (("123", "456"), "one local PID"),
                        (("ssh://gpu1?x=1",), "expected ssh://HOST")]:
         with pytest.raises(ValueError, match=says):
             watch_remote.remote_targets(parse(*argv), {})
+
+
+def test_slurm_nodes_come_from_scontrol_when_it_is_there(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scontrol = short_tmp / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "c1\\nc2\\n"\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{short_tmp}{os.pathsep}{os.environ['PATH']}")
+    assert watch_remote.slurm_hosts({"SLURM_JOB_NODELIST": "whatever[1-9]"}) == ["c1", "c2"]
+    scontrol.write_text("#!/bin/sh\nexit 1\n")  # a broken scontrol: our own parser
+    assert watch_remote.slurm_hosts({"SLURM_JOB_NODELIST": "n[1-2]"}) == ["n1", "n2"]
 
 
 def test_slurm_node_lists() -> None:

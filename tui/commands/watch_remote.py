@@ -157,7 +157,9 @@ def remote_targets(args: argparse.Namespace, env: dict[str, str] | None = None) 
     urls = [t for t in positionals if t.startswith(SCHEME)]
     plain = [t for t in positionals if not t.startswith(SCHEME)]
     hosts_arg = getattr(args, "hosts", None)
-    if len(plain) > 1 or (plain and urls):
+    if len(plain) > 1 and not urls:
+        raise ValueError("one local PID or socket at a time; agents on other hosts are ssh://HOST/PID")
+    if plain and urls:
         raise ValueError("a local PID or socket cannot be mixed with ssh:// targets; "
                          "name remote agents as ssh://HOST/PID, or use --hosts H1,H2 PID")
     if plain and not hosts_arg:
