@@ -335,6 +335,26 @@ def test_the_bridge_command_says_hello_and_ends_with_its_stdin(cluster: Cluster)
     assert tty.returncode == 2 and tty.stderr.startswith("llmtop bridge: stdout is a terminal")
 
 
+def test_targets_select_agents_by_pid_attach_pid_or_job() -> None:
+    from dataclasses import dataclass
+
+    from llmtop.protocol.paths import AgentInfo
+    from llmtop.tui.commands.bridge import matches
+
+    @dataclass
+    class RankInfo(AgentInfo):  # the fields the info file gains for distributed jobs
+        job: str = ""
+        attach: int | None = None
+
+    old = AgentInfo(101, "/s/101.sock", ["train.py"], 0.0)  # an older agent's file: no job, no attach
+    rank = RankInfo(202, "/s/202.sock", ["train.py"], 0.0, job="torchrun:abc", attach=300)
+    assert [matches(i, "all") for i in (old, rank)] == [True, True]
+    assert [matches(i, "101") for i in (old, rank)] == [True, False]
+    assert [matches(i, "300") for i in (old, rank)] == [False, True]  # the `llmtop attach` of the job
+    assert [matches(i, "torchrun:abc") for i in (old, rank)] == [False, True]
+    assert [matches(i, "999") for i in (old, rank)] == [False, False]
+
+
 # --- hostile or wrong bridges ----------------------------------------------------------------------
 
 STANDIN = textwrap.dedent("""\
