@@ -138,7 +138,7 @@ class BridgeSource:
             if self._stop.is_set():
                 return
             failures = 0 if self._had_hello and not refused else failures + 1
-            wait = self.retry_max_s if refused else min(self.retry_max_s, self.retry_s * (2 ** max(0, failures - 1)))
+            wait = self.retry_max_s if refused else min(self.retry_max_s, self.retry_s * 2 ** min(max(0, failures - 1), 20))
             self._say(f"{self.host}: {why}" if refused else f"reconnecting to {self.host} in {wait:g} s: {why}",
                       error=True)
             self._mark_all(job, LOST, f"reconnecting to {self.host}: {one_line(why)}")
