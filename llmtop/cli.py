@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "diff": "llmtop.tui.commands.diff",
     "graph": "llmtop.agent.flops.graph",
     "completion": "llmtop.completion",
+    "bridge": "llmtop.tui.commands.bridge",
 }
 
 SUMMARY = {
@@ -39,6 +40,7 @@ SUMMARY = {
     "diff": "compare two recordings per phase and per layer",
     "graph": "static parameters, FLOPs and memory of a model, without weights",
     "completion": "print a shell completion script (bash, zsh or fish)",
+    "bridge": "relay this host's agents over stdio (run by `watch ssh://HOST` through ssh)",
 }
 
 # One or more examples per command, shown under its --help (argparse epilog).
@@ -47,7 +49,9 @@ EXAMPLES = {
                "llmtop attach --headless --record run.lrec train.py",
                "llmtop attach -- torchrun --nproc-per-node 2 train.py"],
     "watch": ["llmtop watch 12345                         # the agent of process 12345 (see llmtop ls)",
-              "llmtop watch /tmp/run.sock                 # a forwarded socket"],
+              "llmtop watch /tmp/run.sock                 # a forwarded socket",
+              "llmtop watch ssh://gpu1/12345 ssh://gpu2   # other hosts, through your ssh (llmtop bridge)",
+              "llmtop watch --hosts gpu1,gpu2 --ssh-command 'ssh -J jump'"],
     "ls": ["llmtop ls", "llmtop ls --json | jq .pid"],
     "record": ["llmtop record 12345 -o run.lrec", "llmtop record 12345 -o run.lrec --wait 30"],
     "replay": ["llmtop replay run.lrec", "llmtop replay run.lrec --end        # open at the final state"],
@@ -61,6 +65,7 @@ EXAMPLES = {
     "completion": ["llmtop completion bash > ~/.local/share/bash-completion/completions/llmtop",
                    "llmtop completion zsh > \"${fpath[1]}/_llmtop\"",
                    "llmtop completion fish > ~/.config/fish/completions/llmtop.fish"],
+    "bridge": ["ssh gpu1 llmtop bridge 12345   # what `llmtop watch ssh://gpu1/12345` runs"],
 }
 
 EXIT_NOTE = "exit status: 0 ok, 1 a failed check, 2 usage or unreadable input"
@@ -84,6 +89,8 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"llmtop {name}", description=getattr(module, "HELP", None),
                                      epilog=epilog(name), formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
+    if name == "watch":  # remote targets: ssh://HOST[/JOB|PID], --hosts, --ssh-command
+        importlib.import_module("llmtop.tui.commands.watch_remote").add_arguments(parser)
     return parser
 
 

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmtop.tui.commands import watch_remote  # ssh:// targets, --hosts, a Slurm allocation
+    if watch_remote.wanted(args):
+        return watch_remote.run(args)
     try:
         path = resolve_target(args.target)
     except ValueError as exc:
