@@ -45,6 +45,11 @@ def steps_of(path: Path) -> list[Step]:
         return [e for e in reader.events() if isinstance(e, Step) and e.mode == "train"]
 
 
+def steps_job(path: Path) -> str:
+    with RecordingReader(str(path.with_name("run.rank0.lrec"))) as reader:
+        return reader.session.job
+
+
 def valid(text: str) -> dict:
     data = json.loads(text)
     jsonschema.validate(data, SCHEMA, cls=jsonschema.Draft202012Validator)
@@ -67,7 +72,8 @@ def test_report_of_a_job_has_a_ranks_section(jobs: dict[str, Path]) -> None:
     assert [int(r[2]) for r in rows] == [len(steps_of(rec.with_name(f"run.rank{r}.lrec"))) for r in (0, 1)]
     straggler = next(ln for ln in lines if ln.startswith("  straggler: "))
     assert "rank 1 is the straggler" in straggler and "cause: data wait" in straggler
-    assert "rank 0 in detail" in done.stdout and "  rank 0 of 2" in lines
+    assert "rank 0 in detail" in done.stdout
+    assert f"  rank 0 of 2, job {steps_job(rec)}" in lines
 
 
 def test_report_json_of_a_job(jobs: dict[str, Path]) -> None:
