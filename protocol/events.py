@@ -210,6 +210,10 @@ class Step(Event):
     comm_ms: float | None = None
     comm_calls: int = 0
     comm_bytes: int = 0
+    # a generate() call's step: tokens its prefill forward(s) ran (the prompts) and its decode forwards
+    # ran (one per sequence per forward); they sum to ``tokens``. None outside generate()
+    prefill_tokens: int | None = None
+    decode_tokens: int | None = None
 
 
 @dataclass

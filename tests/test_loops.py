@@ -106,3 +106,8 @@ def test_each_generate_call_is_a_step_when_it_returns(short_tmp: Path) -> None:
     for s, c in zip(infer, calls, strict=True):
         # prefill of the prompt, then new-1 decode forwards of one token per sequence
         assert (s.samples, s.tokens) == (c["batch"], c["batch"] * (c["prompt"] + c["new"] - 1))
+        # counted apart: the prompts in the prefill, one token per sequence in each decode forward
+        assert (s.prefill_tokens, s.decode_tokens) == (c["batch"] * c["prompt"], c["batch"] * (c["new"] - 1))
+    # and shown where tokens are shown
+    assert (model.prefill_tokens_total, model.decode_tokens_total) == (
+        sum(c["batch"] * c["prompt"] for c in calls), sum(c["batch"] * (c["new"] - 1) for c in calls))

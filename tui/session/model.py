@@ -136,6 +136,8 @@ class SessionModel(LayerTables, FlopsJoins):
         self.step_ema_ms: float | None = None
         self.nonfinite_since: int | None = None
         self.tokens_total = 0
+        self.prefill_tokens_total = 0  # generate() steps' tokens, counted apart (part of tokens_total)
+        self.decode_tokens_total = 0
         self.samples_total = 0
         self.host: deque[HostSample] = deque(maxlen=SAMPLE_HISTORY)
         self.devices: dict[int, deque[DeviceSample]] = {}
@@ -223,6 +225,8 @@ class SessionModel(LayerTables, FlopsJoins):
         self.step_ema_ms = _ema(self.step_ema_ms, e.dur_ms / max(1, e.merged))
         if e.tokens:
             self.tokens_total += e.tokens
+        self.prefill_tokens_total += e.prefill_tokens or 0
+        self.decode_tokens_total += e.decode_tokens or 0
         if e.samples:
             self.samples_total += e.samples
         if e.loss is not None and not math.isfinite(e.loss):
@@ -250,6 +254,8 @@ class SessionModel(LayerTables, FlopsJoins):
         self.step_ema_ms = None
         self.samples_total -= sum(s.samples or 0 for s in before)
         self.tokens_total -= sum(s.tokens or 0 for s in before)
+        self.prefill_tokens_total -= sum(s.prefill_tokens or 0 for s in before)
+        self.decode_tokens_total -= sum(s.decode_tokens or 0 for s in before)
         dur = sum(s.dur_ms for s in before)
         phases = {k: sum(s.phases.get(k, 0.0) for s in before) for k in before[-1].phases}
         self._eval(Step(step=0, t=before[-1].t, dur_ms=dur, mode="eval", phases=phases,

@@ -232,6 +232,9 @@ def totals_text(model: SessionModel) -> Text:
     rows = [("steps", fmt.count(model.step_count))]
     if model.tokens_total:
         rows.append(("tokens", fmt.count(model.tokens_total)))
+        if model.prefill_tokens_total or model.decode_tokens_total:  # generate() steps: counted apart
+            rows.append(("  prefill/decode", f"{fmt.count(model.prefill_tokens_total)} / "
+                                             f"{fmt.count(model.decode_tokens_total)}"))
     if model.samples_total:
         rows.append(("samples", fmt.count(model.samples_total)))
     if model.generation_count:
