@@ -335,6 +335,9 @@ class Ops(Event):
     flops: list[float] = field(default_factory=list)
     shapes: list[str] = field(default_factory=list)
     coverage: float | None = None  # share of op time that has a FLOP formula
+    # self time of every aten op of the profiled step (the rows are its top K): the base of their shares
+    total_ms: float | None = None
+    rows: int = 0  # op/shape rows in the profile before the top K were kept
 
 
 @dataclass

@@ -153,6 +153,8 @@ class SessionModel(LayerTables, FlopsJoins):
         self.ops: list[OpRow] = []
         self.ops_step: int | None = None
         self.ops_coverage: float | None = None
+        self.ops_total_ms: float | None = None  # every op of the profiled step (the rows' shares are of it)
+        self.ops_rows = 0  # op/shape rows in the profile, before the agent kept the top K
         self.flops_signature = ""
         self.flops_device = ""
         self.flops_method = ""
@@ -254,6 +256,7 @@ class SessionModel(LayerTables, FlopsJoins):
         self.step_ema_ms = None
         self.samples_total -= sum(s.samples or 0 for s in before)
         self.tokens_total -= sum(s.tokens or 0 for s in before)
+        self.ops, self.ops_step = [], None  # a profile taken before was that evaluation's
         self.prefill_tokens_total -= sum(s.prefill_tokens or 0 for s in before)
         self.decode_tokens_total -= sum(s.decode_tokens or 0 for s in before)
         dur = sum(s.dur_ms for s in before)
@@ -342,6 +345,7 @@ class SessionModel(LayerTables, FlopsJoins):
         self.ops.sort(key=lambda op: op.self_ms, reverse=True)
         self.ops_step = e.step
         self.ops_coverage = e.coverage
+        self.ops_total_ms, self.ops_rows = e.total_ms, e.rows
 
     def _generation(self, e: Generation) -> None:
         self.generations.append(e)
