@@ -92,7 +92,7 @@ class FlopsInstrument:
         # (step, t_end_ns); step None: an evaluation ended there
         self._ends: deque[tuple[int | None, int]] = deque(maxlen=CALLS_KEPT)
         self._prev_end = 0
-        self._last_step: int | None = None  # the last step summed (a smaller one: numbering restarted)
+        self._last_step: int | None = None  # the last step summed (then a step 0: numbering restarted)
         self._pending: deque[dict] = deque()
         self._counted: OrderedDict[tuple[int, tuple], _Counted] = OrderedDict()
         self._failed: dict[tuple[int, tuple], str] = {}  # meta and sampled forward both failed
@@ -362,7 +362,7 @@ class FlopsInstrument:
             if step is None:  # an evaluation: its calls are dropped; the next step starts at its end
                 self._prev_end = t_end
                 continue
-            if self._last_step is not None and step <= self._last_step:
+            if step == 0 and self._last_step is not None:  # (only then does a step 0 follow another)
                 # training after inference records: those were an evaluation before training, and
                 # their numbers are the training steps' now: what still waits of them is dropped
                 self._pending.clear()

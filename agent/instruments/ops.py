@@ -150,8 +150,10 @@ class OpsInstrument:
                 self._close()
             return
         try:
-            if self._last_step is not None and step <= self._last_step:
-                self._era += 1  # the tracker counts from 0 again: what was profiled before was no training
+            if step == 0 and self._last_step is not None:
+                # the tracker counts from 0 again (only then does a step 0 follow another step end):
+                # what was profiled before was no training
+                self._era += 1
             self._last_step = step
             if self._prof is not None:
                 if threading.get_ident() != self._thread:
