@@ -165,3 +165,37 @@ def test_profiles_and_step_flops_are_of_training_steps_only(tick_after_eval: boo
     # the layer tables before training (the evaluation's, numbered 0, 1, 2 too) are no join partner
     steps_timed = [t[0] for t in root.timed]
     assert steps_timed == list(range(ITERS))  # every training step timed, nothing else
+
+
+def test_ops_view_shares_are_of_the_profiled_steps_whole_op_time() -> None:
+    """The real Textual app on a canned session whose last profile keeps the top 2 of 40 rows: the %
+    column is over the step's op time (10 ms), not over the two rows shown, in the Ops view and in the
+    Overview's hottest ops alike."""
+    import asyncio
+
+    from llmtop.tui.session.canned import T0, session_events
+    from llmtop.tui.session.source import EventsSource
+    from llmtop.tui.views.app import LlmtopApp
+    from llmtop.tui.views.keys import VIEWS
+    from llmtop.tui.views.overview import hot_ops_text
+    from textual.widgets import DataTable
+
+    profile = Ops(step=59, names=["aten::mm", "aten::add"], self_ms=[2.0, 1.0], calls=[4, 2],
+                  shapes=["8x16; 16x32", "8x32; 8x32"], total_ms=10.0, rows=40)
+    app = LlmtopApp(EventsSource([*session_events(60, gpu=False), profile]), clock=lambda: T0 + 30.0)
+
+    async def check() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            assert app.source.done.wait(10)
+            await pilot.pause()
+            await pilot.press(str([name for name, _ in VIEWS].index("ops") + 1))
+            app.frame(force=True)
+            await pilot.pause()
+            table = app.query_one("#ops-table", DataTable)
+            shares = {str(table.get_row_at(i)[0]): str(table.get_row_at(i)[2]) for i in range(table.row_count)}
+            assert shares == {"aten::mm": "20.0", "aten::add": "10.0"}
+            info = str(app.query_one("#ops-info").render())
+            assert "step 59" in info and "2 ops of 40" in info and "30 % of the step's" in info
+
+    asyncio.run(check())
+    assert "20.0%" in hot_ops_text(app.model).plain

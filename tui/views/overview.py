@@ -194,7 +194,7 @@ def hot_ops_text(model: SessionModel, n: int = HOT_ROWS, shapes: bool = True) ->
     if not model.ops:
         text.append("  no op profile yet", style="dim")
         return text
-    total = sum(op.self_ms for op in model.ops) or 1.0
+    total = model.ops_total_ms or sum(op.self_ms for op in model.ops) or 1.0  # the profiled step's op time
     width = max(len(op.name) for op in model.ops[:n])
     lines = []
     for op in model.ops[:n]:
