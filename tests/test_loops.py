@@ -111,6 +111,10 @@ def test_each_generate_call_is_a_step_when_it_returns(short_tmp: Path) -> None:
     # and shown where tokens are shown
     assert (model.prefill_tokens_total, model.decode_tokens_total) == (
         sum(c["batch"] * c["prompt"] for c in calls), sum(c["batch"] * (c["new"] - 1) for c in calls))
+    from llmtop.tui.views.overview import totals_text
+
+    row = next(line for line in totals_text(model).plain.splitlines() if "prefill/decode" in line)
+    assert row.split()[-3:] == [str(model.prefill_tokens_total), "/", str(model.decode_tokens_total)]
 
 
 def test_generate_before_training_never_pairs_a_training_step_with_a_generate_step(short_tmp: Path) -> None:
