@@ -211,6 +211,10 @@ class Step(Event):
     comm_ms: float | None = None
     comm_calls: int = 0
     comm_bytes: int = 0
+    # a generate() call's step: tokens its prefill forward(s) ran (the prompts) and its decode forwards
+    # ran (one per sequence per forward); they sum to ``tokens``. None outside generate()
+    prefill_tokens: int | None = None
+    decode_tokens: int | None = None
 
 
 @dataclass
@@ -332,6 +336,9 @@ class Ops(Event):
     flops: list[float] = field(default_factory=list)
     shapes: list[str] = field(default_factory=list)
     coverage: float | None = None  # share of op time that has a FLOP formula
+    # self time of every aten op of the profiled step (the rows are its top K): the base of their shares
+    total_ms: float | None = None
+    rows: int = 0  # op/shape rows in the profile before the top K were kept
 
 
 @dataclass

@@ -125,3 +125,34 @@ def test_csv_rows_and_a_conv_factory_with_guessed_input(tmp_path: Path, monkeypa
     assert float(conv[6]) == 2 * 16 * 16 * 8 * 3 * 3 * 3  # output positions x weight elements
     r = graph_json(capsys, "lt_conv_mod:with_inputs")
     assert r["flops"] == 2 * 5 * 10 * 4 and r["inputs"] == "example inputs"
+
+
+def test_header_estimate_is_the_root_rows_and_the_sum_of_the_op_rows(tmp_path: Path, monkeypatch,
+                                                                       capsys) -> None:
+    """A ridge (22 FLOP/B, this machine's measured CPU) where the matmuls are compute-bound and the
+    elementwise ops memory-bound: a module's time must be the sum of its op calls' times, not the
+    time of its summed FLOPs and bytes (which hid the memory-bound ops: 408.8 ms vs 391.4 for gpt2)."""
+    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2, "n_embd": 128,
+           "n_head": 4, "vocab_size": 2000, "n_positions": 256}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("LLMTOP_PEAK_FLOPS", "1e11")
+    monkeypatch.setenv("LLMTOP_PEAK_BW", "4.5e9")
+    capsys.readouterr()
+    assert main(["graph", str(tmp_path), "--seq-len", "128", "--format", "json", "--device", "cpu"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {o["bound"] for o in r["ops"] if o["flops"] or o["bytes"]} == {"compute", "memory"}
+    root = next(x for x in r["layers"] if x["path"] == "(root)")
+    assert r["est_s"] > 0
+    assert root["est_s"] == pytest.approx(r["est_s"], rel=1e-9)
+    assert sum(o["est_s"] for o in r["ops"]) == pytest.approx(r["est_s"], rel=1e-9)
+    # a block's figure is its children's plus the ops it runs itself, never less than theirs
+    by_path = {x["path"]: x for x in r["layers"]}
+    block = by_path["transformer.h.0"]
+    kids = [x for p, x in by_path.items() if p.startswith("transformer.h.0.") and p.count(".") == 3]
+    assert kids and block["est_s"] >= sum(k["est_s"] for k in kids) * (1 - 1e-9)
+    # the table shows the same figure twice
+    assert main(["graph", str(tmp_path), "--seq-len", "128", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("roofline"))
+    root_row = next(line for line in out.splitlines() if line.startswith("(root)"))
+    assert header.split("est. ")[1].split(" ms")[0] == root_row.split()[-1]

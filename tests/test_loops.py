@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from llmtop.protocol.events import End, ModelTree, Step
+from llmtop.protocol.events import End, LayerStats, ModelTree, Ops, Step, StepFlops
 from llmtop.protocol.recording import RecordingReader
 from llmtop.tui.session import diagnoses
 from llmtop.tui.session.model import SessionModel
@@ -19,11 +19,11 @@ from tests.conftest import LLMTOP, child_env
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
-def run(tmp: Path, script: str, *args: str) -> tuple[list[dict], list, SessionModel]:
+def run(tmp: Path, script: str, *args: str, **env: str) -> tuple[list[dict], list, SessionModel]:
     """The script's own JSON lines, the recorded events and a SessionModel fed with them."""
     rec = tmp / "run.llmtop"
     res = subprocess.run([LLMTOP, "attach", "--headless", "--record", str(rec), str(SCRIPTS / script), *args],
-                         cwd=tmp, env=child_env(LLMTOP_SOCKET=str(tmp / "a.sock"), LLMTOP_TICK="0.2"),
+                         cwd=tmp, env=child_env(LLMTOP_SOCKET=str(tmp / "a.sock"), LLMTOP_TICK="0.2", **env),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith('{"')]
@@ -106,3 +106,45 @@ def test_each_generate_call_is_a_step_when_it_returns(short_tmp: Path) -> None:
     for s, c in zip(infer, calls, strict=True):
         # prefill of the prompt, then new-1 decode forwards of one token per sequence
         assert (s.samples, s.tokens) == (c["batch"], c["batch"] * (c["prompt"] + c["new"] - 1))
+        # counted apart: the prompts in the prefill, one token per sequence in each decode forward
+        assert (s.prefill_tokens, s.decode_tokens) == (c["batch"] * c["prompt"], c["batch"] * (c["new"] - 1))
+    # and shown where tokens are shown
+    assert (model.prefill_tokens_total, model.decode_tokens_total) == (
+        sum(c["batch"] * c["prompt"] for c in calls), sum(c["batch"] * (c["new"] - 1) for c in calls))
+    from llmtop.tui.views.overview import totals_text
+
+    row = next(line for line in totals_text(model).plain.splitlines() if "prefill/decode" in line)
+    assert row.split()[-3:] == [str(model.prefill_tokens_total), "/", str(model.decode_tokens_total)]
+
+
+def test_generate_before_training_never_pairs_a_training_step_with_a_generate_step(short_tmp: Path) -> None:
+    """The generate calls are inference steps 0 and 1, then training counts from 0 again: nothing
+    numbered by the generate steps may come after the first training step, and every figure joined by
+    step number (layer tables, step FLOPs, op profiles) is of the training step with that number."""
+    pytest.importorskip("transformers")
+    lines, events, model = run(short_tmp, "generate_then_train.py", "2", "8", "10",
+                               LLMTOP_LAYER_EVERY="1", LLMTOP_OPS_EVERY="1", LLMTOP_BUDGET="100")
+    summary = lines[-1]
+    calls = [ln for ln in lines if "call" in ln]
+    infer, train = steps_of(events, "infer"), steps_of(events, "train")
+    assert [s.step for s in infer] == list(range(summary["calls"]))
+    assert [s.step for s in train] == list(range(summary["iters"]))
+    assert [(s.prefill_tokens, s.decode_tokens) for s in infer] == [
+        (c["batch"] * c["prompt"], c["batch"] * (c["new"] - 1)) for c in calls]
+    first = events.index(train[0])
+    later = events[first:]
+    for kind in (LayerStats, StepFlops, Ops):
+        numbers = [e.step for e in later if isinstance(e, kind)]
+        assert numbers == sorted(set(numbers)), (kind.__name__, numbers)  # one numbering: the training's
+    flops = [e for e in later if isinstance(e, StepFlops)]
+    assert flops and all(e.root_calls == [1] and e.note == "" for e in flops), [
+        (e.step, e.root_calls, e.note) for e in flops]
+    assert all(e.flops_total == 3 * e.fwd_flops for e in flops)  # training steps: forward + backward
+    # the viewer: the generate calls are an evaluation before training; its joins are the training's
+    assert model.train_count == summary["iters"] and model.eval_count == 1
+    assert [e.step for e in model.step_flops] == [e.step for e in flops]
+    root = model.layers[model.roots[0]]
+    timed = [t[0] for t in root.timed]
+    assert timed == sorted(set(timed)) and set(timed) <= set(range(summary["iters"]))
+    if model.ops_step is not None:
+        assert model.ops_step in range(summary["iters"]) and model.ops_total_ms

@@ -42,6 +42,7 @@ class OpCost:
     bytes: float = 0.0
     counted: bool = True  # False: no FLOP formula (elementwise, norms, unknown)
     shapes: str = ""  # input shapes of the first call
+    est_s: float = 0.0  # roofline time, summed per call (only when counted with peaks)
 
     @property
     def intensity(self) -> float:
@@ -62,6 +63,10 @@ class ModuleCost:
     self_flops: float = 0.0
     self_bytes: float = 0.0
     out_bytes: float = 0.0  # activations the module returned (all calls)
+    # roofline time of the op calls inside it, each call's own time summed (only when counted with
+    # peaks): not the time of the module's summed FLOPs and bytes, which would let a compute-bound
+    # op hide a memory-bound one, so a module's figure is exactly the sum of its ops'
+    est_s: float = 0.0
 
     @property
     def intensity(self) -> float:
@@ -90,6 +95,11 @@ class Profile:
     @property
     def bytes(self) -> float:
         return sum(o.bytes for o in self.ops)
+
+    @property
+    def est_s(self) -> float:
+        """Roofline time of the whole pass: every op call's own time, summed (0 without peaks)."""
+        return sum(o.est_s for o in self.ops)
 
     @property
     def peak_bytes(self) -> int:
@@ -136,10 +146,11 @@ def _shape_str(shapes: list) -> str:
 class _Counter:
     """Holds the state of one counting pass; the modes call into it."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, peaks: tuple[float, float] | None = None) -> None:
         import torch
 
         self.torch = torch
+        self.peaks = peaks  # (FLOP/s, bytes/s): each op call's roofline time is added where it runs
         self.stack: list[ModuleCost] = []
         self.ops: dict[tuple[str, str], OpCost] = {}
         self.modules: dict[int, ModuleCost] = {}
@@ -174,6 +185,8 @@ class _Counter:
         op.calls += 1
         op.flops += flops or 0.0
         op.bytes += nbytes
+        t = roofline_time(flops or 0.0, nbytes, *self.peaks) if self.peaks else 0.0
+        op.est_s += t
         if self.stack:
             top = self.stack[-1]
             top.self_flops += flops or 0.0
@@ -184,6 +197,7 @@ class _Counter:
                     seen.add(id(m))
                     m.flops += flops or 0.0
                     m.bytes += nbytes
+                    m.est_s += t
 
     def track(self, out: Any) -> None:
         """Follow the lifetime of each output storage to find the activation peak."""
@@ -274,12 +288,14 @@ def _all_meta(args: tuple, kwargs: dict, is_tensor: type) -> bool:
     return bool(tensors) and all(t.device.type == "meta" for t in tensors if isinstance(t, is_tensor))
 
 
-def count(model: Any, args: tuple = (), kwargs: dict | None = None) -> Profile:
-    """Run ``model(*args, **kwargs)`` once under the counters; use meta tensors to compute nothing."""
+def count(model: Any, args: tuple = (), kwargs: dict | None = None,
+          peaks: tuple[float, float] | None = None) -> Profile:
+    """Run ``model(*args, **kwargs)`` once under the counters; use meta tensors to compute nothing.
+    ``peaks`` (FLOP/s, bytes/s): also sum each op call's roofline time into its op and modules."""
     import torch
 
     kwargs = kwargs or {}
-    session = Counting(model)
+    session = Counting(model, peaks=peaks)
     session.inputs(args, kwargs)
     with torch.no_grad(), session:
         out = model(*args, **kwargs)
@@ -297,12 +313,12 @@ class Counting:
     running when entered (its pre-hook has passed), whose costs still count.
     """
 
-    def __init__(self, model: Any, observing: bool = False) -> None:
+    def __init__(self, model: Any, observing: bool = False, peaks: tuple[float, float] | None = None) -> None:
         self.model = model
         # observing: around the script's own call, whose random ops are its own draws (they happen
         # whether counted or not); otherwise a random op on real tensors is refused
         self.observing = observing
-        self.c = _Counter(model)
+        self.c = _Counter(model, peaks)
         self._handles: list[Any] = []
         self._modes: list[Any] = []
         self.weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -191,17 +191,17 @@ def analyse(built: Built, a: argparse.Namespace, dev: Any) -> dict:
     from llmtop.agent.flops.roofline import normalize_dtype
     from llmtop.protocol.formulas import bound
 
-    prof = F.count(built.model, built.args, built.kwargs)
     pf, bw = dev.peak(a.dtype), dev.bandwidth
-
-    def est(fl: float, by: float) -> float:
-        return F.roofline_time(fl, by, pf, bw)
+    # each op call's roofline time is summed where it runs (its op row, every module around it): the
+    # header, the op rows and the layer rows are sums of the same per-call times, so the root row
+    # is the header's figure (a module's time is not that of its summed FLOPs and bytes)
+    prof = F.count(built.model, built.args, built.kwargs, peaks=(pf, bw))
 
     ops = []
     share = {"compute": [0, 0.0], "memory": [0, 0.0]}
-    total_t = sum(est(o.flops, o.bytes) for o in prof.ops) or 1.0
+    total_t = prof.est_s or 1.0
     for o in prof.ops:
-        t = est(o.flops, o.bytes)
+        t = o.est_s
         verdict = bound(o.flops, o.bytes, None, pf, bw)
         if o.bytes or o.flops:
             share[verdict][0] += o.calls
@@ -217,7 +217,7 @@ def analyse(built: Built, a: argparse.Namespace, dev: Any) -> dict:
         layers.append({"path": m.path or "(root)", "class": m.cls, "depth": m.depth, "params": m.params,
                        "calls": m.calls, "flops": m.flops, "macs": m.flops / 2, "bytes": m.bytes,
                        "intensity": m.intensity, "bound": bound(m.flops, m.bytes, None, pf, bw),
-                       "est_s": est(m.flops, m.bytes), "out_bytes": m.out_bytes})
+                       "est_s": m.est_s, "out_bytes": m.out_bytes})
     return {
         "model": built.name, "class": type(built.model).__name__, "inputs": built.shape,
         "batch": a.batch, "seq_len": a.seq_len, "dtype": a.dtype,

@@ -20,6 +20,12 @@ are untouched; that one call is slower.
 Then each ended step with noted calls gets a ``StepFlops`` event: per module, the sum over its
 calls of their own signature's counted FLOPs, so FLOP/s = those FLOPs / that step's timed forward
 (the viewer divides, by the same step's ``LayerStats``). Peaks come from ``roofline.py``.
+
+Calls of an evaluation between training steps (``BUS.eval_end``) are no step's: they are dropped,
+and the next step's time starts where the evaluation ended, as its ``Step`` does. When the step
+tracker counts from 0 again (training after inference records: an evaluation before training),
+steps of the earlier numbering still waiting for a count are dropped, so no ``StepFlops`` of that
+evaluation comes after the first training step with a number a training step has too.
 """
 
 from __future__ import annotations
@@ -83,8 +89,10 @@ class FlopsInstrument:
         self.device: Any = None  # overrides the device lookup (tests, --device)
         # per-step sums: root calls noted on the hot path, step ends, counted tables
         self._calls: deque[tuple[int, int, tuple, bool]] = deque(maxlen=CALLS_KEPT)  # t0, id, sig, train
-        self._ends: deque[tuple[int, int]] = deque(maxlen=CALLS_KEPT)  # (step, t_end_ns)
+        # (step, t_end_ns); step None: an evaluation ended there
+        self._ends: deque[tuple[int | None, int]] = deque(maxlen=CALLS_KEPT)
         self._prev_end = 0
+        self._last_step: int | None = None  # the last step summed (then a step 0: numbering restarted)
         self._pending: deque[dict] = deque()
         self._counted: OrderedDict[tuple[int, tuple], _Counted] = OrderedDict()
         self._failed: dict[tuple[int, tuple], str] = {}  # meta and sampled forward both failed
@@ -107,12 +115,14 @@ class FlopsInstrument:
         core.BUS.root_forward_start.append(self._on_root_start)
         core.BUS.root_forward.append(self._on_root)
         core.BUS.step_end.append(self._on_step_end)
+        core.BUS.eval_end.append(self._on_eval_end)
         self._installed = True
 
     def uninstall(self) -> None:
         if self._installed:
             for lst, fn in ((core.BUS.root_forward_start, self._on_root_start),
-                            (core.BUS.root_forward, self._on_root), (core.BUS.step_end, self._on_step_end)):
+                            (core.BUS.root_forward, self._on_root), (core.BUS.step_end, self._on_step_end),
+                            (core.BUS.eval_end, self._on_eval_end)):
                 try:
                     lst.remove(fn)
                 except ValueError:
@@ -202,6 +212,12 @@ class FlopsInstrument:
         live = self._live
         if live is not None and live[0] == threading.get_ident():
             self._end_live("the call raised")  # its root never returned: never leave the modes on
+
+    def _on_eval_end(self, step: int, t_end_ns: int) -> None:
+        self._ends.append((None, t_end_ns))  # the calls until now were an evaluation's
+        live = self._live
+        if live is not None and live[0] == threading.get_ident():
+            self._end_live("the call raised")
 
     # --- sampled forward (script's thread) -------------------------------------------------------
     def _start_live(self, module: Any, sig: tuple) -> None:
@@ -340,8 +356,17 @@ class FlopsInstrument:
         while ends:
             step, t_end = ends.popleft()
             mine = []
-            while calls and calls[0][0] <= t_end:
+            # an evaluation ends as the training step's first forward starts (at that very t0)
+            while calls and (calls[0][0] <= t_end if step is not None else calls[0][0] < t_end):
                 mine.append(calls.popleft())
+            if step is None:  # an evaluation: its calls are dropped; the next step starts at its end
+                self._prev_end = t_end
+                continue
+            if step == 0 and self._last_step is not None:  # (only then does a step 0 follow another)
+                # training after inference records: those were an evaluation before training, and
+                # their numbers are the training steps' now: what still waits of them is dropped
+                self._pending.clear()
+            self._last_step = step
             start = self._prev_end or (mine[0][0] if mine else 0)
             self._prev_end = t_end
             if mine:

@@ -7,6 +7,11 @@ and drops the trace. On CPU the autograd profiler records CPU ops only (``use_ki
 Kineto underneath in torch 2.x); with CUDA, Kineto records device time as well. See
 ``OpsInstrument`` for why one window at a time, and ``_kineto_env`` for why the first on the main
 thread.
+
+Profiles are of training steps, never of evaluations: an evaluation between training steps ends
+(``core.BUS.eval_end``) just as the training step it precedes starts, so a window open across it
+is dropped and opened again there; and when the step tracker counts from 0 again (training after
+inference records, which were an evaluation before training) a window opened before is dropped.
 """
 
 from __future__ import annotations
@@ -55,10 +60,15 @@ class OpsInstrument:
         self.ctx: Any = None
         self._prof: Any = None  # the window in progress (user's thread owns start/stop)
         self._prof_step = -1
+        self._prof_era = 0
         self._thread = 0
         # the token: held from a window's start until its result is read and freed (or dropped)
         self._token = threading.Lock()
-        self._ready: tuple[int, Any] | None = None  # the closed window, for poll() (token held)
+        self._ready: tuple[int, Any, int] | None = None  # the closed window and its era, for poll() (token held)
+        # step numbers start again from 0 once, when training follows inference records (an
+        # evaluation before training): windows of the earlier era are dropped unread
+        self._era = 0
+        self._last_step: int | None = None
         self._due = False  # a window fell due while the token was held: open at the next chance
         self._dead = False
         self.windows = 0
@@ -80,6 +90,7 @@ class OpsInstrument:
         _LIVE.add(self)
         _register_fork_hooks()
         core.BUS.step_end.append(self._on_step_end)
+        core.BUS.eval_end.append(self._on_eval_end)
 
     def uninstall(self) -> None:
         self._dead = True
@@ -91,10 +102,11 @@ class OpsInstrument:
 
     def _close(self) -> None:
         """Unhook, and stop and free an open window: only on the window's own thread."""
-        try:
-            core.BUS.step_end.remove(self._on_step_end)
-        except ValueError:
-            pass
+        for lst, fn in ((core.BUS.step_end, self._on_step_end), (core.BUS.eval_end, self._on_eval_end)):
+            try:
+                lst.remove(fn)
+            except ValueError:
+                pass
         prof, self._prof = self._prof, None
         if prof is not None:
             try:
@@ -109,11 +121,12 @@ class OpsInstrument:
         ready, self._ready = self._ready, None
         if ready is None:
             return out
-        step, prof = ready
+        step, prof, era = ready
         t0 = _now()
         try:
-            # summarizing a trace takes a while: the script's exit must not wait (it is dropped)
-            if not getattr(self.ctx, "stopping", False):
+            # summarizing a trace takes a while: the script's exit must not wait (it is dropped);
+            # a window of the era before training started again from step 0 was an evaluation's
+            if not getattr(self.ctx, "stopping", False) and era == self._era:
                 out.append(summarize_window(prof, step, self.top_k))
         finally:
             _free(prof)  # read and freed before any other window may open: then the token goes
@@ -137,12 +150,18 @@ class OpsInstrument:
                 self._close()
             return
         try:
+            if step == 0 and self._last_step is not None:
+                # the tracker counts from 0 again (only then does a step 0 follow another step end):
+                # what was profiled before was no training
+                self._era += 1
+            self._last_step = step
             if self._prof is not None:
                 if threading.get_ident() != self._thread:
                     return  # another thread's step: the window belongs to the starting thread
                 prof, self._prof = self._prof, None
                 prof.__exit__(None, None, None)
-                self._ready = (self._prof_step, prof)  # the agent thread reads, frees, and frees the token
+                # the agent thread reads, frees, and frees the token
+                self._ready = (self._prof_step, prof, self._prof_era)
                 self.windows += 1
                 t = _now()
                 # the whole profiled step counts: it ran slower under the profiler
@@ -186,12 +205,36 @@ class OpsInstrument:
             prof.__enter__()
         _started_kineto()
         self._prof, self._prof_step, self._thread = prof, step, threading.get_ident()
+        self._prof_era = self._era
         if getattr(_THREAD, "closer", None) is None:
             # A thread that ends with a window open (its last step end opened one) would take the
             # profiler's thread state down with it, still recording, and the process dies at exit:
             # this object is dropped on the ending thread itself, and stops the window there.
             _THREAD.closer = _ThreadEnd()
         return True
+
+    def _on_eval_end(self, step: int, t_end_ns: int) -> None:
+        """An evaluation between training steps ended and training step ``step`` starts (the step
+        tracker, on the step loop's thread): a window open since the last step end holds the
+        evaluation's ops. It is dropped and opened again now, so the profile is the training step's."""
+        if self._dead or self._prof is None or threading.get_ident() != self._thread:
+            return
+        try:
+            self._before_fork()  # stop and free it here, then give the token back
+            if self._token.acquire(False):
+                try:
+                    started = self._start(step)
+                except BaseException:
+                    self._token.release()
+                    raise
+                if not started:
+                    self._token.release()
+                    self._due = True
+            else:
+                self._due = True
+        except Exception as exc:  # fail open: disable, never raise into the step
+            self._dead = True
+            self._warn(f"profiler window failed: {type(exc).__name__}: {exc}")
 
     def _before_fork(self) -> None:
         """On the forking thread: a window open here is stopped and dropped, so that the child
@@ -383,6 +426,8 @@ def summarize_rows(ops: list[tuple[str, float, list, list]], step: int, top_k: i
     top = sorted(rows.items(), key=lambda kv: -kv[1][0])[:top_k]
     return Ops(
         step=step,
+        total_ms=total / 1e3,
+        rows=len(rows),
         names=[k[0] for k, _ in top],
         self_ms=[v[0] / 1e3 for _, v in top],
         calls=[v[1] for _, v in top],

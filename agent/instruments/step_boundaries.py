@@ -198,6 +198,12 @@ class StepBoundaries:
         self.samples = self.tokens = 0
         self.have_samples = self.have_tokens = False
         self.sample_module = None
+        if self.gen_tokens is not None:  # a generate() call's step: its prefill and decode tokens
+            split = self._gen_split
+            if len(split) > 4096:  # steps folded while the agent thread was behind never claim theirs
+                split.clear()
+            split[t_end] = (self.gen_tokens[0], self.gen_tokens[1])
+            self.gen_tokens = None
         if self.opts_seen:
             self.opts_seen = set()
         self.trained = False

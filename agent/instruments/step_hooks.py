@@ -328,6 +328,11 @@ class StepHooks:
                 if tokens is not None:
                     self.tokens += tokens
                     self.have_tokens = True
+                    if gen is not None:  # prefill and decode tokens counted apart
+                        split = self.gen_tokens
+                        if split is None:
+                            split = self.gen_tokens = [0, 0]
+                        split[gen == "decode"] += tokens
             if self.manual:
                 pass
             elif self.training:

@@ -93,6 +93,9 @@ class StepInstrument(StepHooks, StepBoundaries, StepCompletion):
         self._other_device = False  # a non-CUDA accelerator (MPS, XLA) is present
         self.flushed = False
         self._bdim: dict[int, int] = {}  # root module id -> its batch dimension (see batch_dim)
+        # generate() steps: end time (ns) -> (prefill tokens, decode tokens), noted by _end_step for
+        # poll (a side table, not the queued tuple: only inference steps of generate calls have one)
+        self._gen_split: dict[int, tuple[int, int]] = {}
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -116,6 +119,8 @@ class StepInstrument(StepHooks, StepBoundaries, StepCompletion):
         self.have_samples = False
         self.have_tokens = False
         self.sample_module: int | None = None
+        # tokens of this step's forwards inside generate(): [prefill, decode]; None outside generate
+        self.gen_tokens: list[int] | None = None
         self.overhead = 0
         self.opt_depth = 0
         self.boundary_opt: int | None = None

@@ -3,6 +3,12 @@ and the FLOPs of exactly the calls one timed step ran (``StepFlops``), set on ea
 divides them by that same step's forward time; the whole step's achieved FLOP/s and MFU. ``FlopsJoins`` is
 a mixin of ``SessionModel``: its state (``step_flops``, ``peak_flops``…) is declared in
 ``SessionModel.reset``. No Textual here.
+
+Joins are by step number, which is unique within one numbering: the agent counts steps from 0 again
+once, when training follows inference records (an evaluation before training, or ``generate`` calls),
+and sends nothing of the earlier numbering after that. So the first ``LayerStats`` or ``StepFlops``
+whose number is not above the last one's starts a new numbering, and the per-step figures of the
+earlier one are forgotten (``numbering_restarts``): a training step never pairs with an evaluation's.
 """
 
 from __future__ import annotations
@@ -29,9 +35,27 @@ class FlopsJoins:
             layer.peak_flops = e.peak_flops
             layer.peak_bw = e.peak_bw
 
+    def numbering_restarts(self) -> None:
+        """The agent counts steps from 0 again: forget every figure keyed by the earlier numbers
+        (timed steps and per-step FLOPs); the layer tables' means and history stay."""
+        self._forget_step_flops()
+        self.layers_step = None
+        for layer in self.layers.values():
+            layer.timed.clear()
+
+    def _forget_step_flops(self) -> None:
+        self.step_flops.clear()
+        self.last_step_flops = None
+        for layer in self.layers.values():
+            layer.step_flops = layer.step_bytes = None
+            layer.step_flops_step = None
+            layer.step_flops_note = ""
+
     def _step_flops(self, e: StepFlops) -> None:
         """Per-module FLOPs of one timed step's calls: the layers' FLOP/s divide them by the same
         step's forward times. A root whose timed calls differ from the calls summed gets no figure."""
+        if self.last_step_flops is not None and e.step <= self.last_step_flops.step:
+            self._forget_step_flops()  # a new numbering (the layer tables saw it first, or had none)
         self.step_flops.append(e)
         self.last_step_flops = e
         if e.peak_flops:

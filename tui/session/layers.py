@@ -172,6 +172,8 @@ class LayerTables:
         self.tree_version += 1
 
     def _layers(self, e: LayerStats) -> None:
+        if self.layers_step is not None and e.step <= self.layers_step:
+            self.numbering_restarts()  # steps count from 0 again (tui/session/flops.py)
         layers = self.layers
         n = len(e.ids)
         bwd = e.bwd_ms if len(e.bwd_ms) == n else None

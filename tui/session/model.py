@@ -136,6 +136,8 @@ class SessionModel(LayerTables, FlopsJoins):
         self.step_ema_ms: float | None = None
         self.nonfinite_since: int | None = None
         self.tokens_total = 0
+        self.prefill_tokens_total = 0  # generate() steps' tokens, counted apart (part of tokens_total)
+        self.decode_tokens_total = 0
         self.samples_total = 0
         self.host: deque[HostSample] = deque(maxlen=SAMPLE_HISTORY)
         self.devices: dict[int, deque[DeviceSample]] = {}
@@ -151,6 +153,8 @@ class SessionModel(LayerTables, FlopsJoins):
         self.ops: list[OpRow] = []
         self.ops_step: int | None = None
         self.ops_coverage: float | None = None
+        self.ops_total_ms: float | None = None  # every op of the profiled step (the rows' shares are of it)
+        self.ops_rows = 0  # op/shape rows in the profile, before the agent kept the top K
         self.flops_signature = ""
         self.flops_device = ""
         self.flops_method = ""
@@ -223,6 +227,8 @@ class SessionModel(LayerTables, FlopsJoins):
         self.step_ema_ms = _ema(self.step_ema_ms, e.dur_ms / max(1, e.merged))
         if e.tokens:
             self.tokens_total += e.tokens
+        self.prefill_tokens_total += e.prefill_tokens or 0
+        self.decode_tokens_total += e.decode_tokens or 0
         if e.samples:
             self.samples_total += e.samples
         if e.loss is not None and not math.isfinite(e.loss):
@@ -250,6 +256,9 @@ class SessionModel(LayerTables, FlopsJoins):
         self.step_ema_ms = None
         self.samples_total -= sum(s.samples or 0 for s in before)
         self.tokens_total -= sum(s.tokens or 0 for s in before)
+        self.ops, self.ops_step = [], None  # a profile taken before was that evaluation's
+        self.prefill_tokens_total -= sum(s.prefill_tokens or 0 for s in before)
+        self.decode_tokens_total -= sum(s.decode_tokens or 0 for s in before)
         dur = sum(s.dur_ms for s in before)
         phases = {k: sum(s.phases.get(k, 0.0) for s in before) for k in before[-1].phases}
         self._eval(Step(step=0, t=before[-1].t, dur_ms=dur, mode="eval", phases=phases,
@@ -336,6 +345,7 @@ class SessionModel(LayerTables, FlopsJoins):
         self.ops.sort(key=lambda op: op.self_ms, reverse=True)
         self.ops_step = e.step
         self.ops_coverage = e.coverage
+        self.ops_total_ms, self.ops_rows = e.total_ms, e.rows
 
     def _generation(self, e: Generation) -> None:
         self.generations.append(e)

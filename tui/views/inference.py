@@ -50,6 +50,10 @@ class InferenceView(Vertical):
             summary.append(f"\nlast: batch {last.batch}, prompt {last.prompt_tokens}, new {last.new_tokens}, "
                            f"{fmt.rate(model.generation_tokens_per_s(last), ' tok/s')}, "
                            f"KV cache {fmt.nbytes(model.kv_bytes)}")
+            if model.prefill_tokens_total or model.decode_tokens_total:
+                # the steps' tokens as the forwards ran them: prompts in prefill, one per sequence per decode
+                summary.append(f"\nforward tokens: prefill {fmt.count(model.prefill_tokens_total)} · "
+                               f"decode {fmt.count(model.decode_tokens_total)}")
         self.query_one("#inf-summary", Static).update(summary)
         last_g = gens[-1] if gens else None
         self.query_one("#inf-ttft", SparkRow).show([g.ttft_ms for g in gens],

@@ -1,4 +1,8 @@
-"""Ops: the hot aten ops of the latest profiled step (self time, calls, shapes, FLOPs)."""
+"""Ops: the hot aten ops of the latest profiled training step (self time, calls, shapes, FLOPs).
+
+The % column is each row's share of the profiled step's op time, every op of the step counted (the
+agent sends the top K rows and that total), so the shown rows sum to the part of the step they cover.
+"""
 
 from __future__ import annotations
 
@@ -31,12 +35,16 @@ class OpsView(Vertical):
             info = "no op profile yet (the agent profiles one step in N)"
         else:
             info = f"profile of step {model.ops_step} · {len(model.ops)} ops"
+            if model.ops_rows > len(model.ops) and model.ops_total_ms:
+                shown = sum(op.self_ms for op in model.ops) / model.ops_total_ms
+                info += f" of {model.ops_rows} ({shown * 100:.0f} % of the step's {fmt.ms(model.ops_total_ms)} ms)"
             if model.ops_coverage is not None:
                 info += f" · FLOP formulas cover {model.ops_coverage * 100:.0f} % of op time"
             if model.ops and not any(op.shapes for op in model.ops):
                 info += " · input shapes not recorded in this profile"
         self.query_one("#ops-info", Static).update(info)
-        total = sum(op.self_ms for op in model.ops) or 1.0
+        # the step's op time (older recordings: the rows')
+        total = model.ops_total_ms or sum(op.self_ms for op in model.ops) or 1.0
         self._keyed.sync(
             (op.name,
              (op.name, fmt.ms(op.self_ms, 2), f"{op.self_ms / total * 100:.1f}", str(op.calls), fmt.flops(op.flops),

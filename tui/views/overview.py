@@ -194,7 +194,7 @@ def hot_ops_text(model: SessionModel, n: int = HOT_ROWS, shapes: bool = True) ->
     if not model.ops:
         text.append("  no op profile yet", style="dim")
         return text
-    total = sum(op.self_ms for op in model.ops) or 1.0
+    total = model.ops_total_ms or sum(op.self_ms for op in model.ops) or 1.0  # the profiled step's op time
     width = max(len(op.name) for op in model.ops[:n])
     lines = []
     for op in model.ops[:n]:
@@ -232,6 +232,9 @@ def totals_text(model: SessionModel) -> Text:
     rows = [("steps", fmt.count(model.step_count))]
     if model.tokens_total:
         rows.append(("tokens", fmt.count(model.tokens_total)))
+        if model.prefill_tokens_total or model.decode_tokens_total:  # generate() steps: counted apart
+            rows.append(("  prefill/decode", f"{fmt.count(model.prefill_tokens_total)} / "
+                                             f"{fmt.count(model.decode_tokens_total)}"))
     if model.samples_total:
         rows.append(("samples", fmt.count(model.samples_total)))
     if model.generation_count:
