@@ -20,9 +20,14 @@ What is measured (``Step.comm_ms/comm_calls/comm_bytes``, filled by the step tra
   waits for every bucket) only when the last bucket is ready, so ours runs first: the time from our
   callback to the return of ``backward`` is what the rank waited for the all-reduce after its own
   gradients were done. Calls and bytes are DDP's buckets (its logging data, read in the first
-  forwards until the buckets are rebuilt). On CPU (gloo) ``finalize_backward`` blocks the host, so
-  this is the wait; with NCCL it only makes the stream wait, and the host time is near zero: there
-  ``_register_on_completion_hook`` would give device times (see ``register_completion_hook``).
+  forwards; that record lags DDP's bucket rebuild in the second iteration by one iteration, so
+  that iteration's calls are the first's). On CPU (gloo) ``finalize_backward`` blocks the host, so
+  this is the wait. With NCCL it only makes the compute stream wait: the host time, and so
+  ``comm_ms``, is near zero there (calls and bytes are right); the device-side wait would need CUDA
+  events recorded in the two callbacks. ``ProcessGroupNCCL._register_on_completion_hook`` is not
+  used: it needs TORCH_NCCL_ENABLE_TIMING, takes the one hook slot a process group has, is
+  deprecated with a warning printed to the script's stderr, and an exception in it aborts every
+  communicator.
 
 Hot path: ``perf_counter_ns``, one tuple per call in ``inflight`` (thread id -> (op, t0, seq, step))
 for the hang watch, integer adds into a 3-list swapped at each step end (``BUS.step_end`` files it
@@ -163,7 +168,6 @@ class CollectivesInstrument:
         self._engine: Any = None
         self._task_id: Any = None
         self._grad_enabled: Any = None
-        self._nccl_hooked: set[int] = set()
         self._pc0 = _perf()
         self._wall0 = time.time()
 
@@ -320,6 +324,8 @@ class CollectivesInstrument:
     def _arm(self, ddp: Any, out: Any) -> None:
         """A DDP forward with gradient sync: the backward through ``out`` will all-reduce its buckets.
         A pre-hook on each output's ``grad_fn`` (removed in that backward) starts the measurement."""
+        if DDP_KEY in self.inflight:  # the last backward raised before our second callback: it is over
+            self.inflight.pop(DDP_KEY, None)
         seen = self._ddp_seen.get(id(ddp))
         if seen is None or seen[0] < DDP_LOOKS:
             calls, nb = bucket_sizes(ddp)
@@ -439,8 +445,6 @@ class CollectivesInstrument:
                 self._fail("install", exc)
         if not self._active and self._initialized():
             self._active = True
-        if self._active:
-            self._hook_nccl()
         return self._hangs(now)
 
     def _hangs(self, now: float) -> list[Event]:
@@ -465,51 +469,3 @@ class CollectivesInstrument:
 
     def _wall(self, t_ns: int) -> float:
         return self._wall0 + (t_ns - self._pc0) / 1e9
-
-    # --- NCCL (GPU) ----------------------------------------------------------------------------------
-
-    def _hook_nccl(self) -> None:
-        """With NCCL the host is not blocked by DDP's wait: take device-side durations from the
-        process group's completion hook (see ``register_completion_hook``)."""
-        c10d = self._c10d
-        try:
-            if c10d is None or c10d.get_backend() != "nccl":
-                return
-            pg = c10d._get_default_group()
-        except Exception:
-            return
-        if id(pg) in self._nccl_hooked:
-            return
-        self._nccl_hooked.add(id(pg))
-        error = register_completion_hook(pg, self._on_nccl_done)
-        if error:
-            core.warn_safely(self.ctx, self.name, f"NCCL collective times unavailable: {error}")
-
-    def _on_nccl_done(self, info: Any) -> None:
-        """NCCL's watchdog thread: a collective finished on the device. Its device time goes to the
-        step in progress (at most a step late; NCCL says when it ended, not for which step)."""
-        if self.disabled:
-            return
-        try:
-            dur = info.active_duration
-            ns = int(dur.total_seconds() * 1e9)
-            if ns > 0:
-                self.acc[0] += ns
-                self.totals[0] += ns
-        except Exception as exc:
-            self._fail("NCCL completion hook", exc)
-
-
-def register_completion_hook(pg: Any, hook: Any) -> str | None:
-    """Register ``hook(WorkInfo)`` for every completed collective of ``pg`` (only ProcessGroupNCCL
-    supports it; durations need TORCH_NCCL_ENABLE_TIMING=1, else they are zero and nothing is
-    added). None on success, else why not: a backend without it, a hook already registered (one per
-    group), a torch without the method. Never raises."""
-    fn = getattr(pg, "_register_on_completion_hook", None)
-    if fn is None:
-        return "this torch has no ProcessGroup._register_on_completion_hook"
-    try:
-        fn(hook)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    return None
