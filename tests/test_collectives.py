@@ -257,3 +257,28 @@ def test_a_rank_that_never_arrives_is_reported_while_the_other_waits(tmp_path: P
     assert isinstance(events[-1], End) and events[-1].exit_code == 0
     if 1 in ranks:  # rank 1 was elsewhere (asleep), in no collective
         assert not [e for e in ranks[1] if isinstance(e, CollectiveWait)]
+
+
+def test_a_ddp_job_computes_the_same_bytes_with_llmtop(tmp_path: Path) -> None:
+    """DDP's wait is measured with hooks and final callbacks on the backward; explicit collectives are
+    wrapped: a seeded DDP job prints exactly what it prints without llmtop (losses, the reduced
+    values, the next random draw, the trained parameters)."""
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(SCRIPTS / "ddp_seeded.py")]
+    outs = []
+    rec = tmp_path / "rec" / "run.lrec"
+    rec.parent.mkdir()
+    for extra in ({}, {"LLMTOP": "1", "XDG_RUNTIME_DIR": str(tmp_path), "LLMTOP_TICK": "0.1",
+                       "LLMTOP_RECORD": str(rec)}):
+        env = child_env(OMP_NUM_THREADS="1", **extra)
+        if not extra:
+            env = {k: v for k, v in env.items() if not k.startswith("LLMTOP")}
+        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs.append(res.stdout)
+    assert outs[0].count("step ") == 8 and "params" in outs[0]
+    assert outs[1] == outs[0]
+    measured = []  # the agents ran, with this instrument: every rank's steps carry DDP's calls
+    for path in rec.parent.glob("*.lrec"):
+        with RecordingReader(path) as reader:
+            measured += [e for e in reader.events() if isinstance(e, Step) and e.comm_calls]
+    assert len(measured) >= 2 * 8 - 2, len(measured)
