@@ -239,19 +239,21 @@ def test_ddp_wait_measured_on_the_rank_that_waits(tmp_path: Path) -> None:
         assert slept < 0.5 * delay_ms, (slept, delay_ms)
 
 
-def test_a_rank_that_never_arrives_is_reported_while_the_other_waits(tmp_path: Path) -> None:
-    """Rank 1 skips the all_reduce of step 3; rank 0 waits in it until gloo's timeout: every tick past
-    the hang threshold says so, and once more when the call returns (here: raises)."""
-    ranks, stdout = run_job(tmp_path, "ddp_hang.py", LLMTOP_HANG_S="1", DDP_TIMEOUT="4")
-    assert "rank 0: all_reduce of step 3 failed" in stdout
+@pytest.mark.parametrize("mode, op", [("all_reduce", "all_reduce"), ("ddp", "ddp_all_reduce")])
+def test_a_rank_that_never_arrives_is_reported_while_the_other_waits(tmp_path: Path, mode: str, op: str) -> None:
+    """Rank 1 skips step 3's collective (an all_reduce; or a DDP backward); rank 0 waits in it until
+    gloo's timeout: every tick past the hang threshold says so, and once more when the wait ends
+    (here: the call raises; after a DDP backward that raised, when the script moves on or ends)."""
+    ranks, stdout = run_job(tmp_path, "ddp_hang.py", mode, LLMTOP_HANG_S="1", DDP_TIMEOUT="4")
+    assert f"rank 0: {mode} of step 3 failed" in stdout
     events = ranks[0]
     waits = [e for e in events if isinstance(e, CollectiveWait)]
     live = [w for w in waits if not w.done]
     done = [w for w in waits if w.done]
     assert len(live) >= 3 and len(done) == 1 and waits[-1] is done[0]
     for w in waits:
-        # the 4th collective of the run (one all_reduce per step), in step 3
-        assert (w.op, w.seq, w.step, w.since) == ("all_reduce", 4, 3, live[0].since)
+        # the 4th collective of the run (one all_reduce or one DDP bucket per step), in step 3
+        assert (w.op, w.seq, w.step, w.since) == (op, 4, 3, live[0].since)
     assert all(w.t - w.since >= 1.0 for w in live)
     assert [w.t for w in waits] == sorted(w.t for w in waits)
     assert isinstance(events[-1], End) and events[-1].exit_code == 0

@@ -324,8 +324,10 @@ class CollectivesInstrument:
     def _arm(self, ddp: Any, out: Any) -> None:
         """A DDP forward with gradient sync: the backward through ``out`` will all-reduce its buckets.
         A pre-hook on each output's ``grad_fn`` (removed in that backward) starts the measurement."""
-        if DDP_KEY in self.inflight:  # the last backward raised before our second callback: it is over
+        if self._cb_t:  # the last backward raised between our two callbacks (a timeout): it is over
             self.inflight.pop(DDP_KEY, None)
+            self._cb_t = self._armed_calls = self._armed_bytes = 0
+            self._drop_handles()
         seen = self._ddp_seen.get(id(ddp))
         if seen is None or seen[0] < DDP_LOOKS:
             calls, nb = bucket_sizes(ddp)
@@ -388,6 +390,7 @@ class CollectivesInstrument:
             tot[0] += dt
             tot[1] += calls
             tot[2] += nb
+            self._cb_t = 0
             self._drop_handles()
         except Exception as exc:
             self._fail("backward callback", exc)
@@ -453,7 +456,14 @@ class CollectivesInstrument:
         events: list[Event] = []
         limit = float(getattr(self.options, "hang_s", 5.0)) * 1e9
         t_now = _perf()
-        live = list(self.inflight.items())
+        stopping = bool(getattr(self.ctx, "stopping", False))
+        ddp = self.inflight.get(DDP_KEY)
+        if ddp is not None and (stopping or ddp[3] < getattr(self.ctx, "current_step", 0)):
+            # DDP's wait whose backward raised (a timeout: the final callbacks stop at the first
+            # error, ours after DDP's never runs): the script has moved on, or is ending
+            self.inflight.pop(DDP_KEY, None)
+        # the script is ending: nothing it waits in outlives it (the ``done`` precedes ``End``)
+        live = [] if stopping else list(self.inflight.items())
         seen: set[tuple[int, int, int]] = set()
         for key, (op, t0, seq, step) in live:
             if t_now - t0 < limit:
