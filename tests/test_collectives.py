@@ -154,6 +154,27 @@ def test_steps_carry_the_collectives_of_each_step(one_rank: None, clean_bus: Non
             assert (s.comm_ms > 0) == (s.comm_calls > 0)
 
 
+def test_ddp_backward_counts_its_buckets_once_and_leaves_no_hook(one_rank: None, instrument: tuple) -> None:
+    inst, ctx = instrument
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    grads = sum(p.nbytes for p in model.parameters())
+    ddp(torch.randn(2, 16))  # a forward never backpropagated reduces nothing
+    out = ddp(torch.randn(2, 16))
+    handles = [h for a in inst._armed.values() for h in a[2]]
+    assert len(handles) == 1  # the first forward's hook is gone
+    out.sum().backward()
+    assert inst.totals[1:] == [1, grads] and inst.totals[0] > 0  # one bucket: every gradient
+    assert not inst._armed and not inst.inflight
+    hooks = handles[0].hooks_dict_ref()
+    assert hooks is not None and handles[0].id not in hooks  # our pre-hook went with the backward
+    with ddp.no_sync():  # no reduction: nothing counted
+        ddp(torch.randn(2, 16)).sum().backward()
+    with torch.no_grad():
+        ddp(torch.randn(2, 16))
+    assert inst.totals[1:] == [1, grads] and not ctx.warnings
+
+
 def test_no_process_group_no_collectives_means_not_measured(clean_bus: None) -> None:  # noqa: F811
     ctx = Collect()
     steps, comm = StepInstrument(ctx.options), CollectivesInstrument(ctx.options)

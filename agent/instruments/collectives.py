@@ -136,6 +136,29 @@ def bucket_sizes(ddp: Any) -> tuple[int, int]:
     return 1, n
 
 
+def _remove(handles: list[Any]) -> None:
+    for h in handles:
+        try:
+            h.remove()
+        except Exception:
+            pass
+
+
+def _never() -> bool:
+    return False
+
+
+def _compiling_check() -> Any:
+    """``torch.compiler.is_compiling``: dynamo folds it to True while it traces, so traced code goes
+    straight to torch's functions."""
+    try:
+        import torch
+
+        return torch.compiler.is_compiling
+    except Exception:
+        return _never
+
+
 class CollectivesInstrument:
     """Implements ``core.Instrument``. One per process; the wrappers are global."""
 
@@ -159,15 +182,17 @@ class CollectivesInstrument:
         self._active = False  # a process group exists or a collective ran: steps say comm_ms
         self._c10d: Any = None
         # DDP: buckets and bytes armed by forwards with gradient sync, for the next backward
-        self._armed_calls = 0
-        self._armed_bytes = 0
+        # DDP modules whose last forward (with gradient sync) prepared a reduction: id -> (buckets,
+        # bytes, pre-hooks on its outputs' grad_fn); a module's next forward replaces its entry (a
+        # forward never backpropagated reduces nothing), the backward's callbacks take them all
+        self._armed: dict[int, tuple[int, int, list[Any]]] = {}
         self._ddp_seen: dict[int, list[int]] = {}  # id(DDP module) -> [forwards looked at, calls, bytes]
-        self._handles: list[Any] = []  # pre-hooks on DDP outputs' grad_fn, removed in their backward
         self._task = -1  # the backward (graph task) whose DDP wait is being measured
         self._cb_t = 0  # when that backward's gradients were all computed
         self._engine: Any = None
         self._task_id: Any = None
         self._grad_enabled: Any = None
+        self._compiling: Any = _never
         self._pc0 = _perf()
         self._wall0 = time.time()
 
@@ -188,7 +213,7 @@ class CollectivesInstrument:
 
     def uninstall(self) -> None:
         self._patches.undo()
-        self._drop_handles()
+        self._disarm()
         self.disabled = True  # a wrapper someone still holds goes straight to the original
         self._wrapped = self._ddp = False
         for lst, fn in ((core.BUS.step_end, self._on_step_end), (core.BUS.eval_end, self._on_eval_end)):
@@ -218,6 +243,7 @@ class CollectivesInstrument:
         dist = sys.modules.get("torch.distributed")
         if not self._wrapped and c10d is not None and dist is not None:
             self._c10d = c10d
+            self._compiling = _compiling_check()
             for op in OPS:
                 fn = getattr(c10d, op, None)
                 if fn is None:
@@ -245,7 +271,7 @@ class CollectivesInstrument:
             me = self
 
             def collective(*args: Any, **kwargs: Any) -> Any:
-                if me.disabled:
+                if me.disabled or me._compiling():  # dynamo folds this: traced code calls torch's
                     return orig(*args, **kwargs)
                 tid = _ident()
                 fl = me.inflight
@@ -284,7 +310,7 @@ class CollectivesInstrument:
         me = self
 
         def wait(work: Any, *args: Any, **kwargs: Any) -> Any:
-            if me.disabled:
+            if me.disabled or me._compiling():
                 return orig(work, *args, **kwargs)
             tid = _ident()
             fl = me.inflight
@@ -310,7 +336,7 @@ class CollectivesInstrument:
 
         def forward(ddp: Any, *args: Any, **kwargs: Any) -> Any:
             out = orig(ddp, *args, **kwargs)
-            if me.disabled:
+            if me.disabled or me._compiling():
                 return out
             try:
                 # DDP prepares a reduction for the next backward exactly when this holds
@@ -326,29 +352,31 @@ class CollectivesInstrument:
         A pre-hook on each output's ``grad_fn`` (removed in that backward) starts the measurement."""
         if self._cb_t:  # the last backward raised between our two callbacks (a timeout): it is over
             self.inflight.pop(DDP_KEY, None)
-            self._cb_t = self._armed_calls = self._armed_bytes = 0
-            self._drop_handles()
+            self._cb_t = 0
+            self._disarm()
+        old = self._armed.pop(id(ddp), None)
+        if old is not None:  # its last forward was never backpropagated
+            _remove(old[2])
+        handles = [fn.register_prehook(self._backward_reaches_output)
+                   for fn in {id(t.grad_fn): t.grad_fn for t in output_tensors(out) if t.grad_fn is not None}.values()]
+        if not handles:  # no output needs a gradient: no backward will reduce through it
+            return
         seen = self._ddp_seen.get(id(ddp))
         if seen is None or seen[0] < DDP_LOOKS:
             calls, nb = bucket_sizes(ddp)
             seen = self._ddp_seen[id(ddp)] = [(seen[0] if seen else 0) + 1, calls, nb]
-        self._armed_calls += seen[1]
-        self._armed_bytes += seen[2]
-        handles = self._handles
-        if len(handles) > 64:  # forwards never backpropagated (their graphs are gone): forget them
-            self._drop_handles()
-        for t in output_tensors(out):
-            fn = t.grad_fn
-            if fn is not None:
-                handles.append(fn.register_prehook(self._backward_reaches_output))
+        self._armed[id(ddp)] = (seen[1], seen[2], handles)
 
-    def _drop_handles(self) -> None:
-        handles, self._handles = self._handles, []
-        for h in handles:
-            try:
-                h.remove()
-            except Exception:
-                pass
+    def _disarm(self) -> tuple[int, int]:
+        """Take every armed reduction: their pre-hooks removed; returns (buckets, bytes) in all."""
+        armed = list(self._armed.values())
+        self._armed.clear()
+        calls = nb = 0
+        for c, b, handles in armed:
+            calls += c
+            nb += b
+            _remove(handles)
+        return calls, nb
 
     def _backward_reaches_output(self, grad_outputs: Any) -> None:
         """Pre-hook of a DDP output's node, in the backward (before any parameter's gradient, so
@@ -368,7 +396,7 @@ class CollectivesInstrument:
         t = _perf()
         try:
             self._cb_t = t
-            self.seq += self._armed_calls
+            self.seq += sum(a[0] for a in self._armed.values())
             self.inflight[DDP_KEY] = (DDP_OP, t, self.seq, self.ctx.current_step)
             self._engine.queue_callback(self._ddp_done)
         except Exception as exc:
@@ -381,8 +409,7 @@ class CollectivesInstrument:
         self.inflight.pop(DDP_KEY, None)
         try:
             dt = t1 - self._cb_t
-            calls, nb = self._armed_calls, self._armed_bytes
-            self._armed_calls = self._armed_bytes = 0
+            calls, nb = self._disarm()
             a, tot = self.acc, self.totals
             a[0] += dt
             a[1] += calls
@@ -391,7 +418,6 @@ class CollectivesInstrument:
             tot[1] += calls
             tot[2] += nb
             self._cb_t = 0
-            self._drop_handles()
         except Exception as exc:
             self._fail("backward callback", exc)
 
