@@ -42,6 +42,7 @@ it returns (or raises: a gloo/NCCL timeout).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -171,7 +172,7 @@ class CollectivesInstrument:
         self._patches = Patches()
         self._installed = False
         self._wrapped = False  # the c10d functions are wrapped (once torch.distributed is there)
-        self._ddp = False  # DDP's forward and autograd.backward are wrapped
+        self._ddp = False  # DDP's forward is wrapped
         self.acc = [0, 0, 0]  # ns blocked, calls, bytes since the last step end (swapped there)
         self.totals = [0, 0, 0]  # the same since install, never reset (benchmarks, tests)
         self.seq = 0  # collectives started by this process (DDP's buckets included)
@@ -181,7 +182,6 @@ class CollectivesInstrument:
         self._reported: dict[tuple[int, int, int], tuple[str, int, int, int]] = {}
         self._active = False  # a process group exists or a collective ran: steps say comm_ms
         self._c10d: Any = None
-        # DDP: buckets and bytes armed by forwards with gradient sync, for the next backward
         # DDP modules whose last forward (with gradient sync) prepared a reduction: id -> (buckets,
         # bytes, pre-hooks on its outputs' grad_fn); a module's next forward replaces its entry (a
         # forward never backpropagated reduces nothing), the backward's callbacks take them all
@@ -300,10 +300,8 @@ class CollectivesInstrument:
                     tot[0] += dt
                     tot[1] += 1
                     tot[2] += nb
-            collective.__wrapped__ = orig  # type: ignore[attr-defined]
-            collective.__name__ = getattr(orig, "__name__", op)
-            collective.__doc__ = getattr(orig, "__doc__", None)
-            return collective
+            # torch's name, signature and docstring (``inspect.signature`` follows ``__wrapped__``)
+            return functools.update_wrapper(collective, orig)
         return factory
 
     def _wrap_wait(self, orig: Any) -> Any:
