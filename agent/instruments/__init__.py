@@ -15,6 +15,7 @@ INSTRUMENTS: tuple[tuple[str, str], ...] = (
     ("llmtop.agent.instruments.steps", "StepInstrument"),
     ("llmtop.agent.instruments.flops_live", "FlopsInstrument"),
     ("llmtop.agent.instruments.ops", "OpsInstrument"),
+    ("llmtop.agent.instruments.collectives", "CollectivesInstrument"),
     ("llmtop.agent.hf.instrument", "TransformersInstrument"),
 )
 

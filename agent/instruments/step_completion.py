@@ -129,11 +129,20 @@ class StepCompletion:
         ph["other"] = max(0.0, dur_ms - measured)
         wall = self._wall0 + (r.t_end - self._pc0) / 1e9
         alloc, reserved, peak = r.mem
+        comm = None
+        comm_of = core.BUS.comm_of
+        if comm_of is not None:
+            try:
+                comm = comm_of(r.step, r.mode, r.merged)
+            except Exception:
+                comm = None
         ev = Step(step=r.step, t=wall, dur_ms=dur_ms, mode=r.mode, phases=ph, loss=r.loss_value,
-                    grad_norm=r.grad_value, lr=r.lr, samples=r.samples, tokens=r.tokens,
-                    overhead_us=r.overhead_ns / 1e3, layer_every=r.layer_every,
-                    cuda_allocated=alloc, cuda_reserved=reserved, cuda_peak=peak, gpu_ms=r.gpu_ms,
-                    merged=r.merged, losses=r.micro)
+                  grad_norm=r.grad_value, lr=r.lr, samples=r.samples, tokens=r.tokens,
+                  overhead_us=r.overhead_ns / 1e3, layer_every=r.layer_every,
+                  cuda_allocated=alloc, cuda_reserved=reserved, cuda_peak=peak, gpu_ms=r.gpu_ms,
+                  merged=r.merged, losses=r.micro,
+                  comm_ms=comm[0] if comm else None, comm_calls=comm[1] if comm else 0,
+                  comm_bytes=comm[2] if comm else 0)
         split = self._gen_split.pop(r.t_end, None)
         if split is not None and r.merged == 1:
             ev.prefill_tokens, ev.decode_tokens = split

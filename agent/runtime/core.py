@@ -47,6 +47,7 @@ class Options:
     layer_call_ns: float = 0.0  # one module call on a sampled step
     root_call_ns: float = 0.0  # one root call on an unsampled step
     hook_call_ns: float = 0.0  # torch calling one Python hook
+    hang_s: float = 5.0  # LLMTOP_HANG_S: a collective blocked this long is reported (CollectiveWait)
 
 
 YIELD_EVERY = 32  # items an agent-thread loop handles between two hand-overs of the GIL
@@ -146,6 +147,9 @@ class HotBus:
         # fn(step, t_end_ns): an evaluation between training steps just ended (the step tracker);
         # what was accumulated since the last step end is no training step's (``step`` is the next's)
         self.eval_end: list[Any] = []
+        # agent thread: fn(step, mode, merged) -> (ms, calls, bytes) in torch.distributed collectives
+        # during that step, or None (not measured); set by the collectives instrument while installed
+        self.comm_of: Callable[[int, str, int], tuple[float, int, int] | None] | None = None
 
 
 BUS = HotBus()

@@ -33,6 +33,7 @@ ENV: dict[str, tuple[str, type]] = {
     "LLMTOP_HANDSHAKE_S": ("handshake_s", float),
     "LLMTOP_SOCKET": ("socket", str),
     "LLMTOP_STALL_S": ("stall_s", float),
+    "LLMTOP_HANG_S": ("hang_s", float),
 }
 
 
