@@ -237,7 +237,8 @@ class Agent:
         end = End(t=time.time(), traceback=traceback_text, reason=reason if not traceback_text else "exception")
         if clean:
             self._tick()
-        for inst in self._instruments:
+        # the reverse of install order: two instruments wrapping the same function unwind cleanly
+        for inst in reversed(self._instruments):
             self._safe_uninstall(inst)
         self._instruments = []
         try:
