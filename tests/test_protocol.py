@@ -9,6 +9,9 @@ import struct
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llmtop.protocol import checks
 from llmtop.protocol import events as ev
 from llmtop.protocol.frames import (
     DEFAULT_MAX_FRAME,
@@ -222,3 +225,102 @@ def test_times_must_be_finite_dates(value: float) -> None:
         with pytest.raises(ProtocolError, match="has a bad value"):
             ev.decode_one(event.to_map())
     assert ev.decode_one(ev.Step(step=1, t=1.0, dur_ms=1.0, loss=value).to_map()) is not None  # a measurement
+
+
+# --- the generated decoders against the checked path ------------------------------------------
+
+_M = checks.MAX_INT
+# Values at and beyond every bound the checks draw (as far as msgpack carries: -2**63 .. 2**64-1),
+# plus each wire type in and out of a container
+EDGES: list[object] = [
+    0, 1, -1, _M - 1, _M, -_M, (1 << 64) - 1, 1e12, -1e12, 999999999999.5, 1e300, -1e13,
+    float("nan"), float("inf"), float("-inf"), 0.0, True, False, None, "", "x", b"x",
+    [], [1], [1.0, 2], [True], [None], ["a"], [(1 << 64) - 1], [_M], [1.0, "a"], [[1.0]], [{"a": 1}],
+    {}, {"a": 1.0}, {"a": 1}, {"a": _M}, {"a": True}, {"a": None}, {1: 1.0}, {"a": [1, {"b": 2}]},
+    {"a": float("nan")}, {"a": b"x"}, [[[[[[[[[[[[[[[[[[0]]]]]]]]]]]]]]]]]], {"a": [[[[[[[[[[[[[[[[0]]]]]]]]]]]]]]]]},
+]
+WIRE = st.recursive(st.one_of(st.sampled_from(EDGES), st.integers(-(1 << 63), (1 << 64) - 1), st.floats(),
+                              st.text(max_size=4), st.booleans(), st.none()),
+                    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                            st.dictionaries(st.one_of(st.text(max_size=3), st.integers(-3, 3)),
+                                                            inner, max_size=3)), max_leaves=8)
+
+
+def _outcome(decode: object, body: dict[str, object]) -> tuple[object, ...]:
+    try:
+        event = decode(body)  # type: ignore[operator]
+    except ProtocolError as exc:
+        return ("error", str(exc))
+    # the same class, the same attributes in the same order (the encoder relies on it), same values
+    return ("event", type(event), list(vars(event).items()))
+
+
+@st.composite
+def mutated_bodies(draw: st.DrawFn) -> dict[str, object]:
+    """A sample event's map after a few edits (a field replaced, removed, or one array element
+    poisoned or dropped), sent through msgpack so the values are what a peer can send."""
+    event = draw(st.sampled_from(sample_events()))
+    body = event.to_map()
+    names = [f.name for f in dataclasses.fields(event)]
+    for _ in range(draw(st.integers(1, 3))):
+        name = draw(st.sampled_from(names))
+        how = draw(st.sampled_from(["replace", "drop", "poison", "shorten", "extra"]))
+        value = body.get(name)
+        if how == "replace":
+            body[name] = draw(WIRE)
+        elif how == "drop":
+            body.pop(name, None)
+        elif how == "poison" and isinstance(value, list) and value:
+            value[draw(st.integers(0, len(value) - 1))] = draw(WIRE)
+        elif how == "poison" and isinstance(value, dict) and value:
+            value[draw(st.sampled_from(sorted(value, key=str)))] = draw(WIRE)
+        elif how == "shorten" and isinstance(value, list) and value:
+            value.pop()
+        elif how == "extra":
+            body[draw(st.text(max_size=5))] = draw(WIRE)
+    return msgpack.unpackb(msgpack.packb(body, use_bin_type=True), raw=False, strict_map_key=False)
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True)
+@given(mutated_bodies())
+def test_the_generated_decoder_accepts_and_refuses_exactly_as_the_checked_path(body: dict[str, object]) -> None:
+    cls = ev.REGISTRY[body["k"]]  # type: ignore[index]
+    assert _outcome(ev.EventDecoder().decode, body) == _outcome(cls._from_map_checked, body)
+    assert _outcome(cls.from_map, body) == _outcome(cls._from_map_checked, body)
+
+
+@pytest.mark.parametrize("value", EDGES, ids=repr)
+def test_every_edge_value_in_every_field_decodes_as_the_checked_path_does(value: object) -> None:
+    for event in sample_events():
+        for f in dataclasses.fields(event):
+            body = msgpack.unpackb(msgpack.packb({**event.to_map(), f.name: value}), raw=False,
+                                   strict_map_key=False)
+            assert _outcome(ev.decode_one, body) == _outcome(type(event)._from_map_checked, body), f.name
+
+
+def _refuse(body: dict[str, object]) -> ev.Event:
+    raise AssertionError(f"the fast path handed a good {body['k']!r} event to the checked path")
+
+
+def test_what_agents_send_never_leaves_the_fast_path() -> None:
+    """The speed is in the generated function: the events agents send (samples, a 200-module
+    layer table, a canned session) must pass it without the checked path."""
+    from llmtop.tui.session.canned import session_events
+
+    layers = ev.LayerStats(step=1, ids=list(range(200)), fwd_ms=[0.5] * 200, fwd_self_ms=[0.25] * 200,
+                           calls=[1] * 200, bwd_ms=[1.0] * 200, bwd_self_ms=[0.5] * 200)
+    events = [*sample_events(), layers, *session_events(20, n_layer=2, gpu=True)]
+    for event in events:
+        body = unpack_map(ev.encode(event)[4:])
+        decoded = checks.fast_decoder(type(event), _refuse)(body)
+        assert decoded == event and list(vars(decoded)) == list(vars(event))
+        assert ev.encode(decoded) == ev.encode(event)
+
+
+def test_the_generated_source_tests_every_field_inline() -> None:
+    """Every field of the common kinds has an inline test (no call into the compiled checks)."""
+    for cls in (ev.Step, ev.LayerStats, ev.HostSample, ev.Span, ev.LogLine, ev.ModelTree, ev.Session):
+        source = checks._build(cls, _refuse)[1]
+        assert "C0(" not in source and not any(f"C{i}(" in source for i in range(40)), cls.__name__
+        for f in dataclasses.fields(cls):
+            assert repr(f.name) in source
