@@ -180,6 +180,14 @@ def _expr(tp: Any, v: str) -> str | None:
     return None
 
 
+def _approximate(tp: Any) -> bool:
+    """Whether ``_expr(tp)`` may refuse a value the check accepts (maps and free-form values: their
+    one-pass tests take only what needs no closer look)."""
+    if tp is Any or typing.get_origin(tp) is dict:
+        return True
+    return any(_approximate(a) for a in typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType))
+
+
 def _timed_expr(tp: Any, v: str) -> str | None:
     """``_expr`` of a time field: the bounds test also refuses NaN and infinities (they compare
     false), as ``_timed``'s ``math.isfinite`` does."""
@@ -227,9 +235,11 @@ def _build(cls: type, slow: Callable[[dict[str, Any]], Any]) -> tuple[Callable[[
             lines += [f"    {v} = get({f.name!r}, MISSING)", f"    if {v} is MISSING:", "        return slow(body)"]
         tp = hints[f.name]
         expr = _timed_expr(tp, v) if f.name in TIME_FIELDS else _expr(tp, v)
-        if expr is None:  # a type with no inline test: its compiled check, as ``checker`` runs it
+        if expr is None or _approximate(tp):
+            # no inline test, or one stricter than the check (a map with int values, a nested
+            # free-form value): the field's compiled check, as ``checker`` runs it, decides
             env[f"C{i}"] = _timed(_compile(tp)) if f.name in TIME_FIELDS else _compile(tp)
-            expr = f"C{i}({v})"
+            expr = f"C{i}({v})" if expr is None else f"({expr} or C{i}({v}))"
         tests.append(expr)
     for expr in tests:
         lines += [f"    if not {expr}:", "        return slow(body)"]

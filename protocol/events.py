@@ -45,10 +45,7 @@ class Event:
 
     @classmethod
     def from_map(cls, body: dict[str, Any]) -> Event:
-        decode = _DECODERS.get(cls)
-        if decode is None:  # generated once per class, on first use (every class is defined by then)
-            decode = _DECODERS[cls] = fast_decoder(cls, cls._from_map_checked)
-        return decode(body)
+        return _decoder(cls)(body)
 
     @classmethod
     def _from_map_checked(cls, body: dict[str, Any]) -> Event:
@@ -70,6 +67,13 @@ _FIELDS: dict[type, frozenset[str]] = {}
 _CHECKS: dict[type, Callable[[Event], None]] = {}
 _DECODERS: dict[type, Callable[[dict[str, Any]], Event]] = {}
 _ORDER: dict[type, tuple[str, ...]] = {}
+
+
+def _decoder(cls: type[Event]) -> Callable[[dict[str, Any]], Event]:
+    decode = _DECODERS.get(cls)
+    if decode is None:  # generated once per class, on first use (every class is defined by then)
+        decode = _DECODERS[cls] = fast_decoder(cls, cls._from_map_checked)
+    return decode
 
 
 def _field_names(cls: type) -> frozenset[str]:
@@ -99,10 +103,7 @@ class EventDecoder:
             if cls is None:
                 self.unknown[kind] = self.unknown.get(kind, 0) + 1
                 return None
-            decode = _DECODERS.get(cls)
-            if decode is None:
-                decode = _DECODERS[cls] = fast_decoder(cls, cls._from_map_checked)
-            self._by_kind[kind] = decode
+            decode = self._by_kind[kind] = _decoder(cls)
         return decode(body)
 
     @property
