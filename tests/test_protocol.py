@@ -85,6 +85,26 @@ def test_decoder_handles_byte_at_a_time_and_many_frames_per_chunk() -> None:
     assert len(all_at_once) == len(sample_events())
 
 
+def test_a_consumer_that_stops_early_or_feeds_again_meanwhile_loses_and_repeats_no_frame() -> None:
+    frames = [ev.encode(e) for e in sample_events()]
+    stream = b"".join(frames)
+    expected = [unpack_map(f[4:]) for f in frames]
+    dec = FrameDecoder()
+    got = []
+    first = dec.feed(stream[:len(stream) // 2])
+    got.append(next(first))  # one frame taken, the generator left suspended
+    got += list(dec.feed(stream[len(stream) // 2:]))  # fed again meanwhile: the rest, in order
+    got += list(first)  # the suspended one resumes: nothing left, nothing repeated
+    assert got == expected and dec.pending == 0
+    dec = FrameDecoder()
+    for i in range(0, len(stream), 97):  # a consumer that takes one frame per chunk and drops the rest
+        got2 = next(iter(dec.feed(stream[i:i + 97])), None)
+        if got2 is not None:
+            got.append(got2)
+    got += list(dec.feed(b""))
+    assert got[len(expected):] == expected and dec.pending == 0
+
+
 def test_oversized_frame_is_refused_from_the_prefix_alone() -> None:
     dec = FrameDecoder(max_frame=1024)
     with pytest.raises(ProtocolError, match="exceeds the 1024-byte limit"):
