@@ -11,7 +11,7 @@ tens of thousands of events a second): one generated straight-line function per 
 each field from the map, tests it with inline expressions (exact scalar types, one C-level
 ``set(map(type, ...))`` pass per array) and calls the class with every field positionally. It only ever
 *accepts* what ``checker`` accepts; anything it does not accept at once (a missing field, an int
-where a float is usual, any defect) is handed to ``slow`` (``Event.from_map``'s checked path),
+where a float is usual, any defect) is handed to ``slow`` (``Event._from_map_checked``, the former ``from_map``),
 which decides and words the error, so acceptance and every message stay exactly ``checker``'s.
 """
 
@@ -143,7 +143,7 @@ _MISSING = object()
 # Values that ``_depth_ok`` accepts without looking inside (anything not a dict, list or tuple)
 _ATOMS = frozenset((int, float, str, bool, type(None), bytes))
 _STR = frozenset((str,))
-_FLOAT = frozenset((float,))  # float values only: ints need their int64 bounds checked (slow path)
+_FLOAT = frozenset((float,))  # float values only: ints need their int64 bounds (the field's check)
 _BOOL = frozenset((bool,))
 # Exact element types a dict's values may have for the one-pass test (keys and values)
 _DICT_FAST: dict[Any, frozenset[type]] = {str: _STR, float: _FLOAT, bool: _BOOL, Any: _ATOMS}
