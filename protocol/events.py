@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .checks import checker
+from .checks import checker, fast_decoder
 from .frames import PROTOCOL_MAJOR, PROTOCOL_VERSION, ProtocolError, pack_map
 
 REGISTRY: dict[str, type[Event]] = {}
@@ -45,6 +45,12 @@ class Event:
 
     @classmethod
     def from_map(cls, body: dict[str, Any]) -> Event:
+        return _decoder(cls)(body)
+
+    @classmethod
+    def _from_map_checked(cls, body: dict[str, Any]) -> Event:
+        """The reference path: what ``from_map``'s generated decoder hands every body it does not
+        accept outright, so that this path alone words every error."""
         names = _field_names(cls)
         try:
             event = cls(**{k: v for k, v in body.items() if k in names})
@@ -59,7 +65,15 @@ class Event:
 
 _FIELDS: dict[type, frozenset[str]] = {}
 _CHECKS: dict[type, Callable[[Event], None]] = {}
+_DECODERS: dict[type, Callable[[dict[str, Any]], Event]] = {}
 _ORDER: dict[type, tuple[str, ...]] = {}
+
+
+def _decoder(cls: type[Event]) -> Callable[[dict[str, Any]], Event]:
+    decode = _DECODERS.get(cls)
+    if decode is None:  # generated once per class, on first use (every class is defined by then)
+        decode = _DECODERS[cls] = fast_decoder(cls, cls._from_map_checked)
+    return decode
 
 
 def _field_names(cls: type) -> frozenset[str]:
@@ -79,13 +93,18 @@ class EventDecoder:
 
     def __init__(self) -> None:
         self.unknown: dict[str, int] = {}
+        self._by_kind: dict[str, Callable[[dict[str, Any]], Event]] = {}  # kind -> generated decoder
 
     def decode(self, body: dict[str, Any]) -> Event | None:
-        cls = REGISTRY.get(body["k"])
-        if cls is None:
-            self.unknown[body["k"]] = self.unknown.get(body["k"], 0) + 1
-            return None
-        return cls.from_map(body)
+        kind = body["k"]
+        decode = self._by_kind.get(kind)
+        if decode is None:
+            cls = REGISTRY.get(kind)
+            if cls is None:
+                self.unknown[kind] = self.unknown.get(kind, 0) + 1
+                return None
+            decode = self._by_kind[kind] = _decoder(cls)
+        return decode(body)
 
     @property
     def skipped(self) -> int:

@@ -59,26 +59,34 @@ class FrameDecoder:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
+        self._pos = 0  # start of the first frame not yet yielded
 
     def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
-        self._buf += data
+        # Frames are read at an offset and the consumed bytes dropped once per feed, not once per
+        # frame (each prefix ``del`` may copy what is left); ``_pos`` moves before each yield, so
+        # a consumer that stops early, or feeds again meanwhile, loses and repeats nothing.
+        buf = self._buf
+        buf += data
         while True:
-            if len(self._buf) < HEADER.size:
-                return
-            (length,) = HEADER.unpack_from(self._buf)
+            start = self._pos
+            if len(buf) - start < HEADER.size:
+                break
+            (length,) = HEADER.unpack_from(buf, start)
             if length > self.max_frame:
                 raise ProtocolError(f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
-            end = HEADER.size + length
-            if len(self._buf) < end:
-                return
-            payload = bytes(self._buf[HEADER.size : end])
-            del self._buf[:end]
+            end = start + HEADER.size + length
+            if len(buf) < end:
+                break
+            payload = buf[start + HEADER.size : end]  # one copy; msgpack reads any buffer
+            self._pos = end
             yield unpack_map(payload)
+        del buf[: self._pos]
+        self._pos = 0
 
     @property
     def pending(self) -> int:
         """Bytes held that do not yet make a whole frame (a truncated tail if the stream ended)."""
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
 
 def read_frame(stream: Any, max_frame: int = DEFAULT_MAX_FRAME) -> dict[str, Any] | None:

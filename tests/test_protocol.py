@@ -9,6 +9,9 @@ import struct
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llmtop.protocol import checks
 from llmtop.protocol import events as ev
 from llmtop.protocol.frames import (
     DEFAULT_MAX_FRAME,
@@ -80,6 +83,26 @@ def test_decoder_handles_byte_at_a_time_and_many_frames_per_chunk() -> None:
     all_at_once = list(FrameDecoder().feed(stream))
     assert one_by_one == all_at_once
     assert len(all_at_once) == len(sample_events())
+
+
+def test_a_consumer_that_stops_early_or_feeds_again_meanwhile_loses_and_repeats_no_frame() -> None:
+    frames = [ev.encode(e) for e in sample_events()]
+    stream = b"".join(frames)
+    expected = [unpack_map(f[4:]) for f in frames]
+    dec = FrameDecoder()
+    got = []
+    first = dec.feed(stream[:len(stream) // 2])
+    got.append(next(first))  # one frame taken, the generator left suspended
+    got += list(dec.feed(stream[len(stream) // 2:]))  # fed again meanwhile: the rest, in order
+    got += list(first)  # the suspended one resumes: nothing left, nothing repeated
+    assert got == expected and dec.pending == 0
+    dec = FrameDecoder()
+    for i in range(0, len(stream), 97):  # a consumer that takes one frame per chunk and drops the rest
+        got2 = next(iter(dec.feed(stream[i:i + 97])), None)
+        if got2 is not None:
+            got.append(got2)
+    got += list(dec.feed(b""))
+    assert got[len(expected):] == expected and dec.pending == 0
 
 
 def test_oversized_frame_is_refused_from_the_prefix_alone() -> None:
@@ -222,3 +245,107 @@ def test_times_must_be_finite_dates(value: float) -> None:
         with pytest.raises(ProtocolError, match="has a bad value"):
             ev.decode_one(event.to_map())
     assert ev.decode_one(ev.Step(step=1, t=1.0, dur_ms=1.0, loss=value).to_map()) is not None  # a measurement
+
+
+# --- the generated decoders against the checked path ------------------------------------------
+
+_M = checks.MAX_INT
+# Values at and beyond every bound the checks draw (as far as msgpack carries: -2**63 .. 2**64-1),
+# plus each wire type in and out of a container
+EDGES: list[object] = [
+    0, 1, -1, _M - 1, _M, -_M, (1 << 64) - 1, 1e12, -1e12, 999999999999.5, 1e300, -1e13,
+    float("nan"), float("inf"), float("-inf"), 0.0, True, False, None, "", "x", b"x",
+    [], [1], [1.0, 2], [True], [None], ["a"], [(1 << 64) - 1], [_M], [1.0, "a"], [[1.0]], [{"a": 1}],
+    {}, {"a": 1.0}, {"a": 1}, {"a": _M}, {"a": True}, {"a": None}, {1: 1.0}, {"a": [1, {"b": 2}]},
+    {"a": float("nan")}, {"a": b"x"}, [[[[[[[[[[[[[[[[[[0]]]]]]]]]]]]]]]]]], {"a": [[[[[[[[[[[[[[[[0]]]]]]]]]]]]]]]]},
+]
+WIRE = st.recursive(st.one_of(st.sampled_from(EDGES), st.integers(-(1 << 63), (1 << 64) - 1), st.floats(),
+                              st.text(max_size=4), st.booleans(), st.none()),
+                    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                            st.dictionaries(st.one_of(st.text(max_size=3), st.integers(-3, 3)),
+                                                            inner, max_size=3)), max_leaves=8)
+
+
+def _outcome(decode: object, body: dict[str, object]) -> tuple[object, ...]:
+    try:
+        event = decode(body)  # type: ignore[operator]
+    except ProtocolError as exc:
+        return ("error", str(exc))
+    # the same class, the same attributes in the same order (the encoder relies on it), same values
+    return ("event", type(event), list(vars(event).items()))
+
+
+@st.composite
+def mutated_bodies(draw: st.DrawFn) -> dict[str, object]:
+    """A sample event's map after a few edits (a field replaced, removed, or one array element
+    poisoned or dropped), sent through msgpack so the values are what a peer can send."""
+    event = draw(st.sampled_from(sample_events()))
+    body = event.to_map()
+    names = [f.name for f in dataclasses.fields(event)]
+    for _ in range(draw(st.integers(1, 3))):
+        name = draw(st.sampled_from(names))
+        how = draw(st.sampled_from(["replace", "drop", "poison", "shorten", "extra"]))
+        value = body.get(name)
+        if how == "replace":
+            body[name] = draw(WIRE)
+        elif how == "drop":
+            body.pop(name, None)
+        elif how == "poison" and isinstance(value, list) and value:
+            value[draw(st.integers(0, len(value) - 1))] = draw(WIRE)
+        elif how == "poison" and isinstance(value, dict) and value:
+            value[draw(st.sampled_from(sorted(value, key=str)))] = draw(WIRE)
+        elif how == "shorten" and isinstance(value, list) and value:
+            value.pop()
+        elif how == "extra":
+            body[draw(st.text(max_size=5))] = draw(WIRE)
+    return msgpack.unpackb(msgpack.packb(body, use_bin_type=True), raw=False, strict_map_key=False)
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True)
+@given(mutated_bodies())
+def test_the_generated_decoder_accepts_and_refuses_exactly_as_the_checked_path(body: dict[str, object]) -> None:
+    cls = ev.REGISTRY[body["k"]]  # type: ignore[index]
+    assert _outcome(ev.EventDecoder().decode, body) == _outcome(cls._from_map_checked, body)
+    assert _outcome(cls.from_map, body) == _outcome(cls._from_map_checked, body)
+
+
+@pytest.mark.parametrize("value", EDGES, ids=repr)
+def test_every_edge_value_in_every_field_decodes_as_the_checked_path_does(value: object) -> None:
+    for event in sample_events():
+        for f in dataclasses.fields(event):
+            body = msgpack.unpackb(msgpack.packb({**event.to_map(), f.name: value}), raw=False,
+                                   strict_map_key=False)
+            assert _outcome(ev.decode_one, body) == _outcome(type(event)._from_map_checked, body), f.name
+
+
+def _refuse(body: dict[str, object]) -> ev.Event:
+    raise AssertionError(f"the fast path handed a good {body['k']!r} event to the checked path")
+
+
+def test_what_agents_send_never_leaves_the_fast_path() -> None:
+    """The speed is in the generated function: the events agents send (samples, a 200-module
+    layer table, a canned session) must pass it without the checked path."""
+    from llmtop.tui.session.canned import session_events
+
+    layers = ev.LayerStats(step=1, ids=list(range(200)), fwd_ms=[0.5] * 200, fwd_self_ms=[0.25] * 200,
+                           calls=[1] * 200, bwd_ms=[1.0] * 200, bwd_self_ms=[0.5] * 200)
+    nested = ev.Span(name="s", category="c", start=1.0, dur_ms=1.0, attrs={"x": [[1, {"y": 2}]], "n": 3})
+    ints = ev.Step(step=1, t=2, dur_ms=0, phases={"data": 0, "forward": 1.5})  # ints where floats go
+    events = [*sample_events(), layers, nested, ints, *session_events(20, n_layer=2, gpu=True)]
+    for event in events:
+        body = unpack_map(ev.encode(event)[4:])
+        decoded = checks.fast_decoder(type(event), _refuse)(body)
+        assert decoded == event and list(vars(decoded)) == list(vars(event))
+        assert ev.encode(decoded) == ev.encode(event)
+
+
+def test_the_generated_source_tests_every_field_inline() -> None:
+    """Every field of the common kinds has an inline test: a compiled check is called only after
+    it (``inline or C3(f3)``: maps and free-form values the one-pass test did not take)."""
+    for cls in (ev.Step, ev.LayerStats, ev.HostSample, ev.Span, ev.LogLine, ev.ModelTree, ev.Session):
+        source = checks._build(cls, _refuse)[1]
+        assert "if not C" not in source, cls.__name__
+        tests = [line for line in source.splitlines() if line.startswith("    if not ")]
+        assert len(tests) == len(dataclasses.fields(cls)), cls.__name__
+        for f in dataclasses.fields(cls):
+            assert repr(f.name) in source
