@@ -28,6 +28,9 @@ SCRIPT = textwrap.dedent("""
     for _ in range(6):  # inference first: each generate call is one step
         out = model.generate(torch.randint(0, 500, (1, 60)), max_new_tokens=12, do_sample=False,
                              pad_token_id=0)
+    # training counts steps from 0 again, and what still waits for a count of the earlier numbering is
+    # dropped then (agent/instruments/flops_live.py): leave the agent time to count these signatures
+    time.sleep(6)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(40):

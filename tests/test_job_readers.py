@@ -91,7 +91,7 @@ def test_report_json_of_a_job(jobs: dict[str, Path]) -> None:
         assert r["ended_normally"]
     assert data["steps"]["count"] == per[0]["steps"]  # the rest of the object is rank 0's
     s = ranks["straggler"]
-    assert (s["rank"], s["cause"], s["basis"]) == (1, "data", "work") and s["late_pct"] >= 90
+    assert (s["rank"], s["cause"], s["basis"]) == (1, "data", "collectives") and s["late_pct"] >= 90
     assert ranks["hangs"] == [] and ranks["died"] == [] and ranks["unrecorded"] == []
     even = valid(cli("report", str(jobs["even"]), "--json").stdout)["ranks"]
     assert even["straggler"] is None and len(even["per_rank"]) == 2
