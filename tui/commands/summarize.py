@@ -3,11 +3,18 @@
 Per-layer medians come from an even spread of at most ``LAYER_STEPS`` steps' layer tables (decoding
 every table of an hour-long run costs minutes); the last ``MODEL_TAIL`` steps also go to a
 ``SessionModel`` so the diagnoses see the end state. ``open_summary(path)`` opens and summarizes.
+
+Step numbers repeat (an evaluation's record carries the number of the training step it precedes; the
+agent counts from 0 again when training follows inference records), so nothing is joined by number
+alone: layer tables meet their step through ``StepTables`` (the live viewer's rule, in stream order), a
+step's FLOPs (``StepFlops``) meet it by number and duration, and inference records before the first
+training step become one evaluation, as in the dashboard.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any
 
 from llmtop.protocol.events import (
@@ -23,9 +30,10 @@ from llmtop.protocol.events import (
     Span,
     Stats,
     Step,
+    StepFlops,
 )
 from llmtop.protocol.recording import RecordingReader
-from llmtop.tui.commands.step_tables import StepTables
+from llmtop.tui.commands.step_tables import STEPS_KEPT, StepTables
 from llmtop.tui.commands.summary import LayerSummary, ModeSteps, Reservoir, RunSummary, SpanSummary
 
 LAYER_STEPS = 2048  # layer tables of at most this many steps (evenly spread) are read for medians
@@ -41,6 +49,7 @@ def summarize(reader: RecordingReader) -> RunSummary:
                      warning=reader.warning)
     model = out.model
     tables = StepTables()  # each table with its own step's record, across evaluations and restarts
+    flops = FlopsJoin()  # the agent's FLOPs of each sampled step, with that step's record
     # Per-layer medians need a sample, not every table: decoding 36 000 tables of an hour-long run
     # costs minutes. Steps are numbered, so a stride picks an even spread without reading ahead.
     every = max(1, math.ceil(reader.steps / LAYER_STEPS))
@@ -56,6 +65,9 @@ def summarize(reader: RecordingReader) -> RunSummary:
             _step(out, event)
             for table, step in tables.step(event):
                 _layers(out, table, step)
+            flops.step(event)
+        elif isinstance(event, StepFlops):
+            flops.flops(event)
         elif isinstance(event, LayerStats):
             for table, step in tables.table(event, keep=event.step % every == 0):
                 _layers(out, table, step)
@@ -92,8 +104,48 @@ def summarize(reader: RecordingReader) -> RunSummary:
             out.dropped = max(out.dropped, event.dropped)
     for table, step in tables.flush():
         _layers(out, table, step)
+    if flops.seen:  # the agent's own figures of the steps' calls replace the estimate from the tables
+        for name, mode in out.modes.items():
+            mode.flops = flops.by_mode.get(name, Reservoir())
     out.end = model.end
     return out
+
+
+class FlopsJoin:
+    """``StepFlops`` (the FLOPs of exactly the calls one sampled step timed, each call counted at its own
+    input shapes) with the record of that step, for the FLOPs per step of each mode. A step's FLOPs can
+    come before or after its record, and numbers repeat (an evaluation's, a numbering that restarts):
+    the two are joined on number and duration, which the agent gives both from the same clock reading."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.by_mode: dict[str, Reservoir] = {}
+        self.recent: deque[Step] = deque(maxlen=STEPS_KEPT)
+        self.waiting: deque[StepFlops] = deque(maxlen=STEPS_KEPT)
+
+    def step(self, s: Step) -> None:
+        if s.mode == "eval":  # an evaluation's calls are no step's: it has no StepFlops
+            return
+        self.recent.append(s)
+        for e in [e for e in self.waiting if _same_step(e, s)]:
+            self.waiting.remove(e)
+            self._add(e, s)
+
+    def flops(self, e: StepFlops) -> None:
+        self.seen = True
+        s = next((s for s in reversed(self.recent) if _same_step(e, s)), None)
+        if s is None:
+            self.waiting.append(e)
+        else:
+            self._add(e, s)
+
+    def _add(self, e: StepFlops, s: Step) -> None:
+        if e.flops_total is not None and math.isfinite(e.flops_total) and e.flops_total > 0:
+            self.by_mode.setdefault(s.mode or "train", Reservoir()).add(e.flops_total)
+
+
+def _same_step(e: StepFlops, s: Step) -> bool:
+    return e.step == s.step and e.dur_ms is not None and e.dur_ms == s.dur_ms
 
 
 def _step(out: RunSummary, e: Step) -> None:
@@ -145,17 +197,13 @@ _STEP_FIELDS = ("steps", "first_step", "last_step", "step_ms", "busy_ms", "phase
 def _evaluation_before_training(out: RunSummary) -> None:
     """The first training step, after inference records only: they were an evaluation before training
     (or generate calls), and the agent counts training steps from 0 again. As the live viewer does
-    (``SessionModel._pretraining_evals``), they become one evaluation and are no steps of the run; an
-    op profile taken in them was theirs."""
+    (``SessionModel._pretraining_evals``), they become one evaluation and are no steps of the run. Op
+    profiles stay: the agent drops its windows from before the restart itself, and a training step's
+    profile can come before the first training step's record."""
     infer = out.modes.pop("infer")
     fresh = RunSummary(path=out.path, session=out.session, duration_s=out.duration_s, warning=out.warning)
     for name in _STEP_FIELDS:
         setattr(out, name, getattr(fresh, name))
-    out.ops.clear()
-    out.op_shapes.clear()
-    out.op_windows = 0
-    out.op_total_ms = 0.0
-    out.op_totals_missing = 0
     out.modes.setdefault("eval", ModeSteps()).add(
         Step(step=0, t=0.0, dur_ms=infer.step_ms.total, mode="eval", phases=dict(infer.phase_totals)))
 
