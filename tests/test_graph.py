@@ -156,3 +156,59 @@ def test_header_estimate_is_the_root_rows_and_the_sum_of_the_op_rows(tmp_path: P
     header = next(line for line in out.splitlines() if line.startswith("roofline"))
     root_row = next(line for line in out.splitlines() if line.startswith("(root)"))
     assert header.split("est. ")[1].split(" ms")[0] == root_row.split()[-1]
+
+
+def test_ridge_text_says_small_ridges_as_they_are() -> None:
+    from llmtop.agent.flops.graph import ridge_text
+
+    assert [ridge_text(x) for x in (0.331, 0.0049, 7.24, 22.3, 295.3, 0.0)] == ["0.33", "0.0049", "7.2", "22",
+                                                                               "295", "—"]
+
+
+def test_peak_doubts_of_measured_cpu_peaks_only() -> None:
+    from llmtop.agent.flops.graph import peak_doubts
+    from llmtop.agent.flops.roofline import DEVICES, Device
+
+    def cpu(flops: float, bw: float, source: str = "measured") -> Device:
+        return Device("cpu", "cpu", {"fp32": flops}, bw, measured=source == "measured", source=source,
+                      bw_source=source)
+
+    # the figures of two runs on this loaded machine: FLOP/s under the bandwidth's order
+    (why,) = peak_doubts(cpu(20.4e9, 61.6e9), None)
+    assert "below the bandwidth's order" in why and "20.40 GFLOP/s" in why
+    assert peak_doubts(cpu(97.8e9, 4.49e9), cpu(97.0e9, 4.6e9)) == []  # steady, ridge 22: nothing to say
+    (why,) = peak_doubts(cpu(97.8e9, 4.49e9), cpu(30.1e9, 25.0e9))  # swinging between two measurements
+    assert "30.10 GFLOP/s and 25.00 GB/s" in why
+    assert peak_doubts(cpu(20.4e9, 61.6e9, "env"), None) == []  # the user's own figures are not doubted
+    assert peak_doubts(DEVICES["h100-sxm"], None) == []
+
+
+def test_doubtful_measured_peaks_are_said_and_give_no_verdicts(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The CPU peaks cached from a measurement on a busy machine (20.4 GFLOP/s, 61.6 GB/s: a ridge of
+    0.33 FLOP/B, printed "ridge 0" before): the header says so, and no op or layer gets a verdict."""
+    from llmtop.agent.flops import roofline
+
+    cache = tmp_path / "cache"
+    (cache / "llmtop").mkdir(parents=True)
+    (cache / "llmtop" / "cpu_peaks.json").write_text(json.dumps(
+        {"key": roofline._cpu_key(), "name": "cpu", "flops": {"fp32": 20.4e9, "bf16": 20.4e9, "fp16": 20.4e9},
+         "bandwidth": 61.6e9, "source": "measured"}))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("LLMTOP_PEAK_FLOPS", raising=False)
+    monkeypatch.delenv("LLMTOP_PEAK_BW", raising=False)
+    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 1, "n_embd": 64,
+           "n_head": 4, "vocab_size": 500, "n_positions": 64}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["graph", str(tmp_path), "--seq-len", "32", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "61.60 GB/s (measured), ridge 0.33 FLOP/B" in out
+    assert "peaks        doubtful: 20.40 GFLOP/s is below the bandwidth's order (61.60 GB/s)" in out
+    assert "bottleneck   — (the measured peaks are doubtful)" in out
+    assert "per forward on the doubtful peaks" in out
+    rows = [line for line in out.splitlines() if line.startswith(("aten::", "(root)", "transformer"))]
+    assert rows and not [line for line in rows if " compute " in line or " memory " in line]
+    assert main(["graph", str(tmp_path), "--seq-len", "32", "--device", "cpu", "--format", "json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["device"]["doubts"] and r["summary"] is None
+    assert {o["bound"] for o in r["ops"]} == {None} and {x["bound"] for x in r["layers"]} == {None}

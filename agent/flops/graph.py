@@ -2,6 +2,12 @@
 
 The model is built on the meta device (no weights allocated) and run once under the counters of
 ``flops.py``: a 7B config costs a few hundred MB and a few seconds.
+
+On a CPU the peaks are measured (``roofline.cpu_device``, cached). A busy machine can make that
+measurement wrong: here, under load, five cold-cache runs measured 30–137 GFLOP/s and 2.1–28.7 GB/s.
+So ``graph`` measures once more and doubts peaks that swing between the two, or whose FLOP/s fall below
+the bandwidth's order (a ridge under 1 FLOP/B: a CPU's matmul does many FLOPs per byte it moves). Doubtful
+peaks are said in the header, and no compute/memory verdict is printed on them.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import csv
 import importlib
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -19,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 HELP = "static parameters, FLOPs and memory of a model, without weights"
+
+SWING = 1.5  # two measurements of a CPU peak further apart than this: the machine is too busy to tell
+MIN_RIDGE = 1.0  # FLOP/B: a CPU whose matmul FLOP/s is below its copy bandwidth's order was measured wrong
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -185,8 +195,38 @@ def build(a: argparse.Namespace, name: str) -> Built:
 # --- analysis ------------------------------------------------------------------------------------
 
 
-def analyse(built: Built, a: argparse.Namespace, dev: Any) -> dict:
-    """Everything the command prints, as plain data (the json format is this dict)."""
+def peak_doubts(dev: Any, again: Any | None) -> list[str]:
+    """Why the measured CPU peaks of ``dev`` cannot be trusted (none: they can), ``again`` a second
+    measurement of the same (None: not taken). Peaks from a datasheet or the environment are not doubted."""
+    flops_measured = dev.source == "measured"
+    bw_measured = dev.bw_source == "measured"
+    if dev.key != "cpu" or not (flops_measured or bw_measured):
+        return []
+    out = []
+    pf, bw = dev.peak("fp32"), dev.bandwidth
+    if pf > 0 and bw > 0 and pf / bw < MIN_RIDGE:
+        out.append(f"{_si(pf, 'FLOP/s')} is below the bandwidth's order ({_si(bw, 'B/s')}): "
+                   "a CPU's matmul does many FLOPs per byte")
+    if again is not None:
+        swings = []
+        if flops_measured and _swings(pf, again.peak("fp32")):
+            swings.append(_si(again.peak("fp32"), "FLOP/s"))
+        if bw_measured and _swings(bw, again.bandwidth):
+            swings.append(_si(again.bandwidth, "B/s"))
+        if swings:
+            out.append(f"a second measurement gave {' and '.join(swings)}: the machine is too busy to measure")
+    return out
+
+
+def _swings(a: float, b: float) -> bool:
+    if a <= 0 or b <= 0:
+        return a != b
+    return max(a, b) / min(a, b) > SWING
+
+
+def analyse(built: Built, a: argparse.Namespace, dev: Any, doubts: list[str] | None = None) -> dict:
+    """Everything the command prints, as plain data (the json format is this dict). With ``doubts``
+    (the peaks cannot be trusted) no verdict is given: ``bound`` and ``summary`` are None."""
     from llmtop.agent.flops import counting as F
     from llmtop.agent.flops.roofline import normalize_dtype
     from llmtop.protocol.formulas import bound
@@ -200,10 +240,11 @@ def analyse(built: Built, a: argparse.Namespace, dev: Any) -> dict:
     ops = []
     share = {"compute": [0, 0.0], "memory": [0, 0.0]}
     total_t = prof.est_s or 1.0
+    trusted = not doubts
     for o in prof.ops:
         t = o.est_s
-        verdict = bound(o.flops, o.bytes, None, pf, bw)
-        if o.bytes or o.flops:
+        verdict = bound(o.flops, o.bytes, None, pf, bw) if trusted else None
+        if verdict is not None and (o.bytes or o.flops):
             share[verdict][0] += o.calls
             share[verdict][1] += t
         ops.append({"op": o.name, "shapes": o.shapes, "calls": o.calls, "flops": o.flops,
@@ -216,13 +257,15 @@ def analyse(built: Built, a: argparse.Namespace, dev: Any) -> dict:
             continue
         layers.append({"path": m.path or "(root)", "class": m.cls, "depth": m.depth, "params": m.params,
                        "calls": m.calls, "flops": m.flops, "macs": m.flops / 2, "bytes": m.bytes,
-                       "intensity": m.intensity, "bound": bound(m.flops, m.bytes, None, pf, bw),
+                       "intensity": m.intensity,
+                       "bound": bound(m.flops, m.bytes, None, pf, bw) if trusted else None,
                        "est_s": m.est_s, "out_bytes": m.out_bytes})
     return {
         "model": built.name, "class": type(built.model).__name__, "inputs": built.shape,
         "batch": a.batch, "seq_len": a.seq_len, "dtype": a.dtype,
         "device": {"key": dev.key, "name": dev.name, "peak_flops": pf, "bandwidth": bw,
                    "ridge": pf / bw if bw else 0.0, "measured": dev.measured,
+                   "source": dev.sources(), "doubts": list(doubts or []),
                    "dtype": normalize_dtype(a.dtype)},
         "params": prof.params, "flops": prof.flops, "macs": prof.macs, "bytes": prof.bytes,
         "memory": {"weights": prof.weight_bytes, "inputs": prof.input_bytes,
@@ -230,7 +273,7 @@ def analyse(built: Built, a: argparse.Namespace, dev: Any) -> dict:
                    "peak": prof.peak_bytes},
         "est_s": total_t,
         "coverage": prof.coverage(pf, bw),
-        "summary": {k: {"ops": v[0], "time_share": v[1] / total_t} for k, v in share.items()},
+        "summary": {k: {"ops": v[0], "time_share": v[1] / total_t} for k, v in share.items()} if trusted else None,
         "ops": ops,
         "layers": layers,
     }
@@ -254,29 +297,44 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:.3f}"
 
 
+def ridge_text(ridge: float) -> str:
+    """A ridge as people read it: whole FLOP/B from 10 on, two significant digits below (a ``:.0f`` made
+    0.33 FLOP/B "0"), "—" without a bandwidth."""
+    if not ridge or not math.isfinite(ridge) or ridge < 0:
+        return "—"
+    return f"{ridge:.0f}" if ridge >= 10 else f"{ridge:.2g}"
+
+
 def render_table(r: dict, tree: bool, top: int) -> str:
     d = r["device"]
     out = io.StringIO()
     w = out.write
     w(f"{r['model']} ({r['class']}), {r['inputs']}, {r['dtype']}\n")
-    origin = "measured" if d["measured"] else "datasheet"
     w(f"device       {d['name']}: {_si(d['peak_flops'], 'FLOP/s')} {d['dtype']}, "
-      f"{_si(d['bandwidth'], 'B/s')} ({origin}), ridge {d['ridge']:.0f} FLOP/B\n")
+      f"{_si(d['bandwidth'], 'B/s')} ({d['source']}), ridge {ridge_text(d['ridge'])} FLOP/B\n")
+    for why in d["doubts"]:
+        w(f"peaks        doubtful: {why}\n")
+    if d["doubts"]:
+        w("             (no compute/memory verdicts; set LLMTOP_PEAK_FLOPS and LLMTOP_PEAK_BW, or --device)\n")
     w(f"parameters   {_si(r['params'])}\n")
     w(f"FLOPs        {_si(r['flops'])} forward   MACs {_si(r['macs'])}\n")
     m = r["memory"]
     w(f"memory       weights {_mb(m['weights'])}, activations peak {_mb(m['activations_peak'])}, "
       f"peak {_mb(m['peak'])} (written {_mb(m['activations_written'])})\n")
     s = r["summary"]
-    w(f"bottleneck   compute-bound {s['compute']['ops']} op calls, {s['compute']['time_share']:.0%} of "
-      f"est. time; memory-bound {s['memory']['ops']} op calls, {s['memory']['time_share']:.0%}\n")
-    w(f"roofline     est. {_ms(r['est_s'])} ms per forward; FLOP formula coverage {r['coverage']:.0%} "
-      "of est. op time\n\n")
+    if s is None:
+        w("bottleneck   — (the measured peaks are doubtful)\n")
+    else:
+        w(f"bottleneck   compute-bound {s['compute']['ops']} op calls, {s['compute']['time_share']:.0%} of "
+          f"est. time; memory-bound {s['memory']['ops']} op calls, {s['memory']['time_share']:.0%}\n")
+    w(f"roofline     est. {_ms(r['est_s'])} ms per forward"
+      + (" on the doubtful peaks" if s is None else "")
+      + f"; FLOP formula coverage {r['coverage']:.0%} of est. op time\n\n")
     w(f"{'op':<38} {'calls':>5} {'GFLOP':>9} {'MB':>9} {'FLOP/B':>7} {'bound':>7} {'est ms':>8} "
       f"{'share':>6}  shapes\n")
     for o in r["ops"][:top]:
         w(f"{o['op'][:38]:<38} {o['calls']:>5} {o['flops'] / 1e9:>9.3f} {o['bytes'] / 1e6:>9.2f} "
-          f"{o['intensity']:>7.1f} {o['bound']:>7} {_ms(o['est_s']):>8} {o['share']:>6.1%}  "
+          f"{o['intensity']:>7.1f} {o['bound'] or '?':>7} {_ms(o['est_s']):>8} {o['share']:>6.1%}  "
           f"{o['shapes'][:40]}\n")
     if len(r["ops"]) > top:
         w(f"… {len(r['ops']) - top} more op/shape rows (--top N, --format json)\n")
@@ -295,7 +353,7 @@ def render_table(r: dict, tree: bool, top: int) -> str:
             name = "  " * len(shown) + (rel or "(root)")  # uncalled containers (ModuleList) fold in
             shown.append(path)
         w(f"{name[:44]:<44} {lay['class'][:22]:<22} {_si(lay['params']):>8} {lay['flops'] / 1e9:>9.3f} "
-          f"{lay['bytes'] / 1e6:>9.2f} {lay['intensity']:>7.1f} {lay['bound']:>7} "
+          f"{lay['bytes'] / 1e6:>9.2f} {lay['intensity']:>7.1f} {lay['bound'] or '?':>7} "
           f"{_ms(lay['est_s']):>8}\n")
     if not tree:
         w("(modules up to depth 3; --tree for all)\n")
@@ -318,8 +376,9 @@ def render_csv(r: dict) -> str:
 # --- command -------------------------------------------------------------------------------------
 
 
-def _device(a: argparse.Namespace) -> Any:
-    from llmtop.agent.flops.roofline import device_for
+def _device(a: argparse.Namespace) -> tuple[Any, list[str]]:
+    """The roofline device, and why its peaks are doubtful (a measured CPU's are measured once more)."""
+    from llmtop.agent.flops.roofline import device_for, measure_cpu
 
     name = a.device
     if name is None:
@@ -328,12 +387,19 @@ def _device(a: argparse.Namespace) -> Any:
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name(0)
     try:
-        return device_for(name)
+        dev = device_for(name)
     except ValueError as exc:
         raise GraphError(str(exc)) from None
+    again = None
+    if dev.key == "cpu" and "measured" in (dev.source, dev.bw_source):
+        try:
+            again = measure_cpu(flops=dev.source == "measured", bandwidth=dev.bw_source == "measured")
+        except Exception:  # no second figure: only the first's own plausibility is judged
+            again = None
+    return dev, peak_doubts(dev, again)
 
 
-def _run_all(a: argparse.Namespace, dev: Any) -> int:
+def _run_all(a: argparse.Namespace, dev: Any, doubts: list[str]) -> int:
     from llmtop.agent.flops import hub_configs
 
     failed = 0
@@ -341,7 +407,7 @@ def _run_all(a: argparse.Namespace, dev: Any) -> int:
     for m in hub_configs.known():
         t0 = time.perf_counter()
         try:
-            r = analyse(build(a, m.id), a, dev)
+            r = analyse(build(a, m.id), a, dev, doubts)
             results.append({"model": m.id, "ok": True, "class": r["class"], "params": r["params"],
                             "flops": r["flops"], "seconds": time.perf_counter() - t0})
         except Exception as exc:
@@ -372,12 +438,12 @@ def run(a: argparse.Namespace) -> int:
             return 0
         if a.batch < 1 or a.seq_len < 1 or (a.dec_len is not None and a.dec_len < 1):
             raise GraphError("--batch, --seq-len and --dec-len must be positive")
-        dev = _device(a)
+        dev, doubts = _device(a)
         if a.all:
-            return _run_all(a, dev)
+            return _run_all(a, dev, doubts)
         if not a.model:
             raise GraphError("give a MODEL (or --all, --list)")
-        r = analyse(build(a, a.model), a, dev)
+        r = analyse(build(a, a.model), a, dev, doubts)
     except GraphError as exc:
         print(f"llmtop graph: {exc}", file=sys.stderr)
         return 2

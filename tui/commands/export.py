@@ -46,7 +46,7 @@ from llmtop.protocol.recording import RecordingReader
 from llmtop.protocol.recording.job import rank_of
 from llmtop.tui.commands.common import fail, read_recordings
 from llmtop.tui.commands.job_summary import rank_files
-from llmtop.tui.commands.layer_tables import LayerMerger
+from llmtop.tui.commands.step_tables import StepTables
 
 HELP = ("Export a recording as a Chrome/Perfetto trace, CSV (one row per step), JSON (everything) or one "
         "self-contained HTML page (plots, phases, layers).")
@@ -188,8 +188,7 @@ class ChromeTrace:
         self.children: dict[int, list[int]] = {}
         self.parents: dict[int, int] = {}
         self.paths: dict[int, str] = {}
-        self.step_start: dict[int, tuple[float, Step]] = {}
-        self.merger = LayerMerger()
+        self.tables = StepTables()  # each layer table with its own step's record (evaluations, restarts)
         total = reader.steps
         self.layer_every = 1 if all_layers or total <= DEFAULT_LAYER_STEPS else math.ceil(total / DEFAULT_LAYER_STEPS)
 
@@ -269,15 +268,13 @@ class ChromeTrace:
                          e.t, "end", {"exit_code": e.exit_code, "signal": e.signal})
 
     def _step(self, s: Step) -> None:
-        end = self.us(s.t)
-        start = end - s.dur_ms * 1000.0
-        self.step_start[s.step] = (start, s)
-        for table in self.merger.ready(s.step):
-            hit = self.step_start.get(table.step)
-            if hit is not None:
-                self._lay_step(table, *hit)
+        start = self._start(s)
+        for table, step in self.tables.step(s):
+            self._place(table, step)
         tid = self._track(TID_STEPS, TRACK_NAMES[TID_STEPS])
-        self.slice(tid, f"step {s.step}", start, s.dur_ms * 1000.0, "step",
+        # An evaluation carries the number of the training step it precedes: its slice says so.
+        name = f"eval (before step {s.step})" if s.mode == "eval" else f"step {s.step}"
+        self.slice(tid, name, start, s.dur_ms * 1000.0, "step",
                    {k: v for k, v in event_fields(s).items() if k not in ("t", "phases") and v is not None})
         # Phases are laid out back to back in their canonical order: the agent measures how long each
         # took in the step, not when it began.
@@ -306,12 +303,24 @@ class ChromeTrace:
             at += (s.phases.get(name) or 0.0) * 1000.0
         return at
 
+    def _start(self, s: Step) -> float:
+        return self.us(s.t) - s.dur_ms * 1000.0
+
     def _layers(self, e: LayerStats) -> None:
-        if self.layer_every > 1 and e.step % self.layer_every:
-            return
-        # The agent sends a step's layer tables (one per tick it spans) before the step record: they
-        # are merged per module and laid out when the step arrives.
-        self.merger.add(e)
+        # The agent sends a step's layer table in the tick the step ends, before or after its record:
+        # tables wait for their step (StepTables) and are laid out inside it. Sampled-out tables
+        # still mark where the step numbering restarts.
+        for table, step in self.tables.table(e, keep=self.layer_every <= 1 or e.step % self.layer_every == 0):
+            self._place(table, step)
+
+    def _place(self, table: LayerStats, step: Step | None) -> None:
+        if step is not None:  # a table whose step record is out of reach is not placed in time
+            self._lay_step(table, self._start(step), step)
+
+    def finish(self) -> None:
+        """The recording ended: lay out the tables still waiting for their step."""
+        for table, step in self.tables.flush():
+            self._place(table, step)
 
     def _lay_step(self, e: LayerStats, start: float, step: Step) -> None:
         index = {mid: i for i, mid in enumerate(e.ids)}
@@ -377,6 +386,7 @@ class ChromeTrace:
         return self.paths.get(mid, f"#{mid}")
 
     def trace(self) -> dict[str, Any]:
+        self.finish()
         session = self.reader.session
         script = next((os.path.basename(a) for a in session.argv if a.endswith(".py")),
                       session.argv[0] if session.argv else "llmtop")

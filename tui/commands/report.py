@@ -127,10 +127,13 @@ def render(s: RunSummary, color: bool = False) -> str:
             lines.append(f"  {fmt.ms(la.self_ms(), 2):>9} ms  {la.name}  ({la.cls})")
     ops = s.top_ops(5)
     if ops:
-        lines.append(title(f"\ntop ops (per profiled step, {_plural(s.op_windows, 'profile')})"))
-        for name, ms, calls in ops:
+        base = ("of the listed ops' time: the agent sent no step total" if s.op_totals_missing
+                else f"of the step's {_ms(s.op_total_ms / s.op_windows, 2)} of op time")
+        lines.append(title(f"\ntop ops (per profiled step, {_plural(s.op_windows, 'profile')}; % {base})"))
+        for name, ms, calls, share in ops:
             shapes = s.op_shapes.get(name)
-            lines.append(f"  {fmt.ms(ms, 2):>9} ms  {name}  x{calls:.0f}" + (f"  [{shapes}]" if shapes else ""))
+            pct = f"{share * 100:5.1f}%" if share is not None else "    —"
+            lines.append(f"  {fmt.ms(ms, 2):>9} ms {pct}  {name}  x{calls:.0f}" + (f"  [{shapes}]" if shapes else ""))
     mem = []
     if s.cuda_peak:
         mem.append(("CUDA peak", fmt.nbytes(s.cuda_peak)))

@@ -3,11 +3,18 @@
 Per-layer medians come from an even spread of at most ``LAYER_STEPS`` steps' layer tables (decoding
 every table of an hour-long run costs minutes); the last ``MODEL_TAIL`` steps also go to a
 ``SessionModel`` so the diagnoses see the end state. ``open_summary(path)`` opens and summarizes.
+
+Step numbers repeat (an evaluation's record carries the number of the training step it precedes; the
+agent counts from 0 again when training follows inference records), so nothing is joined by number
+alone: layer tables meet their step through ``StepTables`` (the live viewer's rule, in stream order), a
+step's FLOPs (``StepFlops``) meet it by number and duration, and inference records before the first
+training step become one evaluation, as in the dashboard.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any
 
 from llmtop.protocol.events import (
@@ -23,15 +30,15 @@ from llmtop.protocol.events import (
     Span,
     Stats,
     Step,
+    StepFlops,
 )
 from llmtop.protocol.recording import RecordingReader
-from llmtop.tui.commands.layer_tables import LayerMerger
+from llmtop.tui.commands.step_tables import STEPS_KEPT, StepTables
 from llmtop.tui.commands.summary import LayerSummary, ModeSteps, Reservoir, RunSummary, SpanSummary
 
 LAYER_STEPS = 2048  # layer tables of at most this many steps (evenly spread) are read for medians
 MODEL_TAIL = 300  # the last steps' layer tables also go to the model (diagnoses of the end state)
 SPAN_NAMES = 512  # span names kept (the rest are not summarized)
-MODE_MEMORY = 256  # recent steps whose mode is remembered until their layer tables arrive
 MAX_LOADS = 32  # from_pretrained calls listed
 MAX_WAITS = 4096  # CollectiveWait reports kept (a hang reports once per tick)
 
@@ -41,7 +48,8 @@ def summarize(reader: RecordingReader) -> RunSummary:
     out = RunSummary(path=reader.path, session=reader.session, duration_s=reader.duration,
                      warning=reader.warning)
     model = out.model
-    merger = LayerMerger()
+    tables = StepTables()  # each table with its own step's record, across evaluations and restarts
+    flops = FlopsJoin()  # the agent's FLOPs of each sampled step, with that step's record
     # Per-layer medians need a sample, not every table: decoding 36 000 tables of an hour-long run
     # costs minutes. Steps are numbered, so a stride picks an even spread without reading ahead.
     every = max(1, math.ceil(reader.steps / LAYER_STEPS))
@@ -55,14 +63,14 @@ def summarize(reader: RecordingReader) -> RunSummary:
             model.apply(event)
         if isinstance(event, Step):
             _step(out, event)
-            out.step_modes[event.step] = event.mode or "train"
-            for table in merger.ready(event.step):
-                _layers(out, table)
-            # A step's tables come with it or a tick or two after: the modes of older steps go.
-            for done in [k for k in out.step_modes if k < event.step - MODE_MEMORY]:
-                del out.step_modes[done]
-        elif isinstance(event, LayerStats) and event.step % every == 0:
-            merger.add(event)
+            for table, step in tables.step(event):
+                _layers(out, table, step)
+            flops.step(event)
+        elif isinstance(event, StepFlops):
+            flops.flops(event)
+        elif isinstance(event, LayerStats):
+            for table, step in tables.table(event, keep=event.step % every == 0):
+                _layers(out, table, step)
         elif isinstance(event, ModelTree):
             _tree(out, event)
         elif isinstance(event, LayerFlops):
@@ -94,16 +102,58 @@ def summarize(reader: RecordingReader) -> RunSummary:
             if event.agent_cpu_pct is not None and math.isfinite(event.agent_cpu_pct):
                 out.agent_cpu_max = max(out.agent_cpu_max or 0.0, event.agent_cpu_pct)
             out.dropped = max(out.dropped, event.dropped)
-    for table in merger.ready():
-        _layers(out, table)
+    for table, step in tables.flush():
+        _layers(out, table, step)
+    if flops.seen:  # the agent's own figures of the steps' calls replace the estimate from the tables
+        for name, mode in out.modes.items():
+            mode.flops = flops.by_mode.get(name, Reservoir())
     out.end = model.end
     return out
+
+
+class FlopsJoin:
+    """``StepFlops`` (the FLOPs of exactly the calls one sampled step timed, each call counted at its own
+    input shapes) with the record of that step, for the FLOPs per step of each mode. A step's FLOPs can
+    come before or after its record, and numbers repeat (an evaluation's, a numbering that restarts):
+    the two are joined on number and duration, which the agent gives both from the same clock reading."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.by_mode: dict[str, Reservoir] = {}
+        self.recent: deque[Step] = deque(maxlen=STEPS_KEPT)
+        self.waiting: deque[StepFlops] = deque(maxlen=STEPS_KEPT)
+
+    def step(self, s: Step) -> None:
+        if s.mode == "eval":  # an evaluation's calls are no step's: it has no StepFlops
+            return
+        self.recent.append(s)
+        for e in [e for e in self.waiting if _same_step(e, s)]:
+            self.waiting.remove(e)
+            self._add(e, s)
+
+    def flops(self, e: StepFlops) -> None:
+        self.seen = True
+        s = next((s for s in reversed(self.recent) if _same_step(e, s)), None)
+        if s is None:
+            self.waiting.append(e)
+        else:
+            self._add(e, s)
+
+    def _add(self, e: StepFlops, s: Step) -> None:
+        if e.flops_total is not None and math.isfinite(e.flops_total) and e.flops_total > 0:
+            self.by_mode.setdefault(s.mode or "train", Reservoir()).add(e.flops_total)
+
+
+def _same_step(e: StepFlops, s: Step) -> bool:
+    return e.step == s.step and e.dur_ms is not None and e.dur_ms == s.dur_ms
 
 
 def _step(out: RunSummary, e: Step) -> None:
     if e.mode == "eval":  # an evaluation inside training: shown apart, never a training step
         out.modes.setdefault("eval", ModeSteps()).add(e)
         return
+    if e.mode == "train" and "train" not in out.modes and "infer" in out.modes:
+        _evaluation_before_training(out)
     out.steps += 1
     if out.first_step is None:
         out.first_step = e.step
@@ -138,6 +188,26 @@ def _step(out: RunSummary, e: Step) -> None:
     out.layer_every = e.layer_every
 
 
+# What the step records add to a RunSummary (its eval records and memory peaks aside).
+_STEP_FIELDS = ("steps", "first_step", "last_step", "step_ms", "busy_ms", "phases", "phase_totals", "tokens",
+                "samples", "comm_ms", "comm_total_ms", "comm_calls", "comm_bytes", "loss_count", "first_loss",
+                "min_loss", "last_loss", "nonfinite_losses", "overhead_us", "overhead_total_us")
+
+
+def _evaluation_before_training(out: RunSummary) -> None:
+    """The first training step, after inference records only: they were an evaluation before training
+    (or generate calls), and the agent counts training steps from 0 again. As the live viewer does
+    (``SessionModel._pretraining_evals``), they become one evaluation and are no steps of the run. Op
+    profiles stay: the agent drops its windows from before the restart itself, and a training step's
+    profile can come before the first training step's record."""
+    infer = out.modes.pop("infer")
+    fresh = RunSummary(path=out.path, session=out.session, duration_s=out.duration_s, warning=out.warning)
+    for name in _STEP_FIELDS:
+        setattr(out, name, getattr(fresh, name))
+    out.modes.setdefault("eval", ModeSteps()).add(
+        Step(step=0, t=0.0, dur_ms=infer.step_ms.total, mode="eval", phases=dict(infer.phase_totals)))
+
+
 def _tree(out: RunSummary, e: ModelTree) -> None:
     parents = set(e.parents)
     known = set(e.ids)
@@ -148,7 +218,7 @@ def _tree(out: RunSummary, e: ModelTree) -> None:
             out.roots.add(mid)
 
 
-def _layers(out: RunSummary, e: LayerStats) -> None:
+def _layers(out: RunSummary, e: LayerStats, step: Step | None) -> None:
     n = len(e.ids)
     has_bwd = len(e.bwd_ms) == n
     step_flops = 0.0
@@ -171,23 +241,35 @@ def _layers(out: RunSummary, e: LayerStats) -> None:
             # Forward FLOPs per call × calls; a backward costs about twice its forward (the usual 3×).
             backward = has_bwd and e.bwd_ms[i] > 0
             step_flops += out.module_flops[mid] * e.calls[i] * (3.0 if backward else 1.0)
-    mode = out.modes.get(out.step_modes.get(e.step, ""))
-    if step_flops > 0 and mode is not None:  # FLOPs count per mode: a generate after training is not a step
+    # FLOPs count per mode (a generate after training is not a training step), from the table's own step:
+    # an evaluation shares its number with the training step it precedes.
+    mode = out.modes.get((step.mode or "train") if step is not None else "")
+    if step_flops > 0 and mode is not None:
         mode.flops.add(step_flops)
 
 
 def _ops(out: RunSummary, e: Ops) -> None:
     out.op_windows += 1
     best: dict[str, float] = {}
+    rows_ms = 0.0
     for i, name in enumerate(e.names):
         row = out.ops.setdefault(name, [0.0, 0.0, 0.0])
         ms = e.self_ms[i] if i < len(e.self_ms) else 0.0
+        ms = ms if math.isfinite(ms) and ms > 0 else 0.0
+        rows_ms += ms
         row[0] += ms
         row[1] += e.calls[i] if i < len(e.calls) else 0
         row[2] += e.flops[i] if i < len(e.flops) else 0.0
         if i < len(e.shapes) and e.shapes[i] and ms > best.get(name, -1.0):
             best[name] = ms
             out.op_shapes[name] = e.shapes[i]
+    # The rows are the step's top K ops; their shares are of every op of the step (Ops.total_ms), as in
+    # the Ops view. An older agent sent no total: its rows' sum stands in (and the report says so).
+    total = e.total_ms
+    if total is None or not math.isfinite(total) or total < rows_ms - 1e-6:
+        out.op_totals_missing += 1
+        total = rows_ms
+    out.op_total_ms += max(total, rows_ms)
 
 
 def _span(out: RunSummary, e: Span) -> None:

@@ -142,6 +142,10 @@ class RunSummary:
     ops: dict[str, list[float]] = field(default_factory=dict)  # name -> [self_ms total, calls, flops]
     op_shapes: dict[str, str] = field(default_factory=dict)  # name -> input shapes of its hottest profile row
     op_windows: int = 0
+    # self time of every op of the profiled steps (Ops.total_ms), the base of the top ops' shares; windows
+    # from agents that did not send it count their rows' sum instead (their shares are of the rows shown)
+    op_total_ms: float = 0.0
+    op_totals_missing: int = 0
     tokens: int = 0
     samples: int = 0
     busy_ms: float = 0.0
@@ -159,7 +163,6 @@ class RunSummary:
     # FLOPs: forward FLOPs per call of each module (latest signature), and per-step totals of the roots
     module_flops: dict[int, float] = field(default_factory=dict)
     roots: set[int] = field(default_factory=set)
-    step_modes: dict[int, str] = field(default_factory=dict)  # mode of the recent steps, for their tables
     peak_flops: float | None = None
     flops_device: str = ""
     # spans, loading and tokenization
@@ -216,11 +219,14 @@ class RunSummary:
         pool.sort(key=lambda la: la.self_ms(), reverse=True)
         return pool[:n]
 
-    def top_ops(self, n: int = TOP) -> list[tuple[str, float, float]]:
-        """(name, mean self ms per profiled step, calls per profiled step)."""
+    def top_ops(self, n: int = TOP) -> list[tuple[str, float, float, float | None]]:
+        """(name, mean self ms per profiled step, calls per profiled step, share of the profiled steps'
+        op time: every op of those steps, as the Ops view's % column)."""
         if not self.op_windows:
             return []
-        rows = [(name, v[0] / self.op_windows, v[1] / self.op_windows) for name, v in self.ops.items()]
+        total = self.op_total_ms if self.op_total_ms > 0 else None
+        rows = [(name, v[0] / self.op_windows, v[1] / self.op_windows, v[0] / total if total else None)
+                for name, v in self.ops.items()]
         rows.sort(key=lambda r: r[1], reverse=True)
         return rows[:n]
 
@@ -414,8 +420,11 @@ class RunSummary:
                             "fwd_p50_ms": la.fwd.median(), "bwd_p50_ms": la.bwd.median(), "calls": la.calls}
                            for la in self.top_layers()],
             "ops": {"profiles": self.op_windows,
-                    "top": [{"name": n, "self_ms": ms, "calls": c, "shapes": self.op_shapes.get(n, "")}
-                            for n, ms, c in self.top_ops()]},
+                    "step_ms": self.op_total_ms / self.op_windows if self.op_windows else None,
+                    "step_ms_source": ("rows" if self.op_totals_missing else "step") if self.op_windows else None,
+                    "top": [{"name": n, "self_ms": ms, "calls": c, "shapes": self.op_shapes.get(n, ""),
+                             "share_pct": share * 100.0 if share is not None else None}
+                            for n, ms, c, share in self.top_ops()]},
             "memory": {"cuda_peak_bytes": self.cuda_peak, "device_used_peak_bytes": self.device_mem_peak,
                        "rss_peak_bytes": self.rss_peak, "rss_first_bytes": self.rss_first,
                        "rss_last_bytes": self.rss_last},
