@@ -1,0 +1,200 @@
+"""Ranks: one row per rank of a distributed job, worst skew first, with the job's figures on top.
+
+Shown only when the viewer follows more than one stream (a job); ``enter`` on a row makes that
+rank the one every other view shows. Rows are computed by ``JobModel.rows`` (plain data); this view
+only formats them and keeps the table in step by row key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from llmtop.protocol.events import PHASES
+from llmtop.tui.session import fmt
+from llmtop.tui.session.job import JobModel, JobSummary, RankRow
+from llmtop.tui.views.widgets import PHASE_GLYPHS, PHASE_STYLES, KeyedTable
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import DataTable, Static
+
+COLUMNS = (("rank", " rank"), ("status", " status"), ("step", " step"), ("ms", " last/p50"),
+           ("comm", " comm"), ("skew", " skew"), ("tokens", " tok/s"), ("mem", " mem"), ("loss", " loss"),
+           ("phases", " phases"), ("spark", " step ms"))
+PHASE_CELLS = 6
+SPARK_MIN, SPARK_MAX = 6, 40
+STATUS_WIDTH = 10
+EVENT_LINES = 4  # lines under the job line: waits, lost and failed ranks, the straggler
+BLOCKS = "▁▂▃▄▅▆▇█"
+STATE_STYLES = {"live": "green", "waiting": "bold yellow", "lost": "bold red", "connecting": "dim"}
+
+
+def spark_text(values: Sequence[float], width: int) -> str:
+    """A sparkline in block characters (the newest ``width`` values, scaled to their max)."""
+    values = [v for v in values if math.isfinite(v)][-width:]
+    if not values:
+        return ""
+    top = max(values) or 1.0
+    return "".join(BLOCKS[min(7, max(0, round(v / top * 7)))] for v in values)
+
+
+def phase_cells(shares: dict[str, float], width: int = PHASE_CELLS) -> Text:
+    """A tiny stacked bar of a rank's phases (glyphs as in the Overview, so it reads without colour)."""
+    text = Text()
+    if not shares:
+        return Text(fmt.DASH, style="dim")
+    used = 0
+    for i, phase in enumerate(PHASES):
+        share = shares.get(phase, 0.0)
+        cells = round(share * width) if i < len(PHASES) - 1 else width - used
+        cells = max(0, min(cells, width - used))
+        used += cells
+        text.append(PHASE_GLYPHS[phase] * cells, style=PHASE_STYLES[phase])
+    return text
+
+
+def skew_text(skew: float | None) -> Text:
+    if skew is None:
+        return Text(fmt.DASH, style="dim")
+    style = "bold red" if skew >= 0.2 else ("yellow" if skew >= 0.05 else "")
+    return Text(f"{skew * 100:+.0f}%", style=style)
+
+
+def _cell(value: str | Text, right: bool = True) -> Text:
+    """A cell with one leading space (the table has no padding, so 80 columns hold every column)."""
+    text = value if isinstance(value, Text) else Text(value)
+    out = Text(" ", no_wrap=True, justify="right" if right else "left")
+    out.append_text(text)
+    return out
+
+
+def row_cells(row: RankRow, spark_width: int) -> tuple[Any, ...]:
+    label = " " + row.label + (f" ↻{row.restarts}" if row.restarts else "")
+    status = row.status if len(row.status) <= STATUS_WIDTH else row.status[: STATUS_WIDTH - 1] + "…"
+    times = f"{fmt.ms(row.last_ms)}/{fmt.ms(row.p50_ms)}"
+    loss = fmt.DASH if row.loss is None else (f"{row.loss:.3f}" if math.isfinite(row.loss) else str(row.loss))
+    return (label, _cell(Text(status, style=STATE_STYLES.get(row.state, "")), right=False),
+            _cell(fmt.DASH if row.step is None else str(row.step)), _cell(times),
+            _cell(fmt.DASH if row.comm_ms is None else fmt.ms(row.comm_ms)), _cell(skew_text(row.skew)),
+            _cell(fmt.rate(row.tokens_s, "")), _cell(fmt.nbytes(row.memory)), _cell(loss),
+            _cell(phase_cells(row.phases), right=False), _cell(spark_text(row.spark, spark_width), right=False))
+
+
+def job_line(summary: JobSummary) -> Text:
+    t = Text(no_wrap=True, overflow="ellipsis")
+    if summary.job:
+        t.append(f"job {summary.job}", style="bold")
+        t.append(" · ")
+    if summary.launcher:
+        t.append(f"{summary.launcher} · ")
+    t.append(summary.ranks_text(), style="bold")
+    t.append(f" · {summary.live} running")
+    t.append(f" · job {fmt.rate(summary.tokens_s, ' tok/s')}")
+    if summary.steps_s is not None:
+        t.append(f" · {summary.steps_s:.2f} steps/s")
+    return t
+
+
+def event_lines(summary: JobSummary, rows: list[RankRow], notes: list[str]) -> Text:
+    """What needs attention: waits in collectives (and who never arrived), lost and ended ranks, the
+    straggler diagnosis."""
+    t = Text(no_wrap=True, overflow="ellipsis")
+    lines: list[tuple[str, str]] = []
+    if summary.waiting:
+        waiting = ", ".join(r.label for r in summary.waiting)
+        ops = sorted({r.status for r in summary.waiting})
+        line = f"⧗ rank {waiting} waiting: {'; '.join(ops)}"
+        if summary.world_size:
+            present = {r.rank for r in summary.waiting}
+            missing = [str(r) for r in range(summary.world_size) if r not in present]
+            if missing:
+                line += f" · not in it: {', '.join(missing[:16])}{'…' if len(missing) > 16 else ''}"
+        lines.append((line, "bold yellow"))
+    if summary.lost:
+        lines.append((f"✖ lost: rank {', '.join(r.label for r in summary.lost)}", "bold red"))
+    failed = [r for r in summary.ended if r.status != "done"]
+    if failed:
+        lines.append(("✖ " + ", ".join(f"rank {r.label} {r.status}" for r in failed), "bold red"))
+    for note in notes:
+        lines.append((note, "yellow"))
+    if not lines:
+        skewed = next((r for r in rows if r.skew is not None), None)
+        if skewed is not None and len(rows) > 1:
+            lines.append((f"slowest: rank {skewed.label}, {skewed.skew * 100:+.0f}% busy time vs the median rank",
+                          "dim"))
+        else:
+            lines.append(("no step records with times yet", "dim"))
+    for i, (line, style) in enumerate(lines[:EVENT_LINES]):
+        if i:
+            t.append("\n")
+        t.append(line, style=style)
+    return t
+
+
+def diagnosis_notes(job: JobModel, held: Any = None) -> list[str]:
+    """The straggler/hang diagnoses of ``tui/session/ranks_diagnoses.py`` when that module is
+    present (another part of the work): one line each, never an error here."""
+    try:
+        from llmtop.tui.session import ranks_diagnoses as rd  # type: ignore[attr-defined]
+    except ImportError:
+        return []
+    notes = []
+    fn = getattr(rd, "stragglers", None) or getattr(rd, "straggler", None)
+    if fn is not None:
+        try:
+            result = fn(job.steps_by_rank(held))
+            for item in result if isinstance(result, list) else [result]:
+                text = getattr(item, "text", None) if item is not None else None
+                if text:
+                    notes.append(str(text).splitlines()[0])
+        except Exception:  # noqa: BLE001 - an unfinished diagnosis must not take the view down
+            pass
+    return notes[:1]
+
+
+class RanksView(Vertical):
+    DEFAULT_CSS = """
+    RanksView #ranks-info { height: auto; max-height: 5; padding: 0 1; }
+    RanksView DataTable { height: 1fr; }
+    """
+
+    class Choose(Message):
+        """A rank was chosen: every other view shows its stream."""
+
+        def __init__(self, key: str) -> None:
+            super().__init__()
+            self.key = key
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="ranks-info")
+        yield DataTable(id="ranks-table", cursor_type="row", cell_padding=0)
+
+    def on_mount(self) -> None:
+        self._keyed = KeyedTable(self.query_one(DataTable), COLUMNS)
+
+    def spark_width(self) -> int:
+        """What is left of the line for the sparkline (wider terminals get longer histories)."""
+        return max(SPARK_MIN, min(SPARK_MAX, self.size.width - 73))
+
+    def show(self, summary: JobSummary, rows: list[RankRow], notes: list[str], selected: str | None) -> None:
+        info = Text(no_wrap=True, overflow="ellipsis")
+        info.append_text(job_line(summary))
+        info.append("\n")
+        info.append_text(event_lines(summary, rows, notes))
+        self.query_one("#ranks-info", Static).update(info)
+        width = self.spark_width()
+        cells = []
+        for row in rows:
+            c = row_cells(row, width)
+            if row.key == selected:
+                c = (Text("▸" + c[0][1:], style="bold"), *c[1:])
+            cells.append((row.key, c))
+        self._keyed.sync(cells)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        if event.row_key.value is not None:
+            self.post_message(self.Choose(str(event.row_key.value)))
