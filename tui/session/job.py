@@ -55,6 +55,14 @@ class RankSessionModel(SessionModel):
         super().apply(event)
 
 
+@dataclass(frozen=True)
+class Identity:
+    rank: int | None
+    world_size: int | None = None
+    job: str = ""
+    launcher: str = ""
+
+
 @dataclass
 class RankRow:
     """One stream of the job as the Ranks view shows it (plain values: no lock needed to read)."""
@@ -124,6 +132,20 @@ class JobModel:
         self.lock = threading.Lock()  # guards ``models`` only; each model has its own lock
         self.models: dict[str, SessionModel] = {}
         self.hosts: dict[str, str] = {}  # stream key → host, as its source knows it
+        # what a source learnt of a stream's rank before (or instead of) its Session saying so: a
+        # local source reads the launcher's variables of the process (an agent too old to send them)
+        self.hints: dict[str, Identity] = {}
+
+    def identity(self, key: str, model: SessionModel) -> Identity:
+        """Rank, world size and job of a stream (call with its lock held): its Session's, else the hint."""
+        s = model.session
+        hint = self.hints.get(key)
+        if s is not None and s.rank is not None:
+            return Identity(s.rank, s.world_size, s.job, s.launcher)
+        if hint is not None:
+            return hint
+        return Identity(None, s.world_size if s is not None else None, s.job if s is not None else "",
+                        s.launcher if s is not None else "")
 
     def model_for(self, key: str) -> SessionModel:
         """The model fed by stream ``key``, created on first use and kept after the stream ends
@@ -161,7 +183,7 @@ class JobModel:
         rows = []
         for key, model in self.items():
             with _locked(model, held):
-                rows.append(rank_row(key, model, self.hosts.get(key, ""), window_s))
+                rows.append(rank_row(key, model, self.hosts.get(key, ""), window_s, self.identity(key, model)))
         return sort_by_skew(fill_skew(newest_per_rank(rows)))
 
     def summary(self, held: SessionModel | None = None, rows: list[RankRow] | None = None) -> JobSummary:
@@ -169,13 +191,12 @@ class JobModel:
         items = self.items()
         world = None
         job = launcher = ""
-        for _, m in items:
+        for key, m in items:
             with _locked(m, held):
-                s = m.session
-                if s is not None:
-                    world = max(world or 0, s.world_size or 0) or world
-                    job = job or s.job
-                    launcher = launcher or s.launcher
+                ident = self.identity(key, m)
+                world = max(world or 0, ident.world_size or 0) or world
+                job = job or ident.job
+                launcher = launcher or ident.launcher
         running = [r for r in rows if r.state in (LIVE, "waiting")]
         tokens = [r.tokens_s for r in running if r.tokens_s]
         rates = [r.steps_s for r in running if r.steps_s]
@@ -191,7 +212,7 @@ class JobModel:
         keyed = []
         for key, model in self.items():
             with _locked(model, held):
-                rank = model.session.rank if model.session is not None else None
+                rank = self.identity(key, model).rank
             keyed.append((rank is None, rank or 0, key))
         return [k for *_, k in sorted(keyed)]
 
@@ -202,15 +223,15 @@ class JobModel:
     def steps_by_rank(self, held: SessionModel | None = None, last: int = 100) -> dict[int, list[Any]]:
         """Recent step records per rank (newest stream of each): the input of the straggler diagnosis."""
         out: dict[int, tuple[float, list[Any]]] = {}
-        for _, model in self.items():
+        for key, model in self.items():
             with _locked(model, held):
-                s = model.session
-                if s is None or s.rank is None:
+                rank = self.identity(key, model).rank
+                if model.session is None or rank is None:
                     continue
-                started = s.started or 0.0
-                if s.rank in out and out[s.rank][0] > started:
+                started = model.session.started or 0.0
+                if rank in out and out[rank][0] > started:
                     continue
-                out[s.rank] = (started, list(model.steps)[-last:])
+                out[rank] = (started, list(model.steps)[-last:])
         return {rank: steps for rank, (_, steps) in sorted(out.items())}
 
     def layer_across(self, path: str, held: SessionModel | None = None, which: str = "fwd") -> LayerAcross | None:
@@ -219,7 +240,7 @@ class JobModel:
         values: dict[str, float] = {}
         for key, model in self.items():
             with _locked(model, held):
-                label = _label(model)
+                label = _label(self.identity(key, model))
                 for layer in model.layers.values():
                     if layer.path == path:
                         ms = layer.fwd_ema if which == "fwd" else layer.bwd_ema
@@ -239,14 +260,16 @@ def _locked(model: SessionModel, held: SessionModel | None) -> Iterator[None]:
         yield
 
 
-def _label(model: SessionModel) -> str:
-    s = model.session
-    return UNKNOWN_RANK if s is None or s.rank is None else str(s.rank)
+def _label(ident: Identity) -> str:
+    return UNKNOWN_RANK if ident.rank is None else str(ident.rank)
 
 
-def rank_row(key: str, model: SessionModel, host: str = "", window_s: float = 10.0) -> RankRow:
+def rank_row(key: str, model: SessionModel, host: str = "", window_s: float = 10.0,
+             ident: Identity | None = None) -> RankRow:
     """The row of one stream (call with its lock held)."""
     s = model.session
+    if ident is None:
+        ident = Identity(s.rank if s is not None else None)
     steps = list(model.steps)[-RECENT_STEPS:]
     durs = [st.dur_ms / max(1, st.merged) for st in steps]
     comms = [st.comm_ms / max(1, st.merged) for st in steps if st.comm_ms is not None]
@@ -265,7 +288,7 @@ def rank_row(key: str, model: SessionModel, host: str = "", window_s: float = 10
         memory = model.host[-1].rss
     state, status = rank_status(model)
     return RankRow(
-        key=key, rank=s.rank if s is not None else None, label=_label(model),
+        key=key, rank=ident.rank, label=_label(ident),
         pid=s.pid if s is not None else None, host=host or (s.hostname if s is not None else ""),
         status=status, state=state, step=last.step if last is not None else None,
         last_ms=durs[-1] if durs else None, p50_ms=percentile(durs, 50), busy_ms=percentile(busy, 50),

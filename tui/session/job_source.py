@@ -22,7 +22,7 @@ from pathlib import Path
 
 from llmtop.protocol.events import CollectiveWait, End, Event, LayerStats, Session, Step
 from llmtop.protocol.paths import AgentInfo, list_agents, pid_alive
-from llmtop.tui.session.job import JobModel
+from llmtop.tui.session.job import Identity, JobModel
 from llmtop.tui.session.model import LIVE, LOST, SessionModel
 from llmtop.tui.session.source import SocketSource
 
@@ -87,6 +87,25 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
+def identity_from_env(pid: int) -> Identity | None:
+    """Rank and world size from the launcher's variables in a local process's environment (readable
+    for our own processes): for agents whose Session does not carry them."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            pairs = [p.split(b"=", 1) for p in f.read().split(b"\0") if b"=" in p]
+    except OSError:
+        return None
+    env = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+    for rank_var, world_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
+                                ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")):
+        rank, world = env.get(rank_var, ""), env.get(world_var, "")
+        if rank.isdigit():
+            job = env.get("TORCHELASTIC_RUN_ID", "") or env.get("SLURM_JOB_ID", "")
+            launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else ""
+            return Identity(int(rank), int(world) if world.isdigit() else None, job, launcher)
+    return None
+
+
 def is_launcher(argv: list[str]) -> bool:
     """A launcher's command line (``torchrun …``, ``python -m torch.distributed.run …``)."""
     head = " ".join(argv[:3])
@@ -128,7 +147,7 @@ class JobSource:
 
     def __init__(self, job: JobModel, match: JobMatch, *, primary: str | os.PathLike[str] | None = None,
                  discover_s: float = 0.5, give_up: Callable[[], bool] | None = None,
-                 primary_give_up: Callable[[], bool] | None = None,
+                 primary_give_up: Callable[[], bool] | None = None, primary_key: str | None = None,
                  lister: Callable[[], list[AgentInfo]] = list_agents) -> None:
         self.job = job
         self.match = match
@@ -140,7 +159,7 @@ class JobSource:
         self.sources: dict[str, SocketSource] = {}  # socket path → its source
         self.threads: list[threading.Thread] = []
         self.primary = Path(primary) if primary is not None else None
-        self.primary_key = f"{HOST}:{self.primary.name}" if self.primary is not None else None
+        self.primary_key = primary_key or (f"{HOST}:{self.primary.name}" if self.primary is not None else None)
         self.path = self.primary  # what the app records from (R) and reads the log beside
         self.primary_give_up = primary_give_up
         if self.primary_key is not None:
@@ -168,10 +187,19 @@ class JobSource:
             return 0
         started = 0
         for info in agents:
-            if info.socket in self.sources or (self.primary is not None and Path(info.socket) == self.primary):
+            if self.primary is not None and Path(info.socket) == self.primary:
+                if self.primary_key is not None and self.primary_key not in self.job.hints:
+                    hint = identity_from_env(info.pid)
+                    if hint is not None:
+                        self.job.hints[self.primary_key] = hint
+                continue
+            if info.socket in self.sources:
                 continue
             key = f"{getattr(info, 'host', '') or HOST}:{info.pid}"
             pid = info.pid
+            hint = identity_from_env(pid)
+            if hint is not None:
+                self.job.hints[key] = hint
             self._start(Path(info.socket), key, lambda pid=pid: not pid_alive(pid))
             started += 1
         return started
@@ -273,3 +301,22 @@ def synthetic_job(ranks: int, steps: int = 40, *, slow_rank: int | None = None, 
             out.append(End(t=last_t, exit_code=1, reason="exception"))
         streams[f"box:{PID + r}"] = out
     return streams
+
+
+def find_job(target: str, agents: list[AgentInfo]) -> tuple[JobMatch, AgentInfo | None] | None:
+    """What ``llmtop watch TARGET`` means as a job: a rank's pid (its job, the agent itself first),
+    an ``llmtop attach`` pid, or a job id. None when the target is none of these, or names a single
+    process (then it is watched alone, as ever)."""
+    if target.isdigit():
+        pid = int(target)
+        info = next((a for a in agents if a.pid == pid), None)
+        match = match_for_pid(pid, agents)
+        if match is None:
+            return None
+        members = job_agents(match, agents)
+        world = int(getattr(info, "world_size", None) or 0) if info is not None else 0
+        if len(members) > 1 or world > 1 or (info is None and members):
+            return match, info
+        return None
+    match = JobMatch(job=target)
+    return (match, None) if job_agents(match, agents) else None

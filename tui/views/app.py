@@ -228,8 +228,10 @@ class LlmtopApp(App[int]):
             self.screen._seen = -1
 
     def selected_label(self) -> str:
-        s = self.model.session
-        return "?" if s is None or s.rank is None else str(s.rank)
+        if self.job is None or self.selected is None:
+            return "?"
+        rank = self.job.identity(self.selected, self.model).rank  # reads one model: fine without its lock
+        return "?" if rank is None else str(rank)
 
     def _share_logs(self) -> None:
         """Attached to a launcher, the pty carries every rank's output: each rank's model shows it."""

@@ -27,6 +27,7 @@ COLUMNS = (("rank", " rank"), ("status", " status"), ("step", " step"), ("ms", "
 PHASE_CELLS = 6
 SPARK_MIN, SPARK_MAX = 6, 40
 STATUS_WIDTH = 10
+EVEN = 0.02  # skew below this is noise: the ranks are called even
 EVENT_LINES = 4  # lines under the job line: waits, lost and failed ranks, the straggler
 BLOCKS = "▁▂▃▄▅▆▇█"
 STATE_STYLES = {"live": "green", "waiting": "bold yellow", "lost": "bold red", "connecting": "dim"}
@@ -37,8 +38,10 @@ def spark_text(values: Sequence[float], width: int) -> str:
     values = [v for v in values if math.isfinite(v)][-width:]
     if not values:
         return ""
-    top = max(values) or 1.0
-    return "".join(BLOCKS[min(7, max(0, round(v / top * 7)))] for v in values)
+    lo, hi = min(values), max(values)
+    if hi <= lo * 1.02:  # flat within 2 %: a level line, not noise blown up to full height
+        return BLOCKS[3] * len(values)
+    return "".join(BLOCKS[min(7, max(0, round((v - lo) / (hi - lo) * 7)))] for v in values)
 
 
 def phase_cells(shares: dict[str, float], width: int = PHASE_CELLS) -> Text:
@@ -85,16 +88,14 @@ def row_cells(row: RankRow, spark_width: int) -> tuple[Any, ...]:
 
 def job_line(summary: JobSummary) -> Text:
     t = Text(no_wrap=True, overflow="ellipsis")
-    if summary.job:
-        t.append(f"job {summary.job}", style="bold")
-        t.append(" · ")
-    if summary.launcher:
-        t.append(f"{summary.launcher} · ")
     t.append(summary.ranks_text(), style="bold")
     t.append(f" · {summary.live} running")
-    t.append(f" · job {fmt.rate(summary.tokens_s, ' tok/s')}")
+    if summary.tokens_s is not None:
+        t.append(f" · job {fmt.rate(summary.tokens_s, ' tok/s')}")
     if summary.steps_s is not None:
         t.append(f" · {summary.steps_s:.2f} steps/s")
+    if summary.launcher or summary.job:
+        t.append(f" · {summary.launcher or 'job'} {summary.job}".rstrip(), style="dim")
     return t
 
 
@@ -121,10 +122,14 @@ def event_lines(summary: JobSummary, rows: list[RankRow], notes: list[str]) -> T
     for note in notes:
         lines.append((note, "yellow"))
     if not lines:
+        skews = [r.skew for r in rows if r.skew is not None]
         skewed = next((r for r in rows if r.skew is not None), None)
-        if skewed is not None and len(rows) > 1:
+        if skewed is not None and skewed.skew is not None and skewed.skew >= EVEN:
             lines.append((f"slowest: rank {skewed.label}, {skewed.skew * 100:+.0f}% busy time vs the median rank",
                           "dim"))
+        elif len(skews) > 1:
+            spread = max(abs(v) for v in skews)
+            lines.append((f"ranks even: busy time within ±{max(spread * 100, 1):.0f}% of the median rank", "dim"))
         else:
             lines.append(("no step records with times yet", "dim"))
     for i, (line, style) in enumerate(lines[:EVENT_LINES]):
@@ -157,7 +162,8 @@ def diagnosis_notes(job: JobModel, held: Any = None) -> list[str]:
 
 class RanksView(Vertical):
     DEFAULT_CSS = """
-    RanksView #ranks-info { height: auto; max-height: 5; padding: 0 1; }
+    RanksView #ranks-info { height: auto; max-height: 5; padding: 0 1; text-wrap: nowrap;
+        text-overflow: ellipsis; }
     RanksView DataTable { height: 1fr; }
     """
 
