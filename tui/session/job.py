@@ -25,6 +25,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from llmtop.protocol.events import PHASES, CollectiveWait, Event
@@ -34,6 +35,7 @@ from llmtop.tui.session.model import CONNECTING, ENDED, LIVE, LOST, SessionModel
 RECENT_STEPS = 50  # steps per rank behind the p50 and the skew
 SPARK_STEPS = 24  # step times per rank kept for the row's sparkline
 UNKNOWN_RANK = "?"
+SORT_STEP = 5  # percent of skew: rows within one step keep their rank order
 
 
 class RankSessionModel(SessionModel):
@@ -135,6 +137,10 @@ class JobModel:
         # what a source learnt of a stream's rank before (or instead of) its Session saying so: a
         # local source reads the launcher's variables of the process (an agent too old to send them)
         self.hints: dict[str, Identity] = {}
+        # the last row made of each stream, kept while its model's version and identity hold: at 64
+        # ranks and 4 frames a second most streams have not changed since the last frame
+        self._rows: dict[str, tuple[tuple[int, Identity, float], RankRow]] = {}
+        self._light: dict[str, tuple[tuple[int, Identity, float], RankRow]] = {}
 
     def identity(self, key: str, model: SessionModel) -> Identity:
         """Rank, world size and job of a stream (call with its lock held): its Session's, else the hint."""
@@ -177,13 +183,24 @@ class JobModel:
 
     # --- rows ------------------------------------------------------------------------------------
 
-    def rows(self, held: SessionModel | None = None, window_s: float = 10.0) -> list[RankRow]:
+    def rows(self, held: SessionModel | None = None, window_s: float = 10.0, light: bool = False) -> list[RankRow]:
         """One row per rank (the newest stream of each rank; a rank's older streams count as its
-        restarts), sorted by skew, worst first; then streams whose rank is unknown."""
+        restarts), sorted by skew, worst first; then streams whose rank is unknown. ``light``: only
+        what the header needs (status, tokens/s, steps/s), for frames of the other views."""
         rows = []
         for key, model in self.items():
             with _locked(model, held):
-                rows.append(rank_row(key, model, self.hosts.get(key, ""), window_s, self.identity(key, model)))
+                ident = self.identity(key, model)
+                stamp = (model.version, ident, window_s)
+                cached = self._rows.get(key)
+                if cached is None or cached[0] != stamp:
+                    cached = self._light.get(key) if light else None
+                if cached is not None and cached[0] == stamp:
+                    row = cached[1]
+                else:
+                    row = rank_row(key, model, self.hosts.get(key, ""), window_s, ident, light)
+                    (self._light if light else self._rows)[key] = (stamp, row)
+            rows.append(row)
         return sort_by_skew(fill_skew(newest_per_rank(rows)))
 
     def summary(self, held: SessionModel | None = None, rows: list[RankRow] | None = None) -> JobSummary:
@@ -265,12 +282,18 @@ def _label(ident: Identity) -> str:
 
 
 def rank_row(key: str, model: SessionModel, host: str = "", window_s: float = 10.0,
-             ident: Identity | None = None) -> RankRow:
-    """The row of one stream (call with its lock held)."""
+             ident: Identity | None = None, light: bool = False) -> RankRow:
+    """The row of one stream (call with its lock held); ``light``: identity, status and rates only."""
     s = model.session
     if ident is None:
         ident = Identity(s.rank if s is not None else None)
-    steps = list(model.steps)[-RECENT_STEPS:]
+    if light:
+        state, status = rank_status(model)
+        return RankRow(key=key, rank=ident.rank, label=_label(ident), pid=s.pid if s is not None else None,
+                       host=host, status=status, state=state, tokens_s=model.tokens_per_s(window_s),
+                       steps_s=model.steps_per_s(window_s), version=model.version)
+    steps = list(islice(reversed(model.steps), RECENT_STEPS))  # never a copy of the whole history
+    steps.reverse()
     durs = [st.dur_ms / max(1, st.merged) for st in steps]
     comms = [st.comm_ms / max(1, st.merged) for st in steps if st.comm_ms is not None]
     busy = [(st.dur_ms - (st.comm_ms or 0.0)) / max(1, st.merged) for st in steps]
@@ -341,7 +364,8 @@ def fill_skew(rows: list[RankRow]) -> list[RankRow]:
 
 def sort_by_skew(rows: list[RankRow]) -> list[RankRow]:
     """Worst skew first; rows without a skew after, by rank; unknown ranks last."""
-    def key(r: RankRow) -> tuple[int, float, int, str]:
-        skew = -r.skew if r.skew is not None and math.isfinite(r.skew) else math.inf
+    def key(r: RankRow) -> tuple[bool, float, int, str]:
+        # by steps of SORT_STEP: rows do not swap places on noise from one frame to the next
+        skew = -round(r.skew * 100 / SORT_STEP) if r.skew is not None and math.isfinite(r.skew) else math.inf
         return (r.rank is None, skew, r.rank if r.rank is not None else 0, r.key)
     return sorted(rows, key=key)

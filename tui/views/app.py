@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtop.tui.session import fmt
-from llmtop.tui.session.job import JobModel, JobSummary
+from llmtop.tui.session.job import JobModel, JobSummary, RankRow
 from llmtop.tui.session.logtail import LogTail, detached_log_path
 from llmtop.tui.session.model import CONNECTING, ENDED, LIVE, LOST, SessionModel
 from llmtop.tui.session.source import SocketSource, Source
@@ -63,6 +63,7 @@ class LlmtopApp(App[int]):
         self.model = self.job.model_for(self.selected) if self.job is not None and self.selected else SessionModel()
         self.job_shown = False  # the Ranks view and the job's header are on (more than one stream)
         self._job_summary: JobSummary | None = None
+        self._job_rows: list[RankRow] = []
         self._log_shared: set[int] = set()  # models (by id) that got the pty's output so far
         self.launcher_end: Any = None  # attached to a launcher of several ranks: its End
         if child is not None:
@@ -182,7 +183,9 @@ class LlmtopApp(App[int]):
         if not self.job_shown and job.is_job():
             self._show_job()
         if self.job_shown:
-            self._job_summary = job.summary()
+            # once a frame, for the header and the Ranks view (the header alone needs little)
+            self._job_rows = job.rows(light=self.active_view != "ranks" or len(self.screen_stack) > 1)
+            self._job_summary = job.summary(rows=self._job_rows)
         if self.child is not None:
             self._share_logs()
 
@@ -206,8 +209,9 @@ class LlmtopApp(App[int]):
         key = (job.version(), "ranks", self.window_s, self.selected)
         if (key == self._drawn and not force) or not view.is_mounted or not view.query("DataTable"):
             return
-        rows = job.rows()
-        summary = job.summary(rows=rows)
+        rows, summary = self._job_rows, self._job_summary
+        if summary is None:
+            return
         with self.batch_update():
             view.show(summary, rows, diagnosis_notes(job), self.selected)
         self._drawn = key

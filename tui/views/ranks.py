@@ -63,7 +63,7 @@ def skew_text(skew: float | None) -> Text:
     if skew is None:
         return Text(fmt.DASH, style="dim")
     style = "bold red" if skew >= 0.2 else ("yellow" if skew >= 0.05 else "")
-    return Text(f"{skew * 100:+.0f}%", style=style)
+    return Text("0%" if abs(skew) < 0.005 else f"{skew * 100:+.0f}%", style=style)
 
 
 def _cell(value: str | Text, right: bool = True) -> Text:
