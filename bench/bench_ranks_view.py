@@ -55,8 +55,31 @@ def ingest(steps: int, repeats: int) -> dict[str, float]:
 
     rate, n = run(blobs)
     light_rate, light_n = run(light)
+    # the same events through one plain SessionModel, as one process's viewer takes them (the baseline)
+    first = next(iter(blobs))
+    one_stream = {first: b"".join(blobs.values())}
+    single = run_single(one_stream[first], repeats)
     return {"events_per_s": rate, "events": n, "light_events_per_s": light_rate, "light_events": light_n,
-            "mb": sum(len(b) for b in blobs.values()) / 1e6}
+            "mb": sum(len(b) for b in blobs.values()) / 1e6, "single_events_per_s": single}
+
+
+def run_single(blob: bytes, repeats: int) -> float:
+    from llmtop.tui.session.model import SessionModel
+
+    best, n = float("inf"), 0
+    for _ in range(repeats):
+        model = SessionModel()
+        frames, decoder = FrameDecoder(), EventDecoder()
+        n = 0
+        t0 = time.process_time()
+        for start in range(0, len(blob), 262144):
+            for body in frames.feed(blob[start:start + 262144]):
+                event = decoder.decode(body)
+                with model.lock:
+                    model.apply(event)
+                n += 1
+        best = min(best, time.process_time() - t0)
+    return n / best
 
 
 async def frames(size: tuple[int, int], frames_n: int, ranks: int = RANKS) -> dict[str, dict[str, float]]:
@@ -122,7 +145,8 @@ def main() -> None:
     print(f"ingest, one core, {RANKS} ranks: {got['events_per_s']:,.0f} events/s "
           f"({got['events']:,} events, {got['mb']:.1f} MB, 2-layer GPT-2 layer tables included; "
           f"goal >= 50,000: {'met' if got['events_per_s'] >= 50_000 else 'MISSED'}); "
-          f"{got['light_events_per_s']:,.0f} events/s without layer tables")
+          f"{got['light_events_per_s']:,.0f} events/s without layer tables; the same events into one plain "
+          f"SessionModel (baseline, this run): {got['single_events_per_s']:,.0f} events/s")
     worst = 0.0
     for size in ((80, 24), (160, 50)):
         res = asyncio.run(frames(size, frames_n))

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from llmtop.protocol.events import CollectiveWait, End, Session
 from llmtop.protocol.paths import AgentInfo
+from llmtop.protocol.recording import RecordingReader
 from llmtop.tui.session.canned import PID, T0
 from llmtop.tui.session.job import Identity, JobModel
 from llmtop.tui.session.job_source import (
@@ -36,7 +37,7 @@ from llmtop.tui.session.job_source import (
 from llmtop.tui.session.model import ENDED, LOST
 from llmtop.tui.session.source import EventsSource
 from llmtop.tui.views.app import LlmtopApp
-from textual.widgets import DataTable
+from llmtop.tui.views.tree_table import TreeTable
 
 from tests.conftest import LLMTOP, ROOT, child_env
 
@@ -207,8 +208,8 @@ def job_app(ranks: int, **kw) -> tuple[LlmtopApp, JobEventsSource]:
 
 
 def table_labels(app: LlmtopApp) -> list[str]:
-    table = app.query_one("#ranks-table", DataTable)
-    return [table.get_row_at(i)[0].plain.strip(" ▸") for i in range(table.row_count)]
+    table = app.query_one("#ranks-table", TreeTable)
+    return [table.rows[k][0].plain.strip(" ▸") for k in table.order]
 
 
 def test_a_single_process_has_no_ranks_view_and_no_rank_keys() -> None:
@@ -272,15 +273,15 @@ def test_the_ranks_view_scrolls_through_64_ranks() -> None:
             await loaded(pilot, source)
             await pilot.press("8")
             await loaded(pilot, source)
-            table = app.query_one("#ranks-table", DataTable)
+            table = app.query_one("#ranks-table", TreeTable)
             assert table.row_count == 64 and table_labels(app)[0] == "40"
             assert app.focused is table
             await pilot.press(*["pagedown"] * 6)
             await pilot.pause()
-            assert table.cursor_row == 63 and table.scroll_y > 0
+            assert table.cursor_row == 63 and table.scroll_offset.y > 0
             await pilot.press("enter")
             await loaded(pilot, source)
-            assert app.selected == table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+            assert app.selected == table.cursor_key == table.order[63]
 
     asyncio.run(run())
 
@@ -335,9 +336,11 @@ def torchrun_env(run: Path, **extra: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(240)
-def test_watch_a_real_torchrun_job_by_its_attach_pid(run_dir: Path) -> None:
+def test_watch_a_real_torchrun_job_by_its_attach_pid(run_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the record key writes llmtop-<pid>-<time>.lrec here
     attach = subprocess.Popen([LLMTOP, "attach", "--headless", "--", TORCHRUN, "--standalone",
-                               "--nproc_per_node=2", str(DDP), "--steps", "60", "--sleep", "0.05"],
+                               "--nproc_per_node=2", str(DDP), "--steps", "100", "--sleep", "0.05"],
                               env=torchrun_env(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     async def run() -> None:
@@ -357,6 +360,19 @@ def test_watch_a_real_torchrun_job_by_its_attach_pid(run_dir: Path) -> None:
             app.frame(force=True)
             await pilot.pause()
             assert sorted(table_labels(app)) == ["0", "1"]
+            # the record key records the rank on screen
+            await pilot.press("]")
+            assert app.selected_label() == "1"
+            rank1_pid = app.model.session.pid
+            await pilot.press("R")
+            await pilot.pause(1.5)
+            await pilot.press("R")
+            await pilot.pause()
+            files = list(tmp_path.glob("llmtop-*.lrec"))
+            assert len(files) == 1
+            with RecordingReader(files[0]) as reader:
+                sessions = [e for e in reader.events() if isinstance(e, Session)]
+            assert sessions and sessions[0].pid == rank1_pid
             assert attach.wait(150) == 0  # the launcher's exit code is attach's
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and any(r.state != ENDED for r in app.job.rows()):

@@ -175,11 +175,16 @@ class JobModel:
         return sum(m.version for _, m in self.items()) + len(self)
 
     def is_job(self) -> bool:
-        """More than one stream, or one that says it belongs to a job of several ranks."""
-        items = self.items()
-        if len(items) > 1:
-            return True
-        return any(m.session is not None and (m.session.world_size or 0) > 1 for _, m in items)
+        """A stream says it belongs to a job of several ranks, or two streams know their ranks.
+        Other Python processes of a command (helpers with an agent but no rank) make no job."""
+        ranked = 0
+        for key, model in self.items():
+            with model.lock:
+                ident = self.identity(key, model)
+            if (ident.world_size or 0) > 1:
+                return True
+            ranked += ident.rank is not None
+        return ranked > 1
 
     # --- rows ------------------------------------------------------------------------------------
 

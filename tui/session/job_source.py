@@ -157,6 +157,7 @@ class JobSource:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.sources: dict[str, SocketSource] = {}  # socket path → its source
+        self.paths: dict[str, Path] = {}  # stream key → its socket (the record key records the rank shown)
         self.threads: list[threading.Thread] = []
         self.primary = Path(primary) if primary is not None else None
         self.primary_key = primary_key or (f"{HOST}:{self.primary.name}" if self.primary is not None else None)
@@ -210,6 +211,7 @@ class JobSource:
                 return
             source = SocketSource(path, give_up=give_up)
             self.sources[str(path)] = source
+            self.paths[key] = path
             model = self.job.model_for(key)
             self.job.hosts[key] = key.rsplit(":", 1)[0]
             thread = threading.Thread(target=_run_quietly, args=(source, model), name=f"job-{key}", daemon=True)

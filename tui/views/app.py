@@ -64,7 +64,8 @@ class LlmtopApp(App[int]):
         self.job_shown = False  # the Ranks view and the job's header are on (more than one stream)
         self._job_summary: JobSummary | None = None
         self._job_rows: list[RankRow] = []
-        self._log_shared: set[int] = set()  # models (by id) that got the pty's output so far
+        self._log_shared: set[int] = {id(self.model)}  # models (by id) that get the pty's output
+        self._log_source = self.model  # the first model: it has had the pty's output from the start
         self.launcher_end: Any = None  # attached to a launcher of several ranks: its End
         if child is not None:
             self.model.logs_from_viewer = True  # the pty is ours: keep output across reconnects
@@ -207,7 +208,7 @@ class LlmtopApp(App[int]):
             return
         view = self.views["ranks"]
         key = (job.version(), "ranks", self.window_s, self.selected)
-        if (key == self._drawn and not force) or not view.is_mounted or not view.query("DataTable"):
+        if (key == self._drawn and not force) or not view.is_mounted or not view.query("TreeTable"):
             return
         rows, summary = self._job_rows, self._job_summary
         if summary is None:
@@ -240,9 +241,9 @@ class LlmtopApp(App[int]):
     def _share_logs(self) -> None:
         """Attached to a launcher, the pty carries every rank's output: each rank's model shows it."""
         assert self.job is not None
-        source = self.model
+        source = self._log_source
         for _, m in self.job.items():
-            if id(m) in self._log_shared or m is source:
+            if id(m) in self._log_shared:
                 continue
             with source.lock:
                 entries = list(source.logs)
@@ -310,7 +311,7 @@ class LlmtopApp(App[int]):
             return
         targets = [self.model]
         if self.job is not None:
-            targets = [m for _, m in self.job.items() if id(m) in self._log_shared or m is self.model]
+            targets = [m for _, m in self.job.items() if id(m) in self._log_shared]
         for m in targets:
             with m.lock:
                 for line in lines:
@@ -484,7 +485,12 @@ class LlmtopApp(App[int]):
             self.recording = None
             return
         sock = getattr(self.source, "path", None)
-        if not isinstance(self.source, SocketSource) or sock is None:
+        stream_paths = getattr(self.source, "paths", None)
+        if isinstance(stream_paths, dict):  # a job: the rank on screen
+            sock = stream_paths.get(self.selected)
+        elif not isinstance(self.source, SocketSource):
+            sock = None
+        if sock is None:
             self.notify("only a live agent can be recorded", severity="warning", timeout=3)
             return
         from llmtop.tui.commands.record import start_tui_recording

@@ -14,19 +14,21 @@ from typing import Any
 from llmtop.protocol.events import PHASES
 from llmtop.tui.session import fmt
 from llmtop.tui.session.job import JobModel, JobSummary, RankRow
-from llmtop.tui.views.widgets import PHASE_GLYPHS, PHASE_STYLES, KeyedTable
+from llmtop.tui.views.tree_table import Column, TreeTable
+from llmtop.tui.views.widgets import PHASE_GLYPHS, PHASE_STYLES
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import DataTable, Static
+from textual.widgets import Static
 
-COLUMNS = (("rank", " rank"), ("status", " status"), ("step", " step"), ("ms", " last/p50"),
-           ("comm", " comm"), ("skew", " skew"), ("tokens", " tok/s"), ("mem", " mem"), ("loss", " loss"),
-           ("phases", " phases"), ("spark", " step ms"))
-PHASE_CELLS = 6
+COLUMNS = (Column("rank", "rank"), Column("status", "status"), Column("step", "step", "right"),
+           Column("ms", "last/p50", "right"), Column("comm", "comm", "right"), Column("skew", "skew", "right"),
+           Column("tokens", "tok/s", "right"), Column("mem", "mem", "right"), Column("loss", "loss", "right"),
+           Column("phases", "phase"), Column("spark", "trend"))
+PHASE_CELLS = 5
 SPARK_MIN, SPARK_MAX = 6, 40
-STATUS_WIDTH = 10
+STATUS_WIDTH = 7
 EVEN = 0.02  # skew below this is noise: the ranks are called even
 EVENT_LINES = 4  # lines under the job line: waits, lost and failed ranks, the straggler
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -59,6 +61,17 @@ def phase_cells(shares: dict[str, float], width: int = PHASE_CELLS) -> Text:
     return text
 
 
+def short_bytes(value: int | None) -> str:
+    """"1.5G", "812M": memory in four characters (the Overview has the long form)."""
+    if value is None:
+        return fmt.DASH
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if value >= size:
+            v = value / size
+            return f"{v:.1f}{unit}" if v < 10 else f"{v:.0f}{unit}"
+    return f"{value}B"
+
+
 def skew_text(skew: float | None) -> Text:
     if skew is None:
         return Text(fmt.DASH, style="dim")
@@ -66,24 +79,16 @@ def skew_text(skew: float | None) -> Text:
     return Text("0%" if abs(skew) < 0.005 else f"{skew * 100:+.0f}%", style=style)
 
 
-def _cell(value: str | Text, right: bool = True) -> Text:
-    """A cell with one leading space (the table has no padding, so 80 columns hold every column)."""
-    text = value if isinstance(value, Text) else Text(value)
-    out = Text(" ", no_wrap=True, justify="right" if right else "left")
-    out.append_text(text)
-    return out
-
-
 def row_cells(row: RankRow, spark_width: int) -> tuple[Any, ...]:
-    label = " " + row.label + (f" ↻{row.restarts}" if row.restarts else "")
+    label = row.label + (f" ↻{row.restarts}" if row.restarts else "")
     status = row.status if len(row.status) <= STATUS_WIDTH else row.status[: STATUS_WIDTH - 1] + "…"
     times = f"{fmt.ms(row.last_ms)}/{fmt.ms(row.p50_ms)}"
     loss = fmt.DASH if row.loss is None else (f"{row.loss:.3f}" if math.isfinite(row.loss) else str(row.loss))
-    return (label, _cell(Text(status, style=STATE_STYLES.get(row.state, "")), right=False),
-            _cell(fmt.DASH if row.step is None else str(row.step)), _cell(times),
-            _cell(fmt.DASH if row.comm_ms is None else fmt.ms(row.comm_ms)), _cell(skew_text(row.skew)),
-            _cell(fmt.rate(row.tokens_s, "")), _cell(fmt.nbytes(row.memory)), _cell(loss),
-            _cell(phase_cells(row.phases), right=False), _cell(spark_text(row.spark, spark_width), right=False))
+    return (label, Text(status, style=STATE_STYLES.get(row.state, "")),
+            fmt.DASH if row.step is None else str(row.step), times,
+            fmt.DASH if row.comm_ms is None else fmt.ms(row.comm_ms), skew_text(row.skew),
+            fmt.rate(row.tokens_s, ""), short_bytes(row.memory), loss, phase_cells(row.phases),
+            spark_text(row.spark, spark_width))
 
 
 def job_line(summary: JobSummary) -> Text:
@@ -142,9 +147,8 @@ def event_lines(summary: JobSummary, rows: list[RankRow], notes: list[str]) -> T
 def diagnosis_notes(job: JobModel, held: Any = None) -> list[str]:
     """The straggler/hang diagnoses of ``tui/session/ranks_diagnoses.py`` when that module is
     present (another part of the work): one line each, never an error here."""
-    try:
-        from llmtop.tui.session import ranks_diagnoses as rd  # type: ignore[attr-defined]
-    except ImportError:
+    rd = _diagnoses_module()
+    if rd is None:
         return []
     notes = []
     fn = getattr(rd, "stragglers", None) or getattr(rd, "straggler", None)
@@ -160,11 +164,24 @@ def diagnosis_notes(job: JobModel, held: Any = None) -> list[str]:
     return notes[:1]
 
 
+_DIAGNOSES: list[Any] = []  # the module once looked up (a failed import would search sys.path every frame)
+
+
+def _diagnoses_module() -> Any:
+    if not _DIAGNOSES:
+        try:
+            from llmtop.tui.session import ranks_diagnoses  # type: ignore[attr-defined]
+        except ImportError:
+            ranks_diagnoses = None
+        _DIAGNOSES.append(ranks_diagnoses)
+    return _DIAGNOSES[0]
+
+
 class RanksView(Vertical):
     DEFAULT_CSS = """
     RanksView #ranks-info { height: auto; max-height: 5; padding: 0 1; text-wrap: nowrap;
         text-overflow: ellipsis; }
-    RanksView DataTable { height: 1fr; }
+    RanksView TreeTable { height: 1fr; }
     """
 
     class Choose(Message):
@@ -176,14 +193,11 @@ class RanksView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(id="ranks-info")
-        yield DataTable(id="ranks-table", cursor_type="row", cell_padding=0)
-
-    def on_mount(self) -> None:
-        self._keyed = KeyedTable(self.query_one(DataTable), COLUMNS)
+        yield TreeTable(COLUMNS, id="ranks-table")
 
     def spark_width(self) -> int:
         """What is left of the line for the sparkline (wider terminals get longer histories)."""
-        return max(SPARK_MIN, min(SPARK_MAX, self.size.width - 73))
+        return max(SPARK_MIN, min(SPARK_MAX, self.size.width - 74))  # 80 columns: 6 (78 with the scrollbar)
 
     def show(self, summary: JobSummary, rows: list[RankRow], notes: list[str], selected: str | None) -> None:
         info = Text(no_wrap=True, overflow="ellipsis")
@@ -195,12 +209,11 @@ class RanksView(Vertical):
         cells = []
         for row in rows:
             c = row_cells(row, width)
-            if row.key == selected:
-                c = (Text("▸" + c[0][1:], style="bold"), *c[1:])
+            c = (Text(("▸" if row.key == selected else " ") + c[0], style="bold" if row.key == selected else ""),
+                 *c[1:])
             cells.append((row.key, c))
-        self._keyed.sync(cells)
+        self.query_one(TreeTable).sync(cells)
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_tree_table_row_selected(self, event: TreeTable.RowSelected) -> None:
         event.stop()
-        if event.row_key.value is not None:
-            self.post_message(self.Choose(str(event.row_key.value)))
+        self.post_message(self.Choose(event.key))
