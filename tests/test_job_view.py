@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from llmtop.protocol.events import CollectiveWait, End, Session
-from llmtop.protocol.paths import AgentInfo
+from llmtop.protocol.paths import AgentInfo, list_agents
 from llmtop.protocol.recording import RecordingReader
 from llmtop.tui.session.canned import PID, T0
 from llmtop.tui.session.job import Identity, JobModel
@@ -356,6 +356,12 @@ def test_watch_a_real_torchrun_job_by_its_attach_pid(run_dir: Path, tmp_path: Pa
             rows = app.job.rows()
             assert sorted(r.label for r in rows) == ["0", "1"], rows
             assert "ranks 2/2" in app.status_text().plain
+            # `llmtop watch PID` of one rank finds the whole job (its launcher's other children, or its job id)
+            agents = list_agents()
+            for row in rows:
+                match, info = find_job(str(row.pid), agents)
+                assert info is not None and info.pid == row.pid
+                assert sorted(a.pid for a in job_agents(match, agents)) == sorted(r.pid for r in rows)
             await pilot.press("8")
             app.frame(force=True)
             await pilot.pause()
