@@ -43,6 +43,7 @@ VIEW_CLASSES: dict[str, type[Widget]] = {
 }
 MIN_WINDOW_S, MAX_WINDOW_S = 10.0, 3600.0
 STOP_GRACE_S = 5.0
+HEADER_EVERY_S = 1.0  # the job's figures in the header of views other than Ranks
 
 
 class LlmtopApp(App[int]):
@@ -64,6 +65,7 @@ class LlmtopApp(App[int]):
         self.job_shown = False  # the Ranks view and the job's header are on (more than one stream)
         self._job_summary: JobSummary | None = None
         self._job_rows: list[RankRow] = []
+        self._job_rows_at = 0.0
         self._log_shared: set[int] = {id(self.model)}  # models (by id) that get the pty's output
         self._log_source = self.model  # the first model: it has had the pty's output from the start
         self.launcher_end: Any = None  # attached to a launcher of several ranks: its End
@@ -184,9 +186,13 @@ class LlmtopApp(App[int]):
         if not self.job_shown and job.is_job():
             self._show_job()
         if self.job_shown:
-            # once a frame, for the header and the Ranks view (the header alone needs little)
-            self._job_rows = job.rows(light=self.active_view != "ranks" or len(self.screen_stack) > 1)
-            self._job_summary = job.summary(rows=self._job_rows)
+            # every frame for the Ranks view; for the header of the other views once a second is enough
+            full = self.active_view == "ranks" and len(self.screen_stack) == 1
+            now = time.monotonic()
+            if full or now - self._job_rows_at >= HEADER_EVERY_S or self._job_summary is None:
+                self._job_rows = job.rows(light=not full)
+                self._job_summary = job.summary(rows=self._job_rows)
+                self._job_rows_at = now
         if self.child is not None:
             self._share_logs()
 
