@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -426,3 +428,39 @@ def test_attach_torchrun_in_a_terminal_shows_both_ranks(run_dir: Path) -> None:
         assert not tmux.alive()
     finally:
         tmux.kill()
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_rank_is_shown_lost_and_the_other_keeps_its_state(run_dir: Path) -> None:
+    attach = subprocess.Popen([LLMTOP, "attach", "--headless", "--", TORCHRUN, "--standalone",
+                               "--nproc_per_node=2", str(DDP), "--steps", "2000", "--sleep", "0.02"],
+                              env=torchrun_env(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = JobModel()
+    source = JobSource(job, JobMatch(attach=attach.pid), discover_s=0.2)
+    thread = threading.Thread(target=source.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            rows = job.rows()
+            if len(rows) == 2 and all(r.step is not None and r.step >= 5 for r in rows):
+                break
+            time.sleep(0.3)
+        by_rank = {r.rank: r for r in job.rows()}
+        assert set(by_rank) == {0, 1}
+        os.kill(by_rank[1].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and {r.rank: r.state for r in job.rows()}[1] != LOST:
+            time.sleep(0.2)
+        assert attach.wait(120) != 0  # the launcher fails the job; its code is attach's
+        time.sleep(1.0)
+        after = {r.rank: r for r in job.rows()}
+        assert after[1].state == LOST and after[1].status == "lost"  # killed: no End from its agent
+        assert after[0].step is not None and after[0].step >= by_rank[0].step  # the other keeps what it had
+        summary = job.summary()
+        assert 1 in [r.rank for r in summary.lost]
+    finally:
+        source.stop()
+        if attach.poll() is None:
+            attach.kill()
+        attach.wait()
