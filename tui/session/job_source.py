@@ -156,9 +156,9 @@ class JobSource:
         self.lister = lister
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.sources: dict[str, SocketSource] = {}  # socket path → its source
+        self.sources: dict[str, SocketSource] = {}  # stream key → its source
         self.paths: dict[str, Path] = {}  # stream key → its socket (the record key records the rank shown)
-        self.threads: list[threading.Thread] = []
+        self.threads: dict[str, threading.Thread] = {}  # stream key → the thread running its source
         self.primary = Path(primary) if primary is not None else None
         self.primary_key = primary_key or (f"{HOST}:{self.primary.name}" if self.primary is not None else None)
         self.path = self.primary  # what the app records from (R) and reads the log beside
@@ -176,7 +176,7 @@ class JobSource:
                 self.discover()  # a rank that came up just before the end
                 break
             self._stop.wait(self.discover_s)
-        for t in list(self.threads):
+        for t in list(self.threads.values()):
             while t.is_alive() and not self._stop.is_set():
                 t.join(0.2)
 
@@ -188,15 +188,16 @@ class JobSource:
             return 0
         started = 0
         for info in agents:
-            if self.primary is not None and Path(info.socket) == self.primary:
+            if self.primary is not None and Path(info.socket) == self.primary and self._following(self.primary_key):
+                # the primary source follows whoever listens there (a restarted rank 0 too)
                 if self.primary_key is not None and self.primary_key not in self.job.hints:
                     hint = identity_from_env(info.pid)
                     if hint is not None:
                         self.job.hints[self.primary_key] = hint
                 continue
-            if info.socket in self.sources:
-                continue
             key = f"{getattr(info, 'host', '') or HOST}:{info.pid}"
+            if key in self.sources:
+                continue  # one source per process: a new process on an old socket path is a new stream
             pid = info.pid
             hint = identity_from_env(pid)
             if hint is not None:
@@ -205,17 +206,21 @@ class JobSource:
             started += 1
         return started
 
+    def _following(self, key: str | None) -> bool:
+        thread = self.threads.get(key or "")
+        return thread is not None and thread.is_alive()
+
     def _start(self, path: Path, key: str, give_up: Callable[[], bool] | None) -> None:
         with self._lock:
-            if self._stop.is_set() or str(path) in self.sources:
+            if self._stop.is_set() or key in self.sources:
                 return
             source = SocketSource(path, give_up=give_up)
-            self.sources[str(path)] = source
+            self.sources[key] = source
             self.paths[key] = path
             model = self.job.model_for(key)
             self.job.hosts[key] = key.rsplit(":", 1)[0]
             thread = threading.Thread(target=_run_quietly, args=(source, model), name=f"job-{key}", daemon=True)
-            self.threads.append(thread)
+            self.threads[key] = thread
         thread.start()
 
     def stop(self) -> None:
