@@ -504,3 +504,10 @@ def test_an_elastic_restart_shows_the_new_processes_with_their_restarts(run_dir:
             except subprocess.TimeoutExpired:
                 attach.kill()
         attach.wait()
+
+
+def test_watch_an_unknown_job_is_one_line_and_exit_1(run_dir: Path) -> None:
+    out = subprocess.run([LLMTOP, "watch", "run-that-is-not-here"], env=torchrun_env(run_dir), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "run-that-is-not-here" in out.stderr and "Traceback" not in out.stderr

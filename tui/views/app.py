@@ -63,6 +63,8 @@ class LlmtopApp(App[int]):
         self.selected: str | None = getattr(source, "primary_key", None) if self.job is not None else None
         self.model = self.job.model_for(self.selected) if self.job is not None and self.selected else SessionModel()
         self.job_shown = False  # the Ranks view and the job's header are on (more than one stream)
+        # no stream to start from (a job id): show the lowest rank seen until the user picks one
+        self._auto_select = self.job is not None and self.selected is None
         self._job_summary: JobSummary | None = None
         self._job_rows: list[RankRow] = []
         self._job_rows_at = 0.0
@@ -179,9 +181,9 @@ class LlmtopApp(App[int]):
         summarise the job for the header (each model read under its own lock, one at a time)."""
         job = self.job
         assert job is not None
-        if self.selected is None or self.selected not in job.models:
+        if self.selected is None or self.selected not in job.models or self._auto_select:
             key = job.default_key()
-            if key is not None:
+            if key is not None and key != self.selected:
                 self.select_rank(key)
         if not self.job_shown and job.is_job():
             self._show_job()
@@ -260,6 +262,7 @@ class LlmtopApp(App[int]):
             self._log_shared.add(id(m))
 
     def on_ranks_view_choose(self, message: RanksView.Choose) -> None:
+        self._auto_select = False
         self.select_rank(message.key)
         self.notify(f"showing rank {self.selected_label()}", timeout=2)
         self.frame(force=True)
@@ -271,6 +274,7 @@ class LlmtopApp(App[int]):
         if not keys:
             return
         i = keys.index(self.selected) if self.selected in keys else -1
+        self._auto_select = False
         self.select_rank(keys[(i + int(step)) % len(keys)])
         self.frame(force=True)
 
