@@ -407,7 +407,7 @@ def test_attach_torchrun_in_a_terminal_shows_both_ranks(run_dir: Path) -> None:
     env.pop("NO_COLOR", None)
     env.pop("TMUX", None)
     tmux = Tmux(f"cd {ROOT} && {LLMTOP} attach -- {TORCHRUN} --standalone --nproc_per_node=2 {DDP} "
-                f"--steps 2000 --sleep 0.02", env, width=80, height=24)
+                f"--steps 100000 --sleep 0.02", env, width=80, height=24)
     try:
         first = tmux.wait(lambda s: "ranks 2/2" in s and "8 Ranks" in s, 150, "both ranks")
         assert "job_view_ddp.py" in first and "▸ rank 0" in first
