@@ -9,6 +9,7 @@ Synthetic ranks are the canned session's real events with rank identities (``syn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -403,7 +405,8 @@ def test_watch_a_real_torchrun_job_by_its_attach_pid(run_dir: Path, tmp_path: Pa
 def test_attach_torchrun_in_a_terminal_shows_both_ranks(run_dir: Path) -> None:
     from tests.test_tmux import Tmux
 
-    env = torchrun_env(run_dir, TERM="xterm-256color")
+    tag = uuid.uuid4().hex
+    env = torchrun_env(run_dir, TERM="xterm-256color", LLMTOP_JOBVIEW_TEST=tag)
     env.pop("NO_COLOR", None)
     env.pop("TMUX", None)
     tmux = Tmux(f"cd {ROOT} && {LLMTOP} attach -- {TORCHRUN} --standalone --nproc_per_node=2 {DDP} "
@@ -428,6 +431,24 @@ def test_attach_torchrun_in_a_terminal_shows_both_ranks(run_dir: Path) -> None:
         assert not tmux.alive()
     finally:
         tmux.kill()
+        # the launcher may outlive the dashboard (a stop right after start-up): end what this test started
+        for pid in tagged(tag):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def tagged(tag: str) -> list[int]:
+    """Processes whose environment carries this test's tag (they were started by it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if f"LLMTOP_JOBVIEW_TEST={tag}".encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
 
 
 @pytest.mark.timeout(240)
