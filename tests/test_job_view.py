@@ -165,10 +165,11 @@ def grandchild():
 
 def test_process_tree_and_launcher_variables(grandchild) -> None:
     child, pid = grandchild
-    assert parent_pid(pid) == child.pid
-    assert descends_from(pid, os.getpid()) and descends_from(pid, child.pid)
+    chain = [pid, parent_pid(pid), parent_pid(child.pid)]
+    assert parent_pid(pid) == child.pid, chain
+    assert descends_from(pid, os.getpid()) and descends_from(pid, child.pid), (chain, os.getpid())
     assert not descends_from(os.getpid(), child.pid)
-    assert identity_from_env(pid) == Identity(3, 4, "abc", "torchrun")
+    assert identity_from_env(pid) == Identity(3, 4, "abc", "torchrun"), Path(f"/proc/{pid}/environ").read_bytes()
     info = AgentInfo(pid, "/nonexistent.sock", ["-u", "train.py"], 0.0)
     assert JobMatch(attach=os.getpid()).matches(info)
     assert not JobMatch(attach=child.pid + 10_000_000).matches(info)
