@@ -15,18 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from llmtop.tui.session import fmt
+from llmtop.tui.session.job import JobModel, JobSummary, RankRow
 from llmtop.tui.session.logtail import LogTail, detached_log_path
 from llmtop.tui.session.model import CONNECTING, ENDED, LIVE, LOST, SessionModel
 from llmtop.tui.session.source import SocketSource, Source
 from llmtop.tui.views.help import HelpScreen, QuitScreen
 from llmtop.tui.views.inference import InferenceView
-from llmtop.tui.views.keys import KEYS, VIEWS
+from llmtop.tui.views.keys import JOB_KEYS, KEYS, RANKS_VIEW, VIEWS
 from llmtop.tui.views.layer_detail import LayerDetail
 from llmtop.tui.views.layers import LayersView
 from llmtop.tui.views.logs import LogsView
 from llmtop.tui.views.memory import MemoryView
 from llmtop.tui.views.ops import OpsView
 from llmtop.tui.views.overview import OverviewView
+from llmtop.tui.views.ranks import RanksView, diagnosis_notes
 from llmtop.tui.views.spans import SpansView
 from llmtop.tui.views.widgets import ViewTabs
 from rich.text import Text
@@ -43,20 +45,34 @@ VIEW_CLASSES: dict[str, type[Widget]] = {
 }
 MIN_WINDOW_S, MAX_WINDOW_S = 10.0, 3600.0
 STOP_GRACE_S = 5.0
+HEADER_EVERY_S = 1.0  # the job's figures in the header of views other than Ranks
 
 
 class LlmtopApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "llmtop"
-    BINDINGS = KEYS
+    BINDINGS = KEYS + JOB_KEYS  # the job's keys act only while a job is shown (check_action)
 
     def __init__(self, source: Source, *, child: Any = None, refresh_hz: float = 4.0,
                  window_s: float = 120.0, title: str | None = None,
-                 clock: Callable[[], float] = time.time, theme: str | None = None) -> None:
+                 clock: Callable[[], float] = time.time, theme: str | None = None,
+                 job: JobModel | None = None) -> None:
         super().__init__()
         self.source = source
         self.child = child
-        self.model = SessionModel()
+        # a job (several ranks' streams, e.g. a JobSource's): ``model`` is the selected rank's
+        self.job: JobModel | None = job if job is not None else getattr(source, "job", None)
+        self.selected: str | None = getattr(source, "primary_key", None) if self.job is not None else None
+        self.model = self.job.model_for(self.selected) if self.job is not None and self.selected else SessionModel()
+        self.job_shown = False  # the Ranks view and the job's header are on (more than one stream)
+        # no stream to start from (a job id): show the lowest rank seen until the user picks one
+        self._auto_select = self.job is not None and self.selected is None
+        self._job_summary: JobSummary | None = None
+        self._job_rows: list[RankRow] = []
+        self._job_rows_at = 0.0
+        self._log_shared: set[int] = {id(self.model)}  # models (by id) that get the pty's output
+        self._log_source = self.model  # the first model: it has had the pty's output from the start
+        self.launcher_end: Any = None  # attached to a launcher of several ranks: its End
         if child is not None:
             self.model.logs_from_viewer = True  # the pty is ours: keep output across reconnects
         self.refresh_hz = max(0.2, float(refresh_hz))
@@ -130,7 +146,14 @@ class LlmtopApp(App[int]):
     def frame(self, force: bool = False) -> None:
         """Push the model into the widgets that are on screen. Cheap when nothing changed."""
         started = time.perf_counter()
+        if self.job is not None:
+            self._follow_job()
         self._poll_child()
+        if self.job_shown and self.active_view == "ranks" and len(self.screen_stack) == 1:
+            self._frame_ranks(force)
+            self.frames += 1
+            self.last_frame_ms = (time.perf_counter() - started) * 1000.0
+            return
         model = self.model
         with model.lock:
             self.status_bar.update(self.status_text())
@@ -155,6 +178,115 @@ class LlmtopApp(App[int]):
             self._drawn = key
         self.frames += 1
         self.last_frame_ms = (time.perf_counter() - started) * 1000.0
+
+    # --- a job: several ranks' streams ----------------------------------------------------------
+
+    def _follow_job(self) -> None:
+        """Pick a rank to show once one is there, turn the job's view on at the second stream, and
+        summarise the job for the header (each model read under its own lock, one at a time)."""
+        job = self.job
+        assert job is not None
+        if self.selected is None or self.selected not in job.models or self._auto_select:
+            key = job.default_key()
+            if key is not None and key != self.selected:
+                self.select_rank(key)
+        if not self.job_shown and job.is_job():
+            self._show_job()
+        if self.job_shown:
+            # every frame for the Ranks view; for the header of the other views once a second is enough
+            full = self.active_view == "ranks" and len(self.screen_stack) == 1
+            now = time.monotonic()
+            if full or now - self._job_rows_at >= HEADER_EVERY_S or self._job_summary is None:
+                self._job_rows = job.rows(light=not full)
+                self._job_summary = job.summary(rows=self._job_rows)
+                self._job_rows_at = now
+        if self.child is not None:
+            self._share_logs()
+
+    def _show_job(self) -> None:
+        """Add the Ranks view (key 8): a single process never gets it, so it looks as it always did."""
+        name, title = RANKS_VIEW
+        self.job_shown = True
+        view = RanksView(id=f"view-{name}")
+        self.views[name] = view
+        self.tabs.add_pane(TabPane(f"{len(VIEWS) + 1} {title}", view, id=name))
+        self.refresh_bindings()
+
+    def _frame_ranks(self, force: bool) -> None:
+        job = self.job
+        assert job is not None
+        with self.model.lock:
+            self.status_bar.update(self.status_text())
+        if self.frozen:
+            return
+        view = self.views["ranks"]
+        key = (job.version(), "ranks", self.window_s, self.selected)
+        if (key == self._drawn and not force) or not view.is_mounted or not view.query("TreeTable"):
+            return
+        rows, summary = self._job_rows, self._job_summary
+        if summary is None:
+            return
+        with self.batch_update():
+            view.show(summary, rows, diagnosis_notes(job), self.selected)
+        self._drawn = key
+
+    def select_rank(self, key: str) -> None:
+        """Show stream ``key`` in every view."""
+        if self.job is None or key not in self.job.models:
+            return
+        self.selected = key
+        self.model = self.job.models[key]
+        self._drawn = None
+        for view in getattr(self, "views", {}).values():  # per-model caches start again
+            if hasattr(view, "_seen"):
+                view._seen = (-1, -1, "")
+            if hasattr(view, "_tree_version"):
+                view._tree_version = -1
+        if isinstance(self.screen, LayerDetail):
+            self.screen._seen = -1
+
+    def selected_label(self) -> str:
+        if self.job is None or self.selected is None:
+            return "?"
+        rank = self.job.identity(self.selected, self.model).rank  # reads one model: fine without its lock
+        return "?" if rank is None else str(rank)
+
+    def _share_logs(self) -> None:
+        """Attached to a launcher, the pty carries every rank's output: each rank's model shows it."""
+        assert self.job is not None
+        source = self._log_source
+        for _, m in self.job.items():
+            if id(m) in self._log_shared:
+                continue
+            with source.lock:
+                entries = list(source.logs)
+            with m.lock:
+                m.logs_from_viewer = True
+                for e in entries:
+                    m.add_log(e.text, e.stream, False, e.t)
+            self._log_shared.add(id(m))
+
+    def on_ranks_view_choose(self, message: RanksView.Choose) -> None:
+        self._auto_select = False
+        self.select_rank(message.key)
+        self.notify(f"showing rank {self.selected_label()}", timeout=2)
+        self.frame(force=True)
+
+    def action_cycle_rank(self, step: int) -> None:
+        if self.job is None:
+            return
+        keys = self.job.ordered_keys()
+        if not keys:
+            return
+        i = keys.index(self.selected) if self.selected in keys else -1
+        self._auto_select = False
+        self.select_rank(keys[(i + int(step)) % len(keys)])
+        self.frame(force=True)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "cycle_rank" or (action == "show_view" and parameters == ("ranks",)):
+            return self.job_shown
+        return True
 
     def _poll_log_file(self) -> None:
         """Watching (no attached child): show a detached script's output from its log file."""
@@ -192,12 +324,30 @@ class LlmtopApp(App[int]):
             return
         if not lines and not ended:
             return
-        with self.model.lock:
-            for line in lines:
-                self.model.add_log(line.text, line.stream, line.replace, line.t)
-            if ended:
-                self.model.apply(child.end_event())
-                self._end_applied = True
+        targets = [self.model]
+        if self.job is not None:
+            targets = [m for _, m in self.job.items() if id(m) in self._log_shared]
+        for m in targets:
+            with m.lock:
+                for line in lines:
+                    m.add_log(line.text, line.stream, line.replace, line.t)
+        if ended:
+            self._apply_child_end()
+
+    def _apply_child_end(self) -> None:
+        """The launcher's exit: the script's end (one process), or the job's (its ranks keep their own
+        ends; a rank that never sent one ended with the launcher)."""
+        end = self.child.end_event()
+        self._end_applied = True
+        if self.job is None or not self.job_shown:
+            with self.model.lock:
+                self.model.apply(end)
+            return
+        self.launcher_end = end
+        for _, m in self.job.items():
+            with m.lock:
+                if m.end is None:
+                    m.apply(end)
 
     def _offer_input(self) -> None:
         """The script waits on its stdin (``input()``): open a line to type into it, once per wait
@@ -238,6 +388,10 @@ class LlmtopApp(App[int]):
         script = next((os.path.basename(a) for a in argv if a.endswith(".py")), argv[0] if argv else "")
         pid = m.session.pid if m.session else (self.child.pid if self.child is not None else None)
         text.append(f" {script or 'llmtop'} ", style="bold reverse")
+        summary = self._job_summary if self.job_shown else None
+        if summary is not None:
+            text.append(f"  {summary.ranks_text()}", style="bold")
+            text.append(f"  ▸ rank {self.selected_label()}", style="bold cyan")
         exit_text = m.exit_text()
         if exit_text is None and m.session is None and self.child is None:
             text.append("  ○ waiting for the agent", style="dim")
@@ -258,10 +412,16 @@ class LlmtopApp(App[int]):
             text.append(f" {m.connection_note}", style="red" if conn == LOST else "dim")
         text.append(f"  step {m.last_step.step if m.last_step else fmt.DASH}")
         text.append(f"  {fmt.duration(m.uptime(self.clock()))}")
-        rate = m.steps_per_s()
+        rate = m.steps_per_s() if summary is None else summary.steps_s
         if rate is not None:
-            text.append(f"  {rate:.2f} steps/s")
+            text.append(f"  {rate:.2f} steps/s" + (" (job)" if summary is not None else ""))
+        if summary is not None and summary.tokens_s is not None:
+            text.append(f"  {fmt.rate(summary.tokens_s, ' tok/s')}")
         text.append(f"  dropped {m.dropped}", style="bold red" if m.dropped else "")
+        if summary is not None and self.launcher_end is not None:
+            code = self.launcher_end.exit_code
+            text.append(f"  launcher {'exit ' + str(code) if code is not None else 'ended'}",
+                        style="bold" if code == 0 else "bold red")
         if pid:
             text.append(f"  pid {pid}")
         text.append(f"  window {self.window_s:g}s")
@@ -288,7 +448,7 @@ class LlmtopApp(App[int]):
     # --- actions -------------------------------------------------------------------------------
 
     def action_show_view(self, name: str) -> None:
-        if len(self.screen_stack) > 1:
+        if len(self.screen_stack) > 1 or (name == "ranks" and not self.job_shown):
             return
         self.tabs.active = name
 
@@ -304,6 +464,8 @@ class LlmtopApp(App[int]):
         if isinstance(self.screen, HelpScreen):
             return
         view_keys = [("Layers view", list(LayersView.BINDINGS)), ("Layer detail", list(LayerDetail.BINDINGS))]
+        if self.job_shown:
+            view_keys.insert(0, ("Ranks of the job", list(JOB_KEYS)))
         self.push_screen(HelpScreen(view_keys))  # type: ignore[arg-type]
 
     def action_filter(self) -> None:
@@ -338,7 +500,12 @@ class LlmtopApp(App[int]):
             self.recording = None
             return
         sock = getattr(self.source, "path", None)
-        if not isinstance(self.source, SocketSource) or sock is None:
+        stream_paths = getattr(self.source, "paths", None)
+        if isinstance(stream_paths, dict):  # a job: the rank on screen
+            sock = stream_paths.get(self.selected)
+        elif not isinstance(self.source, SocketSource):
+            sock = None
+        if sock is None:
             self.notify("only a live agent can be recorded", severity="warning", timeout=3)
             return
         from llmtop.tui.commands.record import start_tui_recording
@@ -391,7 +558,7 @@ class LlmtopApp(App[int]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        for binding in KEYS:
+        for binding in KEYS + (JOB_KEYS if self.job_shown else []):
             if binding.id in ("app.back", "app.drill"):
                 continue
             help_text = f"{binding.tooltip or binding.description} [{binding.key_display or binding.key}]"
@@ -399,8 +566,18 @@ class LlmtopApp(App[int]):
 
 
 def run_attached(child: Any, args: Any) -> None:
-    """`llmtop attach`: the dashboard on a child the launcher started; returns when the user quits."""
-    source = SocketSource(child.socket_path, give_up=lambda: child.poll() is not None)
+    """`llmtop attach`: the dashboard on a child the launcher started; returns when the user quits.
+
+    A script of our own (``attach train.py``) is one stream, as ever. Any other command (``attach --
+    torchrun …``) may start several agents: the job source follows the one on the attach socket
+    from the start and every other agent of this process tree as it comes up."""
+    source: Any = SocketSource(child.socket_path, give_up=lambda: child.poll() is not None)
+    if not _runs_python_itself(args):
+        from llmtop.tui.session.job_source import JobMatch, JobSource
+
+        source = JobSource(JobModel(), JobMatch(attach=os.getpid()), primary=child.socket_path,
+                           give_up=lambda: child.poll() is not None,
+                           primary_give_up=lambda: child.poll() is not None)
     app = LlmtopApp(source, child=child, refresh_hz=getattr(args, "refresh", 4.0) or 4.0,
                     window_s=getattr(args, "window", 120.0) or 120.0)
     try:
@@ -412,3 +589,13 @@ def run_attached(child: Any, args: Any) -> None:
         # the app ended without a choice (an error, a lost terminal): the script outlives its viewer,
         # its output going on into the log (the holder owns the pty), as after a detach
         child.detach()
+
+
+def _runs_python_itself(args: Any) -> bool:
+    """Whether `llmtop attach` started python on a script or module itself (one process, one agent)."""
+    try:
+        from llmtop.launch import build_command
+
+        return build_command(args)[1]
+    except Exception:  # an odd namespace (tests): the single-stream path, as before
+        return True

@@ -38,3 +38,15 @@ KEYS: list[Binding] = [
             tooltip=f"Show the {title} view")
     for i, (name, title) in enumerate(VIEWS, start=1)
 ]
+
+# Keys of a job (several ranks): live only while the viewer follows more than one stream, and
+# listed in the help apart, so a single process's keys, footer and help stay as they were.
+RANKS_VIEW = ("ranks", "Ranks")
+JOB_KEYS: list[Binding] = [
+    Binding("8", "show_view('ranks')", "Ranks", id="view.ranks", show=False,
+            tooltip="Show the Ranks view: a row per rank, worst skew first (enter picks a rank)"),
+    Binding("right_square_bracket", "cycle_rank(1)", "Next rank", key_display="]", id="job.next_rank",
+            show=False, tooltip="Show the next rank in every view"),
+    Binding("left_square_bracket", "cycle_rank(-1)", "Previous rank", key_display="[", id="job.prev_rank",
+            show=False, tooltip="Show the previous rank in every view"),
+]

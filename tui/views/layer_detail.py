@@ -1,6 +1,9 @@
-"""Layer detail (`enter` on a layer): what the module is and its recent history."""
+"""Layer detail (`enter` on a layer): what the module is and its recent history; in a job, the same
+layer on every rank (min / median / max and the ranks at each end)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from llmtop.tui.session import fmt
 from llmtop.tui.session.model import SessionModel
@@ -18,6 +21,7 @@ class LayerDetail(Screen):
     DEFAULT_CSS = """
     LayerDetail #detail-info { height: auto; padding: 0 1; }
     LayerDetail VerticalScroll { padding: 0 1; }
+    LayerDetail #detail-ranks { display: none; height: auto; }
     """
 
     def __init__(self, layer_id: int) -> None:
@@ -28,6 +32,7 @@ class LayerDetail(Screen):
     def compose(self) -> ComposeResult:
         with VerticalScroll():
             yield Static(id="detail-info")
+            yield Static(id="detail-ranks")
             yield SparkRow("fwd ms", id="detail-fwd")
             yield SparkRow("bwd ms", id="detail-bwd")
             yield SparkRow("act mem", id="detail-act")
@@ -35,9 +40,11 @@ class LayerDetail(Screen):
         yield Footer()
 
     def refresh_view(self, model: SessionModel, window_s: float) -> None:
-        if model.version == self._seen or not self.query("#detail-children"):
+        job = getattr(self.app, "job", None) if getattr(self.app, "job_shown", False) else None
+        version = model.version if job is None else (model.version, job.version())
+        if version == self._seen or not self.query("#detail-children"):
             return  # nothing new, or not composed yet (the next frame draws it)
-        self._seen = model.version
+        self._seen = version
         layer = model.layers.get(self.layer_id)
         info = self.query_one("#detail-info", Static)
         if layer is None:
@@ -64,6 +71,8 @@ class LayerDetail(Screen):
         if stale:
             t.append(f"\n⚠ {stale}", style="yellow")
         info.update(t)
+        if job is not None:
+            self._show_ranks(job, model, layer.path)
         hist = list(layer.history)
         fwd = [h[1] for h in hist]
         bwd = [h[2] for h in hist if h[2] is not None]
@@ -77,3 +86,22 @@ class LayerDetail(Screen):
             if child is not None:
                 kids.append(f"  {child.name:<20} {child.cls:<24} {fmt.ms(child.time_ms):>8} ms\n")
         self.query_one("#detail-children", Static).update(kids)
+
+    def _show_ranks(self, job: Any, model: SessionModel, path: str) -> None:
+        """This layer on every rank (matched by module path), forward and backward."""
+        box = self.query_one("#detail-ranks", Static)
+        t = Text("\nacross ranks", style="bold")
+        shown = False
+        for which, title in (("fwd", "forward"), ("bwd", "backward")):
+            across = job.layer_across(path, held=model, which=which)
+            if across is None:
+                continue
+            shown = True
+            t.append(f"\n{title:<9} min {fmt.ms(across.min_ms, 2)} ms (rank {across.min_rank}) · "
+                     f"median {fmt.ms(across.median_ms, 2)} · max {fmt.ms(across.max_ms, 2)} ms (rank {across.max_rank})",
+                     style="" if across.max_ms <= 1.1 * across.median_ms else "yellow")
+            t.append(f" · {len(across.values)} ranks", style="dim")
+        if not shown:
+            t.append("\nno other rank has timed this layer yet", style="dim")
+        box.update(t)
+        box.display = True

@@ -1,0 +1,219 @@
+"""Ranks: one row per rank of a distributed job, worst skew first, with the job's figures on top.
+
+Shown only when the viewer follows more than one stream (a job); ``enter`` on a row makes that
+rank the one every other view shows. Rows are computed by ``JobModel.rows`` (plain data); this view
+only formats them and keeps the table in step by row key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from llmtop.protocol.events import PHASES
+from llmtop.tui.session import fmt
+from llmtop.tui.session.job import JobModel, JobSummary, RankRow
+from llmtop.tui.views.tree_table import Column, TreeTable
+from llmtop.tui.views.widgets import PHASE_GLYPHS, PHASE_STYLES
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import Static
+
+COLUMNS = (Column("rank", "rank"), Column("status", "status"), Column("step", "step", "right"),
+           Column("ms", "last/p50", "right"), Column("comm", "comm", "right"), Column("skew", "skew", "right"),
+           Column("tokens", "tok/s", "right"), Column("mem", "mem", "right"), Column("loss", "loss", "right"),
+           Column("phases", "phase"), Column("spark", "trend"))
+PHASE_CELLS = 5
+SPARK_MIN, SPARK_MAX = 6, 40
+STATUS_WIDTH = 7
+EVEN = 0.02  # skew below this is noise: the ranks are called even
+EVENT_LINES = 4  # lines under the job line: waits, lost and failed ranks, the straggler
+BLOCKS = "▁▂▃▄▅▆▇█"
+STATE_STYLES = {"live": "green", "waiting": "bold yellow", "lost": "bold red", "connecting": "dim"}
+
+
+def spark_text(values: Sequence[float], width: int) -> str:
+    """A sparkline in block characters (the newest ``width`` values, scaled to their max)."""
+    values = [v for v in values if math.isfinite(v)][-width:]
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    if hi <= lo * 1.02:  # flat within 2 %: a level line, not noise blown up to full height
+        return BLOCKS[3] * len(values)
+    return "".join(BLOCKS[min(7, max(0, round((v - lo) / (hi - lo) * 7)))] for v in values)
+
+
+def phase_cells(shares: dict[str, float], width: int = PHASE_CELLS) -> Text:
+    """A tiny stacked bar of a rank's phases (glyphs as in the Overview, so it reads without colour)."""
+    text = Text()
+    if not shares:
+        return Text(fmt.DASH, style="dim")
+    used = 0
+    for i, phase in enumerate(PHASES):
+        share = shares.get(phase, 0.0)
+        cells = round(share * width) if i < len(PHASES) - 1 else width - used
+        cells = max(0, min(cells, width - used))
+        used += cells
+        text.append(PHASE_GLYPHS[phase] * cells, style=PHASE_STYLES[phase])
+    return text
+
+
+def short_bytes(value: int | None) -> str:
+    """"1.5G", "812M": memory in four characters (the Overview has the long form)."""
+    if value is None:
+        return fmt.DASH
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if value >= size:
+            v = value / size
+            return f"{v:.1f}{unit}" if v < 10 else f"{v:.0f}{unit}"
+    return f"{value}B"
+
+
+def skew_text(skew: float | None) -> Text:
+    if skew is None:
+        return Text(fmt.DASH, style="dim")
+    style = "bold red" if skew >= 0.2 else ("yellow" if skew >= 0.05 else "")
+    return Text("0%" if abs(skew) < 0.005 else f"{skew * 100:+.0f}%", style=style)
+
+
+def row_cells(row: RankRow, spark_width: int) -> tuple[Any, ...]:
+    label = row.label + (f" ↻{row.restarts}" if row.restarts else "")
+    status = row.status if len(row.status) <= STATUS_WIDTH else row.status[: STATUS_WIDTH - 1] + "…"
+    times = f"{fmt.ms(row.last_ms)}/{fmt.ms(row.p50_ms)}"
+    loss = fmt.DASH if row.loss is None else (f"{row.loss:.3f}" if math.isfinite(row.loss) else str(row.loss))
+    return (label, Text(status, style=STATE_STYLES.get(row.state, "")),
+            fmt.DASH if row.step is None else str(row.step), times,
+            fmt.DASH if row.comm_ms is None else fmt.ms(row.comm_ms), skew_text(row.skew),
+            fmt.rate(row.tokens_s, ""), short_bytes(row.memory), loss, phase_cells(row.phases),
+            spark_text(row.spark, spark_width))
+
+
+def job_line(summary: JobSummary) -> Text:
+    t = Text(no_wrap=True, overflow="ellipsis")
+    t.append(summary.ranks_text(), style="bold")
+    t.append(f" · {summary.live} running")
+    if summary.tokens_s is not None:
+        t.append(f" · job {fmt.rate(summary.tokens_s, ' tok/s')}")
+    if summary.steps_s is not None:
+        t.append(f" · {summary.steps_s:.2f} steps/s")
+    if summary.launcher or summary.job:
+        t.append(f" · {summary.launcher or 'job'} {summary.job}".rstrip(), style="dim")
+    return t
+
+
+def event_lines(summary: JobSummary, rows: list[RankRow], notes: list[str]) -> Text:
+    """What needs attention: waits in collectives (and who never arrived), lost and ended ranks, the
+    straggler diagnosis."""
+    t = Text(no_wrap=True, overflow="ellipsis")
+    lines: list[tuple[str, str]] = []
+    if summary.waiting:
+        waiting = ", ".join(r.label for r in summary.waiting)
+        ops = sorted({r.status for r in summary.waiting})
+        line = f"⧗ rank {waiting} waiting: {'; '.join(ops)}"
+        if summary.world_size:
+            present = {r.rank for r in summary.waiting}
+            missing = [str(r) for r in range(summary.world_size) if r not in present]
+            if missing:
+                line += f" · not in it: {', '.join(missing[:16])}{'…' if len(missing) > 16 else ''}"
+        lines.append((line, "bold yellow"))
+    if summary.lost:
+        lines.append((f"✖ lost: rank {', '.join(r.label for r in summary.lost)}", "bold red"))
+    failed = [r for r in summary.ended if r.status != "done"]
+    if failed:
+        lines.append(("✖ " + ", ".join(f"rank {r.label} {r.status}" for r in failed), "bold red"))
+    for note in notes:
+        lines.append((note, "yellow"))
+    if not lines:
+        skews = [r.skew for r in rows if r.skew is not None]
+        skewed = next((r for r in rows if r.skew is not None), None)
+        if skewed is not None and skewed.skew is not None and skewed.skew >= EVEN:
+            lines.append((f"slowest: rank {skewed.label}, {skewed.skew * 100:+.0f}% busy time vs the median rank",
+                          "dim"))
+        elif len(skews) > 1:
+            spread = max(abs(v) for v in skews)
+            lines.append((f"ranks even: busy time within ±{max(spread * 100, 1):.0f}% of the median rank", "dim"))
+        else:
+            lines.append(("no step records with times yet", "dim"))
+    for i, (line, style) in enumerate(lines[:EVENT_LINES]):
+        if i:
+            t.append("\n")
+        t.append(line, style=style)
+    return t
+
+
+def diagnosis_notes(job: JobModel, held: Any = None) -> list[str]:
+    """The straggler/hang diagnoses of ``tui/session/ranks_diagnoses.py`` when that module is
+    present (another part of the work): one line each, never an error here."""
+    rd = _diagnoses_module()
+    if rd is None:
+        return []
+    notes = []
+    fn = getattr(rd, "stragglers", None) or getattr(rd, "straggler", None)
+    if fn is not None:
+        try:
+            result = fn(job.steps_by_rank(held))
+            for item in result if isinstance(result, list) else [result]:
+                text = getattr(item, "text", None) if item is not None else None
+                if text:
+                    notes.append(str(text).splitlines()[0])
+        except Exception:  # noqa: BLE001 - an unfinished diagnosis must not take the view down
+            pass
+    return notes[:1]
+
+
+_DIAGNOSES: list[Any] = []  # the module once looked up (a failed import would search sys.path every frame)
+
+
+def _diagnoses_module() -> Any:
+    if not _DIAGNOSES:
+        try:
+            from llmtop.tui.session import ranks_diagnoses  # type: ignore[attr-defined]
+        except ImportError:
+            ranks_diagnoses = None
+        _DIAGNOSES.append(ranks_diagnoses)
+    return _DIAGNOSES[0]
+
+
+class RanksView(Vertical):
+    DEFAULT_CSS = """
+    RanksView #ranks-info { height: auto; max-height: 5; padding: 0 1; text-wrap: nowrap;
+        text-overflow: ellipsis; }
+    RanksView TreeTable { height: 1fr; }
+    """
+
+    class Choose(Message):
+        """A rank was chosen: every other view shows its stream."""
+
+        def __init__(self, key: str) -> None:
+            super().__init__()
+            self.key = key
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="ranks-info")
+        yield TreeTable(COLUMNS, id="ranks-table")
+
+    def spark_width(self) -> int:
+        """What is left of the line for the sparkline (wider terminals get longer histories)."""
+        return max(SPARK_MIN, min(SPARK_MAX, self.size.width - 74))  # 80 columns: 6 (78 with the scrollbar)
+
+    def show(self, summary: JobSummary, rows: list[RankRow], notes: list[str], selected: str | None) -> None:
+        info = Text(no_wrap=True, overflow="ellipsis")
+        info.append_text(job_line(summary))
+        info.append("\n")
+        info.append_text(event_lines(summary, rows, notes))
+        self.query_one("#ranks-info", Static).update(info)
+        width = self.spark_width()
+        cells = []
+        for row in rows:
+            c = row_cells(row, width)
+            c = (Text(("▸" if row.key == selected else " ") + c[0], style="bold" if row.key == selected else ""),
+                 *c[1:])
+            cells.append((row.key, c))
+        self.query_one(TreeTable).sync(cells)
+
+    def on_tree_table_row_selected(self, event: TreeTable.RowSelected) -> None:
+        event.stop()
+        self.post_message(self.Choose(event.key))
