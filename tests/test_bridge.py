@@ -560,14 +560,14 @@ def test_bridge_envelope_decoder_splits_anywhere() -> None:
 # --- the dashboard ---------------------------------------------------------------------------------
 
 
-def test_watch_ssh_opens_the_dashboard_on_the_first_stream(cluster: Cluster) -> None:
+def test_watch_ssh_opens_the_job_view_on_every_host_stream(cluster: Cluster) -> None:
     import asyncio
 
     from llmtop.tui.views.app import LlmtopApp
 
     pid = cluster.start_agent("h1")
     feed = JobSources([BridgeSource("h1", str(pid), str(cluster.ssh))])
-    source = watch_remote.FirstStream(feed)
+    source = watch_remote.RemoteJob(feed)
     app = LlmtopApp(source, refresh_hz=10)
 
     async def drive() -> str:
@@ -588,5 +588,4 @@ def test_watch_ssh_opens_the_dashboard_on_the_first_stream(cluster: Cluster) -> 
 
     status = asyncio.run(drive())
     assert "live" in status
-    assert source.job is not None and source.job.first == f"h1:{pid}"
-    assert source.job.models[f"h1:{pid}"] is app.model
+    assert source.job.models[f"h1:{pid}"] is app.model  # the app shows the one stream there is

@@ -107,6 +107,21 @@ def test_status_of_each_rank_waiting_ended_lost() -> None:
     assert {r.rank: r.state for r in job.rows()}[1] == "live"
 
 
+def test_the_ranks_view_names_the_straggler_and_who_waits_in_a_collective() -> None:
+    from llmtop.tui.views.ranks import diagnosis_notes
+
+    notes = diagnosis_notes(fed(synthetic_job(4, slow_rank=2)))
+    assert len(notes) == 1 and notes[0].startswith("rank 2 is the straggler"), notes
+    # rank 1 is stuck in an all_reduce the others never reached (its report is old: the synthetic
+    # run ended long ago, so only the straggler would be live; here the wait is reported as of now)
+    job = fed(synthetic_job(4, waiting=1))
+    model = job.models[key(1)]
+    with model.lock:
+        model.apply(CollectiveWait(t=time.time(), op="all_reduce", since=time.time() - 8, seq=999, step=40))
+    hang = [n for n in diagnosis_notes(job) if "all_reduce" in n]
+    assert hang and "1" in hang[0] and all(str(r) in hang[0] for r in (0, 2, 3)), hang
+
+
 def test_a_restarted_rank_shows_its_newest_stream_and_counts_the_restart() -> None:
     streams = synthetic_job(2)
     old = streams[key(1)]

@@ -2,9 +2,8 @@
 the job's nodes: every host's agents through ``llmtop bridge`` over the user's own ssh.
 
 ``watch.py`` calls ``wanted(args)`` then ``run(args)``; ``cli.py`` adds the options with
-``add_arguments``. The dashboard of a whole job is another module's (tui/views/app.py); until it
-lands, the app shows the first stream to arrive (``FirstStream``) and says so on stderr. Switching
-to the job view is the one line marked below in ``run``.
+``add_arguments``. The streams open in the job view (``RemoteJob``): every host's streams in one
+``JobModel``, with the Ranks view and rank selection, as for a job on this host.
 """
 
 from __future__ import annotations
@@ -180,33 +179,19 @@ def remote_targets(args: argparse.Namespace, env: dict[str, str] | None = None) 
     return list(dict.fromkeys(out))
 
 
-# --- until the job view lands: the app on the first stream -----------------------------------------
+# --- the job view fed by every host's bridge ----------------------------------------------------------
 
 
-class ShowFirst(JobModel):
-    """A ``JobModel`` whose first stream feeds ``shown``: the model today's single-session app draws."""
+class RemoteJob:
+    """A job source for the app (``job``, ``run(model)``, ``stop()``): every host's bridge streams feed
+    one ``JobModel``; the app shows the lowest rank once one is there. Until a stream opens, the hosts'
+    states are the placeholder model's connection note."""
 
-    def __init__(self, shown: SessionModel) -> None:
-        super().__init__()
-        self.shown = shown
-        self.first = ""
-
-    def model_for(self, key: str) -> SessionModel:
-        with self.lock:
-            if not self.models:
-                self.models[key] = self.shown
-                self.first = key
-        return super().model_for(key)
-
-
-class FirstStream:
-    """A ``Source`` (``run(model)``/``stop()``) for the single-session app: every host's streams are
-    received into a job, the first one to open is drawn in ``model``; until one opens, the hosts'
-    states are its connection note."""
+    primary_key = None  # no stream to start from: the app picks the lowest rank seen
 
     def __init__(self, feed: JobSources) -> None:
         self.feed = feed
-        self.job: ShowFirst | None = None
+        self.job = JobModel()
         self._model: SessionModel | None = None
         for source in feed.sources:
             source.on_status = self._status
@@ -222,7 +207,6 @@ class FirstStream:
 
     def run(self, model: SessionModel) -> None:
         self._model = model
-        self.job = ShowFirst(model)
         self.feed.run(self.job)
 
     def stop(self) -> None:
@@ -243,18 +227,15 @@ def run(args: argparse.Namespace) -> int:
 
     feed = JobSources(sources)
     where = ", ".join(f"{SCHEME}{h}/{t}" for h, t in remotes)
-    # The job view is not built yet: the dashboard draws the first stream to arrive. To switch, replace
-    # this line with the job app fed by `feed` (JobSources.run(job) feeds a JobModel).
-    app = LlmtopApp(FirstStream(feed), refresh_hz=args.refresh, window_s=args.window, title=f"llmtop {where}")
-    print(f"llmtop watch: {where}: showing the first stream to arrive (one view of the job is not built yet)",
-          file=sys.stderr)
+    source = RemoteJob(feed)
+    app = LlmtopApp(source, refresh_hz=args.refresh, window_s=args.window, title=f"llmtop {where}")
     try:
         app.run()
     finally:
         feed.stop()
-    job = app.source.job if isinstance(app.source, FirstStream) else None
-    if job is not None and job.models:
-        print(f"llmtop watch: showed {job.first}; {len(job.models)} stream(s) received from "
+    job = source.job
+    if job.models:
+        print(f"llmtop watch: {len(job.models)} stream(s) received from "
               f"{len({k.rsplit(':', 1)[0] for k in job.models})} host(s)", file=sys.stderr)
     elif feed.sources:
         print(f"llmtop watch: no agent stream arrived ({feed.status()})", file=sys.stderr)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from llmtop.protocol.events import PHASES, CollectiveWait, Event
+from llmtop.protocol.events import PHASES
 from llmtop.protocol.formulas import percentile
 from llmtop.tui.session.model import CONNECTING, ENDED, LIVE, LOST, SessionModel
 
@@ -36,25 +36,6 @@ RECENT_STEPS = 50  # steps per rank behind the p50 and the skew
 SPARK_STEPS = 24  # step times per rank kept for the row's sparkline
 UNKNOWN_RANK = "?"
 SORT_STEP = 5  # percent of skew: rows within one step keep their rank order
-
-
-class RankSessionModel(SessionModel):
-    """A SessionModel that also follows the rank's collective waits (``CollectiveWait``)."""
-
-    def reset(self) -> None:
-        super().reset()
-        self.waiting: CollectiveWait | None = None  # the collective this rank is stuck in, if any
-        self.waits_seen = 0
-
-    def apply(self, event: Event) -> None:
-        if isinstance(event, CollectiveWait):
-            self.events += 1
-            self.waits_seen += 1
-            self.waiting = None if event.done else event
-            self._see(event.t)
-            self.version += 1
-            return
-        super().apply(event)
 
 
 @dataclass(frozen=True)
@@ -159,7 +140,7 @@ class JobModel:
         with self.lock:
             model = self.models.get(key)
             if model is None:
-                model = self.models[key] = RankSessionModel()
+                model = self.models[key] = SessionModel()
             return model
 
     def items(self) -> list[tuple[str, SessionModel]]:

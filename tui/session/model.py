@@ -23,6 +23,7 @@ from llmtop.protocol.events import (
     PHASES,
     AgentWarning,
     Anomaly,
+    CollectiveWait,
     DeviceSample,
     End,
     Event,
@@ -172,6 +173,9 @@ class SessionModel(LayerTables, FlopsJoins):
         self.dropped = 0
         self.clients = 0
         self.agent_cpu_pct: float | None = None
+        self.waiting: CollectiveWait | None = None  # the collective this rank is stuck in, if any
+        self.waits: deque[CollectiveWait] = deque(maxlen=EVENTS_KEPT)  # every report, for the hang diagnosis
+        self.waits_seen = 0
         self.snapshot_done = False
         self.end: End | None = None
         self.now = 0.0  # latest timestamp seen in the data: sparkline windows end here
@@ -363,6 +367,12 @@ class SessionModel(LayerTables, FlopsJoins):
         self.agent_cpu_pct = e.agent_cpu_pct
         self._see(e.t)
 
+    def _collective_wait(self, e: CollectiveWait) -> None:
+        self.waits_seen += 1
+        self.waits.append(e)
+        self.waiting = None if e.done else e
+        self._see(e.t)
+
     def _snapshot_done(self, e: SnapshotDone) -> None:
         self.snapshot_done = True
 
@@ -511,6 +521,7 @@ _HANDLERS = {
     StepFlops: SessionModel._step_flops,
     Generation: SessionModel._generation,
     Stats: SessionModel._stats,
+    CollectiveWait: SessionModel._collective_wait,
     SnapshotDone: SessionModel._snapshot_done,
     End: SessionModel._end,
 }

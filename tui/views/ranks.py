@@ -8,12 +8,15 @@ only formats them and keeps the table in step by row key.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from llmtop.protocol.events import PHASES
+from llmtop.protocol.events import PHASES, CollectiveWait
 from llmtop.tui.session import fmt
 from llmtop.tui.session.job import JobModel, JobSummary, RankRow
+from llmtop.tui.session.ranks_diagnoses import LAST_STEPS, LAYER_POINTS, hangs, straggler_from_models
 from llmtop.tui.views.tree_table import Column, TreeTable
 from llmtop.tui.views.widgets import PHASE_GLYPHS, PHASE_STYLES
 from rich.text import Text
@@ -144,37 +147,73 @@ def event_lines(summary: JobSummary, rows: list[RankRow], notes: list[str]) -> T
     return t
 
 
-def diagnosis_notes(job: JobModel, held: Any = None) -> list[str]:
-    """The straggler/hang diagnoses of ``tui/session/ranks_diagnoses.py`` when that module is
-    present (another part of the work): one line each, never an error here."""
-    rd = _diagnoses_module()
-    if rd is None:
-        return []
-    notes = []
-    fn = getattr(rd, "stragglers", None) or getattr(rd, "straggler", None)
-    if fn is not None:
-        try:
-            result = fn(job.steps_by_rank(held))
-            for item in result if isinstance(result, list) else [result]:
-                text = getattr(item, "text", None) if item is not None else None
-                if text:
-                    notes.append(str(text).splitlines()[0])
-        except Exception:  # noqa: BLE001 - an unfinished diagnosis must not take the view down
-            pass
-    return notes[:1]
+DIAGNOSE_EVERY_S = 1.0  # the straggler diagnosis of 64 ranks costs ~0.1 s: not every frame
 
 
-_DIAGNOSES: list[Any] = []  # the module once looked up (a failed import would search sys.path every frame)
+@dataclass
+class _RankData:
+    """What the diagnoses read of one rank, copied under its model's lock."""
+
+    steps: list[Any]
+    host: list[Any]
+    layers: dict[int, Any]
+    waits: list[CollectiveWait]
+    started: float
+    ended: str | None
 
 
-def _diagnoses_module() -> Any:
-    if not _DIAGNOSES:
-        try:
-            from llmtop.tui.session import ranks_diagnoses  # type: ignore[attr-defined]
-        except ImportError:
-            ranks_diagnoses = None
-        _DIAGNOSES.append(ranks_diagnoses)
-    return _DIAGNOSES[0]
+@dataclass
+class _LayerData:
+    path: str
+    history: list[Any]
+
+
+def _rank_data(job: JobModel) -> tuple[dict[int, _RankData], int | None]:
+    """The newest stream of each known rank, copied one model at a time (no lock held across ranks)."""
+    out: dict[int, _RankData] = {}
+    world = None
+    for key, model in job.items():
+        with model.lock:
+            ident = job.identity(key, model)
+            if ident.rank is None or model.session is None:
+                continue
+            started = model.session.started or 0.0
+            if ident.rank in out and out[ident.rank].started > started:
+                continue
+            world = max(world or 0, ident.world_size or 0) or world
+            layers = {mid: _LayerData(la.path, list(la.history)[-LAYER_POINTS:])
+                      for mid, la in model.layers.items() if la.history}
+            ended = (model.exit_text() or "ended") if model.end is not None else None
+            out[ident.rank] = _RankData(list(model.steps)[-(LAST_STEPS + 8):], list(model.host)[-64:], layers,
+                                        list(model.waits), started, ended)
+    return out, world
+
+
+def diagnosis_notes(job: JobModel) -> list[str]:
+    """The job's diagnoses, one line each: ranks stuck in a collective (and who never arrived), then
+    the straggler with its cause (``tui/session/ranks_diagnoses.py``). Worked out at most once a
+    second per job; never an error here."""
+    now = time.monotonic()
+    cached = _NOTES.get(id(job))
+    if cached is not None and now - cached[0] < DIAGNOSE_EVERY_S:
+        return cached[1]
+    notes: list[str] = []
+    try:
+        data, world = _rank_data(job)
+        ended = {r: d.ended for r, d in data.items() if d.ended is not None}
+        for h in hangs({r: d.waits for r, d in data.items() if d.waits}, world, time.time(), ended):
+            if h.ongoing:
+                notes.append(h.text)
+        found = straggler_from_models(data) if len(data) > 1 else None
+        if found is not None:
+            notes.append(found.text)
+    except Exception:  # noqa: BLE001 - a diagnosis must never take the view down
+        pass
+    _NOTES[id(job)] = (now, notes)
+    return notes
+
+
+_NOTES: dict[int, tuple[float, list[str]]] = {}  # id(job) -> (when, lines): one job per app
 
 
 class RanksView(Vertical):
