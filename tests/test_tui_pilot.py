@@ -440,6 +440,47 @@ async def test_attach_ctrl_c_interrupts_and_the_final_state_stays(sock_path: Pat
         child.wait(10)
 
 
+SLOW_STOPPER = """
+import signal, sys, time
+def stop(*_):  # like a launcher stopping its workers: it takes a moment
+    time.sleep(2.0)
+    print("stopped", flush=True)
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+for i in range(100000):
+    print("tick", i, flush=True)
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.timeout(120)
+@aio
+async def test_stop_waits_for_a_slow_script_and_never_detaches_it(sock_path: Path, tmp_path: Path):
+    # `stop` used to close the dashboard at once; a script still stopping (torchrun and its workers)
+    # was then taken as left running and detached, and the SIGTERM that should follow never came
+    from llmtop.child import Child
+    from llmtop.launch import child_env as launch_env
+
+    script = tmp_path / "slow_stop.py"
+    script.write_text(SLOW_STOPPER)
+    child = Child.spawn([sys.executable, str(script)], launch_env(sock_path, True, None, base=child_env()),
+                        sock_path, headless=False)
+    try:
+        app = attached_app(child)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: any("tick 3" in e.text for e in app.model.logs))
+            await pilot.press("q")
+            await pilot.pause()
+            assert isinstance(app.screen, QuitScreen)
+            await pilot.press("s")
+            await wait_for(pilot, lambda: not app.is_running or child.poll() is not None)
+            assert child.poll() is not None or not app.is_running
+        assert child.poll() == 130 and not child.detached and app.stop_requested
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @aio

@@ -45,6 +45,7 @@ VIEW_CLASSES: dict[str, type[Widget]] = {
 }
 MIN_WINDOW_S, MAX_WINDOW_S = 10.0, 3600.0
 STOP_GRACE_S = 5.0
+STOP_AFTER_TERM_S = 5.0  # the dashboard waits this long after the SIGTERM before it closes
 HEADER_EVERY_S = 1.0  # the job's figures in the header of views other than Ranks
 
 
@@ -80,6 +81,7 @@ class LlmtopApp(App[int]):
         self.clock = clock
         self.frozen = False
         self.exit_message: str | None = None
+        self.stop_requested = False  # the user chose to stop the script: never detach it
         self.frames = 0
         self.last_frame_ms = 0.0
         self._drawn: tuple[int, str, float] | None = None
@@ -539,6 +541,7 @@ class LlmtopApp(App[int]):
     def _quit_choice(self, choice: str | None) -> None:
         if choice == "stop":
             self.notify("stopping the script (SIGINT, then SIGTERM)…", timeout=STOP_GRACE_S + 2)
+            self.stop_requested = True
             self._stop_child()
         elif choice == "detach":
             path: Path = self.child.detach()
@@ -551,6 +554,11 @@ class LlmtopApp(App[int]):
     def _stop_child(self) -> None:
         try:
             self.child.stop(grace_s=STOP_GRACE_S)
+            # the dashboard stays until the script has ended (a launcher such as torchrun takes a few
+            # seconds to stop its workers); past the SIGTERM's grace, the launcher waits for it
+            self.child.wait(STOP_GRACE_S + STOP_AFTER_TERM_S)
+        except Exception:  # noqa: BLE001 - still running: the launcher waits for it after the app
+            pass
         finally:
             self.call_from_thread(self.exit, 0)
 
@@ -585,7 +593,7 @@ def run_attached(child: Any, args: Any) -> None:
     finally:
         source.stop()
     # a detached child's log path is printed by the launcher once the terminal is back
-    if app.exit_message is None and child.poll() is None:
+    if app.exit_message is None and child.poll() is None and not app.stop_requested:
         # the app ended without a choice (an error, a lost terminal): the script outlives its viewer,
         # its output going on into the log (the holder owns the pty), as after a detach
         child.detach()
