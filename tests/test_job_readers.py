@@ -241,3 +241,33 @@ def test_replay_of_a_job_replays_one_rank(jobs: dict[str, Path]) -> None:
     assert path.endswith("run.rank1.lrec") and "replaying rank 1" in (note or "")
     single = str(jobs["slow"].with_name("other.lrec"))
     assert replay_path(single) == (single, None)
+
+
+def test_replay_end_of_a_job_opens_every_rank_in_the_job_view(jobs: dict[str, Path]) -> None:
+    import asyncio
+
+    from llmtop.tui.commands.replay import job_at_end
+    from llmtop.tui.views.app import LlmtopApp
+
+    source = job_at_end(str(jobs["slow"]))
+    app = LlmtopApp(source, refresh_hz=10)
+
+    async def drive() -> tuple[list, list[str]]:
+        async with app.run_test(size=(100, 30)) as pilot:
+            assert source.done.wait(30)
+            for _ in range(50):
+                await pilot.pause(0.1)
+                if app.job_shown:
+                    break
+            await pilot.press("8")  # the Ranks view
+            await pilot.pause(1.2)
+            app.frame(force=True)
+            await pilot.pause()
+            rows = app.job.rows()
+            from llmtop.tui.views.ranks import diagnosis_notes
+            return rows, diagnosis_notes(app.job)
+
+    rows, notes = asyncio.run(drive())
+    assert sorted(r.rank for r in rows) == [0, 1]
+    assert all(r.step == len(steps_of(jobs["slow"].with_name(f"run.rank{r.rank}.lrec"))) - 1 for r in rows)
+    assert any(n.startswith("rank 1 is the straggler") and "data" in n for n in notes), notes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from llmtop.protocol.recording.job import rank_of
 from llmtop.tui.commands.common import add_view_arguments, check_view_arguments, fail, read_recordings
@@ -19,7 +20,8 @@ HELP = "Open the dashboard on a recording, with play/pause, seek, step and speed
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a recording (LLMTOP_RECORD, `llmtop attach --record`, `llmtop record`); "
-                        "a job's run.lrec or run.rank{R}.lrec replays one rank")
+                        "a job's run.lrec or run.rank{R}.lrec replays one rank, or with --end opens "
+                        "every rank at the end of the run in the job view")
     parser.add_argument("--speed", type=float, default=1.0, metavar="X",
                         help=f"replay speed, {MIN_SPEED:g} to {MAX_SPEED:g} (default 1)")
     parser.add_argument("--end", action="store_true", help="open at the end of the run (its final state)")
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     bad = check_view_arguments("replay", args)
     if bad is not None:
         return bad
+    if args.end and rank_files(args.file):
+        return read_recordings("replay", lambda: _job_at_end(args))
     opened: list[RecordingSource] = []
     status = read_recordings("replay", lambda: _open(args, opened))
     if status:
@@ -63,8 +67,8 @@ def replay_path(path: str) -> tuple[str, str | None]:
         return path, None
     named = rank_of(path)
     rank = named if named is not None and named in files else min(files)
-    return str(files[rank]), (f"a job of {len(files)} recorded ranks: replaying rank {rank} ({files[rank]}) "
-                              "only (the job view does not replay recordings yet)")
+    return str(files[rank]), (f"a job of {len(files)} recorded ranks: replaying rank {rank} ({files[rank]}); "
+                              "--end opens every rank at the end of the run in the job view")
 
 
 def _open(args: argparse.Namespace, opened: list[RecordingSource]) -> int:
@@ -73,4 +77,31 @@ def _open(args: argparse.Namespace, opened: list[RecordingSource]) -> int:
         print(f"llmtop replay: {note}", file=sys.stderr)
     opened.append(RecordingSource(path, speed=args.speed, start="end" if args.end else "begin",
                                   playing=not (args.paused or args.end)))
+    return 0
+
+
+def job_at_end(path: str) -> Any:
+    """A source of every rank's recording read to its end (a ``JobEventsSource``, keyed host:pid)."""
+    from llmtop.protocol.recording import RecordingReader
+    from llmtop.tui.session.job import JobModel
+    from llmtop.tui.session.job_source import JobEventsSource
+
+    streams = {}
+    for _, file in sorted((rank_files(path) or {}).items()):
+        with RecordingReader(str(file)) as reader:
+            streams[f"{reader.session.hostname or '?'}:{reader.session.pid}"] = list(reader.events())
+    return JobEventsSource(JobModel(), streams)
+
+
+def _job_at_end(args: argparse.Namespace) -> int:
+    """Every rank's recording read to its end into one job view (Ranks view, straggler, rank choice):
+    a job's final state. Time transport is for one rank at a time (without --end)."""
+    from llmtop.tui.views.app import LlmtopApp
+
+    source = job_at_end(args.file)
+    app = LlmtopApp(source, refresh_hz=args.refresh, window_s=args.window, title=f"llmtop replay {args.file}")
+    try:
+        app.run()
+    finally:
+        source.stop()
     return 0
