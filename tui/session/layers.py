@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from operator import attrgetter
 
 from llmtop.protocol.events import LayerStats, ModelTree
 from llmtop.protocol.formulas import bound
@@ -18,50 +18,123 @@ from llmtop.protocol.formulas import bound
 EMA_ALPHA = 0.2  # weight of the newest step in per-layer and step-time means
 LAYER_HISTORY = 256  # per-layer (step, fwd, bwd, act) points kept for the detail screen
 TIMED_KEPT = 32  # per layer: (step, fwd ms, calls) of recent timed steps, to join per-step FLOPs
+LAYOUTS_KEPT = 4  # distinct ids lists of layer tables whose slots are remembered (LayerStats, StepFlops…)
 STALE_STEPS = 3  # a layer table older than this many steps is shown with its age
 
 
-@dataclass
-class Layer:
-    """One module of a model tree, with its latest measurements."""
+class Columns:
+    """Every module's measurements as parallel lists indexed by slot (``Layer._s``): a layer table
+    covering the tree in slot order (the usual case) replaces or folds whole lists in one pass instead
+    of updating objects one attribute at a time. Lists are replaced, never shared with an event."""
 
-    id: int
-    model: int
-    path: str
-    cls: str
-    params: int  # owned directly
-    parent: int
-    depth: int = 0
-    dtype: str = ""
-    trainable: bool = True
-    compiled: bool = False
-    children: list[int] = field(default_factory=list)
-    total_params: int = 0  # this module and everything under it
+    __slots__ = ("step", "fwd_ms", "fwd_self_ms", "bwd_ms", "bwd_self_ms", "calls", "act_bytes", "fwd_ema",
+                 "bwd_ema", "act_ema", "history", "timed", "flops", "bytes", "peak_flops", "peak_bw",
+                 "step_flops", "step_bytes", "step_flops_step", "step_flops_note", "ids", "layouts")
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []  # module id of each slot
+        for name in VALUE_COLUMNS:
+            setattr(self, name, [])
+        self.step_flops_note: list[str] = []
+        self.history: list[deque[tuple[int, float, float | None, int | None]]] = []
+        self.timed: list[deque[tuple[int, float, int]]] = []
+        # (ids, their slots, whether that is every slot in order) of recent tables' layouts
+        self.layouts: list[tuple[list[int], list[int | None], bool]] = []
+
+    def extend(self, ids: list[int]) -> int:
+        """Fresh slots for modules ``ids`` (nothing measured yet); returns the first one."""
+        first, k = len(self.ids), len(ids)
+        self.ids.extend(ids)
+        for name in VALUE_COLUMNS:
+            getattr(self, name).extend([None] * k)
+        self.step_flops_note.extend([""] * k)
+        self.history.extend([deque(maxlen=LAYER_HISTORY) for _ in range(k)])
+        self.timed.extend([deque(maxlen=TIMED_KEPT) for _ in range(k)])
+        self.layouts = []
+        return first
+
+    def taken(self, slots: list[int]) -> Columns:
+        """The columns of ``slots`` only, in that order (the tree changed: slots are packed again)."""
+        out = Columns()
+        out.ids = [self.ids[s] for s in slots]
+        for name in (*VALUE_COLUMNS, "step_flops_note", "history", "timed"):
+            col = getattr(self, name)
+            setattr(out, name, [col[s] for s in slots])
+        return out
+
+    def slots_of(self, ids: list[int], where: dict[int, Layer]) -> tuple[list[int | None], bool]:
+        """Slots of a table's ids (None: a module of no tree), and whether they are exactly every slot
+        in order; worked out once per layout (the agent sends the same ids step after step)."""
+        for known in self.layouts:
+            if known[0] == ids:
+                return known[1], known[2]
+        pos = [la._s if (la := where.get(mid)) is not None else None for mid in ids]
+        every = pos == list(range(len(self.ids)))
+        self.layouts = [(list(ids), pos, every), *self.layouts[:LAYOUTS_KEPT - 1]]
+        return pos, every
+
+
+# plain value columns (None until measured)
+VALUE_COLUMNS = ("step", "fwd_ms", "fwd_self_ms", "bwd_ms", "bwd_self_ms", "calls", "act_bytes", "fwd_ema",
+                 "bwd_ema", "act_ema", "flops", "bytes", "peak_flops", "peak_bw", "step_flops", "step_bytes",
+                 "step_flops_step")
+
+
+def _column(name: str, doc: str = "") -> property:
+    get = attrgetter(name)
+    return property(lambda self: get(self._c)[self._s], doc=doc or None)
+
+
+class Layer:
+    """One module of a model tree: its place in the tree here, its measurements read from the
+    session's ``Columns`` at slot ``_s``."""
+
+    __slots__ = ("id", "model", "path", "cls", "params", "parent", "depth", "dtype", "trainable", "compiled",
+                 "children", "total_params", "_c", "_s")
+
+    def __init__(self, id: int, model: int, path: str, cls: str, params: int, parent: int, dtype: str,
+                 trainable: bool, compiled: bool, columns: Columns, slot: int) -> None:
+        self.id = id
+        self.model = model
+        self.path = path
+        self.cls = cls
+        self.params = params  # owned directly
+        self.parent = parent
+        self.depth = 0
+        self.dtype = dtype
+        self.trainable = trainable
+        self.compiled = compiled
+        self.children: list[int] = []
+        self.total_params = 0  # this module and everything under it
+        self._c = columns
+        self._s = slot
+
+    def __repr__(self) -> str:
+        return f"Layer(id={self.id}, path={self.path!r}, cls={self.cls!r})"
+
     # latest step with layer timing, and exponential means over steps
-    step: int | None = None
-    fwd_ms: float | None = None
-    fwd_self_ms: float | None = None
-    bwd_ms: float | None = None
-    bwd_self_ms: float | None = None
-    calls: int | None = None
-    act_bytes: int | None = None
-    fwd_ema: float | None = None
-    bwd_ema: float | None = None
-    act_ema: float | None = None
-    history: deque[tuple[int, float, float | None, int | None]] = field(
-        default_factory=lambda: deque(maxlen=LAYER_HISTORY)
-    )
+    step = _column("step")
+    fwd_ms = _column("fwd_ms")
+    fwd_self_ms = _column("fwd_self_ms")
+    bwd_ms = _column("bwd_ms")
+    bwd_self_ms = _column("bwd_self_ms")
+    calls = _column("calls")
+    act_bytes = _column("act_bytes")
+    fwd_ema = _column("fwd_ema")
+    bwd_ema = _column("bwd_ema")
+    act_ema = _column("act_ema")
+    history = _column("history", "per-layer (step, fwd, bwd, act) points kept for the detail screen")
     # from LayerFlops: per forward call
-    flops: float | None = None
-    bytes: float | None = None
-    peak_flops: float | None = None
-    peak_bw: float | None = None
+    flops = _column("flops")
+    bytes = _column("bytes")
+    peak_flops = _column("peak_flops")
+    peak_bw = _column("peak_bw")
     # from StepFlops: the forward FLOPs/bytes of exactly the calls one timed step ran
-    step_flops: float | None = None
-    step_bytes: float | None = None
-    step_flops_step: int | None = None  # the step those figures are for
-    step_flops_note: str = ""  # why there is no figure for that step
-    timed: deque[tuple[int, float, int]] = field(default_factory=lambda: deque(maxlen=TIMED_KEPT))
+    step_flops = _column("step_flops")
+    step_bytes = _column("step_bytes")
+    step_flops_step = _column("step_flops_step", "the step those figures are for")
+    step_flops_note = _column("step_flops_note", "why there is no figure for that step")
+    timed = _column("timed", "(step, fwd ms, calls) of recent timed steps, to join per-step FLOPs")
 
     @property
     def name(self) -> str:
@@ -71,15 +144,17 @@ class Layer:
     @property
     def time_ms(self) -> float | None:
         """Recent forward + backward time (EMA), None if never measured."""
-        if self.fwd_ema is None:
+        c, s = self._c, self._s
+        fwd = c.fwd_ema[s]
+        if fwd is None:
             return None
-        return self.fwd_ema + (self.bwd_ema or 0.0)
+        return fwd + (c.bwd_ema[s] or 0.0)
 
     def _timed_at(self, step: int | None) -> tuple[int, float, int] | None:
         """(step, forward ms, calls) of timed step ``step``, if it is recent enough to be kept."""
         if step is None:
             return None
-        for entry in reversed(self.timed):
+        for entry in reversed(self._c.timed[self._s]):
             if entry[0] == step:
                 return entry
             if entry[0] < step:
@@ -98,33 +173,41 @@ class Layer:
         return self._achieved()[1]
 
     def _achieved(self) -> tuple[float | None, str]:
-        if self.step_flops_note:
-            return None, self.step_flops_note
-        if not self.step_flops:
+        c, s = self._c, self._s
+        note = c.step_flops_note[s]
+        if note:
+            return None, note
+        step_flops = c.step_flops[s]
+        if not step_flops:
             return None, ""
-        timed = self._timed_at(self.step_flops_step)
+        step = c.step_flops_step[s]
+        timed = self._timed_at(step)
         if timed is None or timed[1] <= 0:
-            return None, f"no forward time for step {self.step_flops_step}"
-        value = self.step_flops / (timed[1] / 1000.0)
-        if self.peak_flops and value > self.peak_flops:
-            return None, (f"{value / 1e9:.1f} GFLOP/s > device peak {self.peak_flops / 1e9:.1f}: "
+            return None, f"no forward time for step {step}"
+        value = step_flops / (timed[1] / 1000.0)
+        peak = c.peak_flops[s]
+        if peak and value > peak:
+            return None, (f"{value / 1e9:.1f} GFLOP/s > device peak {peak / 1e9:.1f}: "
                           "count and time disagree")
         return value, ""
 
     @property
     def intensity(self) -> float | None:
-        if self.flops is None or not self.bytes:
+        c, s = self._c, self._s
+        flops, nbytes = c.flops[s], c.bytes[s]
+        if flops is None or not nbytes:
             return None
-        return self.flops / self.bytes
+        return flops / nbytes
 
     @property
     def bound(self) -> str | None:
         """compute / memory / overhead, from the roofline of one timed step's own FLOPs, bytes and
         forward time; None without peaks, or without that step's figures."""
-        timed = self._timed_at(self.step_flops_step)
+        c, s = self._c, self._s
+        timed = self._timed_at(c.step_flops_step[s])
         if timed is None or self.achieved_note:  # an impossible figure gets no verdict either
             return None
-        return roofline_bound(self.step_flops, self.step_bytes, self.peak_flops, self.peak_bw, timed[1], 1)
+        return roofline_bound(c.step_flops[s], c.step_bytes[s], c.peak_flops[s], c.peak_bw[s], timed[1], 1)
 
 
 def roofline_bound(flops: float | None, nbytes: float | None, peak_flops: float | None,
@@ -146,60 +229,78 @@ class LayerTables:
 
     def _model(self, e: ModelTree) -> None:
         old = self.models.get(e.model)
+        if old is not None and old == e:
+            self.models[e.model] = e  # the same tree again: its index and measurements stay
+            return
+        layers = self.layers
+        cols = self.columns
         if old is not None:
+            gone = set(old.ids)
             for mid in old.ids:
-                self.layers.pop(mid, None)
-            self.roots = [r for r in self.roots if r not in old.ids]
+                layers.pop(mid, None)
+            self.roots = [r for r in self.roots if r not in gone]
+            # pack the slots of the modules that stay, so tables keep their one-pass path
+            cols = self.columns = cols.taken([la._s for la in layers.values()])
+            for slot, la in enumerate(layers.values()):
+                la._c, la._s = cols, slot
         self.models[e.model] = e
         n = len(e.ids)
         dtypes = e.dtypes if len(e.dtypes) == n else [""] * n
         trainable = e.trainable if len(e.trainable) == n else [True] * n
         compiled = e.compiled if len(e.compiled) == n else [False] * n
+        first = cols.extend(e.ids)
+        model, paths, classes, params, parents = e.model, e.paths, e.classes, e.params, e.parents
         for i, mid in enumerate(e.ids):
-            self.layers[mid] = Layer(id=mid, model=e.model, path=e.paths[i], cls=e.classes[i],
-                                     params=e.params[i], parent=e.parents[i], dtype=dtypes[i],
-                                     trainable=trainable[i], compiled=compiled[i])
+            layers[mid] = Layer(mid, model, paths[i], classes[i], params[i], parents[i], dtypes[i],
+                                trainable[i], compiled[i], cols, first + i)
         for mid in e.ids:
-            layer = self.layers[mid]
-            parent = self.layers.get(layer.parent)
+            layer = layers[mid]
+            parent = layers.get(layer.parent)
             if parent is None:
                 self.roots.append(mid)
             else:
                 parent.children.append(mid)
         for root in e.ids:
-            if self.layers[root].parent not in self.layers:
-                _fill_totals(self.layers, root)
+            if layers[root].parent not in layers:
+                _fill_totals(layers, root)
         self.tree_version += 1
 
     def _layers(self, e: LayerStats) -> None:
         if self.layers_step is not None and e.step <= self.layers_step:
             self.numbering_restarts()  # steps count from 0 again (tui/session/flops.py)
-        layers = self.layers
+        cols = self.columns
         n = len(e.ids)
         bwd = e.bwd_ms if len(e.bwd_ms) == n else None
         bwd_self = e.bwd_self_ms if len(e.bwd_self_ms) == n else None
         act = e.act_bytes if len(e.act_bytes) == n else None
-        for i, mid in enumerate(e.ids):
-            layer = layers.get(mid)
-            if layer is None:
-                continue
-            f = e.fwd_ms[i]
-            b = bwd[i] if bwd is not None else None
-            a = act[i] if act is not None else None
-            layer.step = e.step
-            layer.fwd_ms = f
-            layer.fwd_self_ms = e.fwd_self_ms[i]
-            layer.calls = e.calls[i]
-            layer.bwd_ms = b
-            layer.bwd_self_ms = bwd_self[i] if bwd_self is not None else None
-            layer.act_bytes = a
-            layer.fwd_ema = f if layer.fwd_ema is None else layer.fwd_ema + EMA_ALPHA * (f - layer.fwd_ema)
-            if b is not None:
-                layer.bwd_ema = b if layer.bwd_ema is None else layer.bwd_ema + EMA_ALPHA * (b - layer.bwd_ema)
-            if a is not None:
-                layer.act_ema = a if layer.act_ema is None else layer.act_ema + EMA_ALPHA * (a - layer.act_ema)
-            layer.history.append((e.step, f, b, a))
-            layer.timed.append((e.step, f, e.calls[i]))
+        pos, every = cols.slots_of(e.ids, self.layers)
+        if every and len(e.fwd_ms) == n and len(e.fwd_self_ms) == n and len(e.calls) == n:
+            _fold_table(cols, e.step, e.fwd_ms, e.fwd_self_ms, e.calls, bwd, bwd_self, act)
+        else:  # some modules only, or unknown ones: module by module
+            step = e.step
+            for i, slot in enumerate(pos):
+                if slot is None:
+                    continue
+                f = e.fwd_ms[i]
+                b = bwd[i] if bwd is not None else None
+                a = act[i] if act is not None else None
+                cols.step[slot] = step
+                cols.fwd_ms[slot] = f
+                cols.fwd_self_ms[slot] = e.fwd_self_ms[i]
+                cols.calls[slot] = e.calls[i]
+                cols.bwd_ms[slot] = b
+                cols.bwd_self_ms[slot] = bwd_self[i] if bwd_self is not None else None
+                cols.act_bytes[slot] = a
+                o = cols.fwd_ema[slot]
+                cols.fwd_ema[slot] = f if o is None else o + EMA_ALPHA * (f - o)
+                if b is not None:
+                    o = cols.bwd_ema[slot]
+                    cols.bwd_ema[slot] = b if o is None else o + EMA_ALPHA * (b - o)
+                if a is not None:
+                    o = cols.act_ema[slot]
+                    cols.act_ema[slot] = a if o is None else o + EMA_ALPHA * (a - o)
+                cols.history[slot].append((step, f, b, a))
+                cols.timed[slot].append((step, f, e.calls[i]))
         if self.layers_step is None or e.step >= self.layers_step:
             self.layers_step = e.step
 
@@ -254,6 +355,42 @@ class LayerTables:
                 and (not leaves_only or not la.children)]
         pool.sort(key=lambda la: la.time_ms or 0.0, reverse=True)
         return pool[:n]
+
+
+def _ema(old: list, new: list) -> list:
+    """The exponential mean of every slot after one more value (``None``: not measured, keeps the mean)."""
+    if None in new:
+        return [o if x is None else (x if o is None else o + EMA_ALPHA * (x - o)) for o, x in zip(old, new, strict=True)]
+    return [x if o is None else o + EMA_ALPHA * (x - o) for o, x in zip(old, new, strict=True)]
+
+
+def _fold_table(cols: Columns, step: int, fwd: list, fwd_self: list, calls: list, bwd: list | None,
+                bwd_self: list | None, act: list | None) -> None:
+    """A layer table covering every slot in order, folded list by list (the same arithmetic, in the same
+    order, as module by module)."""
+    n = len(fwd)
+    steps = cols.step = [step] * n
+    cols.fwd_ms = list(fwd)
+    cols.fwd_self_ms = list(fwd_self)
+    cols.calls = list(calls)
+    none = [None] * n  # read only: each column gets its own list (the module-by-module path writes them)
+    cols.bwd_ms = list(bwd) if bwd is not None else [None] * n
+    cols.bwd_self_ms = list(bwd_self) if bwd_self is not None else [None] * n
+    cols.act_bytes = list(act) if act is not None else [None] * n
+    cols.fwd_ema = _ema(cols.fwd_ema, fwd)
+    if bwd is not None:
+        cols.bwd_ema = _ema(cols.bwd_ema, bwd)
+    if act is not None:
+        cols.act_ema = _ema(cols.act_ema, act)
+    _consume(map(_append, cols.history, zip(steps, fwd, bwd or none, act or none, strict=True)))
+    _consume(map(_append, cols.timed, zip(steps, fwd, calls, strict=True)))
+
+
+_append = deque.append
+
+
+def _consume(it: Iterator[object]) -> None:
+    deque(it, maxlen=0)  # runs an iterator at C speed, keeping nothing
 
 
 def _fill_totals(layers: dict[int, Layer], root: int) -> None:
