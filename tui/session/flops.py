@@ -42,8 +42,7 @@ class FlopsJoins:
         (timed steps and per-step FLOPs); the layer tables' means and history stay."""
         self._forget_step_flops()
         self.layers_step = None
-        for timed in self.columns.timed:
-            timed.clear()
+        self.columns.timed_from = self.columns.seq + 1  # the tables before are no longer "timed"
 
     def _forget_step_flops(self) -> None:
         self.step_flops.clear()

@@ -25,21 +25,31 @@ STALE_STEPS = 3  # a layer table older than this many steps is shown with its ag
 class Columns:
     """Every module's measurements as parallel lists indexed by slot (``Layer._s``): a layer table
     covering the tree in slot order (the usual case) replaces or folds whole lists in one pass instead
-    of updating objects one attribute at a time. Lists are replaced, never shared with an event."""
+    of updating objects one attribute at a time. Lists are replaced, never shared with an event.
+
+    Per-layer points (``history``, ``timed``) are not copied out per module: such a table is kept whole
+    in ``ring`` (the newest ``LAYER_HISTORY``: every module has an entry in each, so an older one is
+    never among any module's newest points), other tables' entries go to the module's own ``extra``
+    deque, and a module's points are the two merged by table number when a view reads them."""
 
     __slots__ = ("step", "fwd_ms", "fwd_self_ms", "bwd_ms", "bwd_self_ms", "calls", "act_bytes", "fwd_ema",
-                 "bwd_ema", "act_ema", "history", "timed", "flops", "bytes", "peak_flops", "peak_bw",
-                 "step_flops", "step_bytes", "step_flops_step", "step_flops_note", "ids", "layouts")
+                 "bwd_ema", "act_ema", "flops", "bytes", "peak_flops", "peak_bw", "step_flops", "step_bytes",
+                 "step_flops_step", "step_flops_note", "ids", "layouts", "seq", "timed_from", "ring", "extra",
+                 "hist", "hist_seq")
 
     def __init__(self) -> None:
         self.ids: list[int] = []  # module id of each slot
         for name in VALUE_COLUMNS:
             setattr(self, name, [])
         self.step_flops_note: list[str] = []
-        self.history: list[deque[tuple[int, float, float | None, int | None]]] = []
-        self.timed: list[deque[tuple[int, float, int]]] = []
         # (ids, their slots, whether that is every slot in order) of recent tables' layouts
         self.layouts: list[tuple[list[int], list[int | None], bool]] = []
+        self.seq = 0  # layer tables folded so far: numbers their entries
+        self.timed_from = 0  # entries of tables numbered below are of an earlier step numbering
+        self.ring: deque[Table] = deque(maxlen=LAYER_HISTORY)
+        self.extra: list[deque[Entry] | None] = []
+        self.hist: list[deque[tuple[int, float, float | None, int | None]] | None] = []  # read so far
+        self.hist_seq: list[int] = []  # the table number ``hist`` is complete to
 
     def extend(self, ids: list[int]) -> int:
         """Fresh slots for modules ``ids`` (nothing measured yet); returns the first one."""
@@ -48,18 +58,25 @@ class Columns:
         for name in VALUE_COLUMNS:
             getattr(self, name).extend([None] * k)
         self.step_flops_note.extend([""] * k)
-        self.history.extend([deque(maxlen=LAYER_HISTORY) for _ in range(k)])
-        self.timed.extend([deque(maxlen=TIMED_KEPT) for _ in range(k)])
+        self.extra.extend([None] * k)
+        self.hist.extend([None] * k)
+        self.hist_seq.extend([0] * k)
         self.layouts = []
         return first
 
     def taken(self, slots: list[int]) -> Columns:
-        """The columns of ``slots`` only, in that order (the tree changed: slots are packed again)."""
+        """The columns of ``slots`` only, in that order (the tree changed: slots are packed again). The
+        whole tables kept are spread into the modules' own entries first (their slots change)."""
+        for s in slots:
+            entries = list(self.newest_first(s, 0, LAYER_HISTORY))
+            entries.reverse()
+            self.extra[s] = deque(entries, maxlen=LAYER_HISTORY)
         out = Columns()
         out.ids = [self.ids[s] for s in slots]
-        for name in (*VALUE_COLUMNS, "step_flops_note", "history", "timed"):
+        for name in (*VALUE_COLUMNS, "step_flops_note", "extra", "hist", "hist_seq"):
             col = getattr(self, name)
             setattr(out, name, [col[s] for s in slots])
+        out.seq, out.timed_from = self.seq, self.timed_from
         return out
 
     def slots_of(self, ids: list[int], where: dict[int, Layer]) -> tuple[list[int | None], bool]:
@@ -73,7 +90,66 @@ class Columns:
         self.layouts = [(list(ids), pos, every), *self.layouts[:LAYOUTS_KEPT - 1]]
         return pos, every
 
+    def newest_first(self, s: int, since: int, most: int) -> Iterator[Entry]:
+        """Slot ``s``'s entries of tables numbered ``since`` or later, newest first, at most ``most``."""
+        ring = reversed(self.ring)
+        extra = self.extra[s]
+        more = reversed(extra) if extra else iter(())
+        r, x = next(ring, None), next(more, None)
+        while most > 0:
+            if r is not None and (x is None or r[0] > x[0]):
+                seq, step, fwd, bwd, act, calls = r
+                if seq < since:
+                    return
+                if s < len(fwd):  # a slot made after that table has no entry in it
+                    yield (seq, step, fwd[s], bwd[s] if bwd is not None else None,
+                           act[s] if act is not None else None, calls[s])
+                    most -= 1
+                r = next(ring, None)
+            elif x is not None:
+                if x[0] < since:
+                    return
+                yield x
+                most -= 1
+                x = next(more, None)
+            else:
+                return
 
+    def history_of(self, s: int) -> deque[tuple[int, float, float | None, int | None]]:
+        """Slot ``s``'s newest ``LAYER_HISTORY`` (step, fwd, bwd, act) points, oldest first; kept and
+        brought up to date on each read, so a view reading every frame copies only what is new."""
+        hist = self.hist[s]
+        if hist is None:
+            hist = self.hist[s] = deque(maxlen=LAYER_HISTORY)
+        new = list(self.newest_first(s, self.hist_seq[s] + 1, LAYER_HISTORY))
+        for e in reversed(new):
+            hist.append((e[1], e[2], e[3], e[4]))
+        self.hist_seq[s] = self.seq
+        return hist
+
+    def timed_of(self, s: int) -> list[tuple[int, float, int]]:
+        """(step, fwd ms, calls) of slot ``s``'s newest ``TIMED_KEPT`` tables of this step numbering."""
+        out = [(e[1], e[2], e[5]) for e in self.newest_first(s, self.timed_from, TIMED_KEPT)]
+        out.reverse()
+        return out
+
+    def timed_at(self, s: int, step: int) -> tuple[int, float, int] | None:
+        """(step, forward ms, calls) of timed step ``step``, if it is among ``timed_of(s)``."""
+        for e in self.newest_first(s, self.timed_from, TIMED_KEPT):
+            if e[1] == step:
+                return (e[1], e[2], e[5])
+            if e[1] < step:
+                break
+        return None
+
+
+# (table number, step, fwd, bwd, act, calls): a layer table covering every slot, lists indexed by slot
+Table = tuple[int, int, list[float], "list[float] | None", "list[int] | None", list[int]]
+# (table number, step, fwd, bwd, act, calls): one module's entry of any other table
+Entry = tuple[int, int, float, "float | None", "int | None", int]
+
+# the latest table's values, replaced whole by a table of every slot (and then held by ``ring`` too)
+LATEST_COLUMNS = ("step", "fwd_ms", "fwd_self_ms", "bwd_ms", "bwd_self_ms", "calls", "act_bytes")
 # plain value columns (None until measured)
 VALUE_COLUMNS = ("step", "fwd_ms", "fwd_self_ms", "bwd_ms", "bwd_self_ms", "calls", "act_bytes", "fwd_ema",
                  "bwd_ema", "act_ema", "flops", "bytes", "peak_flops", "peak_bw", "step_flops", "step_bytes",
@@ -123,7 +199,12 @@ class Layer:
     fwd_ema = _column("fwd_ema")
     bwd_ema = _column("bwd_ema")
     act_ema = _column("act_ema")
-    history = _column("history", "per-layer (step, fwd, bwd, act) points kept for the detail screen")
+
+    @property
+    def history(self) -> deque[tuple[int, float, float | None, int | None]]:
+        """Per-layer (step, fwd, bwd, act) points kept for the detail screen, oldest first."""
+        return self._c.history_of(self._s)
+
     # from LayerFlops: per forward call
     flops = _column("flops")
     bytes = _column("bytes")
@@ -134,7 +215,11 @@ class Layer:
     step_bytes = _column("step_bytes")
     step_flops_step = _column("step_flops_step", "the step those figures are for")
     step_flops_note = _column("step_flops_note", "why there is no figure for that step")
-    timed = _column("timed", "(step, fwd ms, calls) of recent timed steps, to join per-step FLOPs")
+
+    @property
+    def timed(self) -> list[tuple[int, float, int]]:
+        """(step, fwd ms, calls) of recent timed steps, to join per-step FLOPs."""
+        return self._c.timed_of(self._s)
 
     @property
     def name(self) -> str:
@@ -154,12 +239,7 @@ class Layer:
         """(step, forward ms, calls) of timed step ``step``, if it is recent enough to be kept."""
         if step is None:
             return None
-        for entry in reversed(self._c.timed[self._s]):
-            if entry[0] == step:
-                return entry
-            if entry[0] < step:
-                break
-        return None
+        return self._c.timed_at(self._s, step)
 
     @property
     def achieved_flops(self) -> float | None:
@@ -274,10 +354,13 @@ class LayerTables:
         bwd_self = e.bwd_self_ms if len(e.bwd_self_ms) == n else None
         act = e.act_bytes if len(e.act_bytes) == n else None
         pos, every = cols.slots_of(e.ids, self.layers)
+        cols.seq += 1
         if every and len(e.fwd_ms) == n and len(e.fwd_self_ms) == n and len(e.calls) == n:
             _fold_table(cols, e.step, e.fwd_ms, e.fwd_self_ms, e.calls, bwd, bwd_self, act)
         else:  # some modules only, or unknown ones: module by module
-            step = e.step
+            step, seq = e.step, cols.seq
+            for name in LATEST_COLUMNS:  # copies: ``ring`` may hold these very lists
+                setattr(cols, name, list(getattr(cols, name)))
             for i, slot in enumerate(pos):
                 if slot is None:
                     continue
@@ -299,8 +382,10 @@ class LayerTables:
                 if a is not None:
                     o = cols.act_ema[slot]
                     cols.act_ema[slot] = a if o is None else o + EMA_ALPHA * (a - o)
-                cols.history[slot].append((step, f, b, a))
-                cols.timed[slot].append((step, f, e.calls[i]))
+                extra = cols.extra[slot]
+                if extra is None:
+                    extra = cols.extra[slot] = deque(maxlen=LAYER_HISTORY)
+                extra.append((seq, step, f, b, a, e.calls[i]))
         if self.layers_step is None or e.step >= self.layers_step:
             self.layers_step = e.step
 
@@ -367,13 +452,12 @@ def _ema(old: list, new: list) -> list:
 def _fold_table(cols: Columns, step: int, fwd: list, fwd_self: list, calls: list, bwd: list | None,
                 bwd_self: list | None, act: list | None) -> None:
     """A layer table covering every slot in order, folded list by list (the same arithmetic, in the same
-    order, as module by module)."""
+    order, as module by module). The lists it sets are kept in ``ring`` as they are: never written after."""
     n = len(fwd)
-    steps = cols.step = [step] * n
+    cols.step = [step] * n
     cols.fwd_ms = list(fwd)
     cols.fwd_self_ms = list(fwd_self)
     cols.calls = list(calls)
-    none = [None] * n  # read only: each column gets its own list (the module-by-module path writes them)
     cols.bwd_ms = list(bwd) if bwd is not None else [None] * n
     cols.bwd_self_ms = list(bwd_self) if bwd_self is not None else [None] * n
     cols.act_bytes = list(act) if act is not None else [None] * n
@@ -382,15 +466,8 @@ def _fold_table(cols: Columns, step: int, fwd: list, fwd_self: list, calls: list
         cols.bwd_ema = _ema(cols.bwd_ema, bwd)
     if act is not None:
         cols.act_ema = _ema(cols.act_ema, act)
-    _consume(map(_append, cols.history, zip(steps, fwd, bwd or none, act or none, strict=True)))
-    _consume(map(_append, cols.timed, zip(steps, fwd, calls, strict=True)))
-
-
-_append = deque.append
-
-
-def _consume(it: Iterator[object]) -> None:
-    deque(it, maxlen=0)  # runs an iterator at C speed, keeping nothing
+    cols.ring.append((cols.seq, step, cols.fwd_ms, cols.bwd_ms if bwd is not None else None,
+                      cols.act_bytes if act is not None else None, cols.calls))
 
 
 def _fill_totals(layers: dict[int, Layer], root: int) -> None:
