@@ -55,8 +55,8 @@ class Columns:
         """Fresh slots for modules ``ids`` (nothing measured yet); returns the first one."""
         first, k = len(self.ids), len(ids)
         self.ids.extend(ids)
-        for name in VALUE_COLUMNS:
-            getattr(self, name).extend([None] * k)
+        for name in VALUE_COLUMNS:  # new lists: ``ring`` may hold the old ones
+            setattr(self, name, getattr(self, name) + [None] * k)
         self.step_flops_note.extend([""] * k)
         self.extra.extend([None] * k)
         self.hist.extend([None] * k)
