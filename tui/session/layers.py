@@ -121,9 +121,20 @@ class Columns:
         hist = self.hist[s]
         if hist is None:
             hist = self.hist[s] = deque(maxlen=LAYER_HISTORY)
-        new = list(self.newest_first(s, self.hist_seq[s] + 1, LAYER_HISTORY))
-        for e in reversed(new):
-            hist.append((e[1], e[2], e[3], e[4]))
+        since = self.hist_seq[s] + 1
+        if self.extra[s] is None:  # whole tables only (the usual case): one pass over the new ones
+            new = []
+            for table in reversed(self.ring):
+                if table[0] < since:
+                    break
+                new.append(table)
+            new.reverse()
+            hist.extend([(step, fwd[s], bwd[s] if bwd is not None else None, act[s] if act is not None else None)
+                         for _, step, fwd, bwd, act, _ in new if s < len(fwd)])
+        else:
+            entries = list(self.newest_first(s, since, LAYER_HISTORY))
+            entries.reverse()
+            hist.extend([(e[1], e[2], e[3], e[4]) for e in entries])
         self.hist_seq[s] = self.seq
         return hist
 
@@ -135,6 +146,18 @@ class Columns:
 
     def timed_at(self, s: int, step: int) -> tuple[int, float, int] | None:
         """(step, forward ms, calls) of timed step ``step``, if it is among ``timed_of(s)``."""
+        if self.extra[s] is None:  # whole tables only: no merge
+            most, since = TIMED_KEPT, self.timed_from
+            for seq, at, fwd, _, _, calls in reversed(self.ring):
+                if seq < since or at < step:
+                    return None
+                if s < len(fwd):
+                    if at == step:
+                        return (at, fwd[s], calls[s])
+                    most -= 1
+                    if not most:
+                        return None
+            return None
         for e in self.newest_first(s, self.timed_from, TIMED_KEPT):
             if e[1] == step:
                 return (e[1], e[2], e[5])
