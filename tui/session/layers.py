@@ -2,8 +2,13 @@
 measurements and its own FLOP/s join: one timed step's FLOPs over that step's forward time, and the
 roofline verdict from them) and ``LayerTables``, the mixin of ``SessionModel`` that builds the model
 trees, folds layer tables into them, tells their age and walks them. Its state (``layers``, ``roots``,
-``models``, ``layers_step``…) is declared in ``SessionModel.reset`` and guarded by the model's lock like
-the rest. No Textual here.
+``models``, ``columns``, ``layers_step``…) is declared in ``SessionModel.reset`` and guarded by the
+model's lock like the rest. No Textual here.
+
+A ``Layer`` holds its place in the tree; its measurements live in ``Columns``, one list per figure
+indexed by slot, because a 64-rank job's viewer folds thousands of 200-module tables a second: a table
+of every module is folded a list at a time, and per-layer points are read out of whole tables only when
+a view asks (``tests/test_model.py`` checks every figure against a module-by-module reference).
 """
 
 from __future__ import annotations
@@ -469,7 +474,9 @@ def _ema(old: list, new: list) -> list:
     """The exponential mean of every slot after one more value (``None``: not measured, keeps the mean)."""
     if None in new:
         return [o if x is None else (x if o is None else o + EMA_ALPHA * (x - o)) for o, x in zip(old, new, strict=True)]
-    return [x if o is None else o + EMA_ALPHA * (x - o) for o, x in zip(old, new, strict=True)]
+    if None in old:
+        return [x if o is None else o + EMA_ALPHA * (x - o) for o, x in zip(old, new, strict=True)]
+    return [o + EMA_ALPHA * (x - o) for o, x in zip(old, new, strict=True)]  # every slot measured before
 
 
 def _fold_table(cols: Columns, step: int, fwd: list, fwd_self: list, calls: list, bwd: list | None,
