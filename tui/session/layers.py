@@ -502,14 +502,17 @@ def _fold_table(cols: Columns, step: int, fwd: list, fwd_self: list, calls: list
 
 def _fill_totals(layers: dict[int, Layer], root: int) -> None:
     """Subtree parameter counts and depths, iteratively (deep trees must not hit the recursion limit)."""
-    order: list[int] = []
+    order: list[Layer] = []
     stack = [(root, 0)]
     while stack:
         mid, depth = stack.pop()
         layer = layers[mid]
         layer.depth = depth
-        order.append(mid)
-        stack.extend((c, depth + 1) for c in layer.children)
-    for mid in reversed(order):
-        layer = layers[mid]
-        layer.total_params = layer.params + sum(layers[c].total_params for c in layer.children)
+        order.append(layer)
+        if layer.children:
+            stack.extend((c, depth + 1) for c in layer.children)
+    for layer in reversed(order):
+        total = layer.params
+        for c in layer.children:
+            total += layers[c].total_params
+        layer.total_params = total
