@@ -3,6 +3,7 @@ viewer goal: ≥ 50 000 events/s on one core).
 
     .venv/bin/python bench/bench_ingest.py            # 5 runs of each path, prints a Markdown report
     .venv/bin/python bench/bench_ingest.py --quick    # fewer steps (smoke test)
+    .venv/bin/python bench/bench_ingest.py --apply    # SessionModel.apply alone, CPU per event kind
 
 Each of 64 synthetic ranks streams a canned training session (``tui/session/canned.py``: a Session
 naming its rank, a 203-module GPT-2 tree, then per step a Step, a LayerStats and a StepFlops of 203
@@ -174,6 +175,34 @@ def kinds(count: int) -> dict[str, list[bytes]]:
     return {k: [encode(e)[4:] for e in v] for k, v in made.items()}
 
 
+def apply_only(runs: int) -> None:
+    """``SessionModel.apply`` alone on each mix's events (decoded once, before timing): CPU time per
+    event, and per ModelTree / LayerStats / StepFlops (best of ``runs``)."""
+    from llmtop.tui.session.model import SessionModel
+
+    for every in (1, 10):
+        streams = [[e for e in session_events(30, n_layer=N_LAYER, seed=r, gpu=True)
+                    if not isinstance(e, (LayerStats, StepFlops)) or e.step % every == 0] for r in range(RANKS)]
+        count: dict[str, int] = {}
+        for events in streams:
+            for e in events:
+                count[type(e).__name__] = count.get(type(e).__name__, 0) + 1
+        best: dict[str, float] = {}
+        for _ in range(runs):
+            spent: dict[str, float] = {}
+            for events in streams:
+                model = SessionModel()
+                for e in events:
+                    t = time.process_time()
+                    model.apply(e)
+                    spent[type(e).__name__] = spent.get(type(e).__name__, 0.0) + time.process_time() - t
+            if not best or sum(spent.values()) < sum(best.values()):
+                best = spent
+        total, n = sum(best.values()), sum(count.values())
+        print(f"every {every}: {n} events, apply CPU {total * 1000:.0f} ms = {n / total:,.0f} events/s; "
+              + ", ".join(f"{k} {best[k] / count[k] * 1e6:.0f} us" for k in ("ModelTree", "LayerStats", "StepFlops")))
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -190,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--quick", action="store_true", help="fewer steps per rank (smoke test)")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--apply", action="store_true", help="only SessionModel.apply on decoded events, per kind")
     args = p.parse_args(argv)
+    if args.apply:
+        apply_only(args.runs)
+        return 0
     steps = 5 if args.quick else 30
     mixes: dict[str, tuple[list[bytes], int]] = {
         "layer tables every step": rank_streams(steps),
