@@ -3,6 +3,7 @@ viewer goal: ≥ 50 000 events/s on one core).
 
     .venv/bin/python bench/bench_ingest.py            # 5 runs of each path, prints a Markdown report
     .venv/bin/python bench/bench_ingest.py --quick    # fewer steps (smoke test)
+    .venv/bin/python bench/bench_ingest.py --apply    # SessionModel.apply alone, CPU per event kind
 
 Each of 64 synthetic ranks streams a canned training session (``tui/session/canned.py``: a Session
 naming its rank, a 203-module GPT-2 tree, then per step a Step, a LayerStats and a StepFlops of 203
@@ -85,8 +86,10 @@ def rank_streams(steps: int, layer_every: int = 1) -> tuple[list[bytes], int]:
     return streams, count
 
 
-def ingest(streams: list[bytes], make_decoder: Callable[[], EventDecoder]) -> tuple[float, int]:
-    """CPU seconds to decode and apply every rank's stream into a fresh JobModel, and events applied."""
+def ingest(streams: list[bytes], make_decoder: Callable[[], EventDecoder],
+           read: list[float] | None = None) -> tuple[float, int]:
+    """CPU seconds to decode and apply every rank's stream into a fresh JobModel, and events applied;
+    ``read`` gets the CPU seconds of then reading every layer figure of every rank once."""
     job = JobModel()
     feeds = [(FrameDecoder(), make_decoder(), job.model_for(f"node{r // 8}:{1000 + r}")) for r in range(RANKS)]
     n = 0
@@ -105,7 +108,22 @@ def ingest(streams: list[bytes], make_decoder: Callable[[], EventDecoder]) -> tu
                     n += 1
     secs = time.process_time() - t0
     assert all(m.session is not None and m.session.rank is not None for m in job.models.values())
+    if read is not None:
+        read.append(read_layers(job))
     return secs, n
+
+
+def read_layers(job: JobModel) -> float:
+    """CPU seconds to read every layer figure a view shows of every rank, once (each view draws one
+    rank's; the Ranks view's straggler reads every rank's histories): figures the model works out
+    when read are paid here, not in the ingest."""
+    t0 = time.process_time()
+    for model in job.models.values():
+        with model.lock:
+            for la in model.layers.values():
+                (la.fwd_ema, la.bwd_ema, la.act_ema, la.time_ms, la.fwd_ms, la.calls, la.achieved_flops,
+                 la.achieved_note, la.bound, list(la.history), model.layer_share(la))
+    return time.process_time() - t0
 
 
 def decode_only(payloads: list[bytes], make_decoder: Callable[[], EventDecoder]) -> float:
@@ -157,6 +175,34 @@ def kinds(count: int) -> dict[str, list[bytes]]:
     return {k: [encode(e)[4:] for e in v] for k, v in made.items()}
 
 
+def apply_only(runs: int) -> None:
+    """``SessionModel.apply`` alone on each mix's events (decoded once, before timing): CPU time per
+    event, and per ModelTree / LayerStats / StepFlops (best of ``runs``)."""
+    from llmtop.tui.session.model import SessionModel
+
+    for every in (1, 10):
+        streams = [[e for e in session_events(30, n_layer=N_LAYER, seed=r, gpu=True)
+                    if not isinstance(e, (LayerStats, StepFlops)) or e.step % every == 0] for r in range(RANKS)]
+        count: dict[str, int] = {}
+        for events in streams:
+            for e in events:
+                count[type(e).__name__] = count.get(type(e).__name__, 0) + 1
+        best: dict[str, float] = {}
+        for _ in range(runs):
+            spent: dict[str, float] = {}
+            for events in streams:
+                model = SessionModel()
+                for e in events:
+                    t = time.process_time()
+                    model.apply(e)
+                    spent[type(e).__name__] = spent.get(type(e).__name__, 0.0) + time.process_time() - t
+            if not best or sum(spent.values()) < sum(best.values()):
+                best = spent
+        total, n = sum(best.values()), sum(count.values())
+        print(f"every {every}: {n} events, apply CPU {total * 1000:.0f} ms = {n / total:,.0f} events/s; "
+              + ", ".join(f"{k} {best[k] / count[k] * 1e6:.0f} us" for k in ("ModelTree", "LayerStats", "StepFlops")))
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -173,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--quick", action="store_true", help="fewer steps per rank (smoke test)")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--apply", action="store_true", help="only SessionModel.apply on decoded events, per kind")
     args = p.parse_args(argv)
+    if args.apply:
+        apply_only(args.runs)
+        return 0
     steps = 5 if args.quick else 30
     mixes: dict[str, tuple[list[bytes], int]] = {
         "layer tables every step": rank_streams(steps),
@@ -185,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = {"checked": CheckedDecoder, "generated": EventDecoder}
     whole: list[tuple[str, int, float, dict[str, list[float]], float]] = []
+    reads: dict[str, list[float]] = {}
     for mix, (streams, total) in mixes.items():
         rates: dict[str, list[float]] = {k: [] for k in paths}
         for _ in range(args.runs):
             for name, make in paths.items():  # alternate, so load drifts touch both paths alike
-                secs, n = ingest(streams, make)
+                secs, n = ingest(streams, make, reads.setdefault(mix, []) if name == "generated" else None)
                 assert n == total, (n, total)
                 rates[name].append(n / secs)
         ratio = statistics.median(g / c for g, c in zip(rates["generated"], rates["checked"], strict=True))
@@ -226,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             shown = f"×{ratio:.2f}" if name == "generated" else ""
             print(f"| {mix} | {total} ({mb:.1f} MB) | {name} | {med:,.0f} | {runs} | {shown} "
                   f"| {'met' if med >= 50000 else 'MISSED'} |")
+    print()
+    for mix, got in reads.items():
+        ms = statistics.median(got) * 1000
+        print(f"- {mix}: then reading every layer figure of all {RANKS} ranks once (each layer's means, latest, "
+              f"FLOP/s, bound, share and whole history): {ms:.0f} ms CPU (median of {len(got)}).")
     print()
     print("Decoding alone, per kind: frame body → checked event (`unpack_map` + `EventDecoder.decode`), "
           "and map → checked event (`decode` alone: what the checks govern). `unpack_map` (msgpack) is the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 
@@ -346,3 +347,152 @@ def test_diagnoses_are_pure():
     version = m.version
     first = diagnoses.diagnose(m, 120)
     assert diagnoses.diagnose(m, 120) == first and m.version == version
+
+
+# --- the layer figures against a module-by-module reference ------------------------------------------
+
+
+def _reference_layers(events: list) -> dict[int, dict]:
+    """Per module, every layer figure a view shows, computed the straightforward way: one record per
+    module updated field by field for each table, the way the viewer did before its columns."""
+    from collections import deque
+
+    ref: dict[int, dict] = {}
+    trees: dict[int, ModelTree] = {}
+    layers_step = last_sf = None
+
+    def fresh(peak: float | None = None) -> dict:
+        return {"step": None, "fwd_ms": None, "fwd_self_ms": None, "bwd_ms": None, "bwd_self_ms": None,
+                "calls": None, "act_bytes": None, "fwd_ema": None, "bwd_ema": None, "act_ema": None,
+                "history": deque(maxlen=layers_mod.LAYER_HISTORY), "timed": deque(maxlen=layers_mod.TIMED_KEPT),
+                "step_flops": None, "step_bytes": None, "step_flops_step": None, "step_flops_note": "",
+                "peak_flops": peak}
+
+    def ema(old: float | None, new: float) -> float:
+        return new if old is None else old + 0.2 * (new - old)
+
+    def forget_step_flops() -> None:
+        for r in ref.values():
+            r.update(step_flops=None, step_bytes=None, step_flops_step=None, step_flops_note="")
+
+    for e in events:
+        if isinstance(e, ModelTree):
+            if e.model in trees:
+                for mid in trees[e.model].ids:
+                    ref.pop(mid, None)
+            trees[e.model] = e
+            for mid in e.ids:
+                ref[mid] = fresh()
+        elif isinstance(e, LayerStats):
+            if layers_step is not None and e.step <= layers_step:
+                forget_step_flops()
+                last_sf = layers_step = None
+                for r in ref.values():
+                    r["timed"].clear()
+            n = len(e.ids)
+            for i, mid in enumerate(e.ids):
+                r = ref.get(mid)
+                if r is None:
+                    continue
+                f = e.fwd_ms[i]
+                b = e.bwd_ms[i] if len(e.bwd_ms) == n else None
+                a = e.act_bytes[i] if len(e.act_bytes) == n else None
+                r.update(step=e.step, fwd_ms=f, fwd_self_ms=e.fwd_self_ms[i], calls=e.calls[i], bwd_ms=b,
+                         bwd_self_ms=e.bwd_self_ms[i] if len(e.bwd_self_ms) == n else None, act_bytes=a)
+                r["fwd_ema"] = ema(r["fwd_ema"], f)
+                if b is not None:
+                    r["bwd_ema"] = ema(r["bwd_ema"], b)
+                if a is not None:
+                    r["act_ema"] = ema(r["act_ema"], a)
+                r["history"].append((e.step, f, b, a))
+                r["timed"].append((e.step, f, e.calls[i]))
+            layers_step = e.step if layers_step is None else max(layers_step, e.step)
+        elif isinstance(e, StepFlops):
+            if last_sf is not None and e.step <= last_sf:
+                forget_step_flops()
+            last_sf = e.step
+            for r in ref.values():
+                if r["step_flops_step"] is not None and r["step_flops_step"] < e.step:
+                    r.update(step_flops=None, step_bytes=None, step_flops_step=e.step, step_flops_note=e.note)
+            for i, mid in enumerate(e.ids):
+                if mid in ref:
+                    ref[mid].update(step_flops=e.flops[i], step_bytes=e.bytes[i], step_flops_step=e.step,
+                                    step_flops_note=e.note, peak_flops=e.peak_flops)
+    for r in ref.values():  # FLOP/s: that step's FLOPs over that same step's forward time
+        timed = [t for t in r["timed"] if t[0] == r["step_flops_step"]]
+        r["achieved_flops"] = None
+        if not r["step_flops_note"] and r["step_flops"] and timed and timed[0][1] > 0:
+            value = r["step_flops"] / (timed[0][1] / 1000.0)
+            r["achieved_flops"] = value if value <= r["peak_flops"] else None
+    return ref
+
+
+def _long_layer_stream() -> list:
+    """300 layer tables and their FLOPs over two models: most tables cover every module in order, some
+    only a few modules (forward only), some in another order; a second model arrives, one is replaced
+    by a changed tree, and the step numbering starts again."""
+    import random
+
+    rng = random.Random(7)
+    first = gpt2_tree(n_layer=1)
+    second = gpt2_tree(n_layer=1, model=1, first_id=100)
+    changed = dataclasses.replace(gpt2_tree(n_layer=2, model=1, first_id=100))
+    events: list = [first]
+    trees = [first]
+    step = 0
+    for k in range(1, 301):
+        if k == 90:
+            trees.append(second)
+            events.append(second)
+        if k == 220:
+            trees[1] = changed
+            events.append(changed)
+        step = 1 if k == 260 else step + 1  # an evaluation's numbering ends: training counts from 1
+        ids = [mid for t in trees for mid in t.ids]
+        if k % 7 == 0:
+            ids = ids[::3]
+        elif k % 11 == 0:
+            ids = ids[::-1]
+        n = len(ids)
+        fwd = [rng.uniform(0.1, 5.0) for _ in ids]
+        bwd = [] if k % 7 == 0 else [rng.uniform(0.1, 9.0) for _ in ids]
+        act = [rng.randrange(1, 1 << 30) for _ in ids] if k % 5 else []
+        events.append(LayerStats(step=step, ids=ids, fwd_ms=fwd, fwd_self_ms=[f / 2 for f in fwd],
+                                 calls=[1 + (k % 3)] * n, bwd_ms=bwd, bwd_self_ms=[b / 3 for b in bwd],
+                                 act_bytes=act))
+        if k % 13:  # FLOPs of most steps; a step the count could not cover has a note
+            fids = ids if k % 17 else []
+            events.append(StepFlops(step=step, ids=fids, flops=[rng.uniform(1e6, 1e12) for _ in fids],
+                                    bytes=[rng.uniform(1e3, 1e9) for _ in fids], peak_flops=1e15,
+                                    note="" if k % 17 else "count failed"))
+    return events
+
+
+def test_layer_figures_match_a_module_by_module_reference_over_a_long_stream():
+    events = _long_layer_stream()
+    fields = ("step", "fwd_ms", "fwd_self_ms", "bwd_ms", "bwd_self_ms", "calls", "act_bytes", "fwd_ema",
+              "bwd_ema", "act_ema", "step_flops", "step_bytes", "step_flops_step", "step_flops_note",
+              "achieved_flops")
+
+    def same(m: SessionModel, ref: dict[int, dict], k: int) -> int:
+        assert set(m.layers) == set(ref)
+        for mid, want in ref.items():
+            layer = m.layers[mid]
+            assert {f: getattr(layer, f) for f in fields} == {f: want[f] for f in fields}, (k, layer.path)
+            assert list(layer.history) == list(want["history"]), (k, layer.path)
+            assert [tuple(t) for t in layer.timed] == list(want["timed"]), (k, layer.path)
+        return len(ref)
+
+    read_often, read_at_end = SessionModel(), SessionModel()
+    checked = 0
+    for k, e in enumerate(events):
+        read_often.apply(e)
+        read_at_end.apply(e)
+        if k % 23 == 0:  # views read between tables: what they were given before must stay right
+            checked += same(read_often, _reference_layers(events[:k + 1]), k)
+    ref = _reference_layers(events)
+    checked += same(read_often, ref, len(events))
+    checked += same(read_at_end, ref, len(events))
+    assert checked > 500
+    # the stream reached the kept length, for modules that missed some tables too
+    assert all(len(la.history) == layers_mod.LAYER_HISTORY for la in read_at_end.layers.values() if la.model == 0)

@@ -26,30 +26,31 @@ class FlopsJoins:
         self.peak_source = e.peak_source  # measured / env / cpu-features / datasheet
         self.peak_flops = e.peak_flops
         self.peak_bw = e.peak_bw
+        cols = self.columns
         for i, mid in enumerate(e.ids):
             layer = self.layers.get(mid)
             if layer is None:
                 continue
-            layer.flops = e.flops[i]
-            layer.bytes = e.bytes[i] if i < len(e.bytes) else None
-            layer.peak_flops = e.peak_flops
-            layer.peak_bw = e.peak_bw
+            s = layer._s
+            cols.flops[s] = e.flops[i]
+            cols.bytes[s] = e.bytes[i] if i < len(e.bytes) else None
+            cols.peak_flops[s] = e.peak_flops
+            cols.peak_bw[s] = e.peak_bw
 
     def numbering_restarts(self) -> None:
         """The agent counts steps from 0 again: forget every figure keyed by the earlier numbers
         (timed steps and per-step FLOPs); the layer tables' means and history stay."""
         self._forget_step_flops()
         self.layers_step = None
-        for layer in self.layers.values():
-            layer.timed.clear()
+        self.columns.timed_from = self.columns.seq + 1  # the tables before are no longer "timed"
 
     def _forget_step_flops(self) -> None:
         self.step_flops.clear()
         self.last_step_flops = None
-        for layer in self.layers.values():
-            layer.step_flops = layer.step_bytes = None
-            layer.step_flops_step = None
-            layer.step_flops_note = ""
+        cols = self.columns
+        n = len(cols.ids)
+        cols.step_flops, cols.step_bytes, cols.step_flops_step = [None] * n, [None] * n, [None] * n
+        cols.step_flops_note = [""] * n
 
     def _step_flops(self, e: StepFlops) -> None:
         """Per-module FLOPs of one timed step's calls: the layers' FLOP/s divide them by the same
@@ -66,27 +67,37 @@ class FlopsJoins:
             timed = root._timed_at(e.step) if root is not None else None
             if timed is not None and timed[2] != n:
                 mismatch = f"step {e.step}: {timed[2]} calls timed, {n} counted"
+        cols = self.columns
         n = len(e.ids)
-        for layer in self.layers.values():  # modules the step did not run keep no stale figure
-            if layer.step_flops_step is not None and layer.step_flops_step < e.step:
-                layer.step_flops = layer.step_bytes = None
-                layer.step_flops_step = e.step
-                layer.step_flops_note = e.note
-        for i, mid in enumerate(e.ids):
-            layer = self.layers.get(mid)
-            if layer is None:
-                continue
-            layer.step_flops = e.flops[i]
-            layer.step_bytes = e.bytes[i] if i < len(e.bytes) else None
-            layer.step_flops_step = e.step
-            layer.step_flops_note = mismatch or e.note
+        pos, every = cols.slots_of(e.ids, self.layers)
+        note = mismatch or e.note
+        if every and len(e.flops) == n:  # every module, in slot order: whole lists
+            cols.step_flops = list(e.flops)
+            cols.step_bytes = list(e.bytes[:n]) + [None] * (n - len(e.bytes))
+            cols.step_flops_step = [e.step] * n
+            cols.step_flops_note = [note] * n
             if e.peak_flops:
-                layer.peak_flops = e.peak_flops
+                cols.peak_flops = [e.peak_flops] * n
+        else:
+            sfs = cols.step_flops_step
+            for s, at in enumerate(sfs):  # modules the step did not run keep no stale figure
+                if at is not None and at < e.step:
+                    cols.step_flops[s] = cols.step_bytes[s] = None
+                    sfs[s] = e.step
+                    cols.step_flops_note[s] = e.note
+            for i, s in enumerate(pos):
+                if s is None:
+                    continue
+                cols.step_flops[s] = e.flops[i]
+                cols.step_bytes[s] = e.bytes[i] if i < len(e.bytes) else None
+                sfs[s] = e.step
+                cols.step_flops_note[s] = note
+                if e.peak_flops:
+                    cols.peak_flops[s] = e.peak_flops
         if not n and e.note:
-            for layer in self.layers.values():
-                layer.step_flops = layer.step_bytes = None
-                layer.step_flops_step = e.step
-                layer.step_flops_note = e.note
+            k = len(cols.ids)
+            cols.step_flops, cols.step_bytes = [None] * k, [None] * k
+            cols.step_flops_step, cols.step_flops_note = [e.step] * k, [e.note] * k
 
     @property
     def achieved_flops(self) -> float | None:

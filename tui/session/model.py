@@ -44,7 +44,7 @@ from llmtop.protocol.events import (
 )
 from llmtop.protocol.formulas import percentile
 from llmtop.tui.session.flops import FlopsJoins
-from llmtop.tui.session.layers import EMA_ALPHA, Layer, LayerTables
+from llmtop.tui.session.layers import EMA_ALPHA, Columns, Layer, LayerTables
 
 STEP_HISTORY = 10_000  # steps kept for sparklines (long windows of fast steps)
 SAMPLE_HISTORY = 4_096  # host/device/metric samples kept per series
@@ -122,6 +122,7 @@ class SessionModel(LayerTables, FlopsJoins):
         self.session: Session | None = None
         self.models: dict[int, ModelTree] = {}
         self.layers: dict[int, Layer] = {}
+        self.columns = Columns()  # the layers' measurements, one list per figure (layers.py)
         self.roots: list[int] = []
         self.tree_version = 0  # bumped when the set of modules changes
         self.steps: deque[Step] = deque(maxlen=STEP_HISTORY)
