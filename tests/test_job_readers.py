@@ -270,4 +270,4 @@ def test_replay_end_of_a_job_opens_every_rank_in_the_job_view(jobs: dict[str, Pa
     rows, notes = asyncio.run(drive())
     assert sorted(r.rank for r in rows) == [0, 1]
     assert all(r.step == len(steps_of(jobs["slow"].with_name(f"run.rank{r.rank}.lrec"))) - 1 for r in rows)
-    assert any(n.startswith("rank 1 is the straggler") and "data" in n for n in notes), notes
+    assert any(n.startswith("straggler: rank 1, data wait") for n in notes), notes

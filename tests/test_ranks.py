@@ -224,7 +224,8 @@ DDP = textwrap.dedent("""
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             if step >= 12 and flag.item() > 0:
                 break
-        print("rank", dist.get_rank(), "done", flush=True)
+        # one write per line: the ranks share the pipe (print writes its parts one by one)
+        os.write(1, f"rank {dist.get_rank()} done\n".encode())
 """)
 
 TORCHRUN_SCRIPT = DDP + textwrap.dedent("""
@@ -407,7 +408,7 @@ RESTART_SCRIPT = textwrap.dedent("""
         time.sleep(0.02)
     if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == "0":
         sys.exit(7)  # the first attempt fails: torchrun restarts the worker group
-    print("attempt", os.environ["TORCHELASTIC_RESTART_COUNT"], "rank", os.environ["RANK"], "done", flush=True)
+    os.write(1, f"attempt {os.environ['TORCHELASTIC_RESTART_COUNT']} rank {os.environ['RANK']} done\n".encode())
 """)
 
 

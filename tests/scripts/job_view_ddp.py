@@ -14,6 +14,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
+def say(line: str) -> None:
+    """One write per line: the ranks share one terminal or pipe (print writes its parts one by one)."""
+    os.write(1, (line + "\n").encode())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
@@ -33,10 +38,10 @@ def main() -> None:
         loss.backward()
         opt.step()
         if step % 10 == 0:
-            print(f"rank {rank} step {step} loss {loss.item():.4f}", flush=True)
+            say(f"rank {rank} step {step} loss {loss.item():.4f}")
     dist.barrier()
     dist.destroy_process_group()
-    print(f"rank {rank} done (pid {os.getpid()})", flush=True)
+    say(f"rank {rank} done (pid {os.getpid()})")
 
 
 if __name__ == "__main__":

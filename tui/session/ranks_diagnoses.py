@@ -277,6 +277,19 @@ def _with_text(s: Straggler) -> Straggler:
     return Straggler(**{**s.__dict__, "text": f"{head}; cause: {why}"})
 
 
+def short_text(s: Straggler) -> str:
+    """The straggler in one short line, cause first (the Ranks view at 80 columns)."""
+    if s.cause == "layer" and s.layer is not None:
+        la = s.layer
+        why = f"layer {la.path or '(root)'} {la.phase} {la.ms:.1f} vs {la.others_ms:.1f} ms"
+    elif s.cause == "host" and s.cpu_pct is not None and s.others_cpu_pct is not None:
+        why = f"host contention (CPU {s.cpu_pct:.0f} % vs {s.others_cpu_pct:.0f} %)"
+    else:
+        why = f"{CAUSE_WORDS.get(s.phase, s.phase)} {s.phase_ms:.1f} vs {s.phase_others_ms:.1f} ms"
+    return (f"straggler: rank {s.rank}, {why} · late in {100.0 * s.share:.0f} % of {s.compared} steps, "
+            f"+{s.excess_ms:.1f} ms/step")
+
+
 def layer_times(tables: Iterable[LayerStats], paths: Mapping[int, str]) -> dict[str, tuple[float | None, float | None]]:
     """Module path → median (forward, backward) ms per step over ``tables`` (one rank's LayerStats;
     ``paths`` maps its module ids to paths, from its ModelTree events)."""
@@ -393,6 +406,18 @@ def hangs(waits: Mapping[int, Iterable[CollectiveWait]], world_size: int | None 
 
 def _ranks(ranks: Sequence[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
+
+
+def hang_short_text(h: Hang) -> str:
+    """A hang in one short line, the ranks that never arrived first (the Ranks view at 80 columns)."""
+    absent = [r for r in h.missing if r not in h.elsewhere]
+    parts = [f"hang in {h.op} #{h.seq} (step {h.step}), {h.wait_s:.0f} s"]
+    if absent:
+        parts.append(f"never arrived: {', '.join(map(str, absent))}")
+    if h.elsewhere:
+        parts.append(f"in another collective: {', '.join(map(str, h.elsewhere))}")
+    parts.append(f"waiting: {', '.join(map(str, h.waiting))}")
+    return " · ".join(parts)
 
 
 def _hang_text(h: Hang) -> Hang:

@@ -16,7 +16,14 @@ from typing import Any
 from llmtop.protocol.events import PHASES, CollectiveWait
 from llmtop.tui.session import fmt
 from llmtop.tui.session.job import JobModel, JobSummary, RankRow
-from llmtop.tui.session.ranks_diagnoses import LAST_STEPS, LAYER_POINTS, hangs, straggler_from_models
+from llmtop.tui.session.ranks_diagnoses import (
+    LAST_STEPS,
+    LAYER_POINTS,
+    hang_short_text,
+    hangs,
+    short_text,
+    straggler_from_models,
+)
 from llmtop.tui.views.tree_table import Column, TreeTable
 from llmtop.tui.views.widgets import PHASE_GLYPHS, PHASE_STYLES
 from rich.text import Text
@@ -203,10 +210,10 @@ def diagnosis_notes(job: JobModel) -> list[str]:
         ended = {r: d.ended for r, d in data.items() if d.ended is not None}
         for h in hangs({r: d.waits for r, d in data.items() if d.waits}, world, time.time(), ended):
             if h.ongoing:
-                notes.append(h.text)
+                notes.append(hang_short_text(h))
         found = straggler_from_models(data) if len(data) > 1 else None
         if found is not None:
-            notes.append(found.text)
+            notes.append(short_text(found))
     except Exception:  # noqa: BLE001 - a diagnosis must never take the view down
         pass
     _NOTES[id(job)] = (now, notes)
