@@ -22,7 +22,8 @@ from llmtop.protocol.events import (
     Step,
 )
 from llmtop.protocol.recording import RecordingReader
-from llmtop.tui.commands.export import csv_columns, events_from_json, iter_tracks
+from llmtop.tui.commands.chrome_trace import iter_tracks
+from llmtop.tui.commands.export import csv_columns, events_from_json
 
 from llmtop.cli import main
 from tests.test_recording import SESSION, run_events, write
