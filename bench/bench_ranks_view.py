@@ -21,6 +21,7 @@ from llmtop.protocol.frames import FrameDecoder
 from llmtop.tui.session.canned import T0
 from llmtop.tui.session.job import JobModel
 from llmtop.tui.session.job_source import JobEventsSource, synthetic_job
+from viewer import feed  # bench/viewer.py: python puts bench/ first on the path
 
 RANKS = 64
 
@@ -40,15 +41,7 @@ def ingest(steps: int, repeats: int) -> dict[str, float]:
             n = 0
             t0 = time.process_time()
             for key, blob in data.items():
-                model = job.model_for(key)
-                frames, decoder = FrameDecoder(), EventDecoder()
-                lock, apply = model.lock, model.apply
-                for start in range(0, len(blob), 262144):
-                    for body in frames.feed(blob[start:start + 262144]):
-                        event = decoder.decode(body)
-                        with lock:
-                            apply(event)
-                        n += 1
+                n += feed(job.model_for(key), blob)
             best = min(best, time.process_time() - t0)
             count = n
         return count / best, count

@@ -34,6 +34,21 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def feed(model: SessionModel, data: bytes) -> int:
+    """Decode ``data``'s frames 256 KiB at a time (as the socket source reads) and apply each event
+    under the model's lock; the number of events."""
+    frames, decoder = FrameDecoder(), EventDecoder()
+    lock, apply = model.lock, model.apply
+    n = 0
+    for start in range(0, len(data), 262144):
+        for body in frames.feed(data[start:start + 262144]):
+            event = decoder.decode(body)
+            with lock:
+                apply(event)
+            n += 1
+    return n
+
+
 def ingest(steps: int, repeats: int) -> dict[str, float]:
     """Decode frames and apply events under the model lock, like the socket source does."""
     events = session_events(steps, n_layer=12, gpu=True)
@@ -49,16 +64,8 @@ def ingest(steps: int, repeats: int) -> dict[str, float]:
             model = SessionModel()
             for e in events[:2]:  # session and tree first so layer stats land on modules
                 model.apply(e)
-            frames, decoder = FrameDecoder(), EventDecoder()
-            lock, apply = model.lock, model.apply
             t0 = time.process_time()
-            n = 0
-            for chunk_start in range(0, len(data), 262144):  # the socket source reads 256 KiB at a time
-                for body in frames.feed(data[chunk_start:chunk_start + 262144]):
-                    event = decoder.decode(body)
-                    with lock:
-                        apply(event)
-                    n += 1
+            n = feed(model, data)
             best = min(best, time.process_time() - t0)
             count = n
         return count / best, count

@@ -279,18 +279,24 @@ def read_rank_file(path: Path) -> tuple[object, int, str]:
     return r.session, r.steps, report.stdout
 
 
+def job_env(short_tmp: Path) -> tuple[dict[str, str], Path]:
+    """The environment of a job under test (its own runtime directory, quick ticks, no op profiles or
+    FLOPs), and the file whose creation lets its ranks leave their loop."""
+    runtime = short_tmp / "rt"
+    runtime.mkdir(mode=0o700)
+    env = child_env(XDG_RUNTIME_DIR=str(runtime), OMP_NUM_THREADS="1", LLMTOP_OPS_EVERY="0", LLMTOP_FLOPS="0",
+                    LLMTOP_TICK="0.2")
+    env.pop("LLMTOP_SOCKET", None)
+    return env, short_tmp / "go"
+
+
 def test_torchrun_job_under_attach_ls_recordings_and_exit_code(short_tmp: Path) -> None:
     """`llmtop attach --headless --record run.lrec -- torchrun --nproc_per_node=2`: the launcher has no
     agent, `ls` shows one job with both ranks (naming this attach), each rank writes its own file with
     its rank in the Session, and attach returns torchrun's exit code (a rank exiting 3 fails the job)."""
     script = short_tmp / "ddp.py"
     script.write_text(TORCHRUN_SCRIPT)
-    runtime = short_tmp / "rt"
-    runtime.mkdir(mode=0o700)
-    go = short_tmp / "go"
-    env = child_env(XDG_RUNTIME_DIR=str(runtime), OMP_NUM_THREADS="1", LLMTOP_OPS_EVERY="0", LLMTOP_FLOPS="0",
-                    LLMTOP_TICK="0.2")
-    env.pop("LLMTOP_SOCKET", None)
+    env, go = job_env(short_tmp)
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), str(go), "3"]
     attach = subprocess.Popen([LLMTOP, "attach", "--headless", "--record", str(short_tmp / "run.lrec"), "--", *cmd],
                               cwd=short_tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -336,12 +342,7 @@ def test_spawn_children_learn_their_rank_late(short_tmp: Path) -> None:
     Session, rewrites its info file and renames its recording from run.pid{P}.lrec to run.rank{R}.lrec."""
     script = short_tmp / "spawn_ddp.py"
     script.write_text(SPAWN_SCRIPT)
-    runtime = short_tmp / "rt"
-    runtime.mkdir(mode=0o700)
-    go = short_tmp / "go"
-    env = child_env(XDG_RUNTIME_DIR=str(runtime), OMP_NUM_THREADS="1", LLMTOP_OPS_EVERY="0", LLMTOP_FLOPS="0",
-                    LLMTOP_TICK="0.2")
-    env.pop("LLMTOP_SOCKET", None)
+    env, go = job_env(short_tmp)
     attach = subprocess.Popen([LLMTOP, "attach", "--headless", "--record", str(short_tmp / "run.lrec"), str(script),
                                str(go)], cwd=short_tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
