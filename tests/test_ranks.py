@@ -225,7 +225,7 @@ DDP = textwrap.dedent("""
             if step >= 12 and flag.item() > 0:
                 break
         # one write per line: the ranks share the pipe (print writes its parts one by one)
-        os.write(1, f"rank {dist.get_rank()} done\n".encode())
+        os.write(1, f"rank {dist.get_rank()} done\\n".encode())
 """)
 
 TORCHRUN_SCRIPT = DDP + textwrap.dedent("""
@@ -409,7 +409,7 @@ RESTART_SCRIPT = textwrap.dedent("""
         time.sleep(0.02)
     if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == "0":
         sys.exit(7)  # the first attempt fails: torchrun restarts the worker group
-    os.write(1, f"attempt {os.environ['TORCHELASTIC_RESTART_COUNT']} rank {os.environ['RANK']} done\n".encode())
+    os.write(1, f"attempt {os.environ['TORCHELASTIC_RESTART_COUNT']} rank {os.environ['RANK']} done\\n".encode())
 """)
 
 
