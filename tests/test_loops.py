@@ -137,9 +137,16 @@ def test_generate_before_training_never_pairs_a_training_step_with_a_generate_st
         numbers = [e.step for e in later if isinstance(e, kind)]
         assert numbers == sorted(set(numbers)), (kind.__name__, numbers)  # one numbering: the training's
     flops = [e for e in later if isinstance(e, StepFlops)]
-    assert flops and all(e.root_calls == [1] and e.note == "" for e in flops), [
-        (e.step, e.root_calls, e.note) for e in flops]
-    assert all(e.flops_total == 3 * e.fwd_flops for e in flops)  # training steps: forward + backward
+    # The agent counts one new signature a second, the generate calls' first: on a fast machine the
+    # first training steps go out before the training signature is counted, saying so and carrying
+    # no figure (never another step's); every step after the count carries the training's FLOPs.
+    pending = [e for e in flops if e.note]
+    counted = [e for e in flops if not e.note]
+    assert counted and all(e.root_calls == [1] for e in counted), [(e.step, e.root_calls, e.note) for e in flops]
+    assert all(e.note.startswith("not counted yet: 2x12:int64 labels:2x12:int64") and not e.flops
+               and e.flops_total is None for e in pending), [(e.step, e.note) for e in pending]
+    assert [e.step for e in flops] == [e.step for e in pending + counted]  # uncounted ones only before the count
+    assert all(e.flops_total == 3 * e.fwd_flops for e in counted)  # training steps: forward + backward
     # the viewer: the generate calls are an evaluation before training; its joins are the training's
     assert model.train_count == summary["iters"] and model.eval_count == 1
     assert [e.step for e in model.step_flops] == [e.step for e in flops]
