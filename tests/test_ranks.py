@@ -290,6 +290,17 @@ def job_env(short_tmp: Path) -> tuple[dict[str, str], Path]:
     return env, short_tmp / "go"
 
 
+def let_the_job_end(attach: subprocess.Popen, go: Path) -> tuple[str, str]:
+    """Let the ranks leave their loop and wait for the job; its output (a job that hangs is killed)."""
+    go.touch()
+    try:
+        return attach.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        attach.send_signal(signal.SIGKILL)
+        attach.communicate()
+        raise
+
+
 def test_torchrun_job_under_attach_ls_recordings_and_exit_code(short_tmp: Path) -> None:
     """`llmtop attach --headless --record run.lrec -- torchrun --nproc_per_node=2`: the launcher has no
     agent, `ls` shows one job with both ranks (naming this attach), each rank writes its own file with
@@ -304,13 +315,7 @@ def test_torchrun_job_under_attach_ls_recordings_and_exit_code(short_tmp: Path) 
         agents = wait_for_ranks(env, 2, attach)
         listing = subprocess.run([LLMTOP, "ls"], capture_output=True, text=True, env=env, timeout=60).stdout
     finally:
-        go.touch()
-        try:
-            out, err = attach.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            attach.send_signal(signal.SIGKILL)
-            attach.communicate()
-            raise
+        out, err = let_the_job_end(attach, go)
     assert len(agents) == 2, agents  # torchrun itself runs no agent
     assert not any("torchrun" in " ".join(a["argv"]) for a in agents)
     assert sorted(a["rank"] for a in agents) == [0, 1]
@@ -349,13 +354,7 @@ def test_spawn_children_learn_their_rank_late(short_tmp: Path) -> None:
     try:
         agents = wait_for_ranks(env, 2, attach)
     finally:
-        go.touch()
-        try:
-            out, err = attach.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            attach.send_signal(signal.SIGKILL)
-            attach.communicate()
-            raise
+        out, err = let_the_job_end(attach, go)
     assert attach.returncode == 0, err
     ranked = sorted((a for a in agents if a["rank"] is not None), key=lambda a: a["rank"])
     assert [a["rank"] for a in ranked] == [0, 1] and {a["launcher"] for a in ranked} == {"spawn"}
