@@ -505,11 +505,15 @@ def test_a_killed_rank_is_shown_lost_and_the_other_keeps_its_state(run_dir: Path
 
 @pytest.mark.timeout(240)
 def test_an_elastic_restart_shows_the_new_processes_with_their_restarts(run_dir: Path) -> None:
-    # gloo's re-rendezvous after a restart sometimes fails on this machine (connectFullMesh refused),
-    # with or without llmtop: torchrun may need a second try, so it gets three
+    # torch 2.13's torchrun shares its own TCPStore with the workers across restarts, keys and all, so
+    # the restarted workers' gloo can read a killed worker's address and wait for each other for ever
+    # (both ranks listening in connectFullMesh). Plain torchrun without llmtop hung in 2 of 3 tries
+    # here; with a store per attempt (torch's own switch below) 8 of 8 restarts trained, with and without
+    # llmtop. The test is about llmtop following a restart, not about that torch bug.
+    env = torchrun_env(run_dir, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     attach = subprocess.Popen([LLMTOP, "attach", "--headless", "--", TORCHRUN, "--standalone", "--max-restarts=3",
                                "--nproc_per_node=2", str(DDP), "--steps", "2000", "--sleep", "0.02"],
-                              env=torchrun_env(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     job = JobModel()
     source = JobSource(job, JobMatch(attach=attach.pid), discover_s=0.2)
     threading.Thread(target=source.run, daemon=True).start()
@@ -531,7 +535,7 @@ def test_an_elastic_restart_shows_the_new_processes_with_their_restarts(run_dir:
         rows = wait_rows(lambda rows: len(rows) == 2 and all(r.pid != old[r.rank] and r.state == "live"
                                                               and r.step is not None for r in rows), 150)
         assert sorted(r.rank for r in rows) == [0, 1]
-        # one restart per attempt torchrun made (one, unless gloo's re-rendezvous needed another)
+        # one restart per attempt torchrun made
         assert all(r.restarts >= 1 for r in rows)
         assert len(job) >= 4  # the old streams are kept (with what they had), behind the new ones
     finally:

@@ -29,7 +29,9 @@ class Tmux:
     def __init__(self, command: str, env: dict[str, str], width: int = 120, height: int = 40) -> None:
         self.server = f"llmtop-test-{uuid.uuid4().hex[:8]}"
         self.env = env
-        self._tmux("new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height), command)
+        # the pane stays after the program ends, so a failure shows what it printed last (a traceback)
+        self._tmux("new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height), command,
+                   ";", "set-option", "-t", "t", "remain-on-exit", "on")
 
     def _tmux(self, *args: str) -> str:
         out = subprocess.run(["tmux", "-L", self.server, *args], env=self.env, capture_output=True, text=True,
@@ -51,8 +53,8 @@ class Tmux:
         time.sleep(0.2)
 
     def alive(self) -> bool:
-        return subprocess.run(["tmux", "-L", self.server, "has-session", "-t", "t"], env=self.env,
-                              capture_output=True).returncode == 0
+        """Whether the program in the pane still runs (the pane itself stays: remain-on-exit)."""
+        return self._tmux("display-message", "-p", "-t", "t", "#{pane_dead}").strip() == "0"
 
     def wait(self, predicate: Callable[[str], bool], timeout: float = 60.0, what: str = "") -> str:
         deadline = time.monotonic() + timeout
@@ -62,6 +64,9 @@ class Tmux:
             if predicate(screen):
                 return screen
             time.sleep(0.25)
+        if not self.alive():  # what it printed last has scrolled above the "Pane is dead" line
+            screen = self._tmux("capture-pane", "-p", "-S", "-", "-t", "t").rstrip("\n")
+            what = f"{what} (the program had ended)"
         raise AssertionError(f"timed out waiting for {what or predicate}; the screen was:\n{screen}")
 
     def kill(self) -> None:
