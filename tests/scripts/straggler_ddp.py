@@ -4,6 +4,7 @@ Run under ``torchrun --standalone --nproc_per_node=N``. ``--slow-rank R --cause 
 dataset sleep in ``__getitem__`` (a slow data loader); ``--cause layer`` makes rank R's second block
 sleep inside its forward (a slow layer). With ``--ready-dir D`` each rank writes ``D/rank{R}.pid`` and
 waits for ``D/go`` before training, so that a test can attach a recorder to every rank first.
+``--every-rank-ms T``: every rank's loader takes T ms per batch (a job mostly waiting for its data).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--cause", choices=("data", "layer", "none"), default="none")
     ap.add_argument("--delay-ms", type=float, default=30.0)
     ap.add_argument("--ready-dir", default="")
+    ap.add_argument("--every-rank-ms", type=float, default=0.0, help="every rank's loader waits this long per batch")
     args = ap.parse_args()
 
     dist.init_process_group("gloo")
@@ -82,6 +84,7 @@ def main() -> None:
         model.blocks[1].delay_s = args.delay_ms / 1000.0
     ddp = DistributedDataParallel(model)
     per_item = args.delay_ms / 1000.0 / BATCH if slow and args.cause == "data" else 0.0
+    per_item += args.every_rank_ms / 1000.0 / BATCH
     loader = DataLoader(Tokens(args.steps * BATCH, per_item), batch_size=BATCH, shuffle=False)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
 
