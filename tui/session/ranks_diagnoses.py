@@ -28,6 +28,7 @@ import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from llmtop.protocol.events import PHASES, CollectiveWait, HostSample, LayerStats, Step
@@ -310,6 +311,13 @@ def layer_times(tables: Iterable[LayerStats], paths: Mapping[int, str]) -> dict[
 LAYER_POINTS = 32  # recent timed steps per layer whose median is the layer's time (live models)
 
 
+def recent(points: Sequence[Any], n: int) -> list[Any]:
+    """The newest ``n`` of ``points`` (a list or a deque), oldest first, without copying the rest."""
+    out = list(islice(reversed(points), n))
+    out.reverse()
+    return out
+
+
 def straggler_from_models(models: Mapping[int, Any], last: int = LAST_STEPS) -> Straggler | None:
     """``stragglers`` of a job's ``SessionModel``s, keyed by rank (hold their locks).
 
@@ -324,7 +332,7 @@ def straggler_from_models(models: Mapping[int, Any], last: int = LAST_STEPS) -> 
     for r, m in models.items():
         table: dict[str, tuple[float | None, float | None]] = {}
         for la in m.layers.values():
-            pts = list(la.history)[-LAYER_POINTS:]
+            pts = recent(la.history, LAYER_POINTS)
             if not pts:
                 continue
             f = statistics.median(p[1] for p in pts)

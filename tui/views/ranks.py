@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmtop.protocol.events import PHASES, CollectiveWait
@@ -21,6 +21,7 @@ from llmtop.tui.session.ranks_diagnoses import (
     LAYER_POINTS,
     hang_short_text,
     hangs,
+    recent,
     short_text,
     straggler_from_models,
 )
@@ -163,10 +164,21 @@ class _RankData:
 
     steps: list[Any]
     host: list[Any]
-    layers: dict[int, Any]
     waits: list[CollectiveWait]
     started: float
     ended: str | None
+    model: Any = field(repr=False)
+    _layers: dict[int, _LayerData] | None = field(default=None, repr=False)
+
+    @property
+    def layers(self) -> dict[int, _LayerData]:
+        """Each layer's recent points, copied under the model's lock when a diagnosis first asks: only a
+        forward or backward straggler needs them, and 64 ranks' layers cost ~80 ms to copy."""
+        if self._layers is None:
+            with self.model.lock:
+                found = ((mid, la.path, recent(la.history, LAYER_POINTS)) for mid, la in self.model.layers.items())
+                self._layers = {mid: _LayerData(path, pts) for mid, path, pts in found if pts}
+        return self._layers
 
 
 @dataclass
@@ -188,11 +200,9 @@ def _rank_data(job: JobModel) -> tuple[dict[int, _RankData], int | None]:
             if ident.rank in out and out[ident.rank].started > started:
                 continue
             world = max(world or 0, ident.world_size or 0) or world
-            layers = {mid: _LayerData(la.path, list(la.history)[-LAYER_POINTS:])
-                      for mid, la in model.layers.items() if la.history}
             ended = (model.exit_text() or "ended") if model.end is not None else None
-            out[ident.rank] = _RankData(list(model.steps)[-(LAST_STEPS + 8):], list(model.host)[-64:], layers,
-                                        list(model.waits), started, ended)
+            out[ident.rank] = _RankData(list(model.steps)[-(LAST_STEPS + 8):], list(model.host)[-64:],
+                                        list(model.waits), started, ended, model)
     return out, world
 
 
