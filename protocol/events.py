@@ -266,6 +266,9 @@ class HostSample(Event):
     sys_used: int
     sys_total: int
     threads: int = 0
+    # % of the time since the previous sample that the main thread (the one running the script) was
+    # ready to run but waited for a CPU (Linux schedstat run-queue delay; None where not told)
+    runq_pct: float | None = None
 
 
 @dataclass

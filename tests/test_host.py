@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
 import psutil
-from llmtop.agent.instruments.host import HostSampler
+import pytest
+from llmtop.agent.instruments.host import HostSampler, RunQueueWait
 
 
 def test_sample_fields_match_the_process_and_system() -> None:
@@ -45,3 +49,33 @@ def test_threads_are_counted() -> None:
         stop.set()
         for w in workers:
             w.join()
+
+
+HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/schedstat"), reason="needs Linux schedstat")
+def test_run_queue_wait_of_a_process_sharing_its_cpu() -> None:
+    """A busy process with two more busy processes on its CPU waits for a CPU about two thirds of the
+    time (the scheduler shares the CPU three ways); never more than all of it."""
+    cpu = max(os.sched_getaffinity(0))
+    procs = [subprocess.Popen([sys.executable, "-c", HOG, str(cpu)])]
+    try:
+        sampler = HostSampler(procs[0].pid)
+        time.sleep(0.5)
+        sampler.sample()
+        procs += [subprocess.Popen([sys.executable, "-c", HOG, str(cpu)]) for _ in range(2)]
+        time.sleep(1.0)
+        crowded = sampler.sample().runq_pct
+        assert crowded is not None and 30.0 < crowded <= 100.0, crowded
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_run_queue_wait_without_schedstat_is_none() -> None:
+    wait = RunQueueWait("/nonexistent/schedstat")
+    assert wait.percent(1.0) is None and wait.percent(2.0) is None
+    first = RunQueueWait(f"/proc/{os.getpid()}/schedstat")
+    assert first.percent(1.0) is None  # nothing to compare with yet

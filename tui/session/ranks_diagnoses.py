@@ -18,8 +18,9 @@ when it is late in at least ``PERSISTENT`` of the compared steps.
 Why. The phase whose excess over the other ranks' median is largest (data wait, h2d, forward,
 backward compute, optimizer). For forward and backward, the smallest module whose excess explains
 most of it (``LAYER_SHARE``) names the layer, unless that module is the whole model (the slowdown is
-spread over every layer); a spread slowdown whose process got less CPU than the others' is host
-contention (``HostSample.cpu_pct``: the samples carry no steal time or load average).
+spread over every layer). Host contention: the late rank's main thread waited for a CPU for at least
+``RUNQ_SHARE`` of its lateness (``HostSample.runq_pct``, Linux schedstat), in any phase; without that
+figure, a spread slowdown whose process got less CPU than the others' (``HostSample.cpu_pct``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ PERSISTENT = 0.6  # late in at least this share of the compared steps (two ranks
 LAYER_SHARE = 0.6  # a module explains the phase's excess when its own excess is this much of it
 WHOLE_MODEL = 0.8  # a module taking this share of the root's time (on the other ranks) is the whole model
 HOST_CPU_RATIO = 0.8  # the late rank's process CPU below this × the others' median: host contention
+RUNQ_SHARE = 0.5  # the late rank's extra wait for a CPU, per step, explains this share of its lateness
 CAUSE_STEPS = 30  # the cause is judged on the straggler's most recent late steps
 PRE_SYNC = ("data", "h2d", "forward", "optimizer", "other")  # work a rank does before it reaches the sync
 _ZEROS = (0.0,) * len(PRE_SYNC)
@@ -76,6 +78,8 @@ class Straggler:
     layer: LayerCause | None = None
     cpu_pct: float | None = None  # the late rank's process CPU, and the others' median (host cause)
     others_cpu_pct: float | None = None
+    runq_ms: float | None = None  # per step, the late rank's main thread's wait for a CPU ...
+    others_runq_ms: float | None = None  # ... and the other ranks' median (HostSample.runq_pct)
     text: str = ""
 
     @property
@@ -88,7 +92,8 @@ class Straggler:
             "late_pct": 100.0 * self.share, "excess_ms": self.excess_ms, "step_ms": self.step_ms,
             "basis": self.basis, "cause": self.cause, "phase": self.phase, "phase_ms": self.phase_ms,
             "phase_others_ms": self.phase_others_ms, "layer": None, "cpu_pct": self.cpu_pct,
-            "others_cpu_pct": self.others_cpu_pct, "text": self.text}
+            "others_cpu_pct": self.others_cpu_pct, "runq_ms": self.runq_ms,
+            "others_runq_ms": self.others_runq_ms, "text": self.text}
         if self.layer is not None:
             la = self.layer
             out["layer"] = {"path": la.path, "phase": la.phase, "ms": la.ms, "others_ms": la.others_ms}
@@ -197,22 +202,28 @@ def stragglers(steps: Mapping[int, Sequence[Step]],
 
     cause = phase
     layer = None
-    cpu = others_cpu = None
-    if phase in ("forward", "backward"):
-        if layers and rank in layers:
-            layer, spread = _layer_cause(layers, rank, phase, excess_by[phase][0])
-        else:
-            spread = False
-        if layer is not None:
-            cause = "layer"
-        elif hosts:
+    cpu = others_cpu = runq = others_runq = None
+    if phase in ("forward", "backward") and layers and rank in layers:
+        layer, spread = _layer_cause(layers, rank, phase, excess_by[phase][0])
+    else:
+        spread = False
+    if layer is not None:
+        cause = "layer"
+    elif hosts:
+        # a rank that waited for a CPU for most of its lateness is late because its host is
+        # shared too thinly, whatever phase that slowed (under DDP the ranks' CPU shares stay alike:
+        # the others wait for it off the CPU, so only the run-queue wait tells this apart)
+        runq, others_runq = _runq_ms(hosts, rank, rows, step_ms)
+        if runq is not None and others_runq is not None and runq - others_runq >= RUNQ_SHARE * excess:
+            cause = "host"
+        elif phase in ("forward", "backward"):
             cpu, others_cpu = _cpu(hosts, rank, rows)
             if spread or not layers:
                 if cpu is not None and others_cpu is not None and cpu < HOST_CPU_RATIO * others_cpu:
                     cause = "host"
     out = Straggler(rank=rank, late_steps=len(hits), compared=len(rows), excess_ms=excess, step_ms=step_ms,
                     basis=basis, cause=cause, phase=phase, phase_ms=phase_ms, phase_others_ms=phase_others,
-                    layer=layer, cpu_pct=cpu, others_cpu_pct=others_cpu)
+                    layer=layer, cpu_pct=cpu, others_cpu_pct=others_cpu, runq_ms=runq, others_runq_ms=others_runq)
     return _with_text(out)
 
 
@@ -249,8 +260,7 @@ def _depth(path: str) -> int:
 def _cpu(hosts: Mapping[int, Sequence[HostSample]], rank: int,
          rows: Sequence[Mapping[int, Step]]) -> tuple[float | None, float | None]:
     """Median process CPU of the late rank and of the others, over the compared steps' time span."""
-    start = min(s.t - s.dur_ms / 1000.0 for row in rows for s in row.values())
-    end = max(s.t for row in rows for s in row.values())
+    start, end = _span(rows)
     med: dict[int, float] = {}
     for r, samples in hosts.items():
         vals = [h.cpu_pct for h in samples if start <= h.t <= end + 1.0]
@@ -259,6 +269,27 @@ def _cpu(hosts: Mapping[int, Sequence[HostSample]], rank: int,
     if rank not in med or len(med) < 2:
         return None, None
     return med[rank], _others(med, rank)
+
+
+def _runq_ms(hosts: Mapping[int, Sequence[HostSample]], rank: int, rows: Sequence[Mapping[int, Step]],
+             step_ms: float) -> tuple[float | None, float | None]:
+    """Per step, the late rank's wait for a CPU and the others' median, over the compared steps' span
+    (``HostSample.runq_pct`` × the median step time)."""
+    start, end = _span(rows)
+    med: dict[int, float] = {}
+    for r, samples in hosts.items():
+        vals = [h.runq_pct for h in samples if start <= h.t <= end + 1.0 and h.runq_pct is not None]
+        if vals:
+            med[r] = statistics.median(vals) / 100.0 * step_ms
+    if rank not in med or len(med) < 2:
+        return None, None
+    return med[rank], _others(med, rank)
+
+
+def _span(rows: Sequence[Mapping[int, Step]]) -> tuple[float, float]:
+    """The wall-clock span of the compared steps."""
+    return (min(s.t - s.dur_ms / 1000.0 for row in rows for s in row.values()),
+            max(s.t for row in rows for s in row.values()))
 
 
 def _with_text(s: Straggler) -> Straggler:
@@ -270,6 +301,10 @@ def _with_text(s: Straggler) -> Straggler:
         la = s.layer
         why = (f"layer {la.path or '(root)'} in {la.phase}: {la.ms:.1f} ms vs {la.others_ms:.1f} ms on the "
                "other ranks")
+    elif s.cause == "host" and s.runq_ms is not None and s.others_runq_ms is not None:
+        why = (f"host contention: it waited {s.runq_ms:.1f} ms per step for a CPU vs "
+               f"{s.others_runq_ms:.1f} ms on the other ranks ({CAUSE_WORDS.get(s.phase, s.phase)} "
+               f"{s.phase_ms:.1f} vs {s.phase_others_ms:.1f} ms)")
     elif s.cause == "host":
         why = (f"host contention: {CAUSE_WORDS[s.phase]} is slower across every layer and its process had "
                f"{s.cpu_pct:.0f} % CPU vs {s.others_cpu_pct:.0f} % on the other ranks")
@@ -283,6 +318,8 @@ def short_text(s: Straggler) -> str:
     if s.cause == "layer" and s.layer is not None:
         la = s.layer
         why = f"layer {la.path or '(root)'} {la.phase} {la.ms:.1f} vs {la.others_ms:.1f} ms"
+    elif s.cause == "host" and s.runq_ms is not None and s.others_runq_ms is not None:
+        why = f"host contention (waits for a CPU {s.runq_ms:.1f} vs {s.others_runq_ms:.1f} ms)"
     elif s.cause == "host" and s.cpu_pct is not None and s.others_cpu_pct is not None:
         why = f"host contention (CPU {s.cpu_pct:.0f} % vs {s.others_cpu_pct:.0f} %)"
     else:
