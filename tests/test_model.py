@@ -271,6 +271,20 @@ def test_input_bound_sentence():
     assert not any(t.startswith("input-bound") for t in texts(calm))
 
 
+def test_cpu_starved_sentence_from_the_wait_for_a_cpu():
+    def fed(waits: list[float | None]) -> SessionModel:
+        m = SessionModel()
+        for k, w in enumerate(waits):
+            m.apply(HostSample(t=T0 + k, cpu_pct=60.0, rss=1, sys_used=1, sys_total=2, runq_pct=w))
+        return m
+
+    assert "CPU-starved: the script waited for a CPU 40 % of the time (other work shares its cores)" in texts(
+        fed([38.0, 40.0, 45.0, 12.0, 41.0]))  # the median
+    assert not any(t.startswith("CPU-starved") for t in texts(fed([2.0, 3.0, 1.0, 0.0])))
+    assert not any(t.startswith("CPU-starved") for t in texts(fed([None, None, None, None])))  # not Linux
+    assert not any(t.startswith("CPU-starved") for t in texts(fed([50.0, 60.0])))  # too few samples yet
+
+
 def test_memory_creep_sentence_from_gpu_memory():
     m = SessionModel()
     for k in range(1, 401):

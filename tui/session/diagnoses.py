@@ -21,6 +21,8 @@ CREEP_MIN_GROWTH = 0.05
 SLOW_FACTOR = 2.0
 OVERHEAD_NOTE_PCT = 5.0  # agent overhead above this is a warning rather than a note
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+CPU_WAIT_PCT = 20.0  # the main thread waiting for a CPU this share of the time is worth a sentence
+CPU_WAIT_SAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,19 @@ def input_bound(model: SessionModel, window_s: float) -> list[Diagnosis]:
     if share < INPUT_BOUND_SHARE:
         return []
     return [Diagnosis("warning", f"input-bound: data wait is {share * 100:.0f} % of the step", "input_bound")]
+
+
+def cpu_starved(model: SessionModel, window_s: float) -> list[Diagnosis]:
+    """The script's main thread ready to run but waiting for a CPU (``HostSample.runq_pct``): its
+    cores are shared with other work, and every phase is slower for it."""
+    waits = [h.runq_pct for h in model.recent_host(window_s) if h.runq_pct is not None]
+    if len(waits) < CPU_WAIT_SAMPLES:
+        return []
+    share = statistics.median(waits)
+    if share < CPU_WAIT_PCT:
+        return []
+    return [Diagnosis("warning", f"CPU-starved: the script waited for a CPU {share:.0f} % of the time "
+                      "(other work shares its cores)", "cpu_starved")]
 
 
 def memory_creep(model: SessionModel, window_s: float) -> list[Diagnosis]:
@@ -173,7 +188,7 @@ def folded_steps(model: SessionModel, window_s: float) -> list[Diagnosis]:
                       "folded_steps")]
 
 
-RULES = (script_end, nonfinite_loss, input_bound, memory_creep, slow_steps, dropped_frames, agent_reports, agent_overhead,
+RULES = (script_end, nonfinite_loss, input_bound, cpu_starved, memory_creep, slow_steps, dropped_frames, agent_reports, agent_overhead,
          no_steps_seen, folded_steps)
 
 
