@@ -151,7 +151,8 @@ def test_watch_shows_connection_lost_when_the_agent_is_killed(sock_path: Path) -
         tmux.wait(lambda s: step_of(s) >= 3 and "live" in s, 60, "live steps")
         tmux.keys("2")
         tmux.wait(lambda s: "blocks.0" in s, 20, "the layer tree")
-        pid = int(re.search(r"pid (\d+)", tmux.screen()).group(1)) if "pid " in tmux.screen() else None
+        shown = re.search(r"pid (\d+)", tmux.screen())  # one capture: the screen changes between two
+        pid = int(shown.group(1)) if shown else None
         # the agent lives in the script's process (the headless launcher is its parent)
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         target = pid or int(children[0])
