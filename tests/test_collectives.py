@@ -284,6 +284,20 @@ def test_a_rank_that_never_arrives_is_reported_while_the_other_waits(tmp_path: P
         assert not [e for e in ranks[1] if isinstance(e, CollectiveWait)]
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def run_torchrun(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """torch 2.13's gloo sometimes aborts a rank while it tears its process group down, with or without
+    llmtop (ddp_seeded.py under plain torchrun on a loaded 2-core machine: 3 of 15 runs; under llmtop:
+    0 of 15). Such a run is tried again, three tries in all; any other failure is returned at once."""
+    for _ in range(3):
+        res = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+        if res.returncode == 0 or TEARDOWN_ABORT not in res.stderr:
+            break
+    return res
+
+
 def test_a_ddp_job_computes_the_same_bytes_with_llmtop(tmp_path: Path) -> None:
     """DDP's wait is measured with hooks and final callbacks on the backward; explicit collectives are
     wrapped: a seeded DDP job prints exactly what it prints without llmtop (losses, the reduced
@@ -297,7 +311,7 @@ def test_a_ddp_job_computes_the_same_bytes_with_llmtop(tmp_path: Path) -> None:
         env = child_env(OMP_NUM_THREADS="1", **extra)
         if not extra:
             env = {k: v for k, v in env.items() if not k.startswith("LLMTOP")}
-        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+        res = run_torchrun(cmd, cwd=tmp_path, timeout=240, env=env)
         assert res.returncode == 0, res.stderr[-2000:]
         outs.append(res.stdout)
     assert outs[0].count("step ") == 8 and "params" in outs[0]
