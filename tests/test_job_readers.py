@@ -26,10 +26,12 @@ SCHEMA = json.loads((ROOT / "docs" / "report.schema.json").read_text())
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two real 2-rank jobs: rank 1's data loader sleeps 60 ms a step in "slow" (far above what a loaded
-    machine adds to "even" steps); "even" has no straggler."""
+    """Two real 2-rank jobs: rank 1's data loader sleeps 160 ms a step in "slow"; "even" has no straggler:
+    every rank's loader takes 100 ms a step (with ~1 ms of compute a step, a loaded machine made one
+    rank persistently late, a real straggler; 5 % of a 100 ms step is above such noise)."""
     out = {}
-    for name, args in (("slow", ("--slow-rank", "1", "--cause", "data", "--delay-ms", "60")), ("even", ())):
+    for name, args in (("slow", ("--slow-rank", "1", "--cause", "data", "--delay-ms", "160")),
+                       ("even", ("--every-rank-ms", "100"))):
         d = tmp_path_factory.mktemp(name)
         run_job(d, 2, "--steps", "40", *args)
         out[name] = d / "run.lrec"
@@ -216,7 +218,7 @@ def test_diff_of_two_jobs(jobs: dict[str, Path]) -> None:
     job = json.loads(done.stdout)["job"]
     assert job["a_ranks"] == job["b_ranks"] == [0, 1]
     assert [d["name"] for d in job["ranks"] if d["name"].endswith("step")] == ["rank 0 step", "rank 1 step"]
-    assert job["step"]["b_ms"] > job["step"]["a_ms"] + 20  # rank 1's 60 ms data wait holds back every rank
+    assert job["step"]["b_ms"] > job["step"]["a_ms"] + 20  # rank 1's 160 ms data wait holds back every rank
     assert job["a_straggler"] is None and "rank 1 is the straggler" in job["b_straggler"]
     gate = cli("diff", str(jobs["even"]), str(jobs["slow"]), "--fail-if-slower", "20")
     assert gate.returncode == 1 and "job step time (every rank)" in gate.stdout and "SLOWER" in gate.stdout
