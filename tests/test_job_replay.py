@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import pty
-import select
+import re
+import shutil
 import subprocess
 import threading
 import time
@@ -19,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llmtop.protocol.events import End, Step, encode
-from llmtop.protocol.recording import RecordingReader, RecordingWriter
+from llmtop.protocol.events import End, Step
+from llmtop.protocol.recording import RecordingReader
 from llmtop.protocol.recording.job import job_files
 from llmtop.tui.commands.replay import _open, job_at_end
 from llmtop.tui.session.job_recording_source import JobRecordingSource
@@ -29,8 +28,9 @@ from llmtop.tui.views.replay import ReplayApp
 
 from tests.conftest import LLMTOP, ROOT, VENV_BIN, child_env
 from tests.test_job_readers import cli
-from tests.test_recording import SESSION, KeyframeBuilder, run_events
+from tests.test_recording import SESSION, run_events, write
 from tests.test_replay import _bad_late_block, aio, state
+from tests.test_tmux import Tmux, env_for
 
 SCRIPT = ROOT / "tests" / "scripts" / "straggler_ddp.py"
 
@@ -52,26 +52,19 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_rank(path: Path, rank: int, *, shift: float = 0.0, steps: int = 60, world: int = 2) -> None:
-    """One rank's recording as the agent writes it (a block every 5 steps, a keyframe after steps 9, 29 and 49), its
+    """One rank's recording as the agent writes it (a block every 5 steps, a keyframe every 25), its
     clock ``shift`` seconds after rank 0's: the rank started that much later."""
     session = dataclasses.replace(SESSION, pid=100 + rank, started=SESSION.started + shift, job="j-7",
                                   launcher="torchrun", rank=rank, local_rank=rank, world_size=world, node_rank=0)
-    writer = RecordingWriter(str(path), session, flush_s=1e9)
-    keyframes = KeyframeBuilder()
-    keyframes.add(encode(session), session)
+    events = [session]
     for event in run_events(steps):
         if hasattr(event, "t"):
             event = dataclasses.replace(event, t=event.t + shift)
         elif hasattr(event, "start"):
             event = dataclasses.replace(event, start=event.start + shift)
-        frame = encode(event)
-        writer.append(frame, event)
-        keyframes.add(frame, event)
-        if isinstance(event, Step) and event.step % 5 == 4:
-            writer.flush()
-            if event.step % 20 == 9:
-                writer.keyframe(keyframes.frames())
-    writer.close(End(t=1001.0 + steps / 10 + shift, exit_code=0, reason="exit"))
+        events.append(event)
+    write(path, events, block_every=5, keyframe_every=25, end=End(t=1001.0 + steps / 10 + shift, exit_code=0,
+                                                                   reason="exit"))
 
 
 def written_job(d: Path, shifts: tuple[float, ...] = (0.0, 1.5)) -> Path:
@@ -274,7 +267,7 @@ async def test_a_bad_block_stops_its_rank_and_the_others_go_on(tmp_path: Path) -
         assert src.error is None and app.is_running  # the replay goes on with rank 0
         (note,) = src.notes
         assert note.startswith("rank 1 stopped: run.rank1.lrec: block at byte")
-        assert any(n.message == note for n in app._notifications)
+        await settle(pilot, lambda: any(n.message == note for n in app._notifications))  # the next frame says it
         assert shown_steps(src)[0] == 59
         rows = {r.rank: r for r in app.job.rows()}
         assert rows[1].state == "lost" and rows[0].status == "done"
@@ -330,35 +323,20 @@ def test_the_command_opens_the_job_replay_unless_one_rank_is_asked_for(job: Path
                                                           "(recorded ranks: 0, 1)")
 
 
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 def test_llmtop_replay_of_a_job_shows_its_ranks_in_a_terminal(job: Path) -> None:
-    """The real command in a real terminal (a pty): `llmtop replay run.lrec --end` opens the job
-    replay (both ranks in the header, the transport at the end), and q quits with status 0."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([LLMTOP, "replay", str(job), "--end"], stdin=slave, stdout=slave, stderr=slave,
-                            close_fds=True, env={**child_env(), "TERM": "xterm-256color", "COLUMNS": "140",
-                                                 "LINES": "30"})
-    os.close(slave)
-    out = b""
-    quit_sent = False
+    """The real command in a real terminal (tmux): `llmtop replay run.lrec --end` opens the job replay
+    (both ranks in the header, the transport at the last step, the Ranks view), and q quits with 0."""
+    last = timeline(job_files(job)[0])[1][-1][1]
+    tmux = Tmux(f"{LLMTOP} replay {job} --end", env_for(job.with_name("unused.sock")), width=140, height=32)
     try:
-        while True:
-            ready, _, _ = select.select([master], [], [], 60)  # a hang guard, not a speed check
-            if not ready:
-                break
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            out += chunk
-            text = out.decode("utf-8", "replace")
-            if not quit_sent and "ranks 2/2" in text and "59/59" in text:
-                os.write(master, b"q")
-                quit_sent = True
+        screen = tmux.wait(lambda s: "ranks 2/2" in s and f"step {last}/{last}" in s, 60, "the job at its end")
+        assert "▸ rank 0" in screen and "■ 1x" in screen  # paused at the end
+        tmux.keys("8")
+        ranks = tmux.wait(lambda s: "straggler" in s, 30, "the Ranks view")
+        assert len(re.findall(r"^\W*[01]\s.*done", ranks, re.M)) == 2, ranks
+        tmux.keys("q")
+        tmux.wait(lambda s: not tmux.alive(), 30, "the replay to quit")
+        assert tmux._tmux("display-message", "-p", "-t", "t", "#{pane_dead_status}").strip() == "0"
     finally:
-        if proc.poll() is None and not quit_sent:
-            proc.kill()
-        os.close(master)
-    assert proc.wait(30) == 0, out.decode("utf-8", "replace")[-2000:]
-    assert quit_sent, out.decode("utf-8", "replace")[-2000:]
+        tmux.kill()
