@@ -279,6 +279,25 @@ async def test_a_bad_block_stops_its_rank_and_the_others_go_on(tmp_path: Path) -
         await pilot.press("q")
 
 
+@aio
+async def test_a_replayed_hang_is_named_at_the_time_it_hung(tmp_path: Path) -> None:
+    """Ranks 0 and 2 waited in all_reduce #9 from 1001.6 s to 1006 s (rank 1 crashed, rank 3 left no file):
+    replayed, the Ranks view names the hang on the recording's clock, not on today's wall clock."""
+    from tests.test_job_readers import written_job as hung_job
+
+    src = JobRecordingSource(job_files(hung_job(tmp_path)), playing=False, start="end")
+    app = ReplayApp(src, refresh_hz=10)
+    async with app.run_test(size=(140, 32)) as pilot:
+        await settle(pilot, lambda: src.seeks >= 1 and app.job_shown)
+        await pilot.press("8")
+        info = app.query_one("#ranks-info")
+        await settle(pilot, lambda: "hang in all_reduce #9" in str(info.render()), tries=200)
+        text = str(info.render())
+        assert "never arrived: 1, 3" in text and "waiting: 0, 2" in text
+        assert app.clock() == pytest.approx(1006.0)  # the recording's time at its end
+        await pilot.press("q")
+
+
 def test_a_job_with_no_readable_rank_is_one_line(tmp_path: Path) -> None:
     written_job(tmp_path)
     for rank in (0, 1):
