@@ -181,6 +181,7 @@ class JobRecordingSource(RecordingSource):
             return body()
         except Exception as exc:  # noqa: BLE001 - one rank's broken file must not end the others
             lane.failed = failure_text(exc)
+            lane.seeks = 0  # its event stream broke off mid-block: the next seek rebuilds it whole
             note = f"rank {lane.rank if lane.rank is not None else '?'} stopped: {lane.failed}"
             if note not in self.notes:
                 self.notes.append(note)
