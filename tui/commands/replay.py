@@ -87,8 +87,8 @@ def replay_path(path: str, rank: int | None = None) -> tuple[str, str | None]:
         raise RecordingError(f"no recording of rank {rank} (recorded ranks: {', '.join(map(str, sorted(files)))})")
     if rank is None:
         rank = named if named is not None and named in files else min(files)
-    return str(files[rank]), (f"a job of {len(files)} recorded ranks: replaying rank {rank} ({files[rank]}); "
-                              "without --rank every rank replays in the job view")
+    others = "; without --rank every rank replays in the job view" if len(files) > 1 else ""
+    return str(files[rank]), f"a job of {len(files)} recorded ranks: replaying rank {rank} ({files[rank]}){others}"
 
 
 def _open(args: argparse.Namespace, opened: list[RecordingSource]) -> int:
