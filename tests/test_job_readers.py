@@ -156,9 +156,9 @@ def test_a_bad_rank_file_is_one_line(tmp_path: Path) -> None:
         assert done.returncode == 2, (cmd, done.stdout, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
         assert "run.rank2.lrec" in done.stderr or "not an llmtop recording" in done.stderr, done.stderr
-    # replay opens one rank (rank 0 for the job's name): its defect is one line before any screen
+    # replay --rank opens that rank alone: its defect is one line before any screen
     (tmp_path / "run.rank0.lrec").write_bytes(b"not a recording either")
-    done = cli("replay", str(tmp_path / "run.lrec"))
+    done = cli("replay", str(tmp_path / "run.lrec"), "--rank", "0")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.splitlines()[0].startswith("llmtop replay: a job of 3 recorded ranks: replaying rank 0")
     assert len(done.stderr.strip().splitlines()) == 2, done.stderr

@@ -31,6 +31,7 @@ from typing import Any
 from llmtop.protocol.events import PHASES
 from llmtop.protocol.formulas import percentile
 from llmtop.tui.session.model import CONNECTING, ENDED, LIVE, LOST, SessionModel
+from llmtop.tui.session.recording_source import REPLAY
 
 RECENT_STEPS = 50  # steps per rank behind the p50 and the skew
 SPARK_STEPS = 24  # step times per rank kept for the row's sparkline
@@ -316,8 +317,8 @@ def rank_status(model: SessionModel) -> tuple[str, str]:
         return "waiting", f"in {waiting.op} {max(0.0, waiting.t - waiting.since):.0f}s"
     if model.connection == LOST:
         return LOST, "lost"
-    if model.connection == LIVE:
-        return LIVE, "live"
+    if model.connection in (LIVE, REPLAY):  # a replayed rank runs as it did
+        return LIVE, model.connection
     return CONNECTING, "connecting"
 
 

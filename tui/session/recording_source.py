@@ -33,6 +33,13 @@ def clamp_speed(speed: float) -> float:
     return min(MAX_SPEED, max(MIN_SPEED, float(speed)))
 
 
+def failure_text(exc: Exception) -> str:
+    """Why a replay stopped, in one line: a RecordingError is the file's defect; anything else is llmtop's."""
+    if isinstance(exc, ProtocolError):
+        return str(exc)
+    return f"internal error while replaying ({type(exc).__name__}: {exc}); please report it"
+
+
 class RecordingSource:
     """Replays ``path``. Opening reads only the header and the index (``RecordingError`` if the file
     is unusable). ``start`` is "begin" or "end" (the final state at once); ``playing`` starts the
@@ -42,6 +49,10 @@ class RecordingSource:
                  playing: bool = True) -> None:
         self.path = str(path)
         self.reader = RecordingReader(self.path)
+        self._init_transport(speed, start, playing)
+
+    def _init_transport(self, speed: float, start: str, playing: bool) -> None:
+        """The clock, the cursor and the request the worker carries out (the job replay has them too)."""
         self.speed = clamp_speed(speed)
         self.playing = playing
         self.position = 0.0  # seconds from the recording's start
@@ -148,9 +159,7 @@ class RecordingSource:
         try:
             self._run(model)
         except Exception as exc:  # noqa: BLE001 - a bad block: say so, never raise out of the worker
-            # A RecordingError is the file's defect, said in one line; anything else is llmtop's.
-            self.error = str(exc) if isinstance(exc, ProtocolError) else (
-                f"internal error while replaying ({type(exc).__name__}: {exc}); please report it")
+            self.error = failure_text(exc)
             with model.lock:
                 model.set_connection(LOST, self.error)
             if self.on_error is not None:
@@ -249,6 +258,19 @@ class RecordingSource:
         now = time.monotonic()
         target = self.position + (now - self._last_tick) * self.speed
         self._last_tick = now
+        more, last_t = self._advance(model, target)
+        if more:
+            self.position = last_t  # more is due: the clock waits for the data, never skips it
+            return
+        if self.at_end:
+            self.position = self.duration
+            self.playing = False
+        else:
+            self.position = min(target, self.duration)
+
+    def _advance(self, model: SessionModel, target: float) -> tuple[bool, float]:
+        """Apply the events up to time ``target`` (at most ``BATCH`` of them, under one hold of the
+        model's lock): (more events are due, the time of the last one applied)."""
         applied = 0
         last_t = self.position
         with model.lock:
@@ -263,11 +285,4 @@ class RecordingSource:
                     self.step = event.step
             else:
                 self._cursor = self.reader.end_position()
-        if applied >= BATCH:
-            self.position = last_t  # more is due: the clock waits for the data, never skips it
-            return
-        if self.at_end:
-            self.position = self.duration
-            self.playing = False
-        else:
-            self.position = min(target, self.duration)
+        return applied >= BATCH, last_t

@@ -20,6 +20,7 @@ class JobFollowing:
 
     job: Any
     selected: str | None
+    clock: Any  # LlmtopApp's: wall time live, the recording's time in a replay
 
     def _follow_job(self) -> None:
         """Pick a rank to show once one is there, turn the job's view on at the second stream, and
@@ -67,7 +68,7 @@ class JobFollowing:
         if summary is None:
             return
         with self.batch_update():
-            view.show(summary, rows, diagnosis_notes(job), self.selected)
+            view.show(summary, rows, diagnosis_notes(job, self.clock()), self.selected)
         self._drawn = key
 
     def select_rank(self, key: str) -> None:

@@ -206,19 +206,20 @@ def _rank_data(job: JobModel) -> tuple[dict[int, _RankData], int | None]:
     return out, world
 
 
-def diagnosis_notes(job: JobModel) -> list[str]:
+def diagnosis_notes(job: JobModel, clock: float | None = None) -> list[str]:
     """The job's diagnoses, one line each: ranks stuck in a collective (and who never arrived), then
     the straggler with its cause (``tui/session/ranks_diagnoses.py``). Worked out at most once a
-    second per job; never an error here."""
+    second per job; never an error here. ``clock``: the app's time (a replay's: the recording's)."""
     now = time.monotonic()
     cached = _NOTES.get(id(job))
-    if cached is not None and now - cached[0] < DIAGNOSE_EVERY_S:
-        return cached[1]
+    if (cached is not None and now - cached[0] < DIAGNOSE_EVERY_S
+            and (clock is None or cached[1] is None or 0.0 <= clock - cached[1] < 2 * DIAGNOSE_EVERY_S)):
+        return cached[2]  # (a replay's seek moves its clock: the lines are worked out again at once)
     notes: list[str] = []
     try:
         data, world = _rank_data(job)
         ended = {r: d.ended for r, d in data.items() if d.ended is not None}
-        for h in hangs({r: d.waits for r, d in data.items() if d.waits}, world, time.time(), ended):
+        for h in hangs({r: d.waits for r, d in data.items() if d.waits}, world, time.time() if clock is None else clock, ended):
             if h.ongoing:
                 notes.append(hang_short_text(h))
         found = straggler_from_models(data) if len(data) > 1 else None
@@ -226,11 +227,11 @@ def diagnosis_notes(job: JobModel) -> list[str]:
             notes.append(short_text(found))
     except Exception:  # noqa: BLE001 - a diagnosis must never take the view down
         pass
-    _NOTES[id(job)] = (now, notes)
+    _NOTES[id(job)] = (now, clock, notes)
     return notes
 
 
-_NOTES: dict[int, tuple[float, list[str]]] = {}  # id(job) -> (when, lines): one job per app
+_NOTES: dict[int, tuple[float, float | None, list[str]]] = {}  # id(job) -> (when, app clock, lines)
 
 
 class RanksView(Vertical):

@@ -118,6 +118,7 @@ class ReplayApp(LlmtopApp):
         kwargs.setdefault("title", f"llmtop replay {source.path}")
         super().__init__(source, clock=source.now, **kwargs)
         self.replay = source
+        self._notes_shown = len(getattr(source, "notes", ()))  # a job's: on_mount shows these in its warning
 
     def compose_extra(self) -> Iterable[Widget]:
         yield Static(id="transport")
@@ -132,6 +133,10 @@ class ReplayApp(LlmtopApp):
             self.query_one("#transport", Static).update(self.transport_text())
         except Exception:  # not mounted yet
             pass
+        notes = getattr(self.replay, "notes", ())  # a job's rank stopped at a bad block: the others go on
+        for note in notes[self._notes_shown:]:
+            self.notify(note, severity="warning", timeout=8)
+        self._notes_shown = len(notes)
         super().frame(force)
 
     def transport_text(self) -> Text:
