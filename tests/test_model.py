@@ -283,6 +283,8 @@ def test_cpu_starved_sentence_from_the_wait_for_a_cpu():
     assert not any(t.startswith("CPU-starved") for t in texts(fed([2.0, 3.0, 1.0, 0.0])))
     assert not any(t.startswith("CPU-starved") for t in texts(fed([None, None, None, None])))  # not Linux
     assert not any(t.startswith("CPU-starved") for t in texts(fed([50.0, 60.0])))  # too few samples yet
+    # figures no kernel gives (a corrupt or hostile stream) are left out, never shown
+    assert not any(t.startswith("CPU-starved") for t in texts(fed([250.0, 250.0, float("nan"), 2.0, 3.0, 1.0])))
 
 
 def test_memory_creep_sentence_from_gpu_memory():

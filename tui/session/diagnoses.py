@@ -46,7 +46,8 @@ def input_bound(model: SessionModel, window_s: float) -> list[Diagnosis]:
 def cpu_starved(model: SessionModel, window_s: float) -> list[Diagnosis]:
     """The script's main thread ready to run but waiting for a CPU (``HostSample.runq_pct``): its
     cores are shared with other work, and every phase is slower for it."""
-    waits = [h.runq_pct for h in model.recent_host(window_s) if h.runq_pct is not None]
+    waits = [h.runq_pct for h in model.recent_host(window_s)
+             if h.runq_pct is not None and 0.0 <= h.runq_pct <= 100.0]  # a share of the time, never more
     if len(waits) < CPU_WAIT_SAMPLES:
         return []
     share = statistics.median(waits)

@@ -278,7 +278,8 @@ def _runq_ms(hosts: Mapping[int, Sequence[HostSample]], rank: int, rows: Sequenc
     start, end = _span(rows)
     med: dict[int, float] = {}
     for r, samples in hosts.items():
-        vals = [h.runq_pct for h in samples if start <= h.t <= end + 1.0 and h.runq_pct is not None]
+        vals = [h.runq_pct for h in samples
+                if start <= h.t <= end + 1.0 and h.runq_pct is not None and 0.0 <= h.runq_pct <= 100.0]
         if vals:
             med[r] = statistics.median(vals) / 100.0 * step_ms
     if rank not in med or len(med) < 2:
