@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -154,14 +154,18 @@ def lateness(row: Mapping[int, Step]) -> tuple[str, dict[int, float]]:
     return "work", {r: work[r] - others[r] for r in row}
 
 
+LayerTimes = Mapping[int, Mapping[str, tuple[float | None, float | None]]]
+
+
 def stragglers(steps: Mapping[int, Sequence[Step]],
-               layers: Mapping[int, Mapping[str, tuple[float | None, float | None]]] | None = None,
+               layers: LayerTimes | Callable[[], LayerTimes | None] | None = None,
                hosts: Mapping[int, Sequence[HostSample]] | None = None,
                last: int = LAST_STEPS) -> Straggler | None:
     """The rank that is persistently late, with its cause, or None (no job, too few steps, no such rank).
 
     ``steps``: rank → its Step records; ``layers``: rank → module path → (forward, backward) ms per
-    step (``layer_times``); ``hosts``: rank → its host samples."""
+    step (``layer_times``), or a function giving them, called only when the late phase is forward or
+    backward (they are costly to gather); ``hosts``: rank → its host samples."""
     rows = _common_steps(steps, last)
     if len(rows) < MIN_STEPS:
         return None
@@ -203,6 +207,8 @@ def stragglers(steps: Mapping[int, Sequence[Step]],
     cause = phase
     layer = None
     cpu = others_cpu = runq = others_runq = None
+    if callable(layers):
+        layers = layers() if phase in ("forward", "backward") else None
     if phase in ("forward", "backward") and layers and rank in layers:
         layer, spread = _layer_cause(layers, rank, phase, excess_by[phase][0])
     else:
@@ -363,22 +369,23 @@ def straggler_from_models(models: Mapping[int, Any], last: int = LAST_STEPS) -> 
     thousands of layers, and a view may call this every frame."""
     steps = {r: list(m.steps)[-(last + WARMUP_STEPS + 1):] for r, m in models.items()}
     hosts = {r: list(m.host) for r, m in models.items() if m.host}
-    found = stragglers(steps, None, hosts or None, last)
-    if found is None or found.phase not in ("forward", "backward"):
-        return found
-    layers: dict[int, dict[str, tuple[float | None, float | None]]] = {}
-    for r, m in models.items():
-        table: dict[str, tuple[float | None, float | None]] = {}
-        for la in m.layers.values():
-            pts = recent(la.history, LAYER_POINTS)
-            if not pts:
-                continue
-            f = statistics.median(p[1] for p in pts)
-            b = [p[2] for p in pts if p[2] is not None]
-            table[la.path] = (f, statistics.median(b) if b else None)
-        if table:
-            layers[r] = table
-    return stragglers(steps, layers or None, hosts or None, last)
+
+    def layers() -> LayerTimes | None:
+        out: dict[int, dict[str, tuple[float | None, float | None]]] = {}
+        for r, m in models.items():
+            table: dict[str, tuple[float | None, float | None]] = {}
+            for la in m.layers.values():
+                pts = recent(la.history, LAYER_POINTS)
+                if not pts:
+                    continue
+                f = statistics.median(p[1] for p in pts)
+                b = [p[2] for p in pts if p[2] is not None]
+                table[la.path] = (f, statistics.median(b) if b else None)
+            if table:
+                out[r] = table
+        return out or None
+
+    return stragglers(steps, layers, hosts or None, last)
 
 
 # --- hangs ------------------------------------------------------------------------------------------
