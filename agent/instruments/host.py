@@ -12,11 +12,11 @@ from llmtop.protocol.events import HostSample
 class HostSampler:
     """One ``HostSample`` per call. CPU % is over the time since the previous call, like top."""
 
-    def __init__(self, pid: int | None = None, proc_dir: str = "/proc") -> None:
+    def __init__(self, pid: int | None = None) -> None:
         self.proc = psutil.Process(pid)
         self.proc.cpu_percent(None)  # primes the counter: the first real sample covers one tick
         # the main thread, the one that runs the script (its steps): /proc/PID/schedstat
-        self.runq = RunQueueWait(f"{proc_dir}/{self.proc.pid}/schedstat")
+        self.runq = RunQueueWait(f"/proc/{self.proc.pid}/schedstat")
         self.runq.percent(time.monotonic())  # primes it as well
 
     def sample(self, now: float | None = None) -> HostSample:

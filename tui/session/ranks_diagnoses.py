@@ -266,37 +266,34 @@ def _depth(path: str) -> int:
 def _cpu(hosts: Mapping[int, Sequence[HostSample]], rank: int,
          rows: Sequence[Mapping[int, Step]]) -> tuple[float | None, float | None]:
     """Median process CPU of the late rank and of the others, over the compared steps' time span."""
-    start, end = _span(rows)
-    med: dict[int, float] = {}
-    for r, samples in hosts.items():
-        vals = [h.cpu_pct for h in samples if start <= h.t <= end + 1.0]
-        if vals:
-            med[r] = statistics.median(vals)
-    if rank not in med or len(med) < 2:
-        return None, None
-    return med[rank], _others(med, rank)
+    return _host_medians(hosts, rank, rows, lambda h: h.cpu_pct)
 
 
 def _runq_ms(hosts: Mapping[int, Sequence[HostSample]], rank: int, rows: Sequence[Mapping[int, Step]],
              step_ms: float) -> tuple[float | None, float | None]:
     """Per step, the late rank's wait for a CPU and the others' median, over the compared steps' span
-    (``HostSample.runq_pct`` × the median step time)."""
-    start, end = _span(rows)
+    (``HostSample.runq_pct`` × the median step time; a share outside 0–100 % is no kernel's)."""
+    def per_step(h: HostSample) -> float | None:
+        share = h.runq_pct
+        return share / 100.0 * step_ms if share is not None and 0.0 <= share <= 100.0 else None
+
+    return _host_medians(hosts, rank, rows, per_step)
+
+
+def _host_medians(hosts: Mapping[int, Sequence[HostSample]], rank: int, rows: Sequence[Mapping[int, Step]],
+                  value: Callable[[HostSample], float | None]) -> tuple[float | None, float | None]:
+    """The late rank's median ``value`` of its host samples over the compared steps' wall-clock span,
+    and the median of the other ranks' medians; (None, None) without both."""
+    start = min(s.t - s.dur_ms / 1000.0 for row in rows for s in row.values())
+    end = max(s.t for row in rows for s in row.values())
     med: dict[int, float] = {}
     for r, samples in hosts.items():
-        vals = [h.runq_pct for h in samples
-                if start <= h.t <= end + 1.0 and h.runq_pct is not None and 0.0 <= h.runq_pct <= 100.0]
+        vals = [v for h in samples if start <= h.t <= end + 1.0 and (v := value(h)) is not None]
         if vals:
-            med[r] = statistics.median(vals) / 100.0 * step_ms
+            med[r] = statistics.median(vals)
     if rank not in med or len(med) < 2:
         return None, None
     return med[rank], _others(med, rank)
-
-
-def _span(rows: Sequence[Mapping[int, Step]]) -> tuple[float, float]:
-    """The wall-clock span of the compared steps."""
-    return (min(s.t - s.dur_ms / 1000.0 for row in rows for s in row.values()),
-            max(s.t for row in rows for s in row.values()))
 
 
 def _with_text(s: Straggler) -> Straggler:
