@@ -18,9 +18,10 @@ when it is late in at least ``PERSISTENT`` of the compared steps.
 Why. The phase whose excess over the other ranks' median is largest (data wait, h2d, forward,
 backward compute, optimizer). For forward and backward, the smallest module whose excess explains
 most of it (``LAYER_SHARE``) names the layer, unless that module is the whole model (the slowdown is
-spread over every layer). Host contention: the late rank's main thread waited for a CPU for at least
-``RUNQ_SHARE`` of its lateness (``HostSample.runq_pct``, Linux schedstat), in any phase; without that
-figure, a spread slowdown whose process got less CPU than the others' (``HostSample.cpu_pct``).
+spread over every layer). Host contention comes before both: the late rank's main thread waited for a CPU
+for at least ``RUNQ_SHARE`` of its lateness (``HostSample.runq_pct``, Linux schedstat), in any phase,
+whichever layer the preemptions landed in; without that figure, a spread slowdown whose process got less
+CPU than the others' (``HostSample.cpu_pct``).
 """
 
 from __future__ import annotations
@@ -207,26 +208,26 @@ def stragglers(steps: Mapping[int, Sequence[Step]],
     cause = phase
     layer = None
     cpu = others_cpu = runq = others_runq = None
-    if callable(layers):
-        layers = layers() if phase in ("forward", "backward") else None
-    if phase in ("forward", "backward") and layers and rank in layers:
-        layer, spread = _layer_cause(layers, rank, phase, excess_by[phase][0])
-    else:
-        spread = False
-    if layer is not None:
-        cause = "layer"
-    elif hosts:
-        # a rank that waited for a CPU for most of its lateness is late because its host is
-        # shared too thinly, whatever phase that slowed (under DDP the ranks' CPU shares stay alike:
-        # the others wait for it off the CPU, so only the run-queue wait tells this apart)
+    if hosts:
+        # first: a rank that waited for a CPU for most of its lateness is late because its host is
+        # shared too thinly, whatever phase or layer the preemptions happened to land in (under DDP the
+        # ranks' CPU shares stay alike: the others wait for it off the CPU, so only the run-queue wait
+        # tells this apart)
         runq, others_runq = _runq_ms(hosts, rank, rows, step_ms)
         if runq is not None and others_runq is not None and runq - others_runq >= RUNQ_SHARE * excess:
             cause = "host"
-        elif phase in ("forward", "backward"):
+    spread = False
+    if cause != "host" and phase in ("forward", "backward"):
+        if callable(layers):
+            layers = layers()
+        if layers and rank in layers:
+            layer, spread = _layer_cause(layers, rank, phase, excess_by[phase][0])
+        if layer is not None:
+            cause = "layer"
+        elif hosts and (spread or not layers):
             cpu, others_cpu = _cpu(hosts, rank, rows)
-            if spread or not layers:
-                if cpu is not None and others_cpu is not None and cpu < HOST_CPU_RATIO * others_cpu:
-                    cause = "host"
+            if cpu is not None and others_cpu is not None and cpu < HOST_CPU_RATIO * others_cpu:
+                cause = "host"
     out = Straggler(rank=rank, late_steps=len(hits), compared=len(rows), excess_ms=excess, step_ms=step_ms,
                     basis=basis, cause=cause, phase=phase, phase_ms=phase_ms, phase_others_ms=phase_others,
                     layer=layer, cpu_pct=cpu, others_cpu_pct=others_cpu, runq_ms=runq, others_runq_ms=others_runq)
