@@ -347,16 +347,20 @@ def test_llmtop_replay_of_a_job_shows_its_ranks_in_a_terminal(job: Path) -> None
     """The real command in a real terminal (tmux): `llmtop replay run.lrec --end` opens the job replay
     (both ranks in the header, the transport at the last step, the Ranks view), and q quits with 0."""
     last = timeline(job_files(job)[0])[1][-1][1]
-    tmux = Tmux(f"{LLMTOP} replay {job} --end", env_for(job.with_name("unused.sock")), width=140, height=32)
+    # the shell prints the exit status: tmux 3.3a can leave a pane's exited process unreaped for seconds
+    # (a zombie), and then has no status to give (seen 4 times in 18 quits)
+    tmux = Tmux(f"sh -c '{LLMTOP} replay {job} --end; echo llmtop exited with $?'",
+                env_for(job.with_name("unused.sock")), width=140, height=32)
     try:
         screen = tmux.wait(lambda s: "ranks 2/2" in s and f"step {last}/{last}" in s, 60, "the job at its end")
         assert "▸ rank 0" in screen and "■ 1x" in screen  # paused at the end
         tmux.keys("8")
-        ranks = tmux.wait(lambda s: "straggler" in s, 30, "the Ranks view")
-        assert len(re.findall(r"^\W*[01]\s.*done", ranks, re.M)) == 2, ranks
+        # (the Overview names the straggler too: wait for the Ranks view's rows)
+        tmux.wait(lambda s: "straggler" in s and len(re.findall(r"^\W*[01]\s.*done", s, re.M)) == 2, 30,
+                  "the Ranks view with both ranks done")
         tmux.keys("q")
-        tmux.wait(lambda s: not tmux.alive(), 30, "the replay to quit")
-        assert tmux._tmux("display-message", "-p", "-t", "t", "#{pane_dead_status}").strip() == "0"
+        tmux.wait(lambda s: "llmtop exited with" in tmux.history(), 30, "the replay to quit")
+        assert "llmtop exited with 0" in tmux.history()
     finally:
         tmux.kill()
 

@@ -41,6 +41,10 @@ class Tmux:
     def screen(self) -> str:
         return self._tmux("capture-pane", "-p", "-t", "t")
 
+    def history(self) -> str:
+        """The screen and every line scrolled above it."""
+        return self._tmux("capture-pane", "-p", "-S", "-", "-t", "t").rstrip("\n")
+
     def keys(self, *keys: str) -> None:
         """Send keys one at a time, with a person's pause: a lone Escape followed at once by more
         bytes reads as an escape sequence in any terminal."""
@@ -65,7 +69,7 @@ class Tmux:
                 return screen
             time.sleep(0.25)
         if not self.alive():  # what it printed last has scrolled above the "Pane is dead" line
-            screen = self._tmux("capture-pane", "-p", "-S", "-", "-t", "t").rstrip("\n")
+            screen = self.history()
             what = f"{what} (the program had ended)"
         raise AssertionError(f"timed out waiting for {what or predicate}; the screen was:\n{screen}")
 

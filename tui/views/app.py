@@ -30,7 +30,7 @@ from llmtop.tui.views.memory import MemoryView
 from llmtop.tui.views.ops import OpsView
 from llmtop.tui.views.overview import OverviewView
 from llmtop.tui.views.spans import SpansView
-from llmtop.tui.views.widgets import ViewTabs
+from llmtop.tui.views.widgets import ViewTabs, show_text
 from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult, SystemCommand
@@ -157,7 +157,7 @@ class LlmtopApp(JobFollowing, App[int]):
             return
         model = self.model
         with model.lock:
-            self.status_bar.update(self.status_text())
+            show_text(self.status_bar, self.status_text())
             if self.frozen:
                 return  # the view holds still; ingestion goes on
             screen = self.screen

@@ -5,7 +5,7 @@ from __future__ import annotations
 from llmtop.protocol.formulas import percentile
 from llmtop.tui.session import fmt
 from llmtop.tui.session.model import SessionModel
-from llmtop.tui.views.widgets import KeyedTable, SparkRow
+from llmtop.tui.views.widgets import KeyedTable, SparkRow, show_text
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -54,7 +54,7 @@ class InferenceView(Vertical):
                 # the steps' tokens as the forwards ran them: prompts in prefill, one per sequence per decode
                 summary.append(f"\nforward tokens: prefill {fmt.count(model.prefill_tokens_total)} · "
                                f"decode {fmt.count(model.decode_tokens_total)}")
-        self.query_one("#inf-summary", Static).update(summary)
+        show_text(self.query_one("#inf-summary", Static), summary)
         last_g = gens[-1] if gens else None
         self.query_one("#inf-ttft", SparkRow).show([g.ttft_ms for g in gens],
                                                    fmt.ms(last_g.ttft_ms) if last_g else fmt.DASH)

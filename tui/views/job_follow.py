@@ -10,6 +10,7 @@ from typing import Any
 from llmtop.tui.views.keys import RANKS_VIEW, VIEWS
 from llmtop.tui.views.layer_detail import LayerDetail
 from llmtop.tui.views.ranks import RanksView, diagnosis_notes
+from llmtop.tui.views.widgets import show_text
 from textual.widgets import TabPane
 
 HEADER_EVERY_S = 1.0  # the job's figures in the header of views other than Ranks
@@ -57,7 +58,7 @@ class JobFollowing:
         job = self.job
         assert job is not None
         with self.model.lock:
-            self.status_bar.update(self.status_text())
+            show_text(self.status_bar, self.status_text())
         if self.frozen:
             return
         view = self.views["ranks"]

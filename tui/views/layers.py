@@ -9,7 +9,7 @@ from llmtop.tui.session import fmt
 from llmtop.tui.session.layers import Layer
 from llmtop.tui.session.model import SessionModel
 from llmtop.tui.views.tree_table import Column, TreeTable
-from llmtop.tui.views.widgets import heat_bar, heat_style
+from llmtop.tui.views.widgets import heat_bar, heat_style, show_text
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -228,12 +228,12 @@ class LayersView(Vertical):
         """The info line, ending with the full path of the row under the cursor."""
         model, mid = self._model, self._cursor_id()
         if model is None or not model.layers:
-            self.query_one("#layers-info", Static).update("waiting for a model tree…")
+            show_text(self.query_one("#layers-info", Static), "waiting for a model tree…")
             return
         text = f"{len(model.layers)} modules"
         if mid is not None and mid in model.layers:
             text += f" · ▸ {model.layers[mid].path or model.layers[mid].cls}"
-        self.query_one("#layers-info", Static).update(text + self._info)
+        show_text(self.query_one("#layers-info", Static), text + self._info)
 
     def on_tree_table_row_highlighted(self, event: TreeTable.RowHighlighted) -> None:
         event.stop()

@@ -4,6 +4,7 @@ model already replaces them), bounded by the model's ring, with a search box."""
 from __future__ import annotations
 
 from llmtop.tui.session.model import LogEntry, SessionModel
+from llmtop.tui.views.widgets import show_text
 from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
@@ -127,5 +128,5 @@ class LogsView(Vertical):
         if not model.logs:
             info = "no output yet" if model.logs_from_viewer else \
                 "no output here: the script's stdout and stderr are shown under `llmtop attach`"
-        self.query_one("#logs-info", Static).update(info)
+        show_text(self.query_one("#logs-info", Static), info)
 

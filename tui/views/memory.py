@@ -6,7 +6,7 @@ from __future__ import annotations
 from llmtop.tui.session import fmt
 from llmtop.tui.session.model import SessionModel
 from llmtop.tui.views.layers import display_name
-from llmtop.tui.views.widgets import KeyedTable, SparkRow
+from llmtop.tui.views.widgets import KeyedTable, SparkRow, show_text
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
@@ -75,7 +75,7 @@ class MemoryView(VerticalScroll):
                                   else "no model yet"), style="dim")
         if steps and steps[-1].cuda_allocated is None:
             note.append("\n  device memory: " + fmt.DASH + " (no CUDA device in this run)", style="dim")
-        self.query_one("#mem-note", Static).update(note)
+        show_text(self.query_one("#mem-note", Static), note)
         self._keyed.sync(
             (str(la.id), (la.path or display_name(la, model.layers), la.cls, fmt.nbytes(la.act_ema),
                           fmt.nbytes(la.act_bytes)))

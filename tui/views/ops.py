@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from llmtop.tui.session import fmt
 from llmtop.tui.session.model import SessionModel
-from llmtop.tui.views.widgets import KeyedTable
+from llmtop.tui.views.widgets import KeyedTable, show_text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
@@ -42,7 +42,7 @@ class OpsView(Vertical):
                 info += f" · FLOP formulas cover {model.ops_coverage * 100:.0f} % of op time"
             if model.ops and not any(op.shapes for op in model.ops):
                 info += " · input shapes not recorded in this profile"
-        self.query_one("#ops-info", Static).update(info)
+        show_text(self.query_one("#ops-info", Static), info)
         # the step's op time (older recordings: the rows')
         total = model.ops_total_ms or sum(op.self_ms for op in model.ops) or 1.0
         self._keyed.sync(

@@ -8,7 +8,15 @@ from llmtop.protocol.events import PHASES
 from llmtop.tui.session import fmt
 from llmtop.tui.session.diagnoses import diagnose
 from llmtop.tui.session.model import SessionModel
-from llmtop.tui.views.widgets import PHASE_GLYPHS, PHASE_LABELS, PHASE_STYLES, PhaseBar, SparkRow, heat_style
+from llmtop.tui.views.widgets import (
+    PHASE_GLYPHS,
+    PHASE_LABELS,
+    PHASE_STYLES,
+    PhaseBar,
+    SparkRow,
+    heat_style,
+    show_text,
+)
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -101,15 +109,15 @@ class OverviewView(VerticalScroll):
 
         self.query_one("#ov-phases", PhaseBar).show(model.phase_totals(window_s))
         diag = diagnoses_text(model, window_s)
-        self.query_one("#ov-diag", Static).update(diag)
+        show_text(self.query_one("#ov-diag", Static), diag)
         rows = HOT_ROWS
         if wide:  # the right column's height goes to more layer and op rows
-            self.query_one("#ov-phase-table", Static).update(phase_table_text(model, window_s))
-            self.query_one("#ov-totals", Static).update(totals_text(model))
+            show_text(self.query_one("#ov-phase-table", Static), phase_table_text(model, window_s))
+            show_text(self.query_one("#ov-totals", Static), totals_text(model))
             spare = self.size.height - len(diag.plain.splitlines()) - 5  # two titles, a gap, a margin
             rows = max(HOT_ROWS, min(MAX_HOT_ROWS, spare // 2))
-        self.query_one("#ov-hot-layers", Static).update(hot_layers_text(model, rows))
-        self.query_one("#ov-hot-ops", Static).update(hot_ops_text(model, rows, shapes=wide))
+        show_text(self.query_one("#ov-hot-layers", Static), hot_layers_text(model, rows))
+        show_text(self.query_one("#ov-hot-ops", Static), hot_ops_text(model, rows, shapes=wide))
 
     def _gpus(self, model: SessionModel, window_s: float) -> None:
         box = self.query_one("#ov-gpus", Vertical)

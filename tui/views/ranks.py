@@ -26,7 +26,7 @@ from llmtop.tui.session.ranks_diagnoses import (
     straggler_from_models,
 )
 from llmtop.tui.views.tree_table import Column, TreeTable
-from llmtop.tui.views.widgets import PHASE_GLYPHS, PHASE_STYLES
+from llmtop.tui.views.widgets import PHASE_GLYPHS, PHASE_STYLES, show_text
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -248,6 +248,8 @@ class RanksView(Vertical):
             super().__init__()
             self.key = key
 
+    _shown: tuple[JobSummary, list[RankRow], list[str], str | None] | None = None
+
     def compose(self) -> ComposeResult:
         yield Static(id="ranks-info")
         yield TreeTable(COLUMNS, id="ranks-table")
@@ -257,11 +259,12 @@ class RanksView(Vertical):
         return max(SPARK_MIN, min(SPARK_MAX, self.size.width - 74))  # 80 columns: 6 (78 with the scrollbar)
 
     def show(self, summary: JobSummary, rows: list[RankRow], notes: list[str], selected: str | None) -> None:
+        self._shown = (summary, rows, notes, selected)
         info = Text(no_wrap=True, overflow="ellipsis")
         info.append_text(job_line(summary))
         info.append("\n")
         info.append_text(event_lines(summary, rows, notes))
-        self.query_one("#ranks-info", Static).update(info)
+        show_text(self.query_one("#ranks-info", Static), info)
         width = self.spark_width()
         cells = []
         for row in rows:
@@ -270,6 +273,12 @@ class RanksView(Vertical):
                  *c[1:])
             cells.append((row.key, c))
         self.query_one(TreeTable).sync(cells)
+
+    def on_resize(self) -> None:
+        """The sparklines take what is left of the line: draw them again at the new width (a paused
+        replay sends no new frame)."""
+        if self._shown is not None:
+            self.show(*self._shown)
 
     def on_tree_table_row_selected(self, event: TreeTable.RowSelected) -> None:
         event.stop()

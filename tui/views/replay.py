@@ -18,6 +18,7 @@ from llmtop.tui.views.app import LlmtopApp
 from llmtop.tui.views.help import HelpScreen
 from llmtop.tui.views.layer_detail import LayerDetail
 from llmtop.tui.views.layers import LayersView
+from llmtop.tui.views.widgets import show_text
 from rich.text import Text
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -130,7 +131,7 @@ class ReplayApp(LlmtopApp):
 
     def frame(self, force: bool = False) -> None:
         try:
-            self.query_one("#transport", Static).update(self.transport_text())
+            show_text(self.query_one("#transport", Static), self.transport_text())
         except Exception:  # not mounted yet
             pass
         notes = getattr(self.replay, "notes", ())  # a job's rank stopped at a bad block: the others go on

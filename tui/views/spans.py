@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from llmtop.tui.session import fmt
 from llmtop.tui.session.model import SessionModel
-from llmtop.tui.views.widgets import KeyedTable
+from llmtop.tui.views.widgets import KeyedTable, show_text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
@@ -33,7 +33,7 @@ class SpansView(Vertical):
             "no spans yet (llmtop.agent.span(...) and the integrations send them)"
         if model.span_overflow:
             info += f" · {model.span_overflow} beyond the {len(rows)}-name limit not kept"
-        self.query_one("#spans-info", Static).update(info)
+        show_text(self.query_one("#spans-info", Static), info)
         self._keyed.sync(
             (f"{s.category}\x1f{s.name}",
              (s.category, s.name, str(s.count), fmt.ms(s.total_ms), fmt.ms(s.mean_ms), fmt.ms(s.p95_ms),

@@ -4,20 +4,57 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from llmtop.protocol.events import PHASES
 from llmtop.tui.session.fmt import DASH
+from rich.cells import cell_len
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widget import Widget
-from textual.widgets import DataTable, Label, Sparkline, TabbedContent, TabPane
+from textual.widgets import DataTable, Label, Sparkline, Static, TabbedContent, TabPane
 
 PHASE_GLYPHS = {"data": "▒", "h2d": "░", "forward": "█", "backward": "▓", "optimizer": "▚", "other": "·"}
 PHASE_STYLES = {"data": "red", "h2d": "magenta", "forward": "green", "backward": "blue",
                 "optimizer": "yellow", "other": "bright_black"}
 PHASE_LABELS = {"data": "data", "h2d": "H2D", "forward": "fwd", "backward": "bwd",
                 "optimizer": "optim", "other": "other"}
+
+
+_SHOWN: WeakKeyDictionary[Static, tuple[Any, tuple[int, ...] | None]] = WeakKeyDictionary()
+
+
+def show_text(widget: Static, content: Text | str) -> None:
+    """``widget.update(content)`` for a view's frame: nothing when the content is unchanged, and no
+    layout pass when its size cannot have changed. Textual lays out the whole screen after every
+    ``Static.update`` by default; at 160×50 that was about a third of a frame."""
+    key = _content_key(content)
+    last = _SHOWN.get(widget)
+    if last is not None and last[0] == key:
+        return
+    shape = _text_shape(widget, content)
+    widget.update(content, layout=shape is None or last is None or last[1] != shape)
+    _SHOWN[widget] = (key, shape)
+
+
+def _content_key(content: Text | str) -> Any:
+    if isinstance(content, Text):  # (Text's own == leaves out its base style and overflow)
+        return (content.plain, tuple(content.spans), str(content.style), content.justify, content.overflow,
+                content.no_wrap, content.end)
+    return content
+
+
+def _text_shape(widget: Static, content: Text | str) -> tuple[int, ...] | None:
+    """What the widget's size can depend on: its line count and width, and the longest line when its
+    width is auto; None when unknown (markup in a str, or a line that would wrap)."""
+    if not isinstance(content, Text):
+        return None
+    width = widget.content_size.width
+    lines = [cell_len(line) for line in content.plain.split("\n")]
+    if width <= 0 or (not content.no_wrap and max(lines) > width):
+        return None
+    return (len(lines), width, max(lines) if widget.styles.width is None or widget.styles.width.is_auto else -1)
 
 
 class ViewTabs(TabbedContent):
@@ -74,7 +111,7 @@ class SparkRow(Horizontal):
         spark = sparks.first()
         spark.data = list(values)
         spark.visible = bool(values)  # absent data is blank, not a flat line of zeros
-        self.query_one(".spark-value", Label).update(text)
+        show_text(self.query_one(".spark-value", Label), text)
 
 
 class PhaseBar(Widget):
