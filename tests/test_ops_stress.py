@@ -4,7 +4,7 @@ SIGSEGV / SIGABRT (``free(): invalid next size``); a thread that ended with a wi
 profiler's thread state down with it. Here: real profiler windows on every step they may open,
 steps on three threads, the agent's reads on a fourth, DataLoader workers forked again and again
 while windows run, thousands of windows; then the same under `llmtop attach --headless`. Each is
-bounded to about a minute; a crash fails the test (in process: the whole run)."""
+bounded to 40 s or so; a crash fails the test (in process: the whole run)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from llmtop.protocol.events import Ops  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("clean_bus")
 SCRIPT = Path(__file__).parent / "scripts" / "ops_stress.py"
-WANT = 3000
-LIMIT_S = 60.0
+WANT = 2000  # the crash it guards against came within the first few windows in 5 of 6 runs
+LIMIT_S = 40.0
 
 
 def end_step(step: int) -> None:
