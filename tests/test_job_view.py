@@ -286,6 +286,28 @@ def test_choosing_a_rank_switches_every_view() -> None:
     asyncio.run(run())
 
 
+def test_a_dialog_over_the_ranks_view_keeps_it_drawn_and_the_app_running() -> None:
+    """Seen in CI: `q` on the Ranks view of a live job (its quit dialog on top) ended the dashboard with
+    AttributeError: frames drew the Ranks view as if it were one process's view."""
+    async def run() -> None:
+        app, source = job_app(4, slow_rank=2)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await loaded(pilot, source)
+            await pilot.press("8")
+            await loaded(pilot, source)
+            await pilot.press("question_mark")
+            await pilot.pause()
+            assert len(app.screen_stack) == 2 and app.active_view == "ranks"
+            app.frame(force=True)  # a new step arrives while the dialog is open
+            await pilot.pause()
+            assert app.is_running and table_labels(app)[0] == "2"
+            await pilot.press("escape")
+            await pilot.pause()
+            assert len(app.screen_stack) == 1 and app.active_view == "ranks"
+
+    asyncio.run(run())
+
+
 def test_the_ranks_view_scrolls_through_64_ranks() -> None:
     async def run() -> None:
         app, source = job_app(64, slow_rank=40, steps=12)

@@ -9,7 +9,7 @@ from typing import Any
 
 from llmtop.tui.views.keys import RANKS_VIEW, VIEWS
 from llmtop.tui.views.layer_detail import LayerDetail
-from llmtop.tui.views.ranks import RanksView, diagnosis_notes
+from llmtop.tui.views.ranks import RanksView, diagnosis_notes_soon
 from llmtop.tui.views.widgets import show_text
 from textual.widgets import TabPane
 
@@ -36,7 +36,8 @@ class JobFollowing:
             self._show_job()
         if self.job_shown:
             # every frame for the Ranks view; for the header of the other views once a second is enough
-            full = self.active_view == "ranks" and len(self.screen_stack) == 1
+            # (the Ranks view stays drawn under a dialog: help, the quit question)
+            full = self.active_view == "ranks" and not isinstance(self.screen, LayerDetail)
             now = time.monotonic()
             if full or now - self._job_rows_at >= HEADER_EVERY_S or self._job_summary is None:
                 self._job_rows = job.rows(light=not full)
@@ -69,7 +70,7 @@ class JobFollowing:
         if summary is None:
             return
         with self.batch_update():
-            view.show(summary, rows, diagnosis_notes(job, self.clock()), self.selected)
+            view.show(summary, rows, diagnosis_notes_soon(job, self.clock()), self.selected)
         self._drawn = key
 
     def select_rank(self, key: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,11 +211,39 @@ def diagnosis_notes(job: JobModel, clock: float | None = None) -> list[str]:
     """The job's diagnoses, one line each: ranks stuck in a collective (and who never arrived), then
     the straggler with its cause (``tui/session/ranks_diagnoses.py``). Worked out at most once a
     second per job; never an error here. ``clock``: the app's time (a replay's: the recording's)."""
-    now = time.monotonic()
+    lines, fresh, _ = _cached(job, clock)
+    return lines if fresh and lines is not None else _work_out(job, clock)
+
+
+def diagnosis_notes_soon(job: JobModel, clock: float | None = None) -> list[str]:
+    """``diagnosis_notes`` for a frame, which never waits for it once there are lines: a stale set is
+    shown while the next is worked out on a thread (64 ranks: ~0.17 s of CPU, once a second). The
+    first lines, and those after a replay's clock jumps, are worked out at once."""
+    lines, fresh, jumped = _cached(job, clock)
+    if lines is None or jumped:
+        return _work_out(job, clock)
+    if not fresh and id(job) not in _PENDING:
+        global _EXECUTOR
+        if _EXECUTOR is None:
+            _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmtop-diagnosis")
+        _PENDING.add(id(job))
+        _EXECUTOR.submit(_work_out, job, clock)
+    return lines
+
+
+def _cached(job: JobModel, clock: float | None) -> tuple[list[str] | None, bool, bool]:
+    """(the last lines worked out for ``job``, whether they are under a second old, whether the app's
+    clock moved other than forward by about that since: a replay's seek)."""
     cached = _NOTES.get(id(job))
-    if (cached is not None and now - cached[0] < DIAGNOSE_EVERY_S
-            and (clock is None or cached[1] is None or 0.0 <= clock - cached[1] < 2 * DIAGNOSE_EVERY_S)):
-        return cached[2]  # (a replay's seek moves its clock: the lines are worked out again at once)
+    if cached is None:
+        return None, False, False
+    when, then, lines = cached
+    jumped = clock is not None and then is not None and not 0.0 <= clock - then < 2 * DIAGNOSE_EVERY_S
+    return lines, time.monotonic() - when < DIAGNOSE_EVERY_S and not jumped, jumped
+
+
+def _work_out(job: JobModel, clock: float | None) -> list[str]:
+    now = time.monotonic()
     notes: list[str] = []
     try:
         data, world = _rank_data(job)
@@ -228,10 +257,13 @@ def diagnosis_notes(job: JobModel, clock: float | None = None) -> list[str]:
     except Exception:  # noqa: BLE001 - a diagnosis must never take the view down
         pass
     _NOTES[id(job)] = (now, clock, notes)
+    _PENDING.discard(id(job))
     return notes
 
 
 _NOTES: dict[int, tuple[float, float | None, list[str]]] = {}  # id(job) -> (when, app clock, lines)
+_PENDING: set[int] = set()  # jobs whose next lines are being worked out on the thread
+_EXECUTOR: ThreadPoolExecutor | None = None
 
 
 class RanksView(Vertical):
