@@ -122,6 +122,20 @@ def test_the_ranks_view_names_the_straggler_and_who_waits_in_a_collective() -> N
     assert hang and "never arrived: 0, 2, 3" in hang[0] and hang[0].endswith("waiting: 1"), hang
 
 
+def test_a_frame_never_waits_for_the_diagnosis_once_it_has_lines() -> None:
+    from llmtop.tui.views import ranks
+
+    job = fed(synthetic_job(4, slow_rank=2))
+    first = ranks.diagnosis_notes_soon(job)  # the first lines: worked out at once
+    assert first and first[0].startswith("straggler: rank 2"), first
+    ranks._NOTES[id(job)] = (time.monotonic() - 5, None, ["stale"])  # as if worked out 5 s ago
+    assert ranks.diagnosis_notes_soon(job) == ["stale"]  # shown while a thread works out the next
+    deadline = time.monotonic() + 10
+    while ranks._NOTES[id(job)][2] == ["stale"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ranks.diagnosis_notes_soon(job) == first and id(job) not in ranks._PENDING
+
+
 def test_a_restarted_rank_shows_its_newest_stream_and_counts_the_restart() -> None:
     streams = synthetic_job(2)
     old = streams[key(1)]
