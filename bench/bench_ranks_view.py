@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import time
 
 from llmtop.protocol.events import EventDecoder, LayerStats, Session, Step, encode
@@ -21,7 +20,7 @@ from llmtop.protocol.frames import FrameDecoder
 from llmtop.tui.session.canned import T0
 from llmtop.tui.session.job import JobModel
 from llmtop.tui.session.job_source import JobEventsSource, synthetic_job
-from viewer import feed  # bench/viewer.py: python puts bench/ first on the path
+from viewer import feed, frame_stats, timed_frame  # bench/viewer.py: python puts bench/ first on the path
 
 RANKS = 64
 
@@ -116,15 +115,10 @@ async def frames(size: tuple[int, int], frames_n: int, ranks: int = RANKS) -> di
                             if type(e).__name__ == "HostSample":
                                 break
                         cursors[k] = i
-                t0 = time.process_time()
-                app.frame()
-                t1 = time.process_time()
-                await pilot.pause()
-                t2 = time.process_time()
-                push.append((t1 - t0) * 1000)
-                total.append((t2 - t0) * 1000)
-            out[view] = {"push_ms": statistics.median(push), "frame_ms": statistics.median(total),
-                         "frame_p95_ms": sorted(total)[int(0.95 * (len(total) - 1))]}
+                p, t = await timed_frame(app, pilot)
+                push.append(p)
+                total.append(t)
+            out[view] = frame_stats(push, total)
     return out
 
 

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from llmtop.protocol.events import EventDecoder, LayerStats, encode
 from llmtop.protocol.frames import FrameDecoder
@@ -109,17 +110,27 @@ async def frames(size: tuple[int, int], steps: int) -> dict[str, dict[str, float
                             break
                 if cursor >= len(tail):
                     cursor = 0
-                # CPU time, not wall time: the pause also waits for idle, and this machine is shared
-                t0 = time.process_time()
-                app.frame()
-                t1 = time.process_time()
-                await pilot.pause()
-                t2 = time.process_time()
-                push.append((t1 - t0) * 1000)
-                total.append((t2 - t0) * 1000)
-            out[name] = {"push_ms": statistics.median(push), "frame_ms": statistics.median(total),
-                         "frame_p95_ms": sorted(total)[int(0.95 * (len(total) - 1))]}
+                p, t = await timed_frame(app, pilot)
+                push.append(p)
+                total.append(t)
+            out[name] = frame_stats(push, total)
     return out
+
+
+async def timed_frame(app: Any, pilot: Any) -> tuple[float, float]:
+    """CPU ms of one frame: (model → widgets, that plus Textual's layout and render until idle). CPU
+    time, not wall time: the pause also waits for idle, and this machine is shared."""
+    t0 = time.process_time()
+    app.frame()
+    t1 = time.process_time()
+    await pilot.pause()
+    t2 = time.process_time()
+    return (t1 - t0) * 1000, (t2 - t0) * 1000
+
+
+def frame_stats(push: list[float], total: list[float]) -> dict[str, float]:
+    return {"push_ms": statistics.median(push), "frame_ms": statistics.median(total),
+            "frame_p95_ms": sorted(total)[int(0.95 * (len(total) - 1))]}
 
 
 def live_cpu(seconds: float) -> dict[str, float] | str:
