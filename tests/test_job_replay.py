@@ -348,7 +348,7 @@ def test_llmtop_replay_of_a_job_shows_its_ranks_in_a_terminal(job: Path) -> None
     (both ranks in the header, the transport at the last step, the Ranks view), and q quits with 0."""
     last = timeline(job_files(job)[0])[1][-1][1]
     # the shell prints the exit status: tmux 3.3a can leave a pane's exited process unreaped for seconds
-    # (a zombie), and then has no status to give (seen 4 times in 18 quits)
+    # (a zombie), and then has no status to give (seen in 6 of about 25 quits here)
     tmux = Tmux(f"sh -c '{LLMTOP} replay {job} --end; echo llmtop exited with $?'",
                 env_for(job.with_name("unused.sock")), width=140, height=32)
     try:

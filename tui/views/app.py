@@ -150,7 +150,7 @@ class LlmtopApp(JobFollowing, App[int]):
         if self.job is not None:
             self._follow_job()
         self._poll_child()
-        if self.job_shown and self.active_view == "ranks" and not isinstance(self.screen, LayerDetail):
+        if self.ranks_on_screen:
             self._frame_ranks(force)
             self.frames += 1
             self.last_frame_ms = (time.perf_counter() - started) * 1000.0

@@ -36,8 +36,7 @@ class JobFollowing:
             self._show_job()
         if self.job_shown:
             # every frame for the Ranks view; for the header of the other views once a second is enough
-            # (the Ranks view stays drawn under a dialog: help, the quit question)
-            full = self.active_view == "ranks" and not isinstance(self.screen, LayerDetail)
+            full = self.ranks_on_screen
             now = time.monotonic()
             if full or now - self._job_rows_at >= HEADER_EVERY_S or self._job_summary is None:
                 self._job_rows = job.rows(light=not full)
@@ -45,6 +44,12 @@ class JobFollowing:
                 self._job_rows_at = now
         if self.child is not None:
             self._share_logs()
+
+    @property
+    def ranks_on_screen(self) -> bool:
+        """The Ranks view is the one shown (a dialog over it, help or the quit question, leaves it drawn;
+        the layer detail replaces it)."""
+        return self.job_shown and self.active_view == "ranks" and not isinstance(self.screen, LayerDetail)
 
     def _show_job(self) -> None:
         """Add the Ranks view (key 8): a single process never gets it, so it looks as it always did."""
